@@ -1,0 +1,76 @@
+"""The one Settings class. Read by entry points (cli, api app factory, worker) only;
+deeper modules take plain values as arguments."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy.engine import make_url
+
+
+def _default_data_dir() -> Path:
+    return Path.home() / ".local" / "share" / "lstm-hpo"
+
+
+class Settings(BaseSettings):
+    """All settings, from ``LSTM_HPO_*`` environment variables (or a ``.env`` file)."""
+
+    model_config = SettingsConfigDict(env_prefix="LSTM_HPO_", env_file=".env", extra="ignore")
+
+    env: Literal["development", "production"] = "development"
+    #: Where the default SQLite database, uploaded data and run outputs live.
+    data_dir: Path = Field(default_factory=_default_data_dir)
+    #: Our tables and Optuna's. Default: ``sqlite:///<data_dir>/lstm-hpo.db``.
+    database_url: str | None = None
+    #: Extra directories a spec's ``task.path`` may point into (besides ``<data_dir>/datasets``).
+    data_roots: list[Path] = Field(default_factory=list)
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+    #: Public base URL used in links (dashboard_url); default http://host:port.
+    public_url: str | None = None
+
+    max_trials: int = Field(default=10_000, ge=1)
+    #: Upper bound for a spec's study.max_retries.
+    max_retries: int = Field(default=10, ge=0)
+    #: Largest accepted request body (a spec), in bytes.
+    max_request_bytes: int = Field(default=1_000_000, ge=1_000)
+
+    #: Worker heartbeat period; a trial whose worker is silent for ``grace`` is reaped.
+    heartbeat_interval_s: float = Field(default=10.0, gt=0)
+    heartbeat_grace_s: float = Field(default=60.0, gt=0)
+    reaper_interval_s: float = Field(default=15.0, gt=0)
+    #: How often an idle worker looks for work.
+    poll_interval_s: float = Field(default=1.0, gt=0)
+    #: torch threads per worker process.
+    torch_threads: int = Field(default=1, ge=1)
+    #: PostgreSQL pool per process (the worker needs at most 2 connections).
+    pool_size: int = Field(default=2, ge=1)
+    max_overflow: int = Field(default=0, ge=0)
+
+    @model_validator(mode="after")
+    def _secure_outside_development(self) -> Settings:
+        if self.env == "production" and self.resolved_database_url().startswith("sqlite"):
+            raise ValueError(
+                "LSTM_HPO_ENV=production needs a PostgreSQL LSTM_HPO_DATABASE_URL; "
+                "SQLite is for one machine"
+            )
+        return self
+
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{self.data_dir / 'lstm-hpo.db'}"
+
+    def safe_database_url(self) -> str:
+        """The database URL with any password masked, for printing."""
+        return make_url(self.resolved_database_url()).render_as_string(hide_password=True)
+
+    def allowed_data_roots(self) -> tuple[Path, ...]:
+        return (self.data_dir / "datasets", *self.data_roots)
+
+    def base_url(self) -> str:
+        return self.public_url or f"http://{self.host}:{self.port}"

@@ -1,0 +1,92 @@
+"""One error hierarchy for lstm-hpo.
+
+Each error's docstring is its default message. The API maps these classes to HTTP status
+codes in one place (``service.api.errors``); nothing below the API raises ``HTTPException``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+class LstmHpoError(Exception):
+    """lstm-hpo failed."""
+
+    #: True when the same call may succeed if simply tried again (lock, lost connection).
+    retryable: bool = False
+
+    def __init__(self, message: str | None = None) -> None:
+        self.message = message or (self.__doc__ or self.__class__.__name__).strip()
+        super().__init__(self.message)
+
+
+@dataclass(frozen=True)
+class FieldError:
+    """One problem with one field of user input; ``loc`` is a dotted path like ``space.dropout.high``."""
+
+    loc: str
+    msg: str
+
+    def __str__(self) -> str:
+        return f"{self.loc}: {self.msg}" if self.loc else self.msg
+
+
+class InvalidSpec(LstmHpoError):
+    """The study spec is invalid."""
+
+    def __init__(self, errors: Sequence[FieldError]) -> None:
+        self.errors = list(errors)
+        super().__init__("; ".join(str(e) for e in self.errors) or self.__doc__)
+
+
+class InvalidConfig(InvalidSpec):
+    """The training config is invalid."""
+
+
+class NotFound(LstmHpoError):
+    """No such object."""
+
+
+class StudyNotFound(NotFound):
+    """No study with that id."""
+
+
+class Conflict(LstmHpoError):
+    """The request conflicts with the current state."""
+
+
+class NoCompletedTrials(Conflict):
+    """The study has no completed trial yet; try again once one has finished."""
+
+
+class StudyNotActive(Conflict):
+    """The study is no longer queued or running."""
+
+
+class AlreadyExists(Conflict):
+    """An object with that key already exists."""
+
+
+class DataError(LstmHpoError):
+    """The task's data could not be loaded."""
+
+
+class MissingExtra(DataError):
+    """An optional dependency is not installed."""
+
+
+class DatabaseUnavailable(LstmHpoError):
+    """The database is unreachable or locked; the call can be retried."""
+
+    retryable = True
+
+
+class SchemaNotReady(LstmHpoError):
+    """The database schema is missing or out of date; start the server (or run `lstm-hpo migrate`)."""
+
+    retryable = True
+
+
+class LeaseLost(LstmHpoError):
+    """This worker no longer owns the trial (it was reaped or the study was cancelled)."""
