@@ -23,7 +23,10 @@ class LstmHpoError(Exception):
 
 @dataclass(frozen=True)
 class FieldError:
-    """One problem with one field of user input; ``loc`` is a dotted path like ``space.dropout.high``."""
+    """One problem with one field of user input.
+
+    ``loc`` is a dotted path such as ``space.dropout.high``; empty for the whole document.
+    """
 
     loc: str
     msg: str
@@ -83,7 +86,7 @@ class DatabaseUnavailable(LstmHpoError):
 
 
 class SchemaNotReady(LstmHpoError):
-    """The database schema is missing or out of date; start the server (or run `lstm-hpo migrate`)."""
+    """The database schema is missing or out of date: start the server or run `lstm-hpo migrate`."""
 
     retryable = True
 

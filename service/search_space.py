@@ -15,6 +15,7 @@ finished trial's parameters into the same resolved config.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -26,8 +27,10 @@ import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
     StrictBool,
+    Tag,
     TypeAdapter,
     ValidationError,
     field_validator,
@@ -298,7 +301,17 @@ class CategoricalDistribution(_Frozen):
 Distribution: TypeAlias = Annotated[
     IntDistribution | FloatDistribution | CategoricalDistribution, Field(discriminator="type")
 ]
-ParamSpec: TypeAlias = Distribution | Scalar | list[int]
+
+
+def _param_spec_kind(value: Any) -> str:
+    return "distribution" if isinstance(value, Mapping | BaseModel) else "fixed"
+
+
+#: A space entry: a mapping ``{type: ...}`` is searched, anything else is a fixed value.
+ParamSpec: TypeAlias = Annotated[
+    Annotated[Distribution, Tag("distribution")] | Annotated[Scalar | list[int], Tag("fixed")],
+    Discriminator(_param_spec_kind),
+]
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
@@ -346,7 +359,9 @@ class StudySpec(_Frozen):
     @classmethod
     def _name_ok(cls, v: str | None) -> str | None:
         if v is not None and not _NAME_RE.match(v):
-            raise ValueError("must be 1-100 letters, digits, '.', '_' or '-', starting alphanumeric")
+            raise ValueError(
+                "must be 1-100 letters, digits, '.', '_' or '-', starting alphanumeric"
+            )
         return v
 
     @property
@@ -385,37 +400,57 @@ def _loc(parts: Iterable[int | str]) -> str:
     return ".".join(str(p) for p in parts)
 
 
-def _from_validation_error(err: ValidationError, prefix: Sequence[str | int] = ()) -> list[FieldError]:
-    out = []
+_BOUND_OPS = {
+    "greater_than_equal": ">=",
+    "less_than_equal": "<=",
+    "greater_than": ">",
+    "less_than": "<",
+}
+#: Tags pydantic puts into an error's location for a union branch; users never wrote them.
+_UNION_TAGS = {*TASK_METRICS, "int", "float", "categorical", "distribution", "fixed"}
+
+
+def _message(e: Any) -> str:
+    """A pydantic error as a short rule: ``must be <= 0.9``, ``unknown field``."""
+    if e["type"] in _BOUND_OPS:
+        return f"must be {_BOUND_OPS[e['type']]} {next(iter((e.get('ctx') or {}).values()))}"
+    if e["type"] == "extra_forbidden":
+        return "unknown field"
+    if e["type"] == "missing":
+        return "required"
+    if e["type"] == "union_tag_invalid":
+        return f"must be one of {e['ctx']['expected_tags']} (got {e['ctx']['tag']!r})"
+    msg: str = e["msg"].removeprefix("Value error, ")
+    return msg[0].lower() + msg[1:] if msg else msg
+
+
+def _from_validation_error(
+    err: ValidationError, prefix: Sequence[str | int] = ()
+) -> list[FieldError]:
+    out: list[FieldError] = []
     for e in err.errors(include_url=False):
-        loc = list(prefix) + list(e["loc"])
-        # Drop the tag pydantic adds for a discriminated union (task.adding.seq_len).
-        if len(loc) >= 2 and loc[0] == "task" and loc[1] in TASK_METRICS:
-            del loc[1]
-        msg = e["msg"]
-        if msg.startswith("Value error, "):
-            msg = msg[len("Value error, ") :]
-        out.append(FieldError(_loc(loc), msg))
+        loc = [*prefix, *(p for p in e["loc"] if p not in _UNION_TAGS)]
+        if e["type"] == "union_tag_invalid":
+            loc.append(e["ctx"]["discriminator"].strip("'"))
+        error = FieldError(_loc(loc), _message(e))
+        if error not in out:
+            out.append(error)
     return out
+
+
+@functools.cache
+def _param_adapter(name: str) -> TypeAdapter[Any]:
+    info = _PARAM_FIELDS[name]
+    form: Any = Annotated[info.annotation, *info.metadata] if info.metadata else info.annotation
+    return TypeAdapter(form)
 
 
 def _bound_messages(name: str, value: Any) -> list[str]:
     """Why ``value`` is not a valid ``name`` parameter; empty when it is."""
-    info = _PARAM_FIELDS[name]
     try:
-        TypeAdapter(Annotated[info.annotation, *info.metadata]).validate_python(value)
+        _param_adapter(name).validate_python(value)
     except ValidationError as err:
-        msgs = []
-        for e in err.errors(include_url=False):
-            ctx = e.get("ctx") or {}
-            if e["type"] in ("greater_than_equal", "less_than_equal", "greater_than", "less_than"):
-                op = {"greater_than_equal": ">=", "less_than_equal": "<=",
-                      "greater_than": ">", "less_than": "<"}[e["type"]]
-                bound = next(iter(ctx.values()))
-                msgs.append(f"must be {op} {bound}")
-            else:
-                msgs.append(e["msg"][0].lower() + e["msg"][1:])
-        return msgs
+        return [_message(e) for e in err.errors(include_url=False)]
     return []
 
 
@@ -443,7 +478,10 @@ def _check_distribution(name: str, dist: Distribution) -> list[FieldError]:
     if dist.log and isinstance(dist, FloatDistribution) and dist.step is not None:
         errors.append(FieldError(f"{where}.step", "cannot be combined with log: true"))
     for end in ("low", "high"):
-        errors += [FieldError(f"{where}.{end}", m) for m in _bound_messages(name, getattr(dist, end))]
+        if not any(e.loc == f"{where}.{end}" for e in errors):
+            errors += [
+                FieldError(f"{where}.{end}", m) for m in _bound_messages(name, getattr(dist, end))
+            ]
     return errors
 
 
@@ -460,9 +498,7 @@ def _check_space(spec: StudySpec) -> list[FieldError]:
             continue
         kinds = _TASK_ONLY_PARAMS.get(name)
         if kinds and spec.task.kind not in kinds:
-            errors.append(
-                FieldError(f"space.{name}", f"only for task kind {' | '.join(kinds)}")
-            )
+            errors.append(FieldError(f"space.{name}", f"only for task kind {' | '.join(kinds)}"))
             continue
         if not _is_fixed(value):
             errors += _check_distribution(name, value)  # type: ignore[arg-type]
@@ -518,7 +554,10 @@ def resolve_data_path(path: str, data_roots: tuple[Path, ...] | None) -> Path:
 
 
 def parse_spec(data: Any, limits: SpecLimits = DEFAULT_LIMITS) -> StudySpec:
-    """Validate a spec (a mapping, or YAML/JSON text); raise :class:`InvalidSpec` naming every bad field."""
+    """Validate a spec (a mapping, or YAML/JSON text).
+
+    Raises :class:`InvalidSpec` naming every bad field with its dotted path and the rule.
+    """
     if isinstance(data, str | bytes):
         data = _load_yaml(data, InvalidSpec)
     if not isinstance(data, Mapping):
@@ -591,7 +630,7 @@ def _load_yaml(text: str | bytes, error: type[InvalidSpec]) -> Any:
 
 
 class ParamSuggester(Protocol):
-    """What :func:`sample_config` needs of a trial (``optuna.trial.Trial`` and ``FixedTrial`` fit)."""
+    """What :func:`sample_config` needs of a trial (Optuna's ``Trial`` and ``FixedTrial`` fit)."""
 
     def suggest_int(
         self, name: str, low: int, high: int, *, step: int = 1, log: bool = False
@@ -670,7 +709,9 @@ def _is_gated(name: str, value: ParamSpec) -> bool:
 class _LowestTrial:
     """A stand-in trial that picks the lowest value of every distribution (for validation)."""
 
-    def suggest_int(self, name: str, low: int, high: int, *, step: int = 1, log: bool = False) -> int:
+    def suggest_int(
+        self, name: str, low: int, high: int, *, step: int = 1, log: bool = False
+    ) -> int:
         return low
 
     def suggest_float(
@@ -683,14 +724,22 @@ class _LowestTrial:
 
 
 def largest_config(spec: StudySpec) -> ResolvedConfig:
-    """The config with every searched value at its top end: the most expensive one a space allows."""
+    """Every searched value at its top end: the most expensive config a space allows."""
 
     class _Highest(_LowestTrial):
-        def suggest_int(self, name: str, low: int, high: int, *, step: int = 1, log: bool = False) -> int:
+        def suggest_int(
+            self, name: str, low: int, high: int, *, step: int = 1, log: bool = False
+        ) -> int:
             return low + (high - low) // step * step
 
         def suggest_float(
-            self, name: str, low: float, high: float, *, step: float | None = None, log: bool = False
+            self,
+            name: str,
+            low: float,
+            high: float,
+            *,
+            step: float | None = None,
+            log: bool = False,
         ) -> float:
             return high if step is None else low + math.floor((high - low) / step) * step
 

@@ -29,7 +29,7 @@ class Problem:
     output_size: int
     readout: Literal["every_step", "last_step"]
     loss: Literal["cross_entropy", "mse"]
-    #: The validation metric trials are ranked by (``search_space.TASK_METRICS``), e.g. ``val_rmse``.
+    #: The validation metric trials are ranked by (``search_space.TASK_METRICS``): ``val_rmse``...
     metric: str
     #: forecast: targets are standardised; RMSE on the original scale = RMSE * target_scale.
     target_scale: float = 1.0
