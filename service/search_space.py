@@ -33,6 +33,7 @@ from pydantic import (
     Tag,
     TypeAdapter,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -103,12 +104,17 @@ class ClassifyTask(_Frozen):
     #: Used when the data has no ``split`` column.
     test_fraction: float = Field(default=0.2, gt=0.0, lt=0.5)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _default_dataset(cls, data: Any) -> Any:
+        if isinstance(data, Mapping) and data.get("dataset") is None and data.get("path") is None:
+            return {**data, "dataset": "japanese_vowels"}
+        return data
+
     @model_validator(mode="after")
     def _one_source(self) -> ClassifyTask:
         if self.dataset is not None and self.path is not None:
             raise ValueError("give `dataset` or `path`, not both")
-        if self.dataset is None and self.path is None:
-            return self.model_copy(update={"dataset": "japanese_vowels"})
         return self
 
 
@@ -223,12 +229,24 @@ class LSTMConfig(_Frozen):
     early_stopping_patience: int = Field(default=0, ge=0, le=100_000)
     seed: int = Field(default=0, ge=0, le=2**32 - 1)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _normalise(cls, data: Any) -> Any:
+        if not isinstance(data, Mapping):
+            return data
+        data = dict(data)
+        if data.get("hidden_mode") == "per_layer" and data.get("hidden_sizes") is None:
+            width = data.get("hidden_size", cls.model_fields["hidden_size"].default)
+            data["hidden_sizes"] = [width] * data.get("num_layers", 2)
+        if data.get("num_layers") == 1:
+            # Dropout sits between layers: with one layer there is nowhere to put it.
+            data["dropout"] = 0.0
+        return data
+
     @model_validator(mode="after")
     def _consistent(self) -> LSTMConfig:
         if self.hidden_mode == "per_layer":
-            if self.hidden_sizes is None:
-                sizes = (self.hidden_size,) * self.num_layers
-                return self.model_copy(update={"hidden_sizes": sizes})
+            assert self.hidden_sizes is not None  # filled in by _normalise
             if len(self.hidden_sizes) != self.num_layers:
                 raise ValueError(
                     f"hidden_sizes has {len(self.hidden_sizes)} entries but num_layers is "
@@ -236,9 +254,6 @@ class LSTMConfig(_Frozen):
                 )
         elif self.hidden_sizes is not None:
             raise ValueError("hidden_sizes is only used with hidden_mode: per_layer")
-        if self.num_layers == 1 and self.dropout:
-            # Dropout sits between layers: with one layer there is nowhere to put it.
-            return self.model_copy(update={"dropout": 0.0})
         return self
 
     def layer_sizes(self) -> tuple[int, ...]:
@@ -258,11 +273,13 @@ class ResolvedConfig(_Frozen):
     task: TaskSpec
     params: LSTMConfig = LSTMConfig()
 
-    @model_validator(mode="after")
-    def _params_fit_task(self) -> ResolvedConfig:
-        if self.params.bidirectional and self.task.kind == "char_lm":
-            raise ValueError(_BIDIRECTIONAL_LM)
-        return self
+    @field_validator("params")
+    @classmethod
+    def _params_fit_task(cls, params: LSTMConfig, info: ValidationInfo) -> LSTMConfig:
+        task = info.data.get("task")
+        if params.bidirectional and task is not None and task.kind == "char_lm":
+            raise ValueError(f"bidirectional is {_BIDIRECTIONAL_LM}")
+        return params
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
