@@ -1,0 +1,205 @@
+"""The LightningModule that trains a :class:`~service.training.model.StackedLSTM`.
+
+Thin on purpose: the network lives in ``model.py``, the data in a DataModule, gradient
+clipping in the Trainer (``gradient_clip_val``), early stopping and pruning in callbacks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal, cast
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities.types import OptimizerLRScheduler
+from torch import Tensor, nn
+from torchmetrics import Metric
+from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.regression import MeanSquaredError
+
+from service.search_space import TASK_METRICS, LSTMConfig
+from service.training.data.base import Problem
+from service.training.model import StackedLSTM
+
+STAGES = ("train", "val", "test")
+_METRIC_DIRECTIONS = {m.name: m.direction for m in TASK_METRICS.values()}
+
+
+class DivergedError(RuntimeError):
+    """Training diverged: the training loss became NaN or infinite."""
+
+    def __init__(self, step: int, epoch: int, loss: float) -> None:
+        self.step = step
+        self.epoch = epoch
+        self.loss = loss
+        super().__init__(
+            f"training diverged: loss is {loss} at global step {step} (epoch {epoch}); "
+            "try a lower learning rate or gradient clipping"
+        )
+
+
+class LSTMLightningModule(L.LightningModule):
+    """Trains a :class:`StackedLSTM` for one :class:`Problem` with one :class:`LSTMConfig`.
+
+    Takes plain dicts (``LSTMConfig.model_dump()``, ``dataclasses.asdict(Problem)``) so that
+    ``save_hyperparameters()`` stores them in checkpoints and ``load_from_checkpoint`` can
+    rebuild the module; :meth:`from_config` builds one from the typed objects.
+
+    Logged per epoch, for ``stage`` in train / val / test: ``{stage}_loss`` (mean per
+    prediction: per character for a language model), ``{stage}_bpc`` (cross-entropy
+    every-step problems), and the problem's metric: ``{stage}_rmse`` (original scale),
+    ``{stage}_mse`` or ``{stage}_acc``. ``train_loss`` is also logged per step.
+    """
+
+    def __init__(self, params: Mapping[str, Any], problem: Mapping[str, Any]) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.config = LSTMConfig.model_validate(dict(params))
+        self.problem = Problem(**problem)
+        self.model = StackedLSTM(self.problem, self.config)
+        self.metrics = nn.ModuleDict(
+            {f"{stage}_{name}": metric for stage in STAGES for name, metric in self._new_metrics()}
+        )
+
+    @classmethod
+    def from_config(cls, problem: Problem, params: LSTMConfig) -> LSTMLightningModule:
+        """Build the module from the typed problem and config."""
+        return cls(params=params.model_dump(), problem=dataclasses.asdict(problem))
+
+    def _new_metrics(self) -> list[tuple[str, Metric]]:
+        metric = self.problem.metric
+        if metric == "val_rmse":
+            return [("rmse", MeanSquaredError(squared=False))]
+        if metric == "val_mse":
+            return [("mse", MeanSquaredError())]
+        if metric == "val_acc":
+            # validate_args=False: the checks cost a device sync on every update.
+            accuracy = MulticlassAccuracy(
+                self.problem.output_size, average="micro", validate_args=False
+            )
+            return [("acc", accuracy)]
+        return []
+
+    def forward(self, x: Tensor, lengths: Tensor | None = None) -> Tensor:
+        """The model's outputs: logits or regression values (see :class:`StackedLSTM`)."""
+        out: Tensor = self.model(x, lengths)
+        return out
+
+    def _common_step(self, batch: Sequence[Tensor], stage: str) -> Tensor:
+        x, y = batch[0], batch[1]
+        lengths = batch[2] if len(batch) > 2 else None
+        out = self.model(x, lengths)
+        if self.problem.readout == "every_step":
+            if lengths is not None:
+                # Padding positions are neither trained on nor scored.
+                steps = torch.arange(x.shape[1], device=out.device)
+                valid = steps[None, :] < lengths.to(out.device)[:, None]
+                out, y = out[valid], y[valid]
+            else:
+                out = out.flatten(0, 1)
+                y = y.flatten(0, 1)
+        n = out.shape[0]  # predictions in this batch: the weight of its loss in the epoch mean
+
+        if self.problem.loss == "cross_entropy":
+            loss = F.cross_entropy(out, y)
+        else:
+            y = y.reshape(out.shape).to(out.dtype)  # never broadcast [B, 1] against [B]
+            loss = F.mse_loss(out, y)
+
+        if stage == "train":
+            self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=n)
+        else:
+            self.log(f"{stage}_loss", loss, on_epoch=True, prog_bar=stage == "val", batch_size=n)
+        if self.problem.loss == "cross_entropy" and self.problem.readout == "every_step":
+            self.log(f"{stage}_bpc", loss / math.log(2), on_step=False, on_epoch=True, batch_size=n)
+        self._update_metric(stage, out.detach(), y)
+        return loss
+
+    def _update_metric(self, stage: str, out: Tensor, y: Tensor) -> None:
+        metric = self.problem.metric
+        if metric == "val_rmse":
+            name, scale = f"{stage}_rmse", self.problem.target_scale
+            # RMSE(s * a, s * b) = s * RMSE(a, b): the metric accumulates the epoch's squared
+            # errors on the original scale, so the logged value is the exact epoch RMSE.
+            self._metric(name).update(out * scale, y * scale)
+        elif metric == "val_mse":
+            name = f"{stage}_mse"
+            self._metric(name).update(out, y)
+        elif metric == "val_acc":
+            name = f"{stage}_acc"
+            self._metric(name).update(out.argmax(dim=-1), y)
+        else:
+            return
+        self.log(name, self._metric(name), on_step=False, on_epoch=True, batch_size=y.shape[0])
+
+    def _metric(self, name: str) -> Metric:
+        return cast(Metric, self.metrics[name])
+
+    def training_step(self, batch: Sequence[Tensor], batch_idx: int) -> Tensor:
+        """One training batch; raises :class:`DivergedError` when the loss is not finite."""
+        loss = self._common_step(batch, "train")
+        if not torch.isfinite(loss):
+            raise DivergedError(self.global_step, self.current_epoch, loss.item())
+        return loss
+
+    def validation_step(self, batch: Sequence[Tensor], batch_idx: int) -> Tensor:
+        """One validation batch."""
+        return self._common_step(batch, "val")
+
+    def test_step(self, batch: Sequence[Tensor], batch_idx: int) -> Tensor:
+        """One test batch."""
+        return self._common_step(batch, "test")
+
+    def configure_optimizers(self) -> OptimizerLRScheduler:
+        """The configured optimizer and, unless ``lr_schedule`` is none, its epoch scheduler."""
+        cfg = self.config
+        params = self.parameters()
+        optimizer: torch.optim.Optimizer
+        if cfg.optimizer == "adam":
+            optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        elif cfg.optimizer == "adamw":
+            optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        elif cfg.optimizer == "sgd":
+            optimizer = torch.optim.SGD(
+                params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+            )
+        elif cfg.optimizer == "rmsprop":
+            optimizer = torch.optim.RMSprop(
+                params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+            )
+        else:
+            raise ValueError(f"unknown optimizer {cfg.optimizer!r}")
+
+        scheduler: torch.optim.lr_scheduler.LRScheduler | torch.optim.lr_scheduler.ReduceLROnPlateau
+        if cfg.lr_schedule == "none":
+            return optimizer
+        if cfg.lr_schedule == "step":
+            decay, start = cfg.lr_decay, cfg.lr_decay_start
+            # Epoch e (0-based) runs at lr * decay ** (epochs in [start, e]), as Zaremba et al.
+            scheduler = torch.optim.lr_scheduler.LambdaLR(
+                optimizer, lambda epoch: decay ** max(0, epoch - start + 1)
+            )
+        elif cfg.lr_schedule == "cosine":
+            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.max_epochs)
+        elif cfg.lr_schedule == "plateau":
+            if cfg.lr_decay >= 1.0:
+                return optimizer  # a factor of 1 never changes the rate (and torch rejects it)
+            mode: Literal["min", "max"] = (
+                "max" if _METRIC_DIRECTIONS.get(self.problem.metric) == "maximize" else "min"
+            )
+            scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+                optimizer, mode=mode, factor=cfg.lr_decay, patience=1
+            )
+        else:
+            raise ValueError(f"unknown lr_schedule {cfg.lr_schedule!r}")
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {
+                "scheduler": scheduler,
+                "interval": "epoch",
+                "monitor": self.problem.metric,
+            },
+        }
