@@ -1,0 +1,295 @@
+"""Univariate forecasting: a bundled series (airline, sunspots) or one column of a CSV file."""
+
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from numpy.lib.stride_tricks import sliding_window_view
+from torch.utils.data import DataLoader, TensorDataset
+
+from service.errors import DataError, MissingExtra
+from service.search_space import ForecastTask, LSTMConfig, resolve_data_path
+from service.training.data.base import Problem, TaskData
+
+#: Seasonal period of each bundled series (monthly airline passengers; ~11-year solar cycle).
+DEFAULT_SEASONS = {"airline": 12, "sunspots": 11}
+_BUNDLED_FROM = {"airline": "aeon", "sunspots": "statsmodels"}
+_MISSING = frozenset({"", "na", "nan", "null", "none", "n/a"})
+
+
+@dataclass(frozen=True)
+class SplitBounds:
+    """Where the val and test parts of a series start (train is ``[0, val_start)``)."""
+
+    val_start: int
+    test_start: int
+    n: int
+
+    @property
+    def sizes(self) -> tuple[int, int, int]:
+        return self.val_start, self.test_start - self.val_start, self.n - self.test_start
+
+
+class ForecastDataModule(L.LightningDataModule):
+    """Windows of ``lookback`` standardised values -> the next ``horizon`` values, in memory."""
+
+    def __init__(
+        self,
+        train: tuple[torch.Tensor, torch.Tensor],
+        val: tuple[torch.Tensor, torch.Tensor],
+        test: tuple[torch.Tensor, torch.Tensor],
+        batch_size: int,
+        *,
+        mean: float,
+        std: float,
+    ) -> None:
+        super().__init__()
+        self.batch_size = batch_size
+        #: Standardisation fitted on the train part: original = standardised * std + mean.
+        self.mean = mean
+        self.std = std
+        self._train = TensorDataset(*train)
+        self._val = TensorDataset(*val)
+        self._test = TensorDataset(*test)
+
+    def _loader(
+        self, dataset: TensorDataset, shuffle: bool
+    ) -> DataLoader[tuple[torch.Tensor, ...]]:
+        # The shuffle order comes from torch's global RNG, which Lightning's seed_everything sets.
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def train_dataloader(self) -> DataLoader[tuple[torch.Tensor, ...]]:
+        return self._loader(self._train, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader[tuple[torch.Tensor, ...]]:
+        return self._loader(self._val, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader[tuple[torch.Tensor, ...]]:
+        return self._loader(self._test, shuffle=False)
+
+
+def load_bundled_series(name: str) -> np.ndarray:
+    """A bundled series as float64; :class:`MissingExtra` without the ``datasets`` extra."""
+    try:
+        if name == "airline":
+            from aeon.datasets import load_airline
+
+            values = load_airline()
+        elif name == "sunspots":
+            import statsmodels.api as sm
+
+            values = sm.datasets.sunspots.load_pandas().data["SUNACTIVITY"]
+        else:
+            raise DataError(f"forecast: unknown data set {name!r}")
+    except ImportError as err:
+        raise MissingExtra(
+            f"forecast: the {name} data set needs the datasets extra ({err.name} is missing): "
+            'pip install "lstm-hpo[datasets]"'
+        ) from None
+    return np.asarray(values, dtype=np.float64).reshape(-1)
+
+
+def read_csv_column(path: Path, column: str) -> tuple[np.ndarray, int]:
+    """The numbers in ``column`` (a header row is required) and how many missing rows were dropped.
+
+    Empty cells and NA/NaN/null are missing; any other non-number is a :class:`DataError`
+    naming the file and line.
+    """
+    try:
+        with path.open(encoding="utf-8-sig", newline="") as f:
+            reader = csv.reader(f)
+            header = next(reader, None)
+            if header is None:
+                raise DataError(f"forecast: {path}: the file is empty (a header row is needed)")
+            names = [h.strip() for h in header]
+            if column not in names:
+                shown = ", ".join(repr(n) for n in names[:20])
+                raise DataError(f"forecast: {path}: no column {column!r} (columns: {shown})")
+            col = names.index(column)
+            values: list[float] = []
+            dropped = 0
+            for row in reader:
+                if not row:
+                    continue
+                line = reader.line_num
+                cell = row[col].strip() if col < len(row) else ""
+                if cell.lower() in _MISSING:
+                    dropped += 1
+                    continue
+                try:
+                    value = float(cell)
+                except ValueError:
+                    raise DataError(
+                        f"forecast: {path} line {line}: column {column!r} is not numeric ({cell!r})"
+                    ) from None
+                if math.isnan(value):
+                    dropped += 1
+                    continue
+                if not math.isfinite(value):
+                    raise DataError(
+                        f"forecast: {path} line {line}: column {column!r} is not finite ({cell!r})"
+                    )
+                values.append(value)
+    except FileNotFoundError:
+        raise DataError(f"forecast: {path}: no such file") from None
+    except IsADirectoryError:
+        raise DataError(f"forecast: {path}: is a directory, not a CSV file") from None
+    except UnicodeDecodeError as err:
+        raise DataError(
+            f"forecast: {path}: not UTF-8 text ({err.reason} at byte {err.start})"
+        ) from None
+    except csv.Error as err:
+        raise DataError(f"forecast: {path}: malformed CSV ({err})") from None
+    except OSError as err:
+        raise DataError(f"forecast: {path}: cannot read ({err.strerror})") from None
+    return np.asarray(values, dtype=np.float64), dropped
+
+
+def split_bounds(n: int, val_fraction: float, test_fraction: float) -> SplitBounds:
+    """Chronological split: train first, then val, then test (the last ``test_fraction``)."""
+    n_val, n_test = int(n * val_fraction), int(n * test_fraction)
+    return SplitBounds(val_start=n - n_val - n_test, test_start=n - n_test, n=n)
+
+
+def window_starts(start: int, stop: int, horizon: int) -> np.ndarray:
+    """Indices ``t`` of the first target of every window whose targets lie in ``[start, stop)``."""
+    return np.arange(start, stop - horizon + 1)
+
+
+def make_windows(
+    series: np.ndarray, starts: np.ndarray, lookback: int, horizon: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Inputs ``series[t-lookback:t]`` and targets ``series[t:t+horizon]`` for each ``t``."""
+    x = sliding_window_view(series, lookback)[starts - lookback]
+    y = sliding_window_view(series, horizon)[starts]
+    return x, y
+
+
+def naive_rmse(series: np.ndarray, starts: np.ndarray, horizon: int) -> float:
+    """RMSE of repeating the last observed value ``series[t-1]`` over the horizon."""
+    y = series[starts[:, None] + np.arange(horizon)[None, :]]
+    pred = series[starts - 1][:, None]
+    return float(np.sqrt(np.mean((y - pred) ** 2)))
+
+
+def seasonal_naive_rmse(series: np.ndarray, starts: np.ndarray, horizon: int, season: int) -> float:
+    """RMSE of predicting each target with the last observed value one or more seasons earlier."""
+    k = np.arange(horizon)
+    # Target t+k is predicted by t+k - season * (k // season + 1): the same phase, already seen.
+    target_idx = starts[:, None] + k[None, :]
+    source_idx = target_idx - season * (k // season + 1)[None, :]
+    return float(np.sqrt(np.mean((series[target_idx] - series[source_idx]) ** 2)))
+
+
+def build_forecast(
+    task: ForecastTask, params: LSTMConfig, data_roots: tuple[Path, ...] | None = None
+) -> TaskData:
+    """Load a series, split it in time, standardise on train, window it; baselines: naive ones."""
+    dropped = 0
+    source: str
+    season: int | None
+    if task.dataset is not None:
+        series = load_bundled_series(task.dataset)
+        source = f"{task.dataset} ({_BUNDLED_FROM[task.dataset]})"
+        season = task.season or DEFAULT_SEASONS[task.dataset]
+    else:
+        assert task.path is not None and task.column is not None  # the spec guarantees both
+        path = resolve_data_path(task.path, data_roots)
+        series, dropped = read_csv_column(path, task.column)
+        source = f"{path.name} column {task.column!r}"
+        season = task.season
+    lookback, horizon = task.lookback, task.horizon
+    bounds = split_bounds(len(series), task.val_fraction, task.test_fraction)
+    _check_fits(bounds, lookback, horizon)
+    n_train, n_val, n_test = bounds.sizes
+
+    train_part = series[: bounds.val_start]
+    mean = float(train_part.mean())
+    std = float(train_part.std())
+    if std == 0.0:  # a constant training part: nothing to scale, keep the units
+        std = 1.0
+    scaled = (series - mean) / std
+
+    starts = {
+        "train": window_starts(lookback, bounds.val_start, horizon),
+        "val": window_starts(bounds.val_start, bounds.test_start, horizon),
+        "test": window_starts(bounds.test_start, bounds.n, horizon),
+    }
+    train, val, test = (
+        tuple(
+            torch.from_numpy(a.astype(np.float32))
+            for a in make_windows(scaled, s, lookback, horizon)
+        )
+        for s in starts.values()
+    )
+    datamodule = ForecastDataModule(
+        (train[0].unsqueeze(-1), train[1]),
+        (val[0].unsqueeze(-1), val[1]),
+        (test[0].unsqueeze(-1), test[1]),
+        batch_size=params.batch_size,
+        mean=mean,
+        std=std,
+    )
+
+    val_baselines = {"naive": naive_rmse(series, starts["val"], horizon)}
+    test_baselines = {"naive": naive_rmse(series, starts["test"], horizon)}
+    # Seasonal naive needs a full season of history before the first val target.
+    if season is not None and season <= bounds.val_start:
+        val_baselines["seasonal_naive"] = seasonal_naive_rmse(
+            series, starts["val"], horizon, season
+        )
+        test_baselines["seasonal_naive"] = seasonal_naive_rmse(
+            series, starts["test"], horizon, season
+        )
+    missing = f", {dropped:,} rows with missing values dropped" if dropped else ""
+    counts = " / ".join(f"{len(s):,}" for s in starts.values())
+    return TaskData(
+        problem=Problem(
+            input_kind="features",
+            input_size=1,
+            output_size=horizon,
+            readout="last_step",
+            loss="mse",
+            metric="val_rmse",
+            target_scale=std,
+        ),
+        datamodule=datamodule,
+        val_baselines=val_baselines,
+        test_baselines=test_baselines,
+        primary_baseline="naive",
+        description=(
+            f"forecast: {source}, {bounds.n:,} points{missing} (train {n_train:,} / "
+            f"val {n_val:,} / test {n_test:,}), lookback {lookback}, horizon {horizon}: "
+            f"{counts} windows"
+        ),
+    )
+
+
+def _check_fits(bounds: SplitBounds, lookback: int, horizon: int) -> None:
+    n_train, n_val, n_test = bounds.sizes
+    if n_train >= lookback + horizon and min(n_val, n_test) >= horizon:
+        return
+    max_horizon = min(n_val, n_test, n_train - 1)
+    if horizon <= max_horizon:
+        fits = f"lookback <= {n_train - horizon} at horizon {horizon}"
+    elif max_horizon >= 1:
+        fits = f"horizon <= {max_horizon} (with lookback <= {n_train - max_horizon})"
+    else:
+        fits = "nothing: the series is too short to split; give more data or larger fractions"
+    raise DataError(
+        f"forecast: the series has {bounds.n:,} points (train {n_train:,} / val {n_val:,} / "
+        f"test {n_test:,}): lookback {lookback} + horizon {horizon} needs train >= "
+        f"{lookback + horizon} and val, test >= {horizon}; what would fit: {fits}"
+    )
