@@ -527,6 +527,13 @@ def _check_space(spec: StudySpec) -> list[FieldError]:
     ):
         errors.append(FieldError("space.bidirectional", _BIDIRECTIONAL_LM))
     if spec.study.sampler == "grid":
+        mode = spec.space.get("hidden_mode")
+        if mode == "per_layer" or (
+            isinstance(mode, CategoricalDistribution) and "per_layer" in mode.choices
+        ):
+            errors.append(
+                FieldError("space.hidden_mode", "sampler grid cannot search per_layer widths")
+            )
         for name, dist in spec.searched().items():
             if isinstance(dist, FloatDistribution) and dist.step is None:
                 errors.append(

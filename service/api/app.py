@@ -1,0 +1,106 @@
+"""The application factory: REST API under /v1, OpenAPI at /docs, optuna-dashboard at the root."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from importlib.metadata import version
+
+import optuna_dashboard
+from a2wsgi import WSGIMiddleware
+from fastapi import FastAPI
+from fastapi.responses import RedirectResponse
+
+from service import studies
+from service.api.errors import install_error_handlers
+from service.api.routes import health
+from service.api.routes import studies as studies_routes
+from service.config import Settings
+from service.errors import LstmHpoError
+from service.migrate import current_revisions, upgrade_schema
+from service.search_space import SpecLimits
+
+log = logging.getLogger("lstm_hpo.server")
+
+
+class Reaper(threading.Thread):
+    """Fails trials whose worker stopped heartbeating, even when every worker is gone."""
+
+    def __init__(self, backend: studies.Backend, *, grace_s: float, interval_s: float) -> None:
+        super().__init__(name="lstm-hpo-reaper", daemon=True)
+        self.backend = backend
+        self.grace_s = grace_s
+        self.interval_s = interval_s
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.wait(self.interval_s):
+            try:
+                studies.reap_stale_trials(self.backend, grace_s=self.grace_s)
+            except LstmHpoError as err:  # database away for a moment: try next round
+                log.warning("reaper: %s", err)
+            except Exception:  # never let one bad round end the reaper
+                log.exception("reaper round failed")
+
+    def stop(self) -> None:
+        self._stop_event.set()
+
+
+def create_app(settings: Settings | None = None, *, migrate: bool = True) -> FastAPI:
+    """Build the server: migrate (the server owns the schema), connect, mount the dashboard."""
+    settings = settings or Settings()
+    url = settings.resolved_database_url()
+    if url.startswith("sqlite"):
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+    (settings.data_dir / "datasets").mkdir(parents=True, exist_ok=True)
+    # Optuna's tables first (its storage creates them), then ours: workers wait for ours,
+    # so by the time they connect neither needs DDL.
+    storage = studies.optuna_storage(url, pool_size=settings.pool_size)
+    if migrate:
+        upgrade_schema(url)
+    backend = studies.open_backend(
+        url,
+        limits=SpecLimits(
+            max_trials=settings.max_trials,
+            max_retries=settings.max_retries,
+            data_roots=settings.allowed_data_roots(),
+        ),
+        base_url=settings.base_url(),
+        pool_size=settings.pool_size,
+    )
+    reaper = Reaper(
+        backend, grace_s=settings.heartbeat_grace_s, interval_s=settings.reaper_interval_s
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        reaper.start()
+        yield
+        reaper.stop()
+
+    app = FastAPI(
+        title="lstm-hpo",
+        version=version("lstm-hpo"),
+        description="Hyperparameter search for stacked LSTMs. REST API under /v1; "
+        "optuna-dashboard at /dashboard.",
+        lifespan=lifespan,
+    )
+    app.state.backend = backend
+    app.state.max_request_bytes = settings.max_request_bytes
+    app.state.safe_database_url = settings.safe_database_url()
+    revisions = current_revisions(backend.sessions.kw["bind"])
+    app.state.schema_revision = next(iter(revisions), None)
+    install_error_handlers(app)
+    app.include_router(health.router, prefix="/v1")
+    app.include_router(studies_routes.router, prefix="/v1")
+
+    @app.get("/", include_in_schema=False)
+    def root() -> RedirectResponse:
+        return RedirectResponse("/dashboard")
+
+    # Last: the dashboard's front end hard-codes /dashboard, /api and /static, so it
+    # cannot live under a prefix; everything the API did not match falls through to it.
+    app.mount("/", WSGIMiddleware(optuna_dashboard.wsgi(storage)))  # type: ignore[arg-type]
+    return app

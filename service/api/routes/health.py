@@ -1,0 +1,27 @@
+"""GET /v1/health."""
+
+from __future__ import annotations
+
+from importlib.metadata import version
+
+from fastapi import APIRouter, Request
+from sqlalchemy import text
+
+from service.api.deps import BackendDep
+from service.db import session_scope
+from service.schemas import HealthPublic
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/health")
+def health(backend: BackendDep, request: Request) -> HealthPublic:
+    """Liveness and database reachability."""
+    with session_scope(backend.sessions) as session:
+        session.execute(text("SELECT 1"))
+    return HealthPublic(
+        status="ok",
+        version=version("lstm-hpo"),
+        database=request.app.state.safe_database_url,
+        schema_revision=request.app.state.schema_revision,
+    )

@@ -1,0 +1,370 @@
+"""The `lstm-hpo` command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from service.config import Settings
+from service.errors import InvalidSpec, LstmHpoError
+
+if TYPE_CHECKING:
+    from service.schemas import StudyPublic
+    from service.worker import WorkerOptions
+
+app = typer.Typer(
+    name="lstm-hpo",
+    help="Hyperparameter search for stacked LSTMs: serve the API, run workers, train configs.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _fail(err: LstmHpoError, code: int = 1) -> typer.Exit:
+    if isinstance(err, InvalidSpec):
+        err_console.print(f"[red]error:[/red] {err.__doc__}")
+        for e in err.errors:
+            err_console.print(f"  - {e}")
+    else:
+        err_console.print(f"[red]error:[/red] {err.message}")
+    return typer.Exit(code)
+
+
+@app.command()
+def train(
+    config: Annotated[
+        Path, typer.Argument(help="A resolved config (YAML/JSON), e.g. from `lstm-hpo best`.")
+    ],
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="Output directory (default: runs/<task>-<time>)."),
+    ] = None,
+    json_output: Annotated[
+        bool, typer.Option("--json", help="Print one final JSON line with the metrics.")
+    ] = False,
+    accelerator: Annotated[
+        str, typer.Option(help="Lightning accelerator: auto | cpu | gpu | mps.")
+    ] = "auto",
+    threads: Annotated[
+        int | None, typer.Option(help="torch threads (default: torch's own choice).")
+    ] = None,
+) -> None:
+    """Train one resolved config; write the checkpoint, config and metrics to --out."""
+    from service.search_space import load_config_file
+    from service.training.fit import configure_torch_threads, fit_config
+
+    try:
+        resolved = load_config_file(config)
+    except LstmHpoError as err:
+        raise _fail(err, 2) from None
+    out_dir = out or Path("runs") / f"{resolved.task.kind}-{time.strftime('%Y%m%d-%H%M%S')}"
+    configure_torch_threads(threads)
+    if not json_output:
+        console.print(f"Training [bold]{resolved.task.kind}[/bold] -> {out_dir}")
+    try:
+        result = fit_config(
+            resolved, out_dir=out_dir, progress=sys.stderr.isatty(), accelerator=accelerator
+        )
+    except LstmHpoError as err:
+        raise _fail(err) from None
+    except RuntimeError as err:  # DivergedError and CUDA OOM are RuntimeErrors
+        err_console.print(f"[red]training failed:[/red] {err}")
+        raise typer.Exit(1) from None
+    if json_output:
+        print(json.dumps(result.summary()))
+        return
+    table = Table(title=result.description or "result", show_header=False)
+    table.add_row("metric", f"{result.metric} ({result.direction})")
+    table.add_row("best validation", _fmt(result.value) + f" (epoch {result.best_epoch})")
+    table.add_row("test", _fmt(result.test_value))
+    table.add_row(f"baseline ({result.baseline_name}, test)", _fmt(result.baseline))
+    table.add_row("beats baseline", "yes" if result.beats_baseline else "[red]no[/red]")
+    table.add_row("checkpoint", result.checkpoint or "-")
+    console.print(table)
+
+
+ServerOption = Annotated[
+    str,
+    typer.Option("--server", "-s", envvar="LSTM_HPO_SERVER", help="The lstm-hpo server URL."),
+]
+DEFAULT_SERVER = "http://127.0.0.1:8000"
+
+
+def _settings(database_url: str | None = None) -> Settings:
+    from pydantic import ValidationError
+
+    try:
+        settings = Settings() if database_url is None else Settings(database_url=database_url)
+    except ValidationError as err:
+        err_console.print(f"[red]invalid settings:[/red] {err}")
+        raise typer.Exit(2) from None
+    return settings
+
+
+def _worker_options(settings: Settings, accelerator: str) -> WorkerOptions:
+    from service.worker import WorkerOptions
+
+    return WorkerOptions(
+        database_url=settings.resolved_database_url(),
+        data_roots=settings.allowed_data_roots(),
+        heartbeat_interval_s=settings.heartbeat_interval_s,
+        poll_interval_s=settings.poll_interval_s,
+        torch_threads=settings.torch_threads,
+        accelerator=accelerator,
+    )
+
+
+def _check_processes(processes: int, threads: int) -> int:
+    cores = os.cpu_count() or 1
+    if processes * threads > cores:
+        fitted = max(1, cores // threads)
+        err_console.print(
+            f"[yellow]warning:[/yellow] {processes} processes x {threads} torch threads > "
+            f"{cores} cores; using {fitted} processes (oversubscribed CPUs run slower, not faster)"
+        )
+        return fitted
+    return processes
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="Bind address (default 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default 8000).")] = None,
+    workers: Annotated[
+        int, typer.Option("--workers", "-w", help="Local worker processes (0: none).")
+    ] = 1,
+    accelerator: Annotated[str, typer.Option(help="Workers' Lightning accelerator.")] = "auto",
+) -> None:
+    """Migrate, then run the API, the dashboard and N local worker processes."""
+    import threading
+
+    import uvicorn
+
+    from service.api.app import create_app
+    from service.worker import run_worker_processes
+
+    settings = _settings()
+    updates = {k: v for k, v in {"host": host, "port": port}.items() if v is not None}
+    settings = settings.model_copy(update=updates)
+    try:
+        api = create_app(settings)
+    except LstmHpoError as err:
+        raise _fail(err) from None
+    base = settings.base_url()
+    console.print(f"[bold]lstm-hpo[/bold] {base}")
+    console.print(f"  REST API   {base}/v1  (OpenAPI: {base}/docs)")
+    console.print(f"  dashboard  {base}/dashboard")
+    console.print(f"  database   {settings.safe_database_url()}")
+    n = _check_processes(workers, settings.torch_threads) if workers else 0
+    console.print(f"  workers    {n} local process(es)")
+    if n:
+        options = _worker_options(settings, accelerator)
+        threading.Thread(
+            target=run_worker_processes,
+            args=(options, n),
+            kwargs={"install_signals": False},
+            daemon=True,
+            name="lstm-hpo-workers",
+        ).start()
+    uvicorn.run(api, host=settings.host, port=settings.port, log_level="warning")
+
+
+@app.command()
+def worker(
+    processes: Annotated[
+        int, typer.Option("--processes", "-p", help="Worker processes on this machine.")
+    ] = 1,
+    database_url: Annotated[
+        str | None,
+        typer.Option(help="Database URL (default: LSTM_HPO_DATABASE_URL or the local SQLite)."),
+    ] = None,
+    accelerator: Annotated[str, typer.Option(help="Lightning accelerator.")] = "auto",
+) -> None:
+    """Run worker processes that pull trials from the database until stopped (Ctrl-C)."""
+    from service.worker import run_worker_processes
+
+    settings = _settings(database_url)
+    n = _check_processes(processes, settings.torch_threads)
+    err_console.print(f"{n} worker process(es) on {settings.safe_database_url()}")
+    run_worker_processes(_worker_options(settings, accelerator), n)
+
+
+@app.command()
+def migrate(
+    database_url: Annotated[str | None, typer.Option(help="Database URL.")] = None,
+) -> None:
+    """Create or upgrade the database schema (the server also does this at start)."""
+    from service.migrate import upgrade_schema
+    from service.studies import optuna_storage
+
+    settings = _settings(database_url)
+    url = settings.resolved_database_url()
+    if url.startswith("sqlite"):
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        optuna_storage(url)  # Optuna creates (or checks) its own tables
+        upgrade_schema(url)
+    except LstmHpoError as err:
+        raise _fail(err) from None
+    console.print(f"schema is current on {settings.safe_database_url()}")
+
+
+@app.command()
+def submit(
+    spec: Annotated[Path, typer.Argument(help="A study spec (YAML or JSON).")],
+    server: ServerOption = DEFAULT_SERVER,
+    idempotency_key: Annotated[
+        str | None, typer.Option(help="Retry-safe submit: the same key gives the same study.")
+    ] = None,
+) -> None:
+    """Submit a study; prints its id."""
+    from service.client import Client
+
+    try:
+        text = spec.read_text(encoding="utf-8")
+    except OSError as err:
+        err_console.print(f"[red]error:[/red] cannot read {spec}: {err.strerror}")
+        raise typer.Exit(2) from None
+    with Client(server) as client:
+        try:
+            study = client.submit(text, idempotency_key=idempotency_key)
+        except LstmHpoError as err:
+            raise _fail(err, 2 if isinstance(err, InvalidSpec) else 1) from None
+    err_console.print(f"queued {study.name} -> {study.dashboard_url}")
+    print(study.id)
+
+
+@app.command()
+def status(
+    study_id: Annotated[str | None, typer.Argument(help="A study id (none: list studies).")] = None,
+    server: ServerOption = DEFAULT_SERVER,
+    watch: Annotated[
+        bool, typer.Option("--watch/--no-watch", help="Show a progress bar until it ends.")
+    ] = True,
+    json_output: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Show one study (with a live progress bar while it runs) or list the studies."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    from service.client import TERMINAL_STATES, Client
+
+    with Client(server) as client:
+        try:
+            if study_id is None:
+                page = client.studies(limit=50)
+                if json_output:
+                    print(page.model_dump_json())
+                    return
+                table = Table("id", "name", "state", "finished", "best", "task")
+                for s in page.items:
+                    table.add_row(
+                        s.id,
+                        s.name,
+                        s.state,
+                        f"{s.n_finished}/{s.n_trials}",
+                        _fmt(s.best_value),
+                        s.task,
+                    )
+                console.print(table)
+                return
+            study = client.get(study_id)
+            if json_output:
+                print(study.model_dump_json())
+                return
+            if watch and study.state not in TERMINAL_STATES and console.is_terminal:
+                with Progress(
+                    "[progress.description]{task.description}",
+                    BarColumn(),
+                    MofNCompleteColumn(),
+                    TimeElapsedColumn(),
+                    console=console,
+                ) as bar:
+                    task = bar.add_task(study.name, total=study.n_trials)
+
+                    def update(s: StudyPublic) -> None:
+                        bar.update(
+                            task,
+                            completed=s.n_finished,
+                            description=f"{s.name} [{s.state}] best={_fmt(s.best_value)}",
+                        )
+
+                    study = client.wait(study_id, on_update=update)
+        except LstmHpoError as err:
+            raise _fail(err) from None
+    _print_study(study)
+
+
+def _print_study(study: StudyPublic) -> None:
+    table = Table(title=f"{study.name} ({study.id})", show_header=False)
+    table.add_row("state", study.state)
+    table.add_row("task / metric", f"{study.task} / {study.metric} ({study.direction})")
+    table.add_row("finished", f"{study.n_finished}/{study.n_trials}")
+    c = study.counts
+    table.add_row(
+        "trials",
+        f"complete {c.complete}, pruned {c.pruned}, failed {c.failed}, running {c.running}",
+    )
+    table.add_row("best", f"{_fmt(study.best_value)} (trial {study.best_trial_number})")
+    table.add_row("elapsed", f"{study.elapsed_s:.1f}s" if study.elapsed_s is not None else "-")
+    table.add_row("dashboard", study.dashboard_url)
+    if study.error:
+        table.add_row("error", study.error)
+    console.print(table)
+
+
+@app.command()
+def best(
+    study_id: Annotated[str, typer.Argument(help="The study id.")],
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Write the config YAML here.")
+    ] = None,
+    server: ServerOption = DEFAULT_SERVER,
+) -> None:
+    """The best config as YAML (for `lstm-hpo train`), to stdout or --output."""
+    from service.client import Client
+
+    with Client(server) as client:
+        try:
+            text = client.best_yaml(study_id)
+        except LstmHpoError as err:
+            raise _fail(err) from None
+    if output is None:
+        print(text, end="")
+        return
+    output.write_text(text, encoding="utf-8")
+    err_console.print(f"wrote {output}; train it with: lstm-hpo train {output}")
+
+
+@app.command()
+def cancel(
+    study_id: Annotated[str, typer.Argument(help="The study id.")],
+    server: ServerOption = DEFAULT_SERVER,
+) -> None:
+    """Cancel a study: no new trials start; running ones finish."""
+    from service.client import Client
+
+    with Client(server) as client:
+        try:
+            study = client.cancel(study_id)
+        except LstmHpoError as err:
+            raise _fail(err) from None
+    console.print(f"{study.id}: {study.state}")
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.5g}"
+
+
+def main() -> None:  # pragma: no cover - console-script entry
+    app()

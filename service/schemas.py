@@ -1,0 +1,82 @@
+"""API output models (``*Public``). ORM rows and Optuna objects never leave the service."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Generic, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict
+
+T = TypeVar("T")
+
+
+class _Public(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+
+class TrialCounts(_Public):
+    complete: int = 0
+    pruned: int = 0
+    failed: int = 0
+    running: int = 0
+    waiting: int = 0
+
+
+class StudyPublic(_Public):
+    """One study as the API shows it."""
+
+    id: str
+    name: str
+    state: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    task: str
+    metric: str
+    direction: Literal["minimize", "maximize"]
+    n_trials: int
+    #: Finished trials: complete + pruned + failed that are not retried. Ends at n_trials.
+    n_finished: int
+    counts: TrialCounts
+    best_value: float | None = None
+    best_trial_number: int | None = None
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    elapsed_s: float | None = None
+    dashboard_url: str
+    optuna_study_name: str
+    error: str | None = None
+    spec: dict[str, Any] | None = None
+
+
+class TrialPublic(_Public):
+    number: int
+    state: Literal["running", "complete", "pruned", "failed", "waiting"]
+    params: dict[str, Any]
+    value: float | None = None
+    duration_s: float | None = None
+    #: epoch -> validation metric, as reported to the pruner.
+    intermediate_values: dict[int, float]
+    failure_reason: str | None = None
+    #: The trial this one retries (same parameters), when its worker died.
+    retry_of: int | None = None
+    config: dict[str, Any] | None = None
+
+
+class BestPublic(_Public):
+    value: float
+    trial_number: int
+    #: The resolved config: `lstm-hpo train` takes it as it is.
+    config: dict[str, Any]
+
+
+class Page(_Public, Generic[T]):
+    items: list[T]
+    total: int
+    limit: int
+    offset: int
+
+
+class HealthPublic(_Public):
+    status: Literal["ok"]
+    version: str
+    database: str
+    schema_revision: str | None

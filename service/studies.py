@@ -1,0 +1,326 @@
+"""The study domain: submit, get, list, cancel, trials, best, reap. Wraps Optuna's storage.
+
+A study is two records in one database: our job row (``queue``: state, slots, owner) and
+Optuna's study (trials, params, values; what optuna-dashboard shows). The job row is the
+source of truth for *how many* trials run; Optuna's is the truth for *what* they found.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+from sqlalchemy.orm import Session, sessionmaker
+
+from service import queue
+from service.db import is_sqlite, make_engine, make_session_factory
+from service.errors import Conflict, NoCompletedTrials
+from service.schemas import BestPublic, Page, StudyPublic, TrialCounts, TrialPublic
+from service.search_space import TASK_METRICS, SpecLimits, StudySpec, parse_spec, sample_config
+from service.training.objective import CONFIG_ATTR, FAILURE_ATTR, RETRY_OF_ATTR
+
+log = logging.getLogger(__name__)
+
+#: Optuna study user attribute linking it back to our job.
+JOB_ID_ATTR = "lstm_hpo_job_id"
+_IDEMPOTENCY_NAMESPACE = uuid.UUID("0d9a7a53-4f0e-4e61-9b8f-3c1a4c6f2a10")
+
+
+@dataclass(frozen=True)
+class Backend:
+    """What the domain functions need: our sessions, Optuna's storage, and the limits."""
+
+    sessions: sessionmaker[Session]
+    storage: optuna.storages.BaseStorage
+    limits: SpecLimits
+    base_url: str
+
+
+def optuna_storage(database_url: str, *, pool_size: int = 1) -> optuna.storages.RDBStorage:
+    """Optuna's RDB storage on the same database, with its own small pool.
+
+    One connection for Optuna plus one for our tables keeps a worker within its budget of
+    two database connections.
+    """
+    engine_kwargs: dict[str, Any] = {}
+    if not is_sqlite(database_url):
+        engine_kwargs = {"pool_size": pool_size, "max_overflow": 0, "pool_pre_ping": True}
+    else:
+        # Same lock patience as our own engine: busy workers must wait, not fail.
+        engine_kwargs = {"connect_args": {"timeout": 30}}
+    return optuna.storages.RDBStorage(database_url, engine_kwargs=engine_kwargs)
+
+
+def open_backend(
+    database_url: str, *, limits: SpecLimits, base_url: str, pool_size: int = 1
+) -> Backend:
+    """Connect to the database (schema must already be migrated)."""
+    engine = make_engine(database_url, pool_size=pool_size, max_overflow=0)
+    return Backend(
+        sessions=make_session_factory(engine),
+        storage=optuna_storage(database_url, pool_size=pool_size),
+        limits=limits,
+        base_url=base_url.rstrip("/"),
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Submit / read / cancel
+# --------------------------------------------------------------------------------------
+
+
+def submit_study(
+    backend: Backend,
+    spec: StudySpec,
+    *,
+    owner: str = "local",
+    idempotency_key: str | None = None,
+) -> tuple[StudyPublic, bool]:
+    """Queue a validated study; returns it and whether it was created (False: a retried key).
+
+    With an idempotency key the job id and Optuna study name are derived from the key, so
+    a client retrying after a lost response (or a server killed mid-request) gets the same
+    study, never a second one.
+    """
+    spec_json = spec.model_dump(mode="json")
+    if idempotency_key is not None:
+        job_id = uuid.uuid5(_IDEMPOTENCY_NAMESPACE, f"{owner}\0{idempotency_key}").hex
+        existing = queue.find_job(backend.sessions, job_id)
+        if existing is not None:
+            return _existing_for_key(backend, existing, spec_json), False
+    else:
+        job_id = uuid.uuid4().hex
+    name = spec.name or spec.task.kind
+    study_name = f"{name}-{job_id[:8]}"
+    study = optuna.create_study(
+        storage=backend.storage,
+        study_name=study_name,
+        direction=spec.direction,
+        load_if_exists=True,
+    )
+    study.set_user_attr(JOB_ID_ATTR, job_id)
+    study.set_user_attr("metric", spec.metric.name)
+    study.set_user_attr("spec", spec_json)
+    job, created = queue.create_job(
+        backend.sessions,
+        job_id=job_id,
+        spec=spec_json,
+        name=name,
+        owner=owner,
+        optuna_study_name=study_name,
+        n_trials=spec.study.n_trials,
+        max_retries=spec.study.max_retries,
+        timeout_s=spec.study.timeout_s,
+        idempotency_key=idempotency_key,
+    )
+    if not created:
+        return _existing_for_key(backend, job, spec_json), False
+    return _study_public(backend, job), True
+
+
+def _existing_for_key(backend: Backend, job: queue.JobRecord, spec_json: Any) -> StudyPublic:
+    if job.spec != spec_json:
+        raise Conflict("Idempotency-Key was already used for a different spec")
+    return _study_public(backend, job)
+
+
+def get_study(backend: Backend, job_id: str, *, owner: str | None = None) -> StudyPublic:
+    """One study with live trial counts and its best value."""
+    return _study_public(backend, queue.get_job(backend.sessions, job_id, owner=owner))
+
+
+def list_studies(
+    backend: Backend,
+    *,
+    state: str | None = None,
+    owner: str | None = None,
+    limit: int = 20,
+    offset: int = 0,
+) -> Page[StudyPublic]:
+    """Studies, newest first, optionally only those in ``state``."""
+    jobs, total = queue.list_jobs(
+        backend.sessions, state=state, owner=owner, limit=limit, offset=offset
+    )
+    items = [_study_public(backend, job, include_spec=False) for job in jobs]
+    return Page[StudyPublic](items=items, total=total, limit=limit, offset=offset)
+
+
+def cancel_study(backend: Backend, job_id: str, *, owner: str | None = None) -> StudyPublic:
+    """Stop claiming new trials; running trials finish and are recorded."""
+    queue.get_job(backend.sessions, job_id, owner=owner)
+    queue.cancel_job(backend.sessions, job_id)
+    return get_study(backend, job_id, owner=owner)
+
+
+def study_spec(job: queue.JobRecord) -> StudySpec:
+    """The spec a job was submitted with (validated again: specs are data, not trusted code)."""
+    return parse_spec(job.spec)
+
+
+# --------------------------------------------------------------------------------------
+# Trials and the best configs
+# --------------------------------------------------------------------------------------
+
+_STATE_NAMES = {
+    TrialState.RUNNING: "running",
+    TrialState.COMPLETE: "complete",
+    TrialState.PRUNED: "pruned",
+    TrialState.FAIL: "failed",
+    TrialState.WAITING: "waiting",
+}
+
+
+def _trials(backend: Backend, study_name: str) -> list[FrozenTrial]:
+    study_id = backend.storage.get_study_id_from_name(study_name)
+    return backend.storage.get_all_trials(study_id, deepcopy=False)
+
+
+def _is_finite(value: float | None) -> bool:
+    return value is not None and math.isfinite(value)
+
+
+def _ranked(trials: Sequence[FrozenTrial], direction: str) -> list[FrozenTrial]:
+    """COMPLETE trials with a finite value, best first (NaN/inf never win)."""
+    done = [t for t in trials if t.state == TrialState.COMPLETE and _is_finite(t.value)]
+    return sorted(done, key=lambda t: t.value or 0.0, reverse=direction == "maximize")
+
+
+def study_trials(
+    backend: Backend,
+    job_id: str,
+    *,
+    owner: str | None = None,
+    state: str | None = None,
+    limit: int = 100,
+    offset: int = 0,
+) -> Page[TrialPublic]:
+    """A study's trials in trial-number order."""
+    job = queue.get_job(backend.sessions, job_id, owner=owner)
+    trials = _trials(backend, job.optuna_study_name)
+    if state is not None:
+        trials = [t for t in trials if _STATE_NAMES.get(t.state) == state]
+    page = trials[offset : offset + limit]
+    return Page[TrialPublic](
+        items=[_trial_public(t) for t in page], total=len(trials), limit=limit, offset=offset
+    )
+
+
+def best_configs(
+    backend: Backend, job_id: str, *, k: int = 1, owner: str | None = None
+) -> list[BestPublic]:
+    """The top ``k`` completed trials and their resolved configs, best first."""
+    job = queue.get_job(backend.sessions, job_id, owner=owner)
+    spec = study_spec(job)
+    ranked = _ranked(_trials(backend, job.optuna_study_name), spec.direction)
+    if not ranked:
+        raise NoCompletedTrials()
+    out = []
+    for trial in ranked[:k]:
+        config = trial.user_attrs.get(CONFIG_ATTR)
+        if config is None:  # replay the sampler's mapping on the recorded params
+            config = sample_config(optuna.trial.FixedTrial(trial.params), spec).model_dump(
+                mode="json"
+            )
+        assert trial.value is not None
+        out.append(BestPublic(value=trial.value, trial_number=trial.number, config=config))
+    return out
+
+
+def _trial_public(trial: FrozenTrial) -> TrialPublic:
+    duration = trial.duration.total_seconds() if trial.duration is not None else None
+    return TrialPublic(
+        number=trial.number,
+        state=_STATE_NAMES.get(trial.state, "failed"),
+        params=trial.params,
+        value=trial.value if _is_finite(trial.value) else None,
+        duration_s=duration,
+        intermediate_values={int(k): float(v) for k, v in trial.intermediate_values.items()},
+        failure_reason=trial.user_attrs.get(FAILURE_ATTR),
+        retry_of=trial.user_attrs.get(RETRY_OF_ATTR),
+        config=trial.user_attrs.get(CONFIG_ATTR),
+    )
+
+
+def _study_public(
+    backend: Backend, job: queue.JobRecord, *, include_spec: bool = True
+) -> StudyPublic:
+    trials = _trials(backend, job.optuna_study_name)
+    counts: dict[str, int] = {}
+    for t in trials:
+        name = _STATE_NAMES.get(t.state, "failed")
+        counts[name] = counts.get(name, 0) + 1
+    spec = job.spec
+    task = spec["task"]["kind"]
+    metric = TASK_METRICS[task]
+    direction = spec.get("study", {}).get("direction") or metric.direction
+    ranked = _ranked(trials, direction)
+    end = job.finished_at or (datetime.now(UTC) if job.started_at else None)
+    study_id = backend.storage.get_study_id_from_name(job.optuna_study_name)
+    return StudyPublic(
+        id=job.id,
+        name=job.name,
+        state=job.state,
+        task=task,
+        metric=metric.name,
+        direction=direction,
+        n_trials=job.n_trials,
+        n_finished=job.n_finished,
+        counts=TrialCounts(**counts),
+        best_value=ranked[0].value if ranked else None,
+        best_trial_number=ranked[0].number if ranked else None,
+        created_at=job.created_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+        elapsed_s=(end - job.started_at).total_seconds() if end and job.started_at else None,
+        dashboard_url=f"{backend.base_url}/dashboard/studies/{study_id}",
+        optuna_study_name=job.optuna_study_name,
+        error=job.error,
+        spec=spec if include_spec else None,
+    )
+
+
+# --------------------------------------------------------------------------------------
+# The reaper
+# --------------------------------------------------------------------------------------
+
+
+def reap_stale_trials(backend: Backend, *, grace_s: float) -> list[queue.StaleLease]:
+    """Fail trials whose worker stopped heartbeating and enqueue their retries.
+
+    The queue takes the slot back first (so its accounting stays exact); then the Optuna
+    trial is marked FAIL with its reason and, when the slot is to be retried, its
+    parameters are enqueued so the next ``ask()`` of that study trains them again.
+    """
+    stale = queue.fail_stale_trials(backend.sessions, grace_s=grace_s)
+    for lease in stale:
+        if lease.optuna_trial_id is None:
+            continue  # died between claim and ask: nothing in Optuna to fail or repeat
+        trial = backend.storage.get_trial(lease.optuna_trial_id)
+        if trial.state == TrialState.RUNNING:
+            try:
+                backend.storage.set_trial_user_attr(
+                    trial._trial_id, FAILURE_ATTR, queue.REAPED_REASON
+                )
+                backend.storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                pass  # its worker told the result just now; the queue already rejected it
+        if lease.retry:
+            study = optuna.load_study(study_name=lease.optuna_study_name, storage=backend.storage)
+            study.enqueue_trial(
+                trial.params, user_attrs={RETRY_OF_ATTR: trial.number}, skip_if_exists=False
+            )
+        log.warning(
+            "reaped trial %s of %s (worker %s)%s",
+            lease.trial_number,
+            lease.optuna_study_name,
+            lease.worker_id,
+            "; retrying it" if lease.retry else "",
+        )
+    return stale

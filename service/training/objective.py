@@ -1,0 +1,159 @@
+"""The only place an Optuna trial is seen: sample its config, train it, report, return.
+
+Also builds the sampler and pruner a spec asks for, so that every worker process builds
+them the same way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+
+from service.search_space import (
+    CategoricalDistribution,
+    FloatDistribution,
+    IntDistribution,
+    ResolvedConfig,
+    StudySpec,
+    SyntheticTask,
+    sample_config,
+)
+
+#: Trial user attributes the service reads back (API, `best`).
+CONFIG_ATTR = "config"
+FAILURE_ATTR = "failure_reason"
+BASELINES_ATTR = "val_baselines"
+#: Set on a retry: the number of the trial (same params) whose worker died.
+RETRY_OF_ATTR = "retry_of"
+
+
+class SyntheticFailure(RuntimeError):
+    """The synthetic task was told to fail for this configuration (``fail_when``)."""
+
+
+def run_trial(
+    trial: optuna.Trial,
+    spec: StudySpec,
+    *,
+    data_roots: tuple[Path, ...] | None = None,
+    accelerator: str = "auto",
+) -> float:
+    """Train the config ``trial`` samples from ``spec``; return its best validation metric.
+
+    Raises ``optuna.TrialPruned`` when the pruner stops it, and any training error as is
+    (the worker records it as the trial's failure reason).
+    """
+    config = sample_config(trial, spec)
+    trial.set_user_attr(CONFIG_ATTR, config.model_dump(mode="json"))
+    if isinstance(config.task, SyntheticTask):
+        return _synthetic(trial, config, config.task)
+
+    # torch + lightning are imported only where training happens: the API server never does.
+    from optuna_integration import PyTorchLightningPruningCallback
+
+    from service.training.fit import fit_config
+
+    pruning = PyTorchLightningPruningCallback(trial, monitor=spec.metric.name)
+    result = fit_config(
+        config,
+        callbacks=[pruning],
+        data_roots=data_roots,
+        accelerator=accelerator,
+        evaluate_test=False,
+    )
+    trial.set_user_attr(BASELINES_ATTR, result.val_baselines)
+    if result.value is None:
+        raise RuntimeError(f"no finite validation {spec.metric.name} in any epoch")
+    return result.value
+
+
+def _matches(params: Mapping[str, Any], when: Mapping[str, Any] | None) -> bool:
+    return bool(when) and all(params.get(k) == v for k, v in (when or {}).items())
+
+
+def synthetic_value(params: Mapping[str, Any]) -> float:
+    """A deterministic, smooth function of the params with its optimum at a known point."""
+    target = {"num_layers": 2, "hidden_size": 128, "dropout": 0.2, "lr": 3e-3}
+    value = 0.0
+    for name, best in target.items():
+        x = params.get(name)
+        if isinstance(x, int | float) and not isinstance(x, bool):
+            scale = math.log10 if name in ("lr", "hidden_size") else float
+            value += (scale(max(float(x), 1e-12)) - scale(best)) ** 2
+    # A tiny deterministic term per config so that ties are broken reproducibly.
+    digest = hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).digest()
+    return value + digest[0] / 2560.0
+
+
+def _synthetic(trial: optuna.Trial, config: ResolvedConfig, task: SyntheticTask) -> float:
+    params = config.params.model_dump(mode="json")
+    if _matches(params, task.fail_when):
+        raise SyntheticFailure(f"synthetic failure for {task.fail_when}")
+    epochs = config.params.max_epochs
+    final = float("nan") if _matches(params, task.nan_when) else synthetic_value(params)
+    for epoch in range(epochs):
+        if task.sleep_s:
+            time.sleep(task.sleep_s / epochs)
+        # Converges towards the final value like a learning curve.
+        trial.report(final * (1.0 + 1.0 / (epoch + 1)), step=epoch)
+        if trial.should_prune():
+            raise optuna.TrialPruned(f"pruned at epoch {epoch}")
+    return final
+
+
+def trial_seed(spec: StudySpec, slot: int) -> int:
+    """A distinct sampler seed per trial slot, so parallel workers do not propose the same point."""
+    base = spec.study.seed if spec.study.seed is not None else 0
+    return (base * 1_000_003 + slot) % (2**32)
+
+
+def build_sampler(spec: StudySpec, seed: int | None) -> optuna.samplers.BaseSampler:
+    """The sampler ``spec.study.sampler`` names, seeded with ``seed``."""
+    name = spec.study.sampler
+    if name == "tpe":
+        # Optuna 5: multivariate TPE with constant liar is the default, which is what many
+        # workers sharing one study need (running trials count as pessimistic results).
+        return optuna.samplers.TPESampler(seed=seed)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if name == "cmaes":
+        return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
+    if name == "gp":
+        return optuna.samplers.GPSampler(seed=seed)
+    return optuna.samplers.GridSampler(grid_search_space(spec), seed=seed)
+
+
+def grid_search_space(spec: StudySpec) -> dict[str, list[Any]]:
+    """Every searched parameter's grid (floats need a ``step``: checked at validation)."""
+    grid: dict[str, list[Any]] = {}
+    for name, dist in spec.searched().items():
+        if isinstance(dist, CategoricalDistribution):
+            grid[name] = list(dist.choices)
+        elif isinstance(dist, IntDistribution):
+            grid[name] = list(range(dist.low, dist.high + 1, dist.step))
+        elif isinstance(dist, FloatDistribution) and dist.step is not None:
+            n = round((dist.high - dist.low) / dist.step)
+            grid[name] = [float(v) for v in np.round(dist.low + dist.step * np.arange(n + 1), 12)]
+    return grid
+
+
+def build_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
+    """The pruner ``spec.study.pruner`` names; resources are epochs."""
+    name = spec.study.pruner
+    max_epochs = spec.space.get("max_epochs")
+    max_resource: int | str = max_epochs if isinstance(max_epochs, int) else "auto"
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1)
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max_resource)
+    if name == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=1)
+    return optuna.pruners.NopPruner()
