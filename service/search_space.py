@@ -76,6 +76,10 @@ class ForecastTask(_Frozen):
     column: str | None = None
     lookback: int = Field(default=24, ge=1, le=10_000)
     horizon: int = Field(default=1, ge=1, le=1_000)
+    #: last_value: inputs and targets are taken relative to each window's last value (the
+    #: model learns changes, so a trend beyond the training range does not break it);
+    #: none: absolute (standardised) levels.
+    normalize: Literal["last_value", "none"] = "last_value"
     #: Seasonal period for the seasonal-naive baseline (default: 12 airline, 11 sunspots).
     season: int | None = Field(default=None, ge=2, le=10_000)
     val_fraction: float = Field(default=0.15, gt=0.0, lt=0.5)

@@ -169,11 +169,25 @@ def window_starts(start: int, stop: int, horizon: int) -> np.ndarray:
 
 
 def make_windows(
-    series: np.ndarray, starts: np.ndarray, lookback: int, horizon: int
+    series: np.ndarray,
+    starts: np.ndarray,
+    lookback: int,
+    horizon: int,
+    *,
+    relative_to_last: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Inputs ``series[t-lookback:t]`` and targets ``series[t:t+horizon]`` for each ``t``."""
+    """Inputs ``series[t-lookback:t]`` and targets ``series[t:t+horizon]`` for each ``t``.
+
+    ``relative_to_last`` subtracts each window's last input value from its inputs and
+    targets: the network learns changes, not levels, so it keeps working when the test
+    period lies outside the range of the training levels (a trending series). The error,
+    and so the RMSE, is the same in both forms: (last + predicted change) - target.
+    """
     x = sliding_window_view(series, lookback)[starts - lookback]
     y = sliding_window_view(series, horizon)[starts]
+    if relative_to_last:
+        last = x[:, -1:]
+        return x - last, y - last
     return x, y
 
 
@@ -230,7 +244,9 @@ def build_forecast(
     train, val, test = (
         tuple(
             torch.from_numpy(a.astype(np.float32))
-            for a in make_windows(scaled, s, lookback, horizon)
+            for a in make_windows(
+                scaled, s, lookback, horizon, relative_to_last=task.normalize == "last_value"
+            )
         )
         for s in starts.values()
     )
