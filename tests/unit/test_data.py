@@ -208,7 +208,7 @@ def _forecast_task(path: Path, **kw: Any) -> ForecastTask:
 def test_forecast_windows_scaling_and_baselines(tmp_path: Path) -> None:
     series = np.arange(20, dtype=np.float64)  # train 0..11, val 12..15, test 16..19
     path = _write_csv(tmp_path / "s.csv", [str(v) for v in series])
-    td = build_task_data(_forecast_task(path, season=4), PARAMS)
+    td = build_task_data(_forecast_task(path, season=4, normalize="none"), PARAMS)
 
     mean, std = series[:12].mean(), series[:12].std()
     assert (mean, std) == (5.5, pytest.approx(math.sqrt(143 / 12)))
@@ -242,6 +242,19 @@ def test_forecast_windows_scaling_and_baselines(tmp_path: Path) -> None:
         assert baselines["seasonal_naive"] == pytest.approx(4.0)
     assert td.primary_baseline == "naive"
     assert_loaders(td)
+
+
+def test_forecast_last_value_windows_hold_changes_not_levels(tmp_path: Path) -> None:
+    series = np.arange(20, dtype=np.float64) * 3.0  # a straight line: every change is 3
+    path = _write_csv(tmp_path / "s.csv", [str(v) for v in series])
+    td = build_task_data(_forecast_task(path), PARAMS)  # normalize: last_value (default)
+    std = series[:12].std()
+    for split in ("train", "val", "test"):
+        x, y = split_tensors(td, split)
+        # Each window ends at 0; inputs step by -3/std back in time, targets +3/std ahead.
+        np.testing.assert_allclose(x[:, -1, 0].numpy(), 0.0, atol=1e-6)
+        np.testing.assert_allclose(x[:, 0, 0].numpy() * std, -6.0, rtol=1e-5)
+        np.testing.assert_allclose(y.numpy() * std, np.tile([3.0, 6.0], (len(y), 1)), rtol=1e-5)
 
 
 def test_forecast_scaling_ignores_val_and_test(tmp_path: Path) -> None:
