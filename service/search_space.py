@@ -286,7 +286,8 @@ class ResolvedConfig(_Frozen):
         return params
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        """YAML that :func:`load_config_file` reads back (unset optional fields left out)."""
+        return yaml.safe_dump(self.model_dump(mode="json", exclude_none=True), sort_keys=False)
 
 
 _BIDIRECTIONAL_LM = "not allowed for task kind char_lm (a language model must not see the future)"

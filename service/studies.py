@@ -226,7 +226,7 @@ def best_configs(
         config = trial.user_attrs.get(CONFIG_ATTR)
         if config is None:  # replay the sampler's mapping on the recorded params
             config = sample_config(optuna.trial.FixedTrial(trial.params), spec).model_dump(
-                mode="json"
+                mode="json", exclude_none=True
             )
         assert trial.value is not None
         out.append(BestPublic(value=trial.value, trial_number=trial.number, config=config))

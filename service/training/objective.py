@@ -52,7 +52,7 @@ def run_trial(
     (the worker records it as the trial's failure reason).
     """
     config = sample_config(trial, spec)
-    trial.set_user_attr(CONFIG_ATTR, config.model_dump(mode="json"))
+    trial.set_user_attr(CONFIG_ATTR, config.model_dump(mode="json", exclude_none=True))
     if isinstance(config.task, SyntheticTask):
         return _synthetic(trial, config, config.task)
 
