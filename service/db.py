@@ -1,0 +1,169 @@
+"""Engine and session plumbing for our tables: one place for SQLite pragmas, PostgreSQL pool
+settings and the translation of driver errors into :mod:`service.errors`.
+
+No module-level engines or sessions: entry points call :func:`make_engine` once per process
+and pass a ``sessionmaker`` (or the engine) down.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event, exc
+from sqlalchemy.engine import URL, Connection, make_url
+from sqlalchemy.orm import Session, sessionmaker
+
+from service import errors
+
+#: How long a SQLite connection waits for another writer before "database is locked".
+SQLITE_BUSY_TIMEOUT_S = 30.0
+#: PostgreSQL: seconds to establish a connection, and to wait for a free pooled one.
+PG_CONNECT_TIMEOUT_S = 10
+PG_POOL_TIMEOUT_S = 30.0
+
+
+def is_sqlite(url: str | URL) -> bool:
+    """True when ``url`` names a SQLite database (any driver)."""
+    return make_url(url).get_backend_name() == "sqlite"
+
+
+def is_postgresql(url: str | URL) -> bool:
+    """True when ``url`` names a PostgreSQL database (any driver)."""
+    return make_url(url).get_backend_name() == "postgresql"
+
+
+def make_engine(url: str | URL, *, pool_size: int = 2, max_overflow: int = 0) -> Engine:
+    """An engine for our tables.
+
+    SQLite: WAL journal (synchronous=NORMAL), a busy timeout, foreign keys on, and every
+    transaction opened with ``BEGIN IMMEDIATE`` (the pysqlite recipe from SQLAlchemy's
+    SQLite docs), so two write transactions never interleave: a claim takes the database
+    write lock before it reads. Read-only transactions take it too (for milliseconds).
+    The parent directory of the database file is created.
+
+    PostgreSQL: ``pool_pre_ping`` and a bounded pool (``pool_size`` + ``max_overflow``
+    connections, waiting at most ``PG_POOL_TIMEOUT_S`` for one) and a connect timeout.
+    """
+    sa_url = make_url(url)
+    if sa_url.get_backend_name() == "sqlite":
+        return _make_sqlite_engine(sa_url)
+    kwargs: dict[str, Any] = {
+        "pool_pre_ping": True,
+        "pool_size": pool_size,
+        "max_overflow": max_overflow,
+        "pool_timeout": PG_POOL_TIMEOUT_S,
+    }
+    if sa_url.get_backend_name() == "postgresql":
+        kwargs["connect_args"] = {"connect_timeout": PG_CONNECT_TIMEOUT_S}
+    return create_engine(sa_url, **kwargs)
+
+
+def _make_sqlite_engine(url: URL) -> Engine:
+    database = url.database
+    if database and database != ":memory:" and not database.startswith("file:"):
+        Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S})
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, connection_record: Any) -> None:
+        # pysqlite would emit its own deferred BEGIN lazily; we emit BEGIN IMMEDIATE below.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute(f"PRAGMA busy_timeout = {int(SQLITE_BUSY_TIMEOUT_S * 1000)}")
+            # WAL: readers (Optuna's dashboard, the API) never block the one writer.
+            cursor.execute("PRAGMA journal_mode = WAL")
+            # WAL + NORMAL: no fsync per commit; a power cut may drop the last commits but
+            # never corrupts the file (an application crash loses nothing).
+            cursor.execute("PRAGMA synchronous = NORMAL")
+            cursor.execute("PRAGMA foreign_keys = ON")
+        finally:
+            cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        # Take the write lock at BEGIN: transactions are serialised, and a deferred
+        # read->write upgrade (which fails at once with SQLITE_BUSY in WAL) never happens.
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine
+
+
+def _describe(error: exc.DBAPIError) -> str:
+    """The driver's message, first line only: no SQL, no parameters, no URL."""
+    text = str(error.orig).strip().splitlines()
+    return f"{type(error.orig).__name__}: {text[0] if text else ''}".strip()
+
+
+def _is_missing_table(error: exc.DBAPIError) -> bool:
+    sqlstate = getattr(error.orig, "sqlstate", None)
+    return sqlstate == "42P01" or "no such table" in str(error.orig)
+
+
+def _is_unique_violation(error: exc.IntegrityError) -> bool:
+    sqlstate = getattr(error.orig, "sqlstate", None)
+    return sqlstate == "23505" or "UNIQUE constraint failed" in str(error.orig)
+
+
+def translate_db_error(error: exc.SQLAlchemyError) -> errors.LstmHpoError | None:
+    """The :mod:`service.errors` counterpart of a SQLAlchemy error, or None to re-raise it.
+
+    A unique violation -> ``AlreadyExists``; a missing table -> ``SchemaNotReady``; a lock,
+    deadlock, lost connection or exhausted pool -> ``DatabaseUnavailable`` (retryable).
+    """
+    if isinstance(error, exc.IntegrityError):
+        if not _is_unique_violation(error):
+            return None  # a CHECK / foreign key / NOT NULL violation is a bug, not a conflict
+        return errors.AlreadyExists(f"{errors.AlreadyExists.__doc__} ({_describe(error)})")
+    if isinstance(error, exc.DBAPIError) and _is_missing_table(error):
+        return errors.SchemaNotReady()
+    if isinstance(error, exc.OperationalError) or (
+        isinstance(error, exc.DBAPIError) and error.connection_invalidated
+    ):
+        return errors.DatabaseUnavailable(
+            f"{errors.DatabaseUnavailable.__doc__} ({_describe(error)})"
+        )
+    if isinstance(error, exc.TimeoutError):  # no pooled connection became free in time
+        return errors.DatabaseUnavailable(f"{errors.DatabaseUnavailable.__doc__} ({error})")
+    return None
+
+
+@contextmanager
+def session_scope(session_factory: sessionmaker[Session]) -> Iterator[Session]:
+    """One session, one transaction: commit on success, roll back on error, always close.
+
+    As optuna's ``_create_scoped_session``; infrastructure errors are translated here (see
+    :func:`translate_db_error`), chained to the original.
+    """
+    session = session_factory()
+    try:
+        yield session
+        session.commit()
+    except exc.SQLAlchemyError as error:
+        _rollback_quietly(session)
+        translated = translate_db_error(error)
+        if translated is None:
+            raise
+        raise translated from error
+    except BaseException:
+        _rollback_quietly(session)
+        raise
+    finally:
+        session.close()
+
+
+def _rollback_quietly(session: Session) -> None:
+    # A rollback on a dead connection fails too; the original error is the one to report.
+    with suppress(exc.SQLAlchemyError):
+        session.rollback()
+
+
+def make_session_factory(engine: Engine) -> sessionmaker[Session]:
+    """The ``sessionmaker`` the queue and domain functions take.
+
+    ``expire_on_commit=False``: values read in a scope stay readable after it commits.
+    """
+    return sessionmaker(bind=engine, expire_on_commit=False)
