@@ -362,6 +362,8 @@ def test_fit_lowers_the_loss_and_logs_epoch_metrics() -> None:
     assert after < 0.3 * before
     assert float(metrics["val_bpc"]) == pytest.approx(after / math.log(2))
     assert {"train_loss", "train_loss_step", "train_loss_epoch", "train_bpc"} <= set(metrics)
+    train_loss = float(metrics["train_loss_epoch"])
+    assert float(metrics["train_bpc"]) == pytest.approx(train_loss / math.log(2), rel=1e-5)
     assert lrs.per_epoch == pytest.approx([0.03] * 4 + [0.015, 0.0075])
 
 
@@ -396,6 +398,25 @@ def test_rmse_is_the_exact_epoch_rmse_on_the_original_scale() -> None:
         squared = (module.eval()(x) - y) ** 2
     assert result["val_rmse"] == pytest.approx(2.5 * squared.mean().sqrt().item(), rel=1e-5)
     assert result["val_loss"] == pytest.approx(squared.mean().item(), rel=1e-5)
+
+
+def test_training_metrics_are_exact_epoch_values() -> None:
+    # A vanishing learning rate keeps the weights fixed, so the epoch's values are known.
+    params = LSTMConfig(num_layers=1, hidden_size=8, optimizer="sgd", lr=1e-12)
+    module = LSTMLightningModule.from_config(FORECAST, params)
+    x, y = torch.randn(7, 6, 1), torch.randn(7, 2)
+    y[6:] += 5.0
+    loader = DataLoader(_Batches([(x[:6], y[:6]), (x[6:], y[6:])]), batch_size=None)
+    trainer = _trainer(max_epochs=1)
+    trainer.fit(module, loader)
+
+    with torch.no_grad():
+        squared = (module.eval()(x) - y) ** 2
+    metrics = trainer.callback_metrics
+    assert float(metrics["train_rmse"]) == pytest.approx(
+        2.5 * squared.mean().sqrt().item(), rel=1e-5
+    )
+    assert float(metrics["train_loss_epoch"]) == pytest.approx(squared.mean().item(), rel=1e-5)
 
 
 def test_mse_metric() -> None:
