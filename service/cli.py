@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from service.config import Settings
@@ -28,16 +29,17 @@ app = typer.Typer(
     add_completion=False,
 )
 console = Console()
-err_console = Console(stderr=True)
+# soft_wrap: never break a long path or message across lines (logs get grepped).
+err_console = Console(stderr=True, soft_wrap=True)
 
 
 def _fail(err: LstmHpoError, code: int = 1) -> typer.Exit:
     if isinstance(err, InvalidSpec):
-        err_console.print(f"[red]error:[/red] {err.__doc__}")
+        err_console.print(f"[red]error:[/red] {escape(err.__doc__ or '')}")
         for e in err.errors:
-            err_console.print(f"  - {e}")
+            err_console.print(f"  - {escape(str(e))}")
     else:
-        err_console.print(f"[red]error:[/red] {err.message}")
+        err_console.print(f"[red]error:[/red] {escape(err.message)}")
     return typer.Exit(code)
 
 
@@ -62,12 +64,14 @@ def train(
 ) -> None:
     """Train one resolved config; write the checkpoint, config and metrics to --out."""
     from service.search_space import load_config_file
-    from service.training.fit import configure_torch_threads, fit_config
 
     try:
         resolved = load_config_file(config)
     except LstmHpoError as err:
         raise _fail(err, 2) from None
+    # torch + Lightning take seconds to import: only once the config is known to be good.
+    from service.training.fit import configure_torch_threads, fit_config
+
     out_dir = out or Path("runs") / f"{resolved.task.kind}-{time.strftime('%Y%m%d-%H%M%S')}"
     configure_torch_threads(threads)
     if not json_output:
@@ -368,3 +372,7 @@ def _fmt(value: float | None) -> str:
 
 def main() -> None:  # pragma: no cover - console-script entry
     app()
+
+
+if __name__ == "__main__":  # python -m service.cli
+    main()

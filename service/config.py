@@ -47,9 +47,9 @@ class Settings(BaseSettings):
     poll_interval_s: float = Field(default=1.0, gt=0)
     #: torch threads per worker process.
     torch_threads: int = Field(default=1, ge=1)
-    #: PostgreSQL pool per process (the worker needs at most 2 connections).
-    pool_size: int = Field(default=2, ge=1)
-    max_overflow: int = Field(default=0, ge=0)
+    #: The server's PostgreSQL pool (ours and Optuna's each). Workers always use one
+    #: connection for our tables and one for Optuna's.
+    pool_size: int = Field(default=5, ge=2)
 
     @model_validator(mode="after")
     def _secure_outside_development(self) -> Settings:

@@ -43,29 +43,42 @@ class Backend:
     base_url: str
 
 
-def optuna_storage(database_url: str, *, pool_size: int = 1) -> optuna.storages.RDBStorage:
+def optuna_storage(
+    database_url: str, *, pool_size: int = 2, worker: bool = False
+) -> optuna.storages.RDBStorage:
     """Optuna's RDB storage on the same database, with its own small pool.
 
-    One connection for Optuna plus one for our tables keeps a worker within its budget of
-    two database connections.
+    ``worker=True``: no table creation and no schema-version check. Workers never run DDL
+    (the server created Optuna's tables before ours, and workers wait for ours), and
+    skipping the check lets one pooled connection suffice: one for Optuna plus one for our
+    tables keeps a worker within its budget of two database connections.
     """
-    engine_kwargs: dict[str, Any] = {}
-    if not is_sqlite(database_url):
-        engine_kwargs = {"pool_size": pool_size, "max_overflow": 0, "pool_pre_ping": True}
-    else:
+    if is_sqlite(database_url):
         # Same lock patience as our own engine: busy workers must wait, not fail.
-        engine_kwargs = {"connect_args": {"timeout": 30}}
-    return optuna.storages.RDBStorage(database_url, engine_kwargs=engine_kwargs)
+        engine_kwargs: dict[str, Any] = {"connect_args": {"timeout": 30}}
+    else:
+        engine_kwargs = {"pool_size": pool_size, "max_overflow": 0, "pool_pre_ping": True}
+    return optuna.storages.RDBStorage(
+        database_url,
+        engine_kwargs=engine_kwargs,
+        skip_table_creation=worker,
+        skip_compatibility_check=worker,
+    )
 
 
 def open_backend(
-    database_url: str, *, limits: SpecLimits, base_url: str, pool_size: int = 1
+    database_url: str,
+    *,
+    limits: SpecLimits,
+    base_url: str,
+    pool_size: int = 2,
+    storage: optuna.storages.BaseStorage | None = None,
 ) -> Backend:
     """Connect to the database (schema must already be migrated)."""
     engine = make_engine(database_url, pool_size=pool_size, max_overflow=0)
     return Backend(
         sessions=make_session_factory(engine),
-        storage=optuna_storage(database_url, pool_size=pool_size),
+        storage=storage or optuna_storage(database_url, pool_size=max(pool_size, 2)),
         limits=limits,
         base_url=base_url.rstrip("/"),
     )

@@ -57,7 +57,7 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True) -> Fas
     (settings.data_dir / "datasets").mkdir(parents=True, exist_ok=True)
     # Optuna's tables first (its storage creates them), then ours: workers wait for ours,
     # so by the time they connect neither needs DDL.
-    storage = studies.optuna_storage(url, pool_size=settings.pool_size)
+    storage = studies.optuna_storage(url, pool_size=max(settings.pool_size, 2))
     if migrate:
         upgrade_schema(url)
     backend = studies.open_backend(
@@ -69,6 +69,7 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True) -> Fas
         ),
         base_url=settings.base_url(),
         pool_size=settings.pool_size,
+        storage=storage,
     )
     reaper = Reaper(
         backend, grace_s=settings.heartbeat_grace_s, interval_s=settings.reaper_interval_s

@@ -32,6 +32,8 @@ def silence_lightning() -> None:
     warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=r".*litlogger.*", category=UserWarning)
     warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
+    # We write config.yaml into the run directory before the checkpoint callback looks at it.
+    warnings.filterwarnings("ignore", message=r".*exists and is not empty.*")
 
 
 @dataclass(frozen=True)
@@ -129,7 +131,12 @@ def fit_config(
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.yaml").write_text(config.to_yaml(), encoding="utf-8")
         checkpoint = ModelCheckpoint(
-            dirpath=out_dir, filename="best", monitor=metric.name, mode=mode, save_top_k=1
+            dirpath=out_dir,
+            filename="best",
+            monitor=metric.name,
+            mode=mode,
+            save_top_k=1,
+            enable_version_counter=False,  # a re-run into the same --out replaces best.ckpt
         )
         all_callbacks.append(checkpoint)
     if params.early_stopping_patience:

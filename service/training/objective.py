@@ -10,7 +10,7 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -128,7 +128,25 @@ def build_sampler(spec: StudySpec, seed: int | None) -> optuna.samplers.BaseSamp
         return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
     if name == "gp":
         return optuna.samplers.GPSampler(seed=seed)
-    return optuna.samplers.GridSampler(grid_search_space(spec), seed=seed)
+    return QueueGridSampler(grid_search_space(spec), seed=seed)
+
+
+class QueueGridSampler(optuna.samplers.GridSampler):
+    """Optuna's grid sampler without its ``study.stop()`` once the grid is exhausted.
+
+    That call only works inside ``study.optimize``; our workers ``ask``/``tell``, and the
+    queue (not the sampler) decides how many trials run: past the grid's end the sampler
+    revisits grid points, as Optuna's does with several workers.
+    """
+
+    def after_trial(
+        self,
+        study: optuna.Study,
+        trial: optuna.trial.FrozenTrial,
+        state: optuna.trial.TrialState,
+        values: Sequence[float] | None,
+    ) -> None:
+        return None
 
 
 def grid_search_space(spec: StudySpec) -> dict[str, list[Any]]:

@@ -141,11 +141,6 @@ def test_divergence_raises_diverged_error() -> None:
     assert caught.value.epoch < config.params.max_epochs
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug in service/training/fit.py: ModelCheckpoint keeps its version counter, so a "
-    "second run into the same out_dir writes best-v1.ckpt beside the stale best.ckpt",
-)
 def test_rerun_into_same_out_dir_replaces_best_checkpoint(tmp_path: Path) -> None:
     """Training into an existing output directory leaves one ``best.ckpt``: the new run's."""
     config = adding_config(max_epochs=1)
