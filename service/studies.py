@@ -12,16 +12,18 @@ import math
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from service import queue
-from service.db import is_sqlite, make_engine, make_session_factory
-from service.errors import Conflict, NoCompletedTrials
+from service.db import is_sqlite, make_engine, make_session_factory, session_scope
+from service.errors import Conflict, LeaseLost, NoCompletedTrials
+from service.models import LeaseState, SearchJob, TrialLease
 from service.schemas import BestPublic, Page, StudyPublic, TrialCounts, TrialPublic
 from service.search_space import TASK_METRICS, SpecLimits, StudySpec, parse_spec, sample_config
 from service.training.objective import CONFIG_ATTR, FAILURE_ATTR, RETRY_OF_ATTR
@@ -304,26 +306,73 @@ def _study_public(
 # --------------------------------------------------------------------------------------
 
 
-def reap_stale_trials(backend: Backend, *, grace_s: float) -> list[queue.StaleLease]:
+@dataclass(frozen=True)
+class _StaleCandidate:
+    """A running lease whose heartbeat is older than the grace period (read, not locked)."""
+
+    id: int
+    job_id: str
+    optuna_study_name: str
+    optuna_trial_id: int | None
+    trial_number: int | None
+
+
+#: Optuna's final trial states -> the queue outcome a slot is finished with.
+_OPTUNA_OUTCOMES: dict[TrialState, queue.FinishOutcome] = {
+    TrialState.COMPLETE: "complete",
+    TrialState.PRUNED: "pruned",
+    TrialState.FAIL: "failed",
+}
+
+
+def reap_stale_trials(
+    backend: Backend, *, grace_s: float, now: datetime | None = None
+) -> list[queue.StaleLease]:
     """Fail trials whose worker stopped heartbeating and enqueue their retries.
 
-    The queue takes the slot back first (so its accounting stays exact); then the Optuna
-    trial is marked FAIL with its reason and, when the slot is to be retried, its
-    parameters are enqueued so the next ``ask()`` of that study trains them again.
+    Optuna's trial state decides who owns the outcome of a stale lease, because a worker
+    tells Optuna first and finishes its slot second (``set_trial_state_values`` moves a
+    trial out of RUNNING at most once, under a row lock on PostgreSQL):
+
+    1. For each stale lease with an Optuna trial, while it is still RUNNING the reaper
+       fails it in Optuna (reason "worker stopped heartbeating"); from then on a late
+       ``tell`` is rejected. If the worker's ``tell`` got there first (it died between
+       ``tell`` and ``finish_trial_slot``), the slot is finished with the Optuna outcome
+       instead: it counts as complete / pruned / failed and is NOT retried.
+    2. The queue takes the remaining stale slots back (``fail_stale_trials`` with the same
+       ``now``, so it reaps only leases step 1 looked at); for each slot to be retried the
+       failed trial's parameters are enqueued, linked by the ``retry_of`` user attribute.
+
+    Every step is idempotent, so a round interrupted by a database error is completed by
+    the next one. Returns the leases the queue reaped.
     """
-    stale = queue.fail_stale_trials(backend.sessions, grace_s=grace_s)
+    at = now or datetime.now(UTC)
+    cutoff = at - timedelta(seconds=grace_s)
+    for candidate in _stale_candidates(backend, cutoff):
+        if candidate.optuna_trial_id is None:
+            continue  # died between claim and ask: nothing in Optuna to settle
+        try:
+            _settle_with_optuna(backend, candidate)
+        except Exception:  # one unreadable trial must not stop the other leases' reaping
+            log.exception("reaper: could not check trial %s", candidate.optuna_trial_id)
+
+    stale = queue.fail_stale_trials(backend.sessions, grace_s=grace_s, now=at)
     for lease in stale:
         if lease.optuna_trial_id is None:
             continue  # died between claim and ask: nothing in Optuna to fail or repeat
-        trial = backend.storage.get_trial(lease.optuna_trial_id)
-        if trial.state == TrialState.RUNNING:
-            try:
-                backend.storage.set_trial_user_attr(
-                    trial._trial_id, FAILURE_ATTR, queue.REAPED_REASON
-                )
-                backend.storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
-            except optuna.exceptions.UpdateFinishedTrialError:
-                pass  # its worker told the result just now; the queue already rejected it
+        trial = _fail_if_running(backend, lease.optuna_trial_id)
+        if not _failed_by_reaper(trial):
+            # The worker attached and told between step 1's read and the reap (a silent
+            # worker that came back within milliseconds). The slot is already taken back;
+            # the queue has no call to give it the Optuna outcome, so the study may end
+            # with one extra finished trial. Never enqueue a duplicate on top of that.
+            log.error(
+                "reaper: trial %s of %s finished as %s after its slot was reaped",
+                lease.trial_number,
+                lease.optuna_study_name,
+                trial.state.name,
+            )
+            continue
         if lease.retry:
             study = optuna.load_study(study_name=lease.optuna_study_name, storage=backend.storage)
             study.enqueue_trial(
@@ -337,3 +386,72 @@ def reap_stale_trials(backend: Backend, *, grace_s: float) -> list[queue.StaleLe
             "; retrying it" if lease.retry else "",
         )
     return stale
+
+
+def _stale_candidates(backend: Backend, cutoff: datetime) -> list[_StaleCandidate]:
+    """Running leases whose last heartbeat is older than ``cutoff`` (a read; nothing changes)."""
+    with session_scope(backend.sessions) as session:
+        rows = session.execute(
+            select(
+                TrialLease.id,
+                TrialLease.job_id,
+                SearchJob.optuna_study_name,
+                TrialLease.optuna_trial_id,
+                TrialLease.trial_number,
+            )
+            .join(SearchJob, SearchJob.id == TrialLease.job_id)
+            .where(TrialLease.state == LeaseState.RUNNING, TrialLease.heartbeat_at < cutoff)
+            .order_by(TrialLease.id)
+        ).all()
+    return [_StaleCandidate(*row) for row in rows]
+
+
+def _settle_with_optuna(backend: Backend, candidate: _StaleCandidate) -> None:
+    """Step 1 for one stale lease: fail its RUNNING trial in Optuna, or, when its worker
+    told Optuna the result before dying, finish the slot with that result."""
+    assert candidate.optuna_trial_id is not None
+    trial = _fail_if_running(backend, candidate.optuna_trial_id)
+    if _failed_by_reaper(trial):
+        return  # ours: the queue reaps the slot (and may retry it) in step 2
+    outcome = _OPTUNA_OUTCOMES.get(trial.state)
+    if outcome is None:
+        return  # WAITING: never attached to a lease; leave it to the queue
+    reason = trial.user_attrs.get(FAILURE_ATTR)
+    try:
+        queue.finish_trial_slot(
+            backend.sessions,
+            candidate.id,
+            outcome,
+            None if reason is None else str(reason)[:2000],
+        )
+    except LeaseLost:
+        return  # its worker finished the slot itself meanwhile
+    log.warning(
+        "trial %s of %s: worker told %s but stopped before finishing its slot; "
+        "counted as %s, not retried",
+        candidate.trial_number,
+        candidate.optuna_study_name,
+        trial.state.name,
+        outcome,
+    )
+
+
+def _fail_if_running(backend: Backend, trial_id: int) -> FrozenTrial:
+    """Fail trial ``trial_id`` in Optuna if it is still RUNNING; return it as it is now."""
+    trial = backend.storage.get_trial(trial_id)
+    if trial.state != TrialState.RUNNING:
+        return trial
+    try:
+        # The reason first: Optuna refuses attributes on a finished trial. If the worker's
+        # tell wins the race in between, its state stands and ours is rejected below.
+        backend.storage.set_trial_user_attr(trial_id, FAILURE_ATTR, queue.REAPED_REASON)
+        backend.storage.set_trial_state_values(trial_id, TrialState.FAIL)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        pass  # its worker told the result just now: that result stands
+    return backend.storage.get_trial(trial_id)
+
+
+def _failed_by_reaper(trial: FrozenTrial) -> bool:
+    return (
+        trial.state == TrialState.FAIL and trial.user_attrs.get(FAILURE_ATTR) == queue.REAPED_REASON
+    )

@@ -36,13 +36,21 @@ class Reaper(threading.Thread):
         self._stop_event = threading.Event()
 
     def run(self) -> None:
-        while not self._stop_event.wait(self.interval_s):
-            try:
-                studies.reap_stale_trials(self.backend, grace_s=self.grace_s)
-            except LstmHpoError as err:  # database away for a moment: try next round
-                log.warning("reaper: %s", err)
-            except Exception:  # never let one bad round end the reaper
-                log.exception("reaper round failed")
+        # The first round at start-up: a server restarted after a crash fails the trials
+        # whose workers died while it was down at once, not one interval later.
+        while True:
+            self.run_once()
+            if self._stop_event.wait(self.interval_s):
+                return
+
+    def run_once(self) -> None:
+        """One reaper round; errors are logged, never raised (the next round retries)."""
+        try:
+            studies.reap_stale_trials(self.backend, grace_s=self.grace_s)
+        except LstmHpoError as err:  # database away for a moment: try next round
+            log.warning("reaper: %s", err)
+        except Exception:  # never let one bad round end the reaper
+            log.exception("reaper round failed")
 
     def stop(self) -> None:
         self._stop_event.set()
