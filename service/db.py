@@ -66,6 +66,17 @@ def _make_sqlite_engine(url: URL) -> Engine:
     if database and database != ":memory:" and not database.startswith("file:"):
         Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
     engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S})
+    configure_sqlite_engine(engine)
+    return engine
+
+
+def configure_sqlite_engine(engine: Engine) -> None:
+    """WAL, busy timeout and ``BEGIN IMMEDIATE`` transactions for a SQLite engine.
+
+    Also applied to Optuna's own engine (same file): its check-then-update of a trial's
+    state must not interleave with the reaper's, and deferred transactions would let both
+    read "running" before either writes.
+    """
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, connection_record: Any) -> None:
@@ -88,8 +99,6 @@ def _make_sqlite_engine(url: URL) -> Engine:
         # Take the write lock at BEGIN: transactions are serialised, and a deferred
         # read->write upgrade (which fails at once with SQLITE_BUSY in WAL) never happens.
         conn.exec_driver_sql("BEGIN IMMEDIATE")
-
-    return engine
 
 
 def _describe(error: exc.DBAPIError) -> str:

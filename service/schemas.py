@@ -53,8 +53,8 @@ class TrialPublic(_Public):
     params: dict[str, Any]
     value: float | None = None
     duration_s: float | None = None
-    #: epoch -> validation metric, as reported to the pruner.
-    intermediate_values: dict[int, float]
+    #: epoch -> validation metric, as reported to the pruner (null where NaN/inf).
+    intermediate_values: dict[int, float | None]
     failure_reason: str | None = None
     #: The trial this one retries (same parameters), when its worker died.
     retry_of: int | None = None

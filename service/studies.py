@@ -21,7 +21,13 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from service import queue
-from service.db import is_sqlite, make_engine, make_session_factory, session_scope
+from service.db import (
+    configure_sqlite_engine,
+    is_sqlite,
+    make_engine,
+    make_session_factory,
+    session_scope,
+)
 from service.errors import Conflict, LeaseLost, NoCompletedTrials
 from service.models import LeaseState, SearchJob, TrialLease
 from service.schemas import BestPublic, Page, StudyPublic, TrialCounts, TrialPublic
@@ -60,12 +66,16 @@ def optuna_storage(
         engine_kwargs: dict[str, Any] = {"connect_args": {"timeout": 30}}
     else:
         engine_kwargs = {"pool_size": pool_size, "max_overflow": 0, "pool_pre_ping": True}
-    return optuna.storages.RDBStorage(
+    storage = optuna.storages.RDBStorage(
         database_url,
         engine_kwargs=engine_kwargs,
         skip_table_creation=worker,
         skip_compatibility_check=worker,
     )
+    if is_sqlite(database_url):
+        configure_sqlite_engine(storage.engine)
+        storage.engine.dispose()  # connections opened during __init__ lack the set-up
+    return storage
 
 
 def open_backend(
@@ -256,7 +266,10 @@ def _trial_public(trial: FrozenTrial) -> TrialPublic:
         params=trial.params,
         value=trial.value if _is_finite(trial.value) else None,
         duration_s=duration,
-        intermediate_values={int(k): float(v) for k, v in trial.intermediate_values.items()},
+        intermediate_values={
+            int(k): float(v) if math.isfinite(v) else None
+            for k, v in trial.intermediate_values.items()
+        },
         failure_reason=trial.user_attrs.get(FAILURE_ATTR),
         retry_of=trial.user_attrs.get(RETRY_OF_ATTR),
         config=trial.user_attrs.get(CONFIG_ATTR),
