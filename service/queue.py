@@ -647,11 +647,17 @@ def attach_trial(
     """Record which Optuna trial runs in this slot. ``LeaseLost`` if it is no longer running."""
 
     def work(session: Session) -> None:
-        lease = session.get(TrialLease, lease_id, with_for_update=True)
-        if lease is None or lease.state != LeaseState.RUNNING:
+        # One conditional UPDATE: it takes the lease row's lock and checks that it is still
+        # running in the same statement (a reaped or finished lease matches no row).
+        attached = session.scalars(
+            update(TrialLease)
+            .where(TrialLease.id == lease_id, TrialLease.state == LeaseState.RUNNING)
+            .values(optuna_trial_id=optuna_trial_id, trial_number=trial_number)
+            .returning(TrialLease.id)
+            .execution_options(synchronize_session=False)
+        ).all()
+        if not attached:
             raise errors.LeaseLost()
-        lease.optuna_trial_id = optuna_trial_id
-        lease.trial_number = trial_number
 
     _transact(sm, work)
 
@@ -683,14 +689,17 @@ def finish_trial_slot(
     outcome: FinishOutcome | LeaseState,
     failure_reason: str | None = None,
     *,
+    job_id: str | None = None,
     now: datetime | None = None,
 ) -> JobState:
     """Record the outcome of a running lease and count its slot finished; returns the
     job's state afterwards (the job ends when its last slot finishes, or when its timeout
     passed and nothing else runs: succeeded if any trial completed, else failed).
 
-    Raises ``LeaseLost`` when the lease is no longer running (reaped, or finished already):
-    a late result never overwrites, and nothing changes.
+    ``job_id``: the lease's job (``Lease.job_id``), when the caller knows it; saves a
+    lookup. Idempotent: finishing again with the same outcome changes nothing. Raises
+    ``LeaseLost`` when the lease is no longer running (reaped, or finished with another
+    outcome) or does not belong to ``job_id``: a late result never overwrites.
     """
     state = LeaseState(outcome)
     if state not in (LeaseState.COMPLETE, LeaseState.PRUNED, LeaseState.FAILED):
@@ -698,17 +707,36 @@ def finish_trial_slot(
     at = _now(now)
 
     def work(session: Session) -> JobState:
-        job_id = session.scalar(select(TrialLease.job_id).where(TrialLease.id == lease_id))
-        if job_id is None:
+        lease_job_id = job_id
+        if lease_job_id is None:
+            lease_job_id = session.scalar(
+                select(TrialLease.job_id).where(TrialLease.id == lease_id)
+            )
+            if lease_job_id is None:
+                raise errors.LeaseLost()
+        job = _lock_job(session, lease_job_id)
+        if job is None:
             raise errors.LeaseLost()
-        job = _lock_job(session, job_id)
-        # Then the lease row, so a concurrent reap or heartbeat of it is ordered after us.
-        lease = session.get(TrialLease, lease_id, with_for_update=True)
-        if job is None or lease is None or lease.state != LeaseState.RUNNING:
+        # Then the lease row, so a concurrent reap or heartbeat of it is ordered after us:
+        # one conditional UPDATE locks it and records the outcome only if it still runs.
+        finished = session.scalars(
+            update(TrialLease)
+            .where(
+                TrialLease.id == lease_id,
+                TrialLease.job_id == job.id,
+                TrialLease.state == LeaseState.RUNNING,
+            )
+            .values(state=state, finished_at=at, failure_reason=failure_reason)
+            .returning(TrialLease.id)
+            .execution_options(synchronize_session=False)
+        ).all()
+        if not finished:
+            current = session.scalar(select(TrialLease.state).where(TrialLease.id == lease_id))
+            if current == state:
+                # A retried call whose first attempt committed (its reply was lost with
+                # the connection): the outcome is already recorded, count nothing twice.
+                return JobState(job.state)
             raise errors.LeaseLost()
-        lease.state = state
-        lease.finished_at = at
-        lease.failure_reason = failure_reason
         job.n_running -= 1
         job.n_finished += 1
         if state == LeaseState.COMPLETE:

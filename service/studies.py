@@ -17,7 +17,7 @@ from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from service import queue
@@ -319,6 +319,12 @@ def _study_public(
 # --------------------------------------------------------------------------------------
 
 
+def check_database(backend: Backend) -> None:
+    """A round trip to the database; ``DatabaseUnavailable`` when it cannot be reached."""
+    with session_scope(backend.sessions) as session:
+        session.execute(text("SELECT 1"))
+
+
 @dataclass(frozen=True)
 class _StaleCandidate:
     """A running lease whose heartbeat is older than the grace period (read, not locked)."""
@@ -370,6 +376,7 @@ def reap_stale_trials(
             log.exception("reaper: could not check trial %s", candidate.optuna_trial_id)
 
     stale = queue.fail_stale_trials(backend.sessions, grace_s=grace_s, now=at)
+    _fail_orphan_trials(backend, grace_s=grace_s)
     for lease in stale:
         if lease.optuna_trial_id is None:
             continue  # died between claim and ask: nothing in Optuna to fail or repeat
@@ -399,6 +406,54 @@ def reap_stale_trials(
             "; retrying it" if lease.retry else "",
         )
     return stale
+
+
+ORPHAN_REASON = "no worker owned this trial (its worker lost the database before claiming it)"
+#: Finished studies the orphan sweep still looks at (newest first): a trial orphaned just
+#: before its study's last slot finished is failed on the next rounds.
+_RECENTLY_FINISHED_SWEPT = 20
+
+
+def _fail_orphan_trials(backend: Backend, *, grace_s: float) -> int:
+    """FAIL Optuna trials left RUNNING with no running lease behind them.
+
+    A worker whose ``ask()`` created a trial but which lost the database (or died) before
+    attaching it to its slot leaves such an orphan; no heartbeat can ever end it. Only
+    trials older than the grace period count, so a worker between ``ask`` and ``attach``
+    (milliseconds) is never touched. Returns how many were failed.
+    """
+    running, _ = queue.list_jobs(backend.sessions, state="running", limit=1000)
+    recent: list[queue.JobRecord] = []
+    for state in ("succeeded", "failed", "cancelled"):
+        jobs, _total = queue.list_jobs(
+            backend.sessions, state=state, limit=_RECENTLY_FINISHED_SWEPT
+        )
+        recent += jobs
+    cutoff = datetime.now() - timedelta(seconds=grace_s)  # Optuna stores naive local times
+    failed = 0
+    for job in [*running, *recent]:
+        study_id = backend.storage.get_study_id_from_name(job.optuna_study_name)
+        trials = backend.storage.get_all_trials(
+            study_id, deepcopy=False, states=(TrialState.RUNNING,)
+        )
+        if not trials:
+            continue
+        owned = {
+            lease.optuna_trial_id
+            for lease in queue.list_leases(backend.sessions, job.id, state="running")
+        }
+        for trial in trials:
+            started = trial.datetime_start
+            if trial._trial_id in owned or started is None or started > cutoff:
+                continue
+            if _fail_if_running(backend, trial._trial_id, ORPHAN_REASON).state == TrialState.FAIL:
+                failed += 1
+                log.warning(
+                    "failed orphaned trial %d of %s (no worker owns it)",
+                    trial.number,
+                    job.optuna_study_name,
+                )
+    return failed
 
 
 def _stale_candidates(backend: Backend, cutoff: datetime) -> list[_StaleCandidate]:
@@ -449,7 +504,9 @@ def _settle_with_optuna(backend: Backend, candidate: _StaleCandidate) -> None:
     )
 
 
-def _fail_if_running(backend: Backend, trial_id: int) -> FrozenTrial:
+def _fail_if_running(
+    backend: Backend, trial_id: int, reason: str = queue.REAPED_REASON
+) -> FrozenTrial:
     """Fail trial ``trial_id`` in Optuna if it is still RUNNING; return it as it is now."""
     trial = backend.storage.get_trial(trial_id)
     if trial.state != TrialState.RUNNING:
@@ -457,7 +514,7 @@ def _fail_if_running(backend: Backend, trial_id: int) -> FrozenTrial:
     try:
         # The reason first: Optuna refuses attributes on a finished trial. If the worker's
         # tell wins the race in between, its state stands and ours is rejected below.
-        backend.storage.set_trial_user_attr(trial_id, FAILURE_ATTR, queue.REAPED_REASON)
+        backend.storage.set_trial_user_attr(trial_id, FAILURE_ATTR, reason)
         backend.storage.set_trial_state_values(trial_id, TrialState.FAIL)
     except optuna.exceptions.UpdateFinishedTrialError:
         pass  # its worker told the result just now: that result stands

@@ -6,28 +6,37 @@ such processes and restarts one that crashes hard (bounded).
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import math
 import multiprocessing as mp
 import os
+import re
+import shutil
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import FrameType
-from typing import Literal
+from typing import Any, Literal, TypeVar
 
 import optuna
+from optuna.exceptions import StorageInternalError
 from optuna.trial import TrialState
+from sqlalchemy import exc as sa_exc
 
 from service import queue
 from service.db import make_engine, make_session_factory
-from service.errors import LeaseLost, LstmHpoError
+from service.errors import DatabaseUnavailable, LeaseLost, LstmHpoError
 from service.migrate import wait_for_schema
-from service.search_space import parse_spec
+from service.search_space import StudySpec, parse_spec
 from service.studies import optuna_storage
 from service.training.objective import (
     FAILURE_ATTR,
@@ -56,9 +65,41 @@ class WorkerOptions:
     idle_exit_s: float | None = None
     #: How long to wait for the server to create the schema.
     schema_timeout_s: float = 300.0
+    #: How long one database step is retried while the database is unreachable.
+    db_retry_s: float = 600.0
 
 
 Outcome = Literal["complete", "pruned", "failed"]
+_TRIAL_STATES: dict[str, TrialState] = {
+    "complete": TrialState.COMPLETE,
+    "pruned": TrialState.PRUNED,
+    "failed": TrialState.FAIL,
+}
+#: What a database that is restarting or unreachable raises, through our code or Optuna's.
+_DB_DOWN = (
+    DatabaseUnavailable,
+    StorageInternalError,
+    sa_exc.OperationalError,
+    sa_exc.InterfaceError,
+)
+_T = TypeVar("_T")
+
+#: How many jobs' parsed spec and loaded study a worker keeps between trials.
+JOB_CACHE_SIZE = 8
+
+
+@dataclass(frozen=True)
+class _JobContext:
+    """What a worker keeps per job between trials: the spec as claimed, validated once, and
+    the Optuna study loaded once. The study's storage wrapper (Optuna's ``_CachedStorage``,
+    the one ``study.optimize`` uses) keeps finished trials, which never change, and re-reads
+    only unfinished and newer ones; a study loaded per trial read every trial on every ask.
+    As with ``study.optimize`` in several processes, a trial that commits after a newer one
+    already finished is missed by this cache (a window of milliseconds)."""
+
+    raw_spec: dict[str, Any]
+    spec: StudySpec
+    study: optuna.Study
 
 
 class _Heartbeat(threading.Thread):
@@ -99,17 +140,48 @@ class Worker:
         self.engine = engine
         self.storage: optuna.storages.RDBStorage | None = None
         self.stopping = False
+        self._jobs: OrderedDict[str, _JobContext] = OrderedDict()
 
     def start(self) -> None:
         """Wait for the schema (workers never run DDL) and register."""
         wait_for_schema(self.engine, timeout_s=self.options.schema_timeout_s)
-        self.storage = optuna_storage(self.options.database_url, pool_size=1)
-        queue.register_worker(
-            self.sessions,
-            worker_id=self.worker_id,
-            hostname=socket.gethostname(),
-            pid=os.getpid(),
+        self.storage = self._db(
+            "connect to Optuna's storage",
+            lambda: optuna_storage(self.options.database_url, pool_size=1, worker=True),
         )
+        self._db(
+            "register",
+            lambda: queue.register_worker(
+                self.sessions,
+                worker_id=self.worker_id,
+                hostname=socket.gethostname(),
+                pid=os.getpid(),
+            ),
+        )
+
+    def _db(self, what: str, call: Callable[[], _T]) -> _T:
+        """Run one database step, retrying while the database is unreachable.
+
+        Bounded by ``options.db_retry_s``: past that the error propagates (the process
+        exits, its supervisor restarts it, and the reaper retries its trial). Every step
+        retried this way is idempotent or checked on retry (see ``_tell``).
+        """
+        deadline = time.monotonic() + self.options.db_retry_s
+        delay = 0.5
+        while True:
+            try:
+                return call()
+            except _DB_DOWN as err:
+                if time.monotonic() + delay > deadline:
+                    raise
+                log.warning(
+                    "%s: database unavailable (%s); retrying in %.1fs",
+                    what,
+                    str(err).splitlines()[0][:200],
+                    delay,
+                )
+                time.sleep(delay)
+                delay = min(delay * 2, 10.0)  # backoff: a restarting server needs seconds
 
     def run(self) -> int:
         """Claim and run trials until stopped; returns how many trials this worker ran."""
@@ -122,7 +194,9 @@ class Worker:
             while not self.stopping:
                 if self.options.max_trials is not None and done >= self.options.max_trials:
                     break
-                lease = queue.claim_trial_slot(self.sessions, self.worker_id)
+                lease = self._db(
+                    "claim", lambda: queue.claim_trial_slot(self.sessions, self.worker_id)
+                )
                 if lease is None:
                     idle = time.monotonic() - idle_since
                     if self.options.idle_exit_s is not None and idle >= self.options.idle_exit_s:
@@ -142,25 +216,26 @@ class Worker:
 
     def run_lease(self, lease: queue.Lease, beat: _Heartbeat) -> Outcome | None:
         """Run the trial of one claimed slot and record it. None when the result was rejected."""
-        assert self.storage is not None
-        spec = parse_spec(lease.spec)
-        study = optuna.load_study(
-            study_name=lease.optuna_study_name,
-            storage=self.storage,
-            sampler=build_sampler(spec, trial_seed(spec, lease.id)),
-            pruner=build_pruner(spec),
-        )
-        trial = study.ask()
+        spec, study = self._db("load the study", lambda: self._job_study(lease))
+        # A new sampler and pruner per slot, as ever: the sampler seeded from the slot.
+        study.sampler = build_sampler(spec, trial_seed(spec, lease.id))
+        study.pruner = build_pruner(spec)
+        # A trial whose ask() reply was lost stays RUNNING unattached: the reaper fails
+        # such orphans after the grace period.
+        trial = self._db("ask", study.ask)
         try:
-            queue.attach_trial(
-                self.sessions,
-                lease.id,
-                optuna_trial_id=trial._trial_id,
-                trial_number=trial.number,
+            self._db(
+                "attach",
+                lambda: queue.attach_trial(
+                    self.sessions,
+                    lease.id,
+                    optuna_trial_id=trial._trial_id,
+                    trial_number=trial.number,
+                ),
             )
         except LeaseLost:
             # Cancelled or reaped between claim and ask: give the trial back as failed.
-            study.tell(trial, state=TrialState.FAIL)
+            self._tell(study, trial, TrialState.FAIL, None)
             return None
         log.info("trial %d of %s: start", trial.number, lease.optuna_study_name)
         outcome: Outcome
@@ -190,20 +265,22 @@ class Worker:
                 outcome,
             )
             return None
-        try:
-            if reason is not None:
-                trial.set_user_attr(FAILURE_ATTR, reason[:2000])
-            if outcome == "complete":
-                study.tell(trial, value)
-            else:
-                state = TrialState.PRUNED if outcome == "pruned" else TrialState.FAIL
-                study.tell(trial, state=state)
-        except (RuntimeError, ValueError) as err:
-            # Optuna refuses to update a finished trial: the reaper failed it meanwhile.
-            log.warning("trial %d: result rejected by Optuna (%s)", trial.number, err)
+        if reason is not None:
+            self._db(
+                "record the failure reason",
+                lambda: trial.set_user_attr(FAILURE_ATTR, reason[:2000]),
+            )
+        state = _TRIAL_STATES[outcome]
+        if not self._tell(study, trial, state, value):
+            log.warning("trial %d: result rejected, the reaper failed it meanwhile", trial.number)
             return None
         try:
-            queue.finish_trial_slot(self.sessions, lease.id, outcome, reason)
+            self._db(
+                "finish the slot",
+                lambda: queue.finish_trial_slot(
+                    self.sessions, lease.id, outcome, reason, job_id=lease.job_id
+                ),
+            )
         except LeaseLost:
             log.warning("trial %d: slot was reaped before the result arrived", trial.number)
             return None
@@ -216,6 +293,48 @@ class Worker:
         )
         return outcome
 
+    def _tell(
+        self, study: optuna.Study, trial: optuna.Trial, state: TrialState, value: float | None
+    ) -> bool:
+        """Tell Optuna the result, retrying while the database is away; idempotent.
+
+        True when the trial ends in ``state`` (told now, or by an earlier attempt whose
+        reply was lost); False when something else finished it first (the reaper).
+        """
+        assert self.storage is not None
+        storage = self.storage
+
+        def tell() -> bool:
+            recorded = storage.get_trial(trial._trial_id).state
+            if recorded.is_finished():  # an earlier attempt, or the reaper, got there first
+                return recorded == state
+            try:
+                if state == TrialState.COMPLETE:
+                    study.tell(trial, value)
+                else:
+                    study.tell(trial, state=state)
+            except (RuntimeError, ValueError):
+                # Optuna refuses to update a trial finished between our read and write.
+                return storage.get_trial(trial._trial_id).state == state
+            return True
+
+        return self._db("tell", tell)
+
+    def _job_study(self, lease: queue.Lease) -> tuple[StudySpec, optuna.Study]:
+        """The lease's validated spec and its Optuna study, kept per job (LRU) between trials."""
+        assert self.storage is not None
+        context = self._jobs.pop(lease.job_id, None)
+        # A retry loads the study afresh, as every slot did before: a fresh read sees every
+        # trial, among them the WAITING one with the failed trial's parameters that the
+        # reaper enqueued, whatever order the commits came in (retries are rare).
+        if context is None or context.raw_spec != lease.spec or lease.retry_of is not None:
+            study = optuna.load_study(study_name=lease.optuna_study_name, storage=self.storage)
+            context = _JobContext(dict(lease.spec), parse_spec(lease.spec), study)
+        self._jobs[lease.job_id] = context
+        while len(self._jobs) > JOB_CACHE_SIZE:
+            self._jobs.popitem(last=False)
+        return context.spec, context.study
+
 
 def _failure_reason(err: BaseException) -> str:
     text = f"{type(err).__name__}: {err}".strip()
@@ -224,18 +343,218 @@ def _failure_reason(err: BaseException) -> str:
     return text
 
 
+# --------------------------------------------------------------------------------------
+# Device planning: how many processes this machine runs, on which device, with how many
+# torch threads. Pure functions (plus GPU discovery), so the rules are unit-tested.
+# --------------------------------------------------------------------------------------
+
+#: Accelerator names that mean "train on the one GPU this process sees".
+_GPU_ACCELERATORS = frozenset({"auto", "gpu", "cuda"})
+#: A GPU as ``CUDA_VISIBLE_DEVICES`` names it: an index, or a GPU / MIG UUID.
+_GPU_ID = re.compile(r"^(?:\d+|(?:GPU|MIG)-[0-9A-Za-z][0-9A-Za-z/-]*)$")
+
+
+@dataclass(frozen=True)
+class ProcessPlan:
+    """One worker process to start: its device and its share of the CPU."""
+
+    slot: int
+    #: The Lightning accelerator of its trials (always with ``devices=1``).
+    accelerator: str
+    #: torch intra-op threads; also its ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS``.
+    torch_threads: int
+    #: ``CUDA_VISIBLE_DEVICES`` of the process: one GPU id, ``""`` (no GPU) or None (inherit).
+    cuda_visible_devices: str | None = None
+
+    @property
+    def device(self) -> str:
+        """``gpu <id>``, ``cpu`` or ``<accelerator>`` (inherited devices), for messages."""
+        if self.cuda_visible_devices:
+            return f"gpu {self.cuda_visible_devices}"
+        return "cpu" if self.cuda_visible_devices == "" else self.accelerator
+
+
+def parse_gpu_ids(text: str) -> list[str]:
+    """GPU ids from ``0,1,2,3`` (or UUIDs); ValueError names the first bad one."""
+    ids = [part.strip() for part in text.split(",")]
+    for gpu in ids:
+        if not gpu:
+            raise ValueError(f"--devices {text!r}: empty GPU id (write e.g. 0,1,2,3)")
+        if not _GPU_ID.match(gpu):
+            raise ValueError(
+                f"--devices {text!r}: {gpu!r} is not a GPU id; use cpu, all, auto, or GPU "
+                "indices / UUIDs as CUDA_VISIBLE_DEVICES takes them (e.g. 0,1,2,3)"
+            )
+    duplicates = sorted({gpu for gpu in ids if ids.count(gpu) > 1})
+    if duplicates:
+        raise ValueError(
+            f"--devices {text!r}: {', '.join(duplicates)} listed twice "
+            "(for several processes per GPU use --processes)"
+        )
+    return ids
+
+
+def detect_gpus(environ: Mapping[str, str] | None = None) -> list[str]:
+    """The GPUs this machine offers, without importing torch.
+
+    ``CUDA_VISIBLE_DEVICES`` when it is set (``""`` or ``-1``: none; as CUDA does, the list
+    ends at the first entry that is not an id), else the indices ``nvidia-smi`` lists (none
+    when it is missing or fails).
+    """
+    env = os.environ if environ is None else environ
+    visible = env.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        ids: list[str] = []
+        for part in visible.split(","):
+            gpu = part.strip()
+            if not _GPU_ID.match(gpu):
+                break
+            ids.append(gpu)
+        return ids
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return []
+    try:
+        out = subprocess.run(
+            [smi, "--query-gpu=index", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []  # a driver that does not answer: treat the machine as CPU-only
+    return [line.strip() for line in out.splitlines() if line.strip().isdigit()]
+
+
+def plan_worker_processes(
+    devices: str | None,
+    processes: int | None,
+    cores: int,
+    threads: int,
+    *,
+    accelerator: str = "auto",
+    gpus: Sequence[str] = (),
+) -> list[ProcessPlan]:
+    """The worker processes to start on this machine.
+
+    ``devices``:
+
+    - GPU ids (``0,1,2,3`` or UUIDs, as ``CUDA_VISIBLE_DEVICES`` takes them): one process
+      per GPU; each sees only its GPU (``CUDA_VISIBLE_DEVICES=<id>``) and trains with
+      ``accelerator="gpu"``, ``devices=1``. More ``processes`` than GPUs share them
+      round-robin; fewer is an error (a listed GPU would idle).
+    - ``all``: every GPU in ``gpus`` (the detected ones); an error when there is none.
+    - ``cpu``: no GPU (``CUDA_VISIBLE_DEVICES=""``, ``accelerator="cpu"``); ``processes``
+      defaults to ``cores // threads`` and is cut to it when more would oversubscribe the
+      cores (processes x threads <= cores; threads are cut to the cores).
+    - None or ``auto``: ``all`` when ``gpus`` is not empty (with fewer ``processes`` than
+      GPUs, the first ones), else as ``cpu`` but keeping ``accelerator`` and the inherited
+      environment (``--processes N`` as it always was).
+
+    ``processes=0`` plans nothing. Raises ValueError for bad input, saying what is wrong.
+    """
+    if cores < 1 or threads < 1:
+        raise ValueError(f"cores ({cores}) and threads ({threads}) must be at least 1")
+    if processes is not None and processes < 0:
+        raise ValueError(f"--processes must be 0 or more, not {processes}")
+    spec = "auto" if devices is None else devices.strip()
+    mode = spec.lower()
+    if mode in ("auto", "all"):
+        if gpus and (mode == "all" or accelerator.lower() in _GPU_ACCELERATORS):
+            ids = list(gpus)
+            if processes is not None and 0 < processes < len(ids):
+                if mode == "all":
+                    raise ValueError(
+                        f"--processes {processes} is fewer than the {len(ids)} GPUs of "
+                        f"--devices all; list the GPUs to use (e.g. --devices "
+                        f"{','.join(ids[: max(processes, 1)])})"
+                    )
+                ids = ids[:processes]
+            return _gpu_plans(ids, processes, threads, accelerator)
+        if mode == "all":
+            raise ValueError("--devices all: no GPU found (nvidia-smi / CUDA_VISIBLE_DEVICES)")
+        return _cpu_plans(processes, cores, threads, accelerator, hide_gpus=False)
+    if mode == "cpu":
+        if accelerator.lower() not in ("auto", "cpu"):
+            raise ValueError(f"--devices cpu contradicts --accelerator {accelerator}")
+        return _cpu_plans(processes, cores, threads, "cpu", hide_gpus=True)
+    ids = parse_gpu_ids(spec)
+    if processes is not None and 0 < processes < len(ids):
+        raise ValueError(
+            f"--processes {processes} is fewer than the {len(ids)} GPUs in --devices {spec}; "
+            "list only the GPUs to use"
+        )
+    return _gpu_plans(ids, processes, threads, accelerator)
+
+
+def _gpu_plans(
+    ids: Sequence[str], processes: int | None, threads: int, accelerator: str
+) -> list[ProcessPlan]:
+    if accelerator.lower() not in _GPU_ACCELERATORS:
+        raise ValueError(f"GPU devices contradict --accelerator {accelerator}")
+    n = len(ids) if processes is None else processes
+    # Round-robin: slot i on GPU i mod len(ids), so extra processes share GPUs evenly.
+    return [
+        ProcessPlan(slot, accelerator="gpu", torch_threads=threads, cuda_visible_devices=gpu)
+        for slot, gpu in ((slot, ids[slot % len(ids)]) for slot in range(n))
+    ]
+
+
+def _cpu_plans(
+    processes: int | None, cores: int, threads: int, accelerator: str, *, hide_gpus: bool
+) -> list[ProcessPlan]:
+    threads = min(threads, cores)
+    fitted = max(1, cores // threads)
+    n = fitted if processes is None else min(processes, fitted)
+    return [
+        ProcessPlan(
+            slot=slot,
+            accelerator=accelerator,
+            torch_threads=threads,
+            cuda_visible_devices="" if hide_gpus else None,
+        )
+        for slot in range(n)
+    ]
+
+
+def process_environment(plan: ProcessPlan | None, threads: int, pid: int) -> dict[str, str]:
+    """The environment variables a worker process sets for itself, before torch is imported.
+
+    Thread counts for torch's OpenMP / MKL pools (read once, when torch loads), the GPU it
+    may see (``CUDA_DEVICE_ORDER=PCI_BUS_ID``: indices as ``nvidia-smi`` numbers them), and
+    ``PGAPPNAME`` (libpq's ``application_name``): ``lstm-hpo-worker:<pid>`` in
+    ``pg_stat_activity``, so an operator can count each process's connections.
+    """
+    env = {
+        "OMP_NUM_THREADS": str(threads),
+        "MKL_NUM_THREADS": str(threads),
+        "PGAPPNAME": f"lstm-hpo-worker:{pid}",
+    }
+    if plan is not None and plan.cuda_visible_devices is not None:
+        env["CUDA_VISIBLE_DEVICES"] = plan.cuda_visible_devices
+        env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
+    return env
+
+
 def configure_process(options: WorkerOptions) -> None:
-    """Per-process set-up: logging, torch threads, quiet Lightning."""
+    """Per-process set-up: logging and torch's thread count, without importing torch.
+
+    A worker imports torch (seconds, hundreds of MB) only when it runs its first real trial
+    (``service.training.objective``), which then applies ``OMP_NUM_THREADS``; a worker that
+    runs only synthetic trials never loads it. Lightning is quietened by ``fit_config``.
+    """
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(processName)s %(name)s: %(message)s"
     )
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    import torch
-
-    from service.training.fit import silence_lightning
-
-    torch.set_num_threads(options.torch_threads)
-    silence_lightning()
+    os.environ.update(process_environment(None, options.torch_threads, os.getpid()))
+    torch = sys.modules.get("torch")
+    if torch is not None:  # already loaded (a worker run in-process): size its pool now
+        torch.set_num_threads(options.torch_threads)
+    # `kill -USR1 <pid>` prints every thread's stack to stderr: where a stuck worker waits.
+    if hasattr(signal, "SIGUSR1"):
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
 
 
 def worker_main(options: WorkerOptions) -> int:
@@ -254,28 +573,43 @@ def worker_main(options: WorkerOptions) -> int:
     return worker.run()
 
 
-def _child(options: WorkerOptions) -> None:
+def _child(options: WorkerOptions, plan: ProcessPlan | None = None) -> None:
+    """The spawn target: this process's environment first, then the worker loop.
+
+    Runs before anything in the child imports torch (``service.worker`` does not), so
+    ``CUDA_VISIBLE_DEVICES`` and the thread counts are in place when a trial loads it.
+    """
+    if plan is not None:
+        os.environ.update(process_environment(plan, plan.torch_threads, os.getpid()))
+        options = replace(options, accelerator=plan.accelerator, torch_threads=plan.torch_threads)
     worker_main(options)
 
 
 def run_worker_processes(
     options: WorkerOptions,
-    processes: int,
+    processes: int | Sequence[ProcessPlan],
     *,
     max_restarts: int = 20,
     install_signals: bool = True,
 ) -> None:
-    """Run ``processes`` worker processes; restart one that dies abnormally (bounded).
+    """Run worker processes; restart one that dies abnormally (bounded).
 
+    ``processes``: a count (each process inherits the environment and uses ``options``), or
+    the plans :func:`plan_worker_processes` made (device and threads per process).
     Uses the ``spawn`` start method: CUDA and forked torch state do not mix.
     """
+    plans: list[ProcessPlan | None] = (
+        [None] * processes if isinstance(processes, int) else list(processes)
+    )
     ctx = mp.get_context("spawn")
     children: dict[int, mp.process.BaseProcess] = {}
     restarts = 0
     stopping = False
 
     def start(slot: int) -> None:
-        proc = ctx.Process(target=_child, args=(options,), name=f"worker-{slot}", daemon=False)
+        proc = ctx.Process(
+            target=_child, args=(options, plans[slot]), name=f"worker-{slot}", daemon=False
+        )
         proc.start()
         children[slot] = proc
 
@@ -289,7 +623,7 @@ def run_worker_processes(
     if install_signals:  # only the main thread may; `serve` runs this loop in a thread
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
-    for slot in range(processes):
+    for slot in range(len(plans)):
         start(slot)
     while children:
         time.sleep(0.5)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib.metadata import version
@@ -34,6 +35,11 @@ class Reaper(threading.Thread):
         self.grace_s = grace_s
         self.interval_s = interval_s
         self._stop_event = threading.Event()
+        #: While the reaper itself cannot reach the database, neither can the workers'
+        #: heartbeats: their silence then says nothing about them. After an outage the
+        #: reaper waits one grace period (monotonic deadline) before reaping again.
+        self._database_down = False
+        self._amnesty_until = 0.0
 
     def run(self) -> None:
         # The first round at start-up: a server restarted after a crash fails the trials
@@ -46,8 +52,16 @@ class Reaper(threading.Thread):
     def run_once(self) -> None:
         """One reaper round; errors are logged, never raised (the next round retries)."""
         try:
+            studies.check_database(self.backend)
+            if self._database_down:
+                self._database_down = False
+                self._amnesty_until = time.monotonic() + self.grace_s
+                log.warning("reaper: database back; reaping resumes in %.0fs", self.grace_s)
+            if time.monotonic() < self._amnesty_until:
+                return
             studies.reap_stale_trials(self.backend, grace_s=self.grace_s)
         except LstmHpoError as err:  # database away for a moment: try next round
+            self._database_down = self._database_down or err.retryable
             log.warning("reaper: %s", err)
         except Exception:  # never let one bad round end the reaper
             log.exception("reaper round failed")

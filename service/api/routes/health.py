@@ -5,10 +5,9 @@ from __future__ import annotations
 from importlib.metadata import version
 
 from fastapi import APIRouter, Request
-from sqlalchemy import text
 
+from service import studies
 from service.api.deps import BackendDep
-from service.db import session_scope
 from service.schemas import HealthPublic
 
 router = APIRouter(tags=["health"])
@@ -17,8 +16,7 @@ router = APIRouter(tags=["health"])
 @router.get("/health")
 def health(backend: BackendDep, request: Request) -> HealthPublic:
     """Liveness and database reachability."""
-    with session_scope(backend.sessions) as session:
-        session.execute(text("SELECT 1"))
+    studies.check_database(backend)
     return HealthPublic(
         status="ok",
         version=version("lstm-hpo"),
