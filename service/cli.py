@@ -15,11 +15,11 @@ from rich.markup import escape
 from rich.table import Table
 
 from service.config import Settings
-from service.errors import InvalidSpec, LstmHpoError
+from service.errors import InvalidSpec, LstmHpoError, SingleHostOnly
 
 if TYPE_CHECKING:
     from service.schemas import StudyPublic
-    from service.worker import WorkerOptions
+    from service.worker import ProcessPlan, WorkerOptions
 
 app = typer.Typer(
     name="lstm-hpo",
@@ -129,26 +129,85 @@ def _worker_options(settings: Settings, accelerator: str) -> WorkerOptions:
     )
 
 
-def _check_processes(processes: int, threads: int) -> int:
-    cores = os.cpu_count() or 1
-    if processes * threads > cores:
-        fitted = max(1, cores // threads)
+def _usable_cores() -> int:
+    # The cores this process may run on (a container's cpuset), not the machine's.
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0)) or 1
+    return os.cpu_count() or 1
+
+
+def _check_processes(
+    devices: str | None, processes: int | None, threads: int, accelerator: str
+) -> list[ProcessPlan]:
+    """The worker processes for this machine (``service.worker.plan_worker_processes``).
+
+    Exits with status 2 on a bad ``--devices``; warns when ``--processes`` was cut to fit
+    the cores, and when GPU processes oversubscribe them.
+    """
+    from service.worker import detect_gpus, plan_worker_processes
+
+    cores = _usable_cores()
+    mode = (devices or "auto").strip().lower()
+    gpus = detect_gpus() if mode in ("auto", "all") and processes != 0 else []
+    try:
+        plans = plan_worker_processes(
+            devices, processes, cores, threads, accelerator=accelerator, gpus=gpus
+        )
+    except ValueError as err:
+        err_console.print(f"[red]error:[/red] {escape(str(err))}")
+        raise typer.Exit(2) from None
+    if processes is not None and len(plans) < processes:  # only CPU plans are cut
         err_console.print(
             f"[yellow]warning:[/yellow] {processes} processes x {threads} torch threads > "
-            f"{cores} cores; using {fitted} processes (oversubscribed CPUs run slower, not faster)"
+            f"{cores} cores; using {len(plans)} processes of {plans[0].torch_threads} "
+            "thread(s) (oversubscribed CPUs run slower, not faster)"
         )
-        return fitted
-    return processes
+    elif plans and plans[0].accelerator == "gpu" and len(plans) * threads > cores:
+        err_console.print(
+            f"[yellow]warning:[/yellow] {len(plans)} GPU processes x {threads} torch threads > "
+            f"{cores} cores: data preparation and optimizer steps will compete for the CPU"
+        )
+    return plans
+
+
+def _describe_plans(plans: list[ProcessPlan]) -> str:
+    """``gpu 0, gpu 1 (1 torch thread each)`` / ``cpu x 16 (1 torch thread each)``."""
+    if not plans:
+        return "none"
+    counts: dict[str, int] = {}
+    for plan in plans:
+        counts[plan.device] = counts.get(plan.device, 0) + 1
+    devices = ", ".join(f"{d} x {n}" if n > 1 else d for d, n in counts.items())
+    threads = plans[0].torch_threads
+    return f"{devices} ({threads} torch thread{'s' if threads > 1 else ''} each)"
+
+
+DevicesOption = Annotated[
+    str | None,
+    typer.Option(
+        help="cpu | all | GPU ids, e.g. 0,1,2,3 (one process per GPU, CUDA_VISIBLE_DEVICES "
+        "set per process) | auto (default: every GPU nvidia-smi lists, else the CPU).",
+    ),
+]
+ThreadsOption = Annotated[
+    int | None,
+    typer.Option(
+        min=1, help="torch threads per worker process (default: LSTM_HPO_TORCH_THREADS, 1)."
+    ),
+]
 
 
 @app.command()
 def serve(
+    *,
     host: Annotated[str | None, typer.Option(help="Bind address (default 127.0.0.1).")] = None,
     port: Annotated[int | None, typer.Option(help="Port (default 8000).")] = None,
     workers: Annotated[
-        int, typer.Option("--workers", "-w", help="Local worker processes (0: none).")
+        int, typer.Option("--workers", "-w", min=0, help="Local worker processes (0: none).")
     ] = 1,
     accelerator: Annotated[str, typer.Option(help="Workers' Lightning accelerator.")] = "auto",
+    devices: DevicesOption = None,
+    threads: ThreadsOption = None,
 ) -> None:
     """Migrate, then run the API, the dashboard and N local worker processes."""
     import threading
@@ -161,6 +220,9 @@ def serve(
     settings = _settings()
     updates = {k: v for k, v in {"host": host, "port": port}.items() if v is not None}
     settings = settings.model_copy(update=updates)
+    plans = _check_processes(devices, workers, threads or settings.torch_threads, accelerator)
+    # Name the server's connections in pg_stat_activity (workers name theirs by pid).
+    os.environ.setdefault("PGAPPNAME", "lstm-hpo-server")
     try:
         api = create_app(settings)
     except LstmHpoError as err:
@@ -170,13 +232,12 @@ def serve(
     console.print(f"  REST API   {base}/v1  (OpenAPI: {base}/docs)")
     console.print(f"  dashboard  {base}/dashboard")
     console.print(f"  database   {settings.safe_database_url()}")
-    n = _check_processes(workers, settings.torch_threads) if workers else 0
-    console.print(f"  workers    {n} local process(es)")
-    if n:
+    console.print(f"  workers    {len(plans)} local process(es): {_describe_plans(plans)}")
+    if plans:
         options = _worker_options(settings, accelerator)
         threading.Thread(
             target=run_worker_processes,
-            args=(options, n),
+            args=(options, plans),
             kwargs={"install_signals": False},
             daemon=True,
             name="lstm-hpo-workers",
@@ -186,22 +247,45 @@ def serve(
 
 @app.command()
 def worker(
+    *,
     processes: Annotated[
-        int, typer.Option("--processes", "-p", help="Worker processes on this machine.")
-    ] = 1,
+        int | None,
+        typer.Option(
+            "--processes",
+            "-p",
+            min=0,
+            help="Worker processes on this machine (default: one per GPU, else cores // threads).",
+        ),
+    ] = None,
     database_url: Annotated[
         str | None,
         typer.Option(help="Database URL (default: LSTM_HPO_DATABASE_URL or the local SQLite)."),
     ] = None,
     accelerator: Annotated[str, typer.Option(help="Lightning accelerator.")] = "auto",
+    devices: DevicesOption = None,
+    threads: ThreadsOption = None,
 ) -> None:
     """Run worker processes that pull trials from the database until stopped (Ctrl-C)."""
-    from service.worker import run_worker_processes
+    from service.db import make_engine, make_session_factory
+    from service.worker import check_single_host, run_worker_processes
 
     settings = _settings(database_url)
-    n = _check_processes(processes, settings.torch_threads)
-    err_console.print(f"{n} worker process(es) on {settings.safe_database_url()}")
-    run_worker_processes(_worker_options(settings, accelerator), n)
+    plans = _check_processes(devices, processes, threads or settings.torch_threads, accelerator)
+    err_console.print(
+        f"{len(plans)} worker process(es) on {settings.safe_database_url()}: "
+        f"{_describe_plans(plans)}"
+    )
+    options = _worker_options(settings, accelerator)
+    engine = make_engine(options.database_url, pool_size=1)
+    try:
+        check_single_host(make_session_factory(engine), options)
+    except SingleHostOnly as err:
+        raise _fail(err, 2) from None
+    except LstmHpoError:
+        pass  # no schema or no database yet: the worker processes wait for the server
+    finally:
+        engine.dispose()
+    run_worker_processes(options, plans)
 
 
 @app.command()

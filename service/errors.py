@@ -91,5 +91,10 @@ class SchemaNotReady(LstmHpoError):
     retryable = True
 
 
+class SingleHostOnly(LstmHpoError):
+    """SQLite is for one machine: workers on another host already use this database. Point
+    every worker and the server at PostgreSQL (LSTM_HPO_DATABASE_URL=postgresql+psycopg://...)."""
+
+
 class LeaseLost(LstmHpoError):
     """This worker no longer owns the trial (it was reaped or the study was cancelled)."""

@@ -23,6 +23,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import FrameType
 from typing import Any, Literal, TypeVar
@@ -33,8 +34,8 @@ from optuna.trial import TrialState
 from sqlalchemy import exc as sa_exc
 
 from service import queue
-from service.db import make_engine, make_session_factory
-from service.errors import DatabaseUnavailable, LeaseLost, LstmHpoError
+from service.db import is_sqlite, make_engine, make_session_factory
+from service.errors import DatabaseUnavailable, LeaseLost, LstmHpoError, SingleHostOnly
 from service.migrate import wait_for_schema
 from service.search_space import StudySpec, parse_spec
 from service.studies import optuna_storage
@@ -145,6 +146,7 @@ class Worker:
     def start(self) -> None:
         """Wait for the schema (workers never run DDL) and register."""
         wait_for_schema(self.engine, timeout_s=self.options.schema_timeout_s)
+        check_single_host(self.sessions, self.options)
         self.storage = self._db(
             "connect to Optuna's storage",
             lambda: optuna_storage(self.options.database_url, pool_size=1, worker=True),
@@ -334,6 +336,32 @@ class Worker:
         while len(self._jobs) > JOB_CACHE_SIZE:
             self._jobs.popitem(last=False)
         return context.spec, context.study
+
+
+#: Exit code of a worker process that must not be restarted (its configuration is wrong).
+EXIT_REFUSED = 2
+
+
+def check_single_host(sessions: queue.SessionSource, options: WorkerOptions) -> None:
+    """Refuse a second worker host on SQLite (``SingleHostOnly``).
+
+    A SQLite file is safe for many processes on one machine, not across machines (network
+    file systems break its locking). Workers register with their hostname; one that has
+    beaten recently from another host means this database is already shared.
+    """
+    if not is_sqlite(options.database_url):
+        return
+    recent = datetime.now(UTC) - timedelta(seconds=max(60.0, 3 * options.heartbeat_interval_s))
+    here = socket.gethostname()
+    others = {
+        w.hostname for w in queue.list_workers(sessions, seen_since=recent) if w.hostname != here
+    }
+    if others:
+        raise SingleHostOnly(
+            f"SQLite is for one machine: workers on {', '.join(sorted(others))} already use "
+            f"{options.database_url}. Point the server and every worker at PostgreSQL "
+            "(LSTM_HPO_DATABASE_URL=postgresql+psycopg://...)."
+        )
 
 
 def _failure_reason(err: BaseException) -> str:
@@ -570,7 +598,11 @@ def worker_main(options: WorkerOptions) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    return worker.run()
+    try:
+        return worker.run()
+    except SingleHostOnly as err:
+        log.error("%s", err.message)
+        raise SystemExit(EXIT_REFUSED) from None
 
 
 def _child(options: WorkerOptions, plan: ProcessPlan | None = None) -> None:
@@ -632,6 +664,9 @@ def run_worker_processes(
                 continue
             del children[slot]
             if stopping or proc.exitcode == 0:
+                continue
+            if proc.exitcode == EXIT_REFUSED:
+                log.error("worker-%d refused to start (see above); not restarting it", slot)
                 continue
             if restarts >= max_restarts:
                 log.error("worker-%d died (exit %s); restart budget spent", slot, proc.exitcode)
