@@ -4,16 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, TensorDataset
 
 from service.search_space import AddingTask, LSTMConfig
-from service.training.data.base import Problem, TaskData
+from service.training.data.base import InMemoryDataModule, Problem, TaskData
 
 
-class AddingDataModule(L.LightningDataModule):
+class AddingDataModule(InMemoryDataModule):
     """Generated adding-problem sequences, held in memory."""
 
     def __init__(
@@ -23,32 +21,7 @@ class AddingDataModule(L.LightningDataModule):
         test: tuple[torch.Tensor, torch.Tensor],
         batch_size: int,
     ) -> None:
-        super().__init__()
-        self.batch_size = batch_size
-        self._train = TensorDataset(*train)
-        self._val = TensorDataset(*val)
-        self._test = TensorDataset(*test)
-
-    def _loader(
-        self, dataset: TensorDataset, shuffle: bool
-    ) -> DataLoader[tuple[torch.Tensor, ...]]:
-        # The shuffle order comes from torch's global RNG, which Lightning's seed_everything sets.
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=0,
-            pin_memory=torch.cuda.is_available(),
-        )
-
-    def train_dataloader(self) -> DataLoader[tuple[torch.Tensor, ...]]:
-        return self._loader(self._train, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader[tuple[torch.Tensor, ...]]:
-        return self._loader(self._val, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader[tuple[torch.Tensor, ...]]:
-        return self._loader(self._test, shuffle=False)
+        super().__init__(train, val, test, batch_size)
 
 
 def adding_sequences(

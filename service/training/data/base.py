@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 
 @dataclass(frozen=True)
@@ -49,3 +51,47 @@ class TaskData:
     primary_baseline: str = ""
     #: One line for humans: what was loaded, sizes of the splits.
     description: str = ""
+
+
+class InMemoryDataModule(L.LightningDataModule):
+    """Train / val / test datasets already in memory; only train is shuffled.
+
+    ``num_workers=0``: the tensors are in memory, so loader processes would only add start-up
+    cost. The shuffle order comes from torch's global RNG, which ``seed_everything`` sets.
+    """
+
+    def __init__(
+        self,
+        train: Dataset[Any] | tuple[torch.Tensor, ...],
+        val: Dataset[Any] | tuple[torch.Tensor, ...],
+        test: Dataset[Any] | tuple[torch.Tensor, ...],
+        batch_size: int,
+        *,
+        collate_fn: Callable[[list[Any]], Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.batch_size = batch_size
+        self._collate_fn = collate_fn
+        self._train, self._val, self._test = (
+            TensorDataset(*split) if isinstance(split, tuple) else split
+            for split in (train, val, test)
+        )
+
+    def _loader(self, dataset: Dataset[Any], shuffle: bool) -> DataLoader[Any]:
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            collate_fn=self._collate_fn,
+            num_workers=0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def train_dataloader(self) -> DataLoader[Any]:
+        return self._loader(self._train, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader[Any]:
+        return self._loader(self._val, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader[Any]:
+        return self._loader(self._test, shuffle=False)

@@ -8,14 +8,12 @@ import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, TensorDataset
 
 from service.errors import DataError
 from service.search_space import CharLMTask, LSTMConfig, resolve_data_path
-from service.training.data.base import Problem, TaskData
+from service.training.data.base import InMemoryDataModule, Problem, TaskData
 
 UNK = "<unk>"
 #: Directories of the standard library that are not "the library's own source".
@@ -33,7 +31,7 @@ class CharSplits:
     test: str
 
 
-class CharLMDataModule(L.LightningDataModule):
+class CharLMDataModule(InMemoryDataModule):
     """Non-overlapping windows of ``bptt`` characters, targets shifted by one, held in memory."""
 
     def __init__(
@@ -44,34 +42,9 @@ class CharLMDataModule(L.LightningDataModule):
         test: tuple[torch.Tensor, torch.Tensor],
         batch_size: int,
     ) -> None:
-        super().__init__()
+        super().__init__(train, val, test, batch_size)
         #: id -> character; id 0 is ``<unk>`` (a character the train split does not contain).
         self.vocab = vocab
-        self.batch_size = batch_size
-        self._train = TensorDataset(*train)
-        self._val = TensorDataset(*val)
-        self._test = TensorDataset(*test)
-
-    def _loader(
-        self, dataset: TensorDataset, shuffle: bool
-    ) -> DataLoader[tuple[torch.Tensor, ...]]:
-        # The shuffle order comes from torch's global RNG, which Lightning's seed_everything sets.
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=0,
-            pin_memory=torch.cuda.is_available(),
-        )
-
-    def train_dataloader(self) -> DataLoader[tuple[torch.Tensor, ...]]:
-        return self._loader(self._train, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader[tuple[torch.Tensor, ...]]:
-        return self._loader(self._val, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader[tuple[torch.Tensor, ...]]:
-        return self._loader(self._test, shuffle=False)
 
 
 def stdlib_corpus(max_chars: int) -> tuple[str, int]:

@@ -7,17 +7,15 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import lightning as L
 import numpy as np
 import torch
 from torch.nn.utils.rnn import pad_sequence
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from service.errors import DataError, MissingExtra
 from service.search_space import ClassifyTask, LSTMConfig, resolve_data_path
-from service.training.data.base import Problem, TaskData
+from service.training.data.base import InMemoryDataModule, Problem, TaskData
 
 Label = str | int
 #: Fixed seeds: the splits depend on the data only, never on the model's seed.
@@ -60,7 +58,7 @@ def pad_batch(
     return pad_sequence(xs, batch_first=True), y, lengths
 
 
-class ClassifyDataModule(L.LightningDataModule):
+class ClassifyDataModule(InMemoryDataModule):
     """Standardised variable-length sequences, padded per batch, held in memory."""
 
     def __init__(
@@ -71,31 +69,9 @@ class ClassifyDataModule(L.LightningDataModule):
         test: SequenceDataset,
         batch_size: int,
     ) -> None:
-        super().__init__()
+        super().__init__(train, val, test, batch_size, collate_fn=pad_batch)
         #: class id -> original label
         self.classes = classes
-        self.batch_size = batch_size
-        self._train, self._val, self._test = train, val, test
-
-    def _loader(self, dataset: SequenceDataset, shuffle: bool) -> DataLoader[Any]:
-        # The shuffle order comes from torch's global RNG, which Lightning's seed_everything sets.
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            collate_fn=pad_batch,
-            num_workers=0,
-            pin_memory=torch.cuda.is_available(),
-        )
-
-    def train_dataloader(self) -> DataLoader[Any]:
-        return self._loader(self._train, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader[Any]:
-        return self._loader(self._val, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader[Any]:
-        return self._loader(self._test, shuffle=False)
 
 
 def load_japanese_vowels() -> LabelledSequences:

@@ -7,15 +7,13 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import torch
 from numpy.lib.stride_tricks import sliding_window_view
-from torch.utils.data import DataLoader, TensorDataset
 
 from service.errors import DataError, MissingExtra
 from service.search_space import ForecastTask, LSTMConfig, resolve_data_path
-from service.training.data.base import Problem, TaskData
+from service.training.data.base import InMemoryDataModule, Problem, TaskData
 
 #: Seasonal period of each bundled series (monthly airline passengers; ~11-year solar cycle).
 DEFAULT_SEASONS = {"airline": 12, "sunspots": 11}
@@ -36,7 +34,7 @@ class SplitBounds:
         return self.val_start, self.test_start - self.val_start, self.n - self.test_start
 
 
-class ForecastDataModule(L.LightningDataModule):
+class ForecastDataModule(InMemoryDataModule):
     """Windows of ``lookback`` standardised values -> the next ``horizon`` values, in memory."""
 
     def __init__(
@@ -49,35 +47,10 @@ class ForecastDataModule(L.LightningDataModule):
         mean: float,
         std: float,
     ) -> None:
-        super().__init__()
-        self.batch_size = batch_size
+        super().__init__(train, val, test, batch_size)
         #: Standardisation fitted on the train part: original = standardised * std + mean.
         self.mean = mean
         self.std = std
-        self._train = TensorDataset(*train)
-        self._val = TensorDataset(*val)
-        self._test = TensorDataset(*test)
-
-    def _loader(
-        self, dataset: TensorDataset, shuffle: bool
-    ) -> DataLoader[tuple[torch.Tensor, ...]]:
-        # The shuffle order comes from torch's global RNG, which Lightning's seed_everything sets.
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=0,
-            pin_memory=torch.cuda.is_available(),
-        )
-
-    def train_dataloader(self) -> DataLoader[tuple[torch.Tensor, ...]]:
-        return self._loader(self._train, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader[tuple[torch.Tensor, ...]]:
-        return self._loader(self._val, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader[tuple[torch.Tensor, ...]]:
-        return self._loader(self._test, shuffle=False)
 
 
 def load_bundled_series(name: str) -> np.ndarray:
