@@ -305,18 +305,26 @@ class Worker:
         """
         assert self.storage is not None
         storage = self.storage
+        attempts = 0
 
         def tell() -> bool:
-            recorded = storage.get_trial(trial._trial_id).state
-            if recorded.is_finished():  # an earlier attempt, or the reaper, got there first
-                return recorded == state
+            nonlocal attempts
+            attempts += 1
+            # Only a retry reads first (a full trial load): the attempt before it may have
+            # committed and lost its reply. A first attempt that finds the trial finished
+            # (by the reaper) is refused by Optuna and reads it below.
+            if attempts > 1:
+                recorded = storage.get_trial(trial._trial_id).state
+                if recorded.is_finished():
+                    return recorded == state
             try:
                 if state == TrialState.COMPLETE:
                     study.tell(trial, value)
                 else:
                     study.tell(trial, state=state)
             except (RuntimeError, ValueError):
-                # Optuna refuses to update a trial finished between our read and write.
+                # Optuna refuses to tell a finished trial: the reaper (or a lost earlier
+                # reply) finished it. Ours only if it ended in the state we meant.
                 return storage.get_trial(trial._trial_id).state == state
             return True
 
