@@ -6,6 +6,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -196,7 +197,14 @@ def fit_config(
     return result
 
 
-def configure_torch_threads(threads: int | None) -> None:
-    """Pin torch's intra-op threads: N processes x M threads must fit the cores."""
+def configure_torch_threads(threads: int | None = None) -> None:
+    """Pin torch's intra-op threads: N processes x M threads must fit the cores.
+
+    None: ``OMP_NUM_THREADS`` when it is set (a worker process sets it for its share of the
+    cores before it imports torch), else torch's own choice.
+    """
+    if threads is None:
+        env = os.environ.get("OMP_NUM_THREADS", "")
+        threads = int(env) if env.isdigit() else None
     if threads:
         torch.set_num_threads(threads)

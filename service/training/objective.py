@@ -59,8 +59,10 @@ def run_trial(
     # torch + lightning are imported only where training happens: the API server never does.
     from optuna_integration import PyTorchLightningPruningCallback
 
-    from service.training.fit import fit_config
+    from service.training.fit import configure_torch_threads, fit_config
 
+    # A worker loads torch here, at its first real trial; its threads: OMP_NUM_THREADS.
+    configure_torch_threads()
     pruning = PyTorchLightningPruningCallback(trial, monitor=spec.metric.name)
     result = fit_config(
         config,
