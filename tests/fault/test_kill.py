@@ -203,6 +203,13 @@ def test_kill_all_workers_server_reaper_fails_their_trials_and_new_workers_finis
     n_done = sum(1 for lease in leases if lease.state != LeaseState.REAPED)
     job = fault_db.job(job_id)
     assert job.state == JobState.RUNNING and job.n_running == 0 and job.n_finished == n_done
+    # The retry is enqueued just after the queue takes the slot back: wait for it too.
+    wait_until(
+        lambda: fault_db.trial_states(job.optuna_study_name)["WAITING"] >= len(with_trial),
+        timeout_s=10,
+        what="the retries to be enqueued",
+        context=cluster.logs,
+    )
     trials = fault_db.trials(job.optuna_study_name)
     assert not [t for t in trials if t.state == TrialState.RUNNING]
     waiting = [t for t in trials if t.state == TrialState.WAITING]
@@ -549,9 +556,13 @@ def test_reaper_counts_a_told_result_whose_worker_died_before_finishing_its_slot
         assert waiting.user_attrs[RETRY_OF_ATTR] == dead.number
         assert waiting.params == by_number[dead.number].params
 
-        # Results arriving late change nothing: the slot was counted, or reaped.
+        # Results arriving late change nothing: the slot was counted, or reaped. The same
+        # outcome again is an idempotent no-op (a worker retrying its finish after a lost
+        # reply); a different one is rejected.
+        queue.finish_trial_slot(backend.sessions, complete_lease.id, "complete")
+        assert db.job(job_id).n_finished == 3
         with pytest.raises(LeaseLost):
-            queue.finish_trial_slot(backend.sessions, complete_lease.id, "complete")
+            queue.finish_trial_slot(backend.sessions, complete_lease.id, "failed")
         with pytest.raises(ValueError, match="Cannot tell a FAIL trial"):
             study.tell(dead, 0.1)
         with pytest.raises(LeaseLost):
