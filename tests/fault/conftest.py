@@ -31,7 +31,7 @@ from sqlalchemy import Engine, select
 from service import queue
 from service.db import make_engine, make_session_factory, session_scope
 from service.models import LeaseState, SearchJob, TrialLease
-from service.studies import optuna_storage
+from service.studies import ORPHAN_REASON, optuna_storage
 from service.training.objective import FAILURE_ATTR, RETRY_OF_ATTR
 
 CLI = str(Path(sys.executable).parent / "lstm-hpo")
@@ -243,10 +243,13 @@ def assert_study_finished_exactly(
             retried.add(original)
             assert by_number[original].state == TrialState.FAIL
             assert t.params == by_number[original].params, (t.number, original)
+    # An orphan (ask() reply lost with the database, failed by the reaper's sweep) never
+    # held a slot or trained: it is labelled, and not one of the n_trials.
+    orphans = {t.number for t in trials if failure_reason(t) == ORPHAN_REASON}
     finished = (
         states[TrialState.COMPLETE]
         + states[TrialState.PRUNED]
-        + sum(1 for t in trials if t.state == TrialState.FAIL and t.number not in retried)
+        + sum(1 for t in trials if t.state == TrialState.FAIL and t.number not in retried | orphans)
     )
     assert finished == job.n_trials, (finished, job.n_trials, states)
     assert states[TrialState.COMPLETE] == job.n_complete, (states, job)
