@@ -65,6 +65,7 @@ __all__ = [
     "LeaseRecord",
     "LeaseState",
     "SessionSource",
+    "StaleCandidate",
     "StaleLease",
     "WorkerRecord",
     "attach_trial",
@@ -81,6 +82,7 @@ __all__ = [
     "list_leases",
     "list_workers",
     "register_worker",
+    "stale_leases",
     "worker_heartbeat",
 ]
 
@@ -214,6 +216,17 @@ class StaleLease:
     trial_number: int | None
     retry: bool
     job_state: JobState
+
+
+@dataclass(frozen=True)
+class StaleCandidate:
+    """A running lease whose heartbeat is older than the grace period (read, not locked)."""
+
+    id: int
+    job_id: str
+    optuna_study_name: str
+    optuna_trial_id: int | None
+    trial_number: int | None
 
 
 @dataclass(frozen=True)
@@ -810,6 +823,30 @@ def fail_stale_trials(
             reaped.append(stale)
     end_expired_jobs(sm, now=at)
     return reaped
+
+
+def stale_leases(sm: SessionSource, *, cutoff: datetime) -> list[StaleCandidate]:
+    """Running leases whose last heartbeat is older than ``cutoff``; a read, nothing changes.
+
+    The reaper looks at their Optuna trials before :func:`fail_stale_trials` takes any back.
+    """
+
+    def work(session: Session) -> list[StaleCandidate]:
+        rows = session.execute(
+            select(
+                TrialLease.id,
+                TrialLease.job_id,
+                SearchJob.optuna_study_name,
+                TrialLease.optuna_trial_id,
+                TrialLease.trial_number,
+            )
+            .join(SearchJob, SearchJob.id == TrialLease.job_id)
+            .where(TrialLease.state == LeaseState.RUNNING, TrialLease.heartbeat_at < cutoff)
+            .order_by(TrialLease.id)
+        ).all()
+        return [StaleCandidate(*row) for row in rows]
+
+    return _transact(sm, work)
 
 
 def list_leases(

@@ -17,7 +17,7 @@ from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
-from sqlalchemy import select, text
+from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
 from service import queue
@@ -29,7 +29,6 @@ from service.db import (
     session_scope,
 )
 from service.errors import Conflict, LeaseLost, NoCompletedTrials
-from service.models import LeaseState, SearchJob, TrialLease
 from service.schemas import BestPublic, Page, StudyPublic, TrialCounts, TrialPublic
 from service.search_space import TASK_METRICS, SpecLimits, StudySpec, parse_spec, sample_config
 from service.training.objective import CONFIG_ATTR, FAILURE_ATTR, RETRY_OF_ATTR
@@ -325,17 +324,6 @@ def check_database(backend: Backend) -> None:
         session.execute(text("SELECT 1"))
 
 
-@dataclass(frozen=True)
-class _StaleCandidate:
-    """A running lease whose heartbeat is older than the grace period (read, not locked)."""
-
-    id: int
-    job_id: str
-    optuna_study_name: str
-    optuna_trial_id: int | None
-    trial_number: int | None
-
-
 #: Optuna's final trial states -> the queue outcome a slot is finished with.
 _OPTUNA_OUTCOMES: dict[TrialState, queue.FinishOutcome] = {
     TrialState.COMPLETE: "complete",
@@ -367,7 +355,7 @@ def reap_stale_trials(
     """
     at = now or datetime.now(UTC)
     cutoff = at - timedelta(seconds=grace_s)
-    for candidate in _stale_candidates(backend, cutoff):
+    for candidate in queue.stale_leases(backend.sessions, cutoff=cutoff):
         if candidate.optuna_trial_id is None:
             continue  # died between claim and ask: nothing in Optuna to settle
         try:
@@ -456,25 +444,7 @@ def _fail_orphan_trials(backend: Backend, *, grace_s: float) -> int:
     return failed
 
 
-def _stale_candidates(backend: Backend, cutoff: datetime) -> list[_StaleCandidate]:
-    """Running leases whose last heartbeat is older than ``cutoff`` (a read; nothing changes)."""
-    with session_scope(backend.sessions) as session:
-        rows = session.execute(
-            select(
-                TrialLease.id,
-                TrialLease.job_id,
-                SearchJob.optuna_study_name,
-                TrialLease.optuna_trial_id,
-                TrialLease.trial_number,
-            )
-            .join(SearchJob, SearchJob.id == TrialLease.job_id)
-            .where(TrialLease.state == LeaseState.RUNNING, TrialLease.heartbeat_at < cutoff)
-            .order_by(TrialLease.id)
-        ).all()
-    return [_StaleCandidate(*row) for row in rows]
-
-
-def _settle_with_optuna(backend: Backend, candidate: _StaleCandidate) -> None:
+def _settle_with_optuna(backend: Backend, candidate: queue.StaleCandidate) -> None:
     """Step 1 for one stale lease: fail its RUNNING trial in Optuna, or, when its worker
     told Optuna the result before dying, finish the slot with that result."""
     assert candidate.optuna_trial_id is not None
