@@ -58,7 +58,6 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -72,7 +71,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.pool import NullPool
 
 from service import queue
-from service.db import session_scope
+from service.db import scratch_postgres_database, session_scope
 from service.migrate import upgrade_schema
 from service.models import TrialLease, Worker
 from service.search_space import DEFAULT_LIMITS, parse_spec
@@ -191,21 +190,10 @@ def connection_headroom(server: URL) -> int:
 @contextmanager
 def scratch_database(server: URL) -> Iterator[str]:
     """A fresh database with the server's schema (Optuna's tables, then ours); dropped after."""
-    name = f"lstm_hpo_bench_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(server, isolation_level="AUTOCOMMIT", poolclass=NullPool)
-    try:
-        with admin.connect() as connection:
-            connection.exec_driver_sql(f'CREATE DATABASE "{name}"')
-        try:
-            url = server.set(database=name).render_as_string(hide_password=False)
-            optuna_storage(url).engine.dispose()
-            upgrade_schema(url)
-            yield url
-        finally:
-            with admin.connect() as connection:
-                connection.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        admin.dispose()
+    with scratch_postgres_database(server, prefix="lstm_hpo_bench") as url:
+        optuna_storage(url).engine.dispose()
+        upgrade_schema(url)
+        yield url
 
 
 class ConnectionSampler(threading.Thread):

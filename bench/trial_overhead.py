@@ -61,11 +61,9 @@ from pathlib import Path
 from typing import Any, Literal, TypeAlias
 
 import optuna
-from sqlalchemy import create_engine
-from sqlalchemy.engine import make_url
-from sqlalchemy.pool import NullPool
 
 from service import queue
+from service.db import scratch_postgres_database
 from service.migrate import upgrade_schema
 from service.search_space import DEFAULT_LIMITS, parse_spec
 from service.studies import Backend, open_backend, submit_study
@@ -255,22 +253,9 @@ def fresh_database(backend: BackendName, postgres_url: str) -> Iterator[str]:
             _create_schema(url)
             yield url
         return
-    server = make_url(postgres_url)
-    name = f"lstm_hpo_bench_{uuid.uuid4().hex[:12]}"
-    # CREATE / DROP DATABASE cannot run inside a transaction.
-    admin = create_engine(server, isolation_level="AUTOCOMMIT", poolclass=NullPool)
-    try:
-        with admin.connect() as connection:
-            connection.exec_driver_sql(f'CREATE DATABASE "{name}"')
-        try:
-            url = server.set(database=name).render_as_string(hide_password=False)
-            _create_schema(url)
-            yield url
-        finally:
-            with admin.connect() as connection:
-                connection.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        admin.dispose()
+    with scratch_postgres_database(postgres_url, prefix="lstm_hpo_bench") as url:
+        _create_schema(url)
+        yield url
 
 
 def _create_schema(url: str) -> None:

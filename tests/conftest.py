@@ -9,17 +9,14 @@ database, dropped afterwards.
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Engine, create_engine
-from sqlalchemy.engine import make_url
+from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
-from sqlalchemy.pool import NullPool
 
-from service.db import make_engine, make_session_factory
+from service.db import make_engine, make_session_factory, scratch_postgres_database
 from service.migrate import upgrade_schema
 
 POSTGRES_URL_ENV = "LSTM_HPO_TEST_POSTGRES_URL"
@@ -40,20 +37,8 @@ def postgres_url() -> Iterator[str]:
         if os.environ.get("CI"):  # CI has PostgreSQL: a skipped backend would hide a failure
             pytest.fail(f"{POSTGRES_URL_ENV} must be set under CI")
         pytest.skip(f"{POSTGRES_URL_ENV} is not set")
-    server = make_url(server_url)
-    name = f"lstm_hpo_test_{uuid.uuid4().hex[:16]}"
-    # CREATE / DROP DATABASE cannot run inside a transaction.
-    admin = create_engine(server, isolation_level="AUTOCOMMIT", poolclass=NullPool)
-    try:
-        with admin.connect() as connection:
-            connection.exec_driver_sql(f'CREATE DATABASE "{name}"')
-        try:
-            yield server.set(database=name).render_as_string(hide_password=False)
-        finally:
-            with admin.connect() as connection:
-                connection.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        admin.dispose()
+    with scratch_postgres_database(server_url, prefix="lstm_hpo_test") as url:
+        yield url
 
 
 @pytest.fixture(

@@ -14,15 +14,6 @@ from service.training.data.base import InMemoryDataModule, Problem, TaskData
 class AddingDataModule(InMemoryDataModule):
     """Generated adding-problem sequences, held in memory."""
 
-    def __init__(
-        self,
-        train: tuple[torch.Tensor, torch.Tensor],
-        val: tuple[torch.Tensor, torch.Tensor],
-        test: tuple[torch.Tensor, torch.Tensor],
-        batch_size: int,
-    ) -> None:
-        super().__init__(train, val, test, batch_size)
-
 
 def adding_sequences(
     n: int, seq_len: int, rng: np.random.Generator
