@@ -283,6 +283,8 @@ def test_kill_server_during_submit_burst_creates_nothing_twice(
         with httpx.Client(base_url=cluster.url, timeout=5) as http:
             for key in thread_keys:
                 submit_until_acknowledged(key, http)
+                # Paced, so the burst (~1 s) surely spans the kill even on a quiet machine.
+                time.sleep(0.2)
 
     threads = [
         threading.Thread(target=client, args=(keys[i * 4 : i * 4 + 4],), daemon=True)
