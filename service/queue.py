@@ -39,11 +39,25 @@ from datetime import datetime, timedelta
 from functools import partial
 from typing import Any, Literal, NamedTuple, TypeVar
 
-from sqlalchemy import Engine, exc, func, or_, select, text, update
+from sqlalchemy import (
+    JSON,
+    Engine,
+    Integer,
+    Row,
+    String,
+    exc,
+    func,
+    or_,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.sql import Select
+from sqlalchemy.sql.selectable import TextualSelect
 
 from service import errors
-from service.db import session_scope
+from service.db import session_scope, translate_db_error
 from service.models import (
     ACTIVE_JOB_STATES,
     JobState,
@@ -83,6 +97,7 @@ __all__ = [
     "list_workers",
     "register_worker",
     "stale_leases",
+    "wait_for_work",
     "worker_heartbeat",
 ]
 
@@ -100,6 +115,10 @@ _MAX_TRANSACTION_ATTEMPTS = 3
 
 #: PostgreSQL: longest a claim waits for a job row that a concurrent transaction holds.
 _CLAIM_LOCK_WAIT_MS = 5000
+
+#: PostgreSQL LISTEN / NOTIFY channel on which a slot becoming claimable (a new job, a
+#: retry) is announced to idle workers (payload: the job id).
+WORK_CHANNEL = "lstm_hpo_work"
 
 _T = TypeVar("_T")
 
@@ -257,12 +276,23 @@ def _rolled_back_by_server(error: errors.DatabaseUnavailable) -> bool:
     return str(getattr(cause.orig, "sqlstate", "") or "").startswith("40")
 
 
-def _transact(source: SessionSource, work: Callable[[Session], _T]) -> _T:
-    """Run ``work`` in one transaction (commit / rollback / close via ``session_scope``)."""
+def _transact(
+    source: SessionSource, work: Callable[[Session], _T], *, one_statement: bool = False
+) -> _T:
+    """Run ``work`` in one transaction (commit / rollback / close via ``session_scope``).
+
+    ``one_statement``: ``work`` runs a single statement. On PostgreSQL it then runs in
+    autocommit mode: the server commits it as it ends, so the row locks it takes are held
+    for the statement alone, never across a client round trip (BEGIN and COMMIT cost two
+    more). With many workers on few cores, a lock holder waiting to be scheduled to send
+    its COMMIT is what queued every other claim behind it.
+    """
     factory = _session_factory(source)
     for attempt in range(1, _MAX_TRANSACTION_ATTEMPTS + 1):
         try:
             with session_scope(factory) as session:
+                if one_statement and _is_postgresql(session):
+                    session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
                 return work(session)
         except errors.DatabaseUnavailable as error:
             # Deadlock / serialization failure: the server rolled everything back, so a
@@ -283,6 +313,11 @@ def _now(now: datetime | None) -> datetime:
 
 def _is_postgresql(session: Session) -> bool:
     return session.get_bind().dialect.name == "postgresql"
+
+
+def _backend_name(source: SessionSource) -> str:
+    bind = source if isinstance(source, Engine) else source.kw["bind"]
+    return str(bind.dialect.name)
 
 
 def _job_record(job: SearchJob) -> JobRecord:
@@ -434,6 +469,7 @@ def create_job(
         )
         session.add(job)
         session.flush()
+        _announce_work(session, job.id)
         return CreatedJob(_job_record(job), created=True)
 
     if idempotency_key is not None:
@@ -581,36 +617,14 @@ def claim_trial_slot(
     (and its ``started_at`` / deadline) on its first claim.
     """
     at = _now(now)
+    if _backend_name(sm) == "postgresql":
+        return _claim_postgresql(sm, worker_id, at)
 
     def work(session: Session) -> Lease | None:
-        claimable = (
-            select(SearchJob)
-            .where(
-                SearchJob.state.in_(ACTIVE_JOB_STATES),
-                SearchJob.n_running + SearchJob.n_finished < SearchJob.n_trials,
-                or_(SearchJob.deadline_at.is_(None), SearchJob.deadline_at > at),
-            )
-            .order_by(
-                SearchJob.n_running.asc(),
-                SearchJob.last_claimed_at.asc().nulls_first(),
-                SearchJob.created_at.asc(),
-                SearchJob.id.asc(),
-            )
-            .limit(1)
-        )
-        # PostgreSQL: lock the chosen job row, skipping rows another claim holds, so
-        # concurrent claimers spread over jobs instead of queueing on one row.
-        job = session.scalars(claimable.with_for_update(skip_locked=True)).first()
-        if job is None and _is_postgresql(session):
-            # Every claimable row may be locked by a concurrent claim or finish (held for
-            # milliseconds): wait for it rather than reporting an empty queue. The
-            # conditions are re-checked on the row once the lock is granted; the wait is
-            # bounded so a stuck transaction elsewhere surfaces as DatabaseUnavailable.
-            session.execute(text(f"SET LOCAL lock_timeout = '{_CLAIM_LOCK_WAIT_MS}ms'"))
-            job = session.scalars(claimable.with_for_update()).first()
+        # SQLite: BEGIN IMMEDIATE (service.db) already serialises this transaction.
+        job = session.scalars(_claimable_jobs(at).limit(1)).first()
         if job is None:
             return None
-
         retried = session.scalars(
             select(TrialLease)
             .where(TrialLease.job_id == job.id, TrialLease.retry_pending.is_(True))
@@ -654,6 +668,126 @@ def claim_trial_slot(
     return _transact(sm, work)
 
 
+def _claimable_jobs(at: datetime) -> Select[SearchJob]:
+    """Active jobs with a free slot and time left, in the order claims serve them."""
+    return (
+        select(SearchJob)
+        .where(
+            SearchJob.state.in_(ACTIVE_JOB_STATES),
+            SearchJob.n_running + SearchJob.n_finished < SearchJob.n_trials,
+            or_(SearchJob.deadline_at.is_(None), SearchJob.deadline_at > at),
+        )
+        .order_by(
+            SearchJob.n_running.asc(),
+            SearchJob.last_claimed_at.asc().nulls_first(),
+            SearchJob.created_at.asc(),
+            SearchJob.id.asc(),
+        )
+    )
+
+
+#: PostgreSQL claim: the SQLite path of :func:`claim_trial_slot` as ONE statement, so the
+#: job row is locked only while the server runs it. ``{wait}`` is ``SKIP LOCKED`` (spread
+#: concurrent claims over jobs) or empty (wait for the row). Lock order as everywhere:
+#: the job row (``job``), then the lease row of a pending retry (``retried``).
+_PG_CLAIM = """
+WITH job AS (
+    SELECT id FROM search_jobs
+    WHERE state IN (:queued, :running)
+      AND n_running + n_finished < n_trials
+      AND (deadline_at IS NULL OR deadline_at > :now)
+    ORDER BY n_running, last_claimed_at NULLS FIRST, created_at, id
+    LIMIT 1
+    FOR UPDATE {wait}
+), retried AS (
+    SELECT lease.id, lease.attempt, lease.trial_number
+    FROM trial_leases AS lease JOIN job ON lease.job_id = job.id
+    WHERE lease.retry_pending
+    ORDER BY lease.id
+    LIMIT 1
+    FOR UPDATE OF lease
+), taken_over AS (
+    UPDATE trial_leases SET retry_pending = false
+    FROM retried WHERE trial_leases.id = retried.id
+), claimed AS (
+    UPDATE search_jobs SET
+        n_running = search_jobs.n_running + 1,
+        last_claimed_at = :now,
+        started_at = COALESCE(search_jobs.started_at, :now),
+        deadline_at = CASE
+            WHEN search_jobs.started_at IS NULL AND search_jobs.timeout_s IS NOT NULL
+            THEN :now + make_interval(secs => search_jobs.timeout_s)
+            ELSE search_jobs.deadline_at
+        END,
+        state = :running
+    FROM job WHERE search_jobs.id = job.id
+    RETURNING search_jobs.id, search_jobs.optuna_study_name, search_jobs.spec
+), lease AS (
+    INSERT INTO trial_leases
+        (job_id, worker_id, state, attempt, retry_of, retry_pending, claimed_at, heartbeat_at)
+    SELECT claimed.id, :worker_id, :lease_running, COALESCE(retried.attempt + 1, 0),
+           retried.id, false, :now, :now
+    FROM claimed LEFT JOIN retried ON true
+    RETURNING id, attempt, retry_of
+)
+SELECT lease.id, claimed.id AS job_id, claimed.optuna_study_name, claimed.spec,
+       lease.attempt, lease.retry_of, retried.trial_number AS retry_of_trial_number
+FROM lease CROSS JOIN claimed LEFT JOIN retried ON true
+"""
+
+
+def _pg_claim_statement(*, skip_locked: bool) -> TextualSelect:
+    return text(_PG_CLAIM.format(wait="SKIP LOCKED" if skip_locked else "")).columns(
+        id=Integer,
+        job_id=String,
+        optuna_study_name=String,
+        spec=JSON,
+        attempt=Integer,
+        retry_of=Integer,
+        retry_of_trial_number=Integer,
+    )
+
+
+_PG_CLAIM_SKIP_LOCKED = _pg_claim_statement(skip_locked=True)
+_PG_CLAIM_WAIT = _pg_claim_statement(skip_locked=False)
+
+
+def _claim_postgresql(sm: SessionSource, worker_id: str, at: datetime) -> Lease | None:
+    params = {
+        "queued": JobState.QUEUED.value,
+        "running": JobState.RUNNING.value,
+        "lease_running": LeaseState.RUNNING.value,
+        "now": at,
+        "worker_id": worker_id,
+    }
+
+    def claim(session: Session) -> Row[Any] | None:
+        return session.execute(_PG_CLAIM_SKIP_LOCKED, params).first()
+
+    def wait_and_claim(session: Session) -> Row[Any] | None:
+        # Every claimable row may be locked by a concurrent claim or finish (for well
+        # under a millisecond): wait for it rather than report an empty queue. The
+        # conditions are re-checked on the row once the lock is granted; the wait is
+        # bounded so a stuck transaction elsewhere surfaces as DatabaseUnavailable.
+        session.execute(text(f"SET LOCAL lock_timeout = '{_CLAIM_LOCK_WAIT_MS}ms'"))
+        return session.execute(_PG_CLAIM_WAIT, params).first()
+
+    row = _transact(sm, claim, one_statement=True) or _transact(sm, wait_and_claim)
+    if row is None:
+        return None
+    return Lease(
+        id=row.id,
+        job_id=row.job_id,
+        worker_id=worker_id,
+        optuna_study_name=row.optuna_study_name,
+        spec=dict(row.spec),
+        attempt=row.attempt,
+        retry_of=row.retry_of,
+        retry_of_trial_number=row.retry_of_trial_number,
+        claimed_at=at,
+    )
+
+
 def attach_trial(
     sm: SessionSource, lease_id: int, *, optuna_trial_id: int, trial_number: int
 ) -> None:
@@ -672,7 +806,7 @@ def attach_trial(
         if not attached:
             raise errors.LeaseLost()
 
-    _transact(sm, work)
+    _transact(sm, work, one_statement=True)
 
 
 def heartbeat(sm: SessionSource, lease_ids: Iterable[int], now: datetime | None = None) -> set[int]:
@@ -693,7 +827,7 @@ def heartbeat(sm: SessionSource, lease_ids: Iterable[int], now: datetime | None 
         ).all()
         return ids - set(alive)
 
-    return _transact(sm, work)
+    return _transact(sm, work, one_statement=True)
 
 
 def finish_trial_slot(
@@ -718,6 +852,14 @@ def finish_trial_slot(
     if state not in (LeaseState.COMPLETE, LeaseState.PRUNED, LeaseState.FAILED):
         raise ValueError(f"outcome must be complete, pruned or failed, not {outcome!r}")
     at = _now(now)
+    if _backend_name(sm) == "postgresql":
+        finished = _finish_postgresql(
+            sm, lease_id, job_id=job_id, state=state, failure_reason=failure_reason, at=at
+        )
+        if finished is not None:
+            return finished
+        # The lease no longer runs (or is not this job's): the path below tells a retried
+        # call whose first attempt committed from a lost lease.
 
     def work(session: Session) -> JobState:
         lease_job_id = job_id
@@ -758,6 +900,94 @@ def finish_trial_slot(
         return JobState(job.state)
 
     return _transact(sm, work)
+
+
+#: The condition under which a finish ends the job (as :func:`_end_job_if_done`), on the
+#: job row ``j`` as it was before the finish's decrement / increment.
+_PG_FINISH_ENDS_JOB = """
+    j.state IN (:queued, :running)
+    AND (j.n_finished + 1 >= j.n_trials OR (j.deadline_at <= :now AND j.n_running = 1))
+"""
+
+#: PostgreSQL finish: the common path of :func:`finish_trial_slot` as ONE statement. Lock
+#: order: the job row (``job``), then the lease row, which is only updated while it still
+#: runs. The job ends here too when this was its last slot, so no crash can leave it open.
+#: The EXISTS sees the leases as they were before this statement: hence ``:pruned_now``.
+_PG_FINISH = text(
+    f"""
+WITH job AS (
+    SELECT search_jobs.id
+    FROM search_jobs JOIN trial_leases ON trial_leases.job_id = search_jobs.id
+    WHERE trial_leases.id = :lease_id
+      AND search_jobs.id = COALESCE(CAST(:job_id AS VARCHAR), search_jobs.id)
+    FOR UPDATE OF search_jobs
+), lease AS (
+    UPDATE trial_leases SET state = :state, finished_at = :now, failure_reason = :reason
+    FROM job
+    WHERE trial_leases.id = :lease_id
+      AND trial_leases.job_id = job.id
+      AND trial_leases.state = :lease_running
+    RETURNING trial_leases.job_id
+)
+UPDATE search_jobs AS j SET
+    n_running = j.n_running - 1,
+    n_finished = j.n_finished + 1,
+    n_complete = j.n_complete + :completed,
+    state = CASE WHEN {_PG_FINISH_ENDS_JOB}
+        THEN CASE WHEN j.n_complete + :completed > 0 THEN :succeeded ELSE :failed END
+        ELSE j.state END,
+    finished_at = CASE WHEN {_PG_FINISH_ENDS_JOB} THEN :now ELSE j.finished_at END,
+    error = CASE WHEN {_PG_FINISH_ENDS_JOB} THEN CASE
+            WHEN j.n_complete + :completed > 0 THEN NULL
+            WHEN j.n_finished + 1 < j.n_trials THEN :timed_out_error
+            WHEN :pruned_now OR EXISTS (
+                SELECT 1 FROM trial_leases AS other
+                WHERE other.job_id = j.id AND other.state = :pruned
+            ) THEN :none_completed_error
+            ELSE :all_failed_error
+        END
+        ELSE j.error END
+FROM lease WHERE j.id = lease.job_id
+RETURNING j.state
+"""
+).columns(state=String)
+
+
+def _finish_postgresql(
+    sm: SessionSource,
+    lease_id: int,
+    *,
+    job_id: str | None,
+    state: LeaseState,
+    failure_reason: str | None,
+    at: datetime,
+) -> JobState | None:
+    """The job's state after finishing a running lease; None when the lease is not running."""
+    params = {
+        "job_id": job_id,
+        "lease_id": lease_id,
+        "state": state.value,
+        "reason": failure_reason,
+        "now": at,
+        "lease_running": LeaseState.RUNNING.value,
+        "pruned": LeaseState.PRUNED.value,
+        "completed": int(state == LeaseState.COMPLETE),
+        "pruned_now": state == LeaseState.PRUNED,
+        "queued": JobState.QUEUED.value,
+        "running": JobState.RUNNING.value,
+        "succeeded": JobState.SUCCEEDED.value,
+        "failed": JobState.FAILED.value,
+        "timed_out_error": TIMED_OUT_ERROR,
+        "none_completed_error": NONE_COMPLETED_ERROR,
+        "all_failed_error": ALL_FAILED_ERROR,
+    }
+
+    def work(session: Session) -> str | None:
+        job_state = session.scalar(_PG_FINISH, params)
+        return None if job_state is None else str(job_state)
+
+    job_state = _transact(sm, work, one_statement=True)
+    return None if job_state is None else JobState(job_state)
 
 
 def fail_stale_trials(
@@ -801,6 +1031,7 @@ def fail_stale_trials(
         )
         if retry:
             lease.retry_pending = True
+            _announce_work(session, job.id)
         else:
             job.n_finished += 1
         _end_job_if_done(session, job, at)
@@ -861,6 +1092,46 @@ def list_leases(
         return [_lease_record(lease) for lease in session.scalars(query).all()]
 
     return _transact(sm, work)
+
+
+def _announce_work(session: Session, job_id: str) -> None:
+    # Delivered at commit, and only then: a listener never wakes for a rolled-back job.
+    if _is_postgresql(session):
+        session.execute(select(func.pg_notify(WORK_CHANNEL, job_id)))
+
+
+def wait_for_work(sm: SessionSource, timeout_s: float) -> bool:
+    """Block an idle worker until a slot may have become claimable, at most ``timeout_s``.
+
+    PostgreSQL: LISTEN on ``WORK_CHANNEL`` on one of the caller's pooled connections (no
+    extra connection) and return True as soon as a job is created or a retry is queued:
+    idle workers start a new study within milliseconds instead of a poll interval, without
+    polling faster. An announcement sent between the caller's empty claim and its LISTEN
+    is missed; the timeout is the fallback. SQLite: sleeps ``timeout_s``; returns False.
+    """
+    engine = sm if isinstance(sm, Engine) else sm.kw["bind"]
+    if engine.dialect.name != "postgresql":
+        time.sleep(timeout_s)
+        return False
+    try:
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+            connection.exec_driver_sql(f"LISTEN {WORK_CHANNEL}")
+            driver = connection.connection.driver_connection
+            assert driver is not None  # checked out and valid
+            try:
+                woken = any(True for _ in driver.notifies(timeout=timeout_s, stop_after=1))
+            except engine.dialect.loaded_dbapi.Error as error:  # psycopg's own, unwrapped
+                connection.invalidate()  # never hand this connection out again
+                raise errors.DatabaseUnavailable(
+                    f"{errors.DatabaseUnavailable.__doc__} ({type(error).__name__}: {error})"
+                ) from error
+            connection.exec_driver_sql(f"UNLISTEN {WORK_CHANNEL}")
+            return woken
+    except exc.SQLAlchemyError as error:
+        translated = translate_db_error(error)
+        if translated is None:
+            raise
+        raise translated from error
 
 
 # ---------------------------------------------------------------------------------------

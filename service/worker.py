@@ -103,6 +103,23 @@ class _JobContext:
     study: optuna.Study
 
 
+class _NewTrialStudy(optuna.Study):
+    """A study whose ``ask()`` always creates a new trial: the study of fresh slots.
+
+    Optuna's ``ask()`` first looks for a WAITING trial to run, and to find one it syncs
+    its trial cache, which re-reads every RUNNING trial of every worker (parameters and
+    attributes): work that grows with the number of workers, on every trial (at 64
+    workers it was half of a worker's CPU per trial). In this service only the reaper
+    enqueues trials, for a retry slot, and a retry slot asks through a freshly loaded
+    plain study (``Worker._job_study``); a fresh slot skipping the lookup also never takes
+    a retry's parameters. Overrides ``Study._pop_waiting_trial_id`` (private; optuna is
+    pinned to 5.x and tests/integration/test_worker_ask.py checks the behaviour).
+    """
+
+    def _pop_waiting_trial_id(self) -> int | None:
+        return None
+
+
 class _Heartbeat(threading.Thread):
     """Keeps the current lease alive; notices when the reaper took it back."""
 
@@ -203,7 +220,11 @@ class Worker:
                     idle = time.monotonic() - idle_since
                     if self.options.idle_exit_s is not None and idle >= self.options.idle_exit_s:
                         break
-                    time.sleep(self.options.poll_interval_s)
+                    # PostgreSQL: woken by the NOTIFY of a new job or retry; else a poll.
+                    self._db(
+                        "wait for work",
+                        lambda: queue.wait_for_work(self.sessions, self.options.poll_interval_s),
+                    )
                     continue
                 beat.lease_id = lease.id
                 try:
@@ -334,15 +355,19 @@ class Worker:
         """The lease's validated spec and its Optuna study, kept per job (LRU) between trials."""
         assert self.storage is not None
         context = self._jobs.pop(lease.job_id, None)
-        # A retry loads the study afresh, as every slot did before: a fresh read sees every
-        # trial, among them the WAITING one with the failed trial's parameters that the
-        # reaper enqueued, whatever order the commits came in (retries are rare).
-        if context is None or context.raw_spec != lease.spec or lease.retry_of is not None:
-            study = optuna.load_study(study_name=lease.optuna_study_name, storage=self.storage)
+        if context is None or context.raw_spec != lease.spec:
+            study = _NewTrialStudy(study_name=lease.optuna_study_name, storage=self.storage)
             context = _JobContext(dict(lease.spec), parse_spec(lease.spec), study)
         self._jobs[lease.job_id] = context
         while len(self._jobs) > JOB_CACHE_SIZE:
             self._jobs.popitem(last=False)
+        if lease.retry_of is not None:
+            # A retry loads the study afresh with Optuna's own ask(): a fresh read sees
+            # every trial, among them the WAITING one with the failed trial's parameters
+            # that the reaper enqueued, whatever order the commits came in (retries are rare).
+            return context.spec, optuna.load_study(
+                study_name=lease.optuna_study_name, storage=self.storage
+            )
         return context.spec, context.study
 
 

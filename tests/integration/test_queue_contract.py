@@ -5,6 +5,7 @@ multi-process concurrency. Every assertion reads the database back."""
 from __future__ import annotations
 
 import multiprocessing
+import threading
 import time
 import traceback
 from datetime import UTC, datetime, timedelta
@@ -696,3 +697,34 @@ def test_four_processes_share_two_jobs_exactly(
         row = _job_row(session_factory, job.id)
         assert (row["state"], row["n_running"], row["n_finished"]) == ("succeeded", 0, n)
         assert len(_lease_rows(session_factory, job.id)) == n
+
+
+def test_wait_for_work_wakes_on_a_new_job(session_factory: sessionmaker[Session]) -> None:
+    """PostgreSQL: an idle worker's wait ends with the NOTIFY of a submit (True), well
+    before its timeout; with nothing announced it times out (False). SQLite only sleeps."""
+    postgresql = session_factory.kw["bind"].dialect.name == "postgresql"
+    assert queue.wait_for_work(session_factory, 0.05) is False
+    if not postgresql:
+        return
+    woken: list[bool] = []
+    waiter = threading.Thread(target=lambda: woken.append(queue.wait_for_work(session_factory, 60)))
+    waiter.start()
+    # The waiter holds the pool's other connection; submit once it listens.
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not _listening(session_factory):
+        time.sleep(0.01)
+    _job(session_factory, 1)
+    waiter.join(timeout=60)
+    assert woken == [True]
+
+
+def _listening(sm: sessionmaker[Session]) -> bool:
+    with session_scope(sm) as session:
+        return bool(
+            session.scalar(
+                text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                    f" AND query = 'LISTEN {queue.WORK_CHANNEL}'"
+                )
+            )
+        )

@@ -1,0 +1,73 @@
+"""How a worker asks Optuna for a trial: fresh slots never take a retry's WAITING trial,
+and the study a worker keeps between trials still shows its sampler every finished trial."""
+
+from __future__ import annotations
+
+import optuna
+from optuna.trial import TrialState
+
+from service import queue
+from service.search_space import DEFAULT_LIMITS, parse_spec
+from service.studies import open_backend, optuna_storage, submit_study
+from service.worker import Worker, WorkerOptions, _NewTrialStudy
+
+
+def _spec(n_trials: int) -> dict[str, object]:
+    return {
+        "name": "ask",
+        "task": {"kind": "synthetic"},
+        "space": {"num_layers": {"type": "int", "low": 1, "high": 4}, "max_epochs": 1},
+        "study": {"n_trials": n_trials, "sampler": "random", "pruner": "none"},
+    }
+
+
+def test_new_trial_study_skips_waiting_trials_and_sees_other_workers_results(
+    migrated_db_url: str,
+) -> None:
+    storage = optuna_storage(migrated_db_url, pool_size=2)
+    optuna.create_study(study_name="s", storage=storage)
+    kept = _NewTrialStudy(study_name="s", storage=storage)  # a worker's cached study
+    other = optuna.load_study(study_name="s", storage=storage)  # another worker
+
+    first = kept.ask()
+    kept.tell(first, 1.0)
+    by_other = other.ask()
+    other.tell(by_other, 2.0)
+    other.enqueue_trial({"x": 0.5})  # what the reaper does for a retry slot
+    (waiting,) = other.get_trials(states=(TrialState.WAITING,))
+
+    fresh = kept.ask()
+    assert fresh.number not in (first.number, by_other.number, waiting.number)
+    # The sampler's view (the per-ask cache samplers read) includes the other worker's
+    # trial that finished after this study's previous ask.
+    seen = {t.number for t in kept._get_trials(deepcopy=False, use_cache=True)}
+    assert {first.number, by_other.number} <= seen
+    # The WAITING trial is left for the retry, which asks through a plain study.
+    assert other.ask().number == waiting.number
+    storage.engine.dispose()
+
+
+def test_worker_leaves_a_pending_retrys_trial_to_the_retry(migrated_db_url: str) -> None:
+    backend = open_backend(migrated_db_url, limits=DEFAULT_LIMITS, base_url="http://t.invalid")
+    study, _ = submit_study(backend, parse_spec(_spec(n_trials=2)))
+    optuna_study = optuna.load_study(study_name=study.optuna_study_name, storage=backend.storage)
+    optuna_study.enqueue_trial({"num_layers": 3})
+
+    worker = Worker(
+        WorkerOptions(database_url=migrated_db_url, poll_interval_s=0.01, idle_exit_s=0.0)
+    )
+    try:
+        assert worker.run() == 2
+    finally:
+        worker.engine.dispose()
+        if worker.storage is not None:
+            worker.storage.engine.dispose()
+
+    trials = optuna_study.get_trials()
+    waiting, complete = TrialState.WAITING, TrialState.COMPLETE
+    assert [t.state for t in trials] == [waiting, complete, complete]
+    leases = queue.list_leases(backend.sessions, study.id)
+    assert {lease.trial_number for lease in leases} == {1, 2}
+    assert queue.get_job(backend.sessions, study.id).state == queue.JobState.SUCCEEDED
+    assert isinstance(backend.storage, optuna.storages.RDBStorage)
+    backend.storage.engine.dispose()
