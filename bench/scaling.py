@@ -13,8 +13,12 @@ Measured window: from the first claim to the last finish (``trial_leases.claimed
 ``finished_at``), so worker start-up (imports, connecting) is not in it. Reported:
 
 - trials/s = trials / window, against the ideal N / sleep_s, and the efficiency (ratio);
+  also the steady-state efficiency: trials finished per second while every worker was
+  busy (from the last worker's first claim to the last claim), what a long study sees
+  without the run's first and last round (shown when that span is >= 2 trials long);
 - pickup: how long after the first claim the last worker made its first claim (an idle
-  worker looks for work every ``--poll-interval-s``; this is part of the window);
+  worker is woken by the submit's NOTIFY, else looks for work every
+  ``--poll-interval-s``; this is part of the window);
 - CPU: the machine's busy share for 2 s before the submit (idle workers polling, and any
   other load on the machine) and over the run (every worker, PostgreSQL and this script
   share its cores); and the CPU time per trial of the worker processes and of their
@@ -282,6 +286,9 @@ class Result:
     waiting_statements: tuple[tuple[str, int], ...]
     max_connections_per_worker: int
     sleep_s: float
+    #: Trials finished per second while every worker was busy: from the last worker's
+    #: first claim to the last claim (after it, workers start running out of slots).
+    steady_per_s: float | None = None
 
     @property
     def trials_per_s(self) -> float:
@@ -294,6 +301,10 @@ class Result:
     @property
     def efficiency(self) -> float:
         return self.trials_per_s / self.ideal_per_s
+
+    @property
+    def steady_efficiency(self) -> float | None:
+        return None if self.steady_per_s is None else self.steady_per_s / self.ideal_per_s
 
     @property
     def target(self) -> float | None:
@@ -444,6 +455,9 @@ def run_workers(url: str, n: int, args: argparse.Namespace) -> Result:
             first_claims.append(claimed)
         previous = (worker, finished)
     waiters = sampler.lock_waiters or [0]
+    all_busy, last_claim = max(first_claims), max(claimed for _, claimed, _ in leases)
+    steady_s = (last_claim - all_busy).total_seconds()
+    steady_finishes = sum(1 for _, _, done in leases if done and all_busy <= done <= last_claim)
     return Result(
         workers=n,
         trials=n_trials,
@@ -463,6 +477,7 @@ def run_workers(url: str, n: int, args: argparse.Namespace) -> Result:
         waiting_statements=tuple(sampler.waiting_statements.most_common(3)),
         max_connections_per_worker=max(sampler.peak_per_worker.values(), default=0),
         sleep_s=args.sleep_s,
+        steady_per_s=steady_finishes / steady_s if steady_s >= 2 * args.sleep_s else None,
     )
 
 
@@ -473,12 +488,13 @@ def run_workers(url: str, n: int, args: argparse.Namespace) -> Result:
 def table(results: Sequence[Result], cores: int) -> str:
     """The Markdown table BENCHMARKS.md records."""
     lines = [
-        "| workers | trials | window s | trials/s | ideal | efficiency | target | pickup s "
+        "| workers | trials | window s | trials/s | ideal | efficiency | target "
+        "| steady state | pickup s "
         "| slot s | gap s | lock waiters peak / mean "
         f"| CPU busy ({cores} cores): before / run | CPU ms/trial worker + PG "
         "| peak connections "
         "| per worker (max) |",
-        "|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         target = "-"
@@ -486,9 +502,10 @@ def table(results: Sequence[Result], cores: int) -> str:
             met = "met" if r.efficiency >= r.target else "**missed**"
             target = f">= {r.target:.0%} {met}"
         per_worker = f"{r.peak_connections / r.workers:.2f} ({r.max_connections_per_worker})"
+        steady = "-" if r.steady_efficiency is None else f"{r.steady_efficiency:.1%}"
         lines.append(
             f"| {r.workers} | {r.trials} | {r.window_s:.2f} | {r.trials_per_s:.2f} "
-            f"| {r.ideal_per_s:.0f} | {r.efficiency:.1%} | {target} | {r.pickup_s:.2f} "
+            f"| {r.ideal_per_s:.0f} | {r.efficiency:.1%} | {target} | {steady} | {r.pickup_s:.2f} "
             f"| {r.slot_s:.3f} | {r.gap_s:.3f} "
             f"| {r.lock_waiters_peak} / {r.lock_waiters_mean:.1f} "
             f"| {r.background_busy:.0%} / {r.cpu_busy:.0%} "

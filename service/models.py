@@ -29,6 +29,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -167,7 +168,16 @@ class TrialLease(Base):
     """
 
     __tablename__ = "trial_leases"
-    __table_args__ = (Index("ix_trial_leases_state_heartbeat_at", "state", "heartbeat_at"),)
+    __table_args__ = (
+        Index("ix_trial_leases_state_heartbeat_at", "state", "heartbeat_at"),
+        # Partial: a claim looks up its job's pending retry under the job's lock.
+        Index(
+            "ix_trial_leases_retry_pending",
+            "job_id",
+            postgresql_where=text("retry_pending"),
+            sqlite_where=text("retry_pending"),
+        ),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     job_id: Mapped[str] = mapped_column(
