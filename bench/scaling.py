@@ -13,16 +13,17 @@ Measured window: from the first claim to the last finish (``trial_leases.claimed
 ``finished_at``), so worker start-up (imports, connecting) is not in it. Reported:
 
 - trials/s = trials / window, against the ideal N / sleep_s, and the efficiency (ratio);
-  also the steady-state efficiency: trials finished per second while every worker was
-  busy (from the last worker's first claim to the last claim), what a long study sees
-  without the run's first and last round (shown when that span is >= 2 trials long);
+  also the per-worker cycle efficiency: sleep_s / (mean slot + mean gap), the rate of a
+  long study, without this run's first round (pickup) and last (running out of slots);
 - pickup: how long after the first claim the last worker made its first claim (an idle
   worker is woken by the submit's NOTIFY, else looks for work every
   ``--poll-interval-s``; this is part of the window);
 - CPU: the machine's busy share for 2 s before the submit (idle workers polling, and any
   other load on the machine) and over the run (every worker, PostgreSQL and this script
   share its cores); and the CPU time per trial of the worker processes and of their
-  PostgreSQL backends (from /proc: PostgreSQL must run on this machine for that figure);
+  PostgreSQL backends (from /proc: PostgreSQL must run on this machine for that figure),
+  and the CPU ceiling: the efficiency those cores allow at that cost (cores / CPU per
+  trial, against the ideal), which no queue can beat on this machine;
 - where the time goes: the mean seconds a lease ran (claim -> finish: ask, the sleep, tell,
   finish the slot) and between a worker's finish and its next claim, and how many worker
   connections were waiting for a row lock (peak / mean over the samples) together with
@@ -286,9 +287,6 @@ class Result:
     waiting_statements: tuple[tuple[str, int], ...]
     max_connections_per_worker: int
     sleep_s: float
-    #: Trials finished per second while every worker was busy: from the last worker's
-    #: first claim to the last claim (after it, workers start running out of slots).
-    steady_per_s: float | None = None
 
     @property
     def trials_per_s(self) -> float:
@@ -303,8 +301,16 @@ class Result:
         return self.trials_per_s / self.ideal_per_s
 
     @property
-    def steady_efficiency(self) -> float | None:
-        return None if self.steady_per_s is None else self.steady_per_s / self.ideal_per_s
+    def cycle_efficiency(self) -> float:
+        """sleep_s / a worker's mean cycle (slot + gap): the rate of a long study, without
+        this run's first round (pickup) and last round (workers running out of slots)."""
+        return self.sleep_s / (self.slot_s + self.gap_s)
+
+    def cpu_ceiling(self, cores: int) -> float:
+        """The most trials/s this machine's cores allow at the measured CPU cost per trial
+        (worker + PostgreSQL), as a share of the ideal: no queue can do better here."""
+        cpu_per_trial = (self.worker_cpu_s + self.pg_cpu_s) / self.trials
+        return min(1.0, cores / cpu_per_trial / self.ideal_per_s) if cpu_per_trial else 1.0
 
     @property
     def target(self) -> float | None:
@@ -455,9 +461,6 @@ def run_workers(url: str, n: int, args: argparse.Namespace) -> Result:
             first_claims.append(claimed)
         previous = (worker, finished)
     waiters = sampler.lock_waiters or [0]
-    all_busy, last_claim = max(first_claims), max(claimed for _, claimed, _ in leases)
-    steady_s = (last_claim - all_busy).total_seconds()
-    steady_finishes = sum(1 for _, _, done in leases if done and all_busy <= done <= last_claim)
     return Result(
         workers=n,
         trials=n_trials,
@@ -477,7 +480,6 @@ def run_workers(url: str, n: int, args: argparse.Namespace) -> Result:
         waiting_statements=tuple(sampler.waiting_statements.most_common(3)),
         max_connections_per_worker=max(sampler.peak_per_worker.values(), default=0),
         sleep_s=args.sleep_s,
-        steady_per_s=steady_finishes / steady_s if steady_s >= 2 * args.sleep_s else None,
     )
 
 
@@ -489,12 +491,13 @@ def table(results: Sequence[Result], cores: int) -> str:
     """The Markdown table BENCHMARKS.md records."""
     lines = [
         "| workers | trials | window s | trials/s | ideal | efficiency | target "
-        "| steady state | pickup s "
+        "| per-worker cycle | pickup s "
         "| slot s | gap s | lock waiters peak / mean "
         f"| CPU busy ({cores} cores): before / run | CPU ms/trial worker + PG "
+        "| CPU ceiling "
         "| peak connections "
         "| per worker (max) |",
-        "|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         target = "-"
@@ -502,15 +505,16 @@ def table(results: Sequence[Result], cores: int) -> str:
             met = "met" if r.efficiency >= r.target else "**missed**"
             target = f">= {r.target:.0%} {met}"
         per_worker = f"{r.peak_connections / r.workers:.2f} ({r.max_connections_per_worker})"
-        steady = "-" if r.steady_efficiency is None else f"{r.steady_efficiency:.1%}"
         lines.append(
             f"| {r.workers} | {r.trials} | {r.window_s:.2f} | {r.trials_per_s:.2f} "
-            f"| {r.ideal_per_s:.0f} | {r.efficiency:.1%} | {target} | {steady} | {r.pickup_s:.2f} "
+            f"| {r.ideal_per_s:.0f} | {r.efficiency:.1%} | {target} | {r.cycle_efficiency:.1%} "
+            f"| {r.pickup_s:.2f} "
             f"| {r.slot_s:.3f} | {r.gap_s:.3f} "
             f"| {r.lock_waiters_peak} / {r.lock_waiters_mean:.1f} "
             f"| {r.background_busy:.0%} / {r.cpu_busy:.0%} "
             f"| {1000 * r.worker_cpu_s / r.trials:.0f} + "
-            f"{1000 * r.pg_cpu_s / r.trials:.0f} | {r.peak_connections} | {per_worker} |"
+            f"{1000 * r.pg_cpu_s / r.trials:.0f} | {r.cpu_ceiling(cores):.0%} "
+            f"| {r.peak_connections} | {per_worker} |"
         )
     return "\n".join(lines)
 

@@ -43,7 +43,8 @@ class Settings(BaseSettings):
     heartbeat_interval_s: float = Field(default=10.0, gt=0)
     heartbeat_grace_s: float = Field(default=60.0, gt=0)
     reaper_interval_s: float = Field(default=15.0, gt=0)
-    #: How often an idle worker looks for work.
+    #: How often an idle worker looks for work when nothing wakes it (PostgreSQL: a
+    #: submit or a queued retry wakes idle workers at once, via LISTEN / NOTIFY).
     poll_interval_s: float = Field(default=1.0, gt=0)
     #: torch threads per worker process.
     torch_threads: int = Field(default=1, ge=1)
