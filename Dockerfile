@@ -25,8 +25,8 @@ COPY pyproject.toml README.md ./
 COPY service ./service
 COPY migrations ./migrations
 COPY search_spaces ./search_spaces
-# Editable, so the server finds migrations/ beside the package.
-RUN pip install -e ".[postgres,datasets]"
+# A regular install: the wheel carries the migrations (service/migrations).
+RUN pip install ".[postgres,datasets]"
 
 RUN useradd --create-home --uid 10001 lstm && mkdir -p /data && chown lstm /data
 USER lstm

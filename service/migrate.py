@@ -35,8 +35,17 @@ VERSION_TABLE = "service_alembic_version"
 #: pg_advisory_xact_lock key serialising concurrent upgrades: any fixed 64-bit number
 #: (this one is b"LSTM" followed by 0001).
 ADVISORY_LOCK_KEY = 0x4C53_544D_0001
-#: ``migrations/`` sits beside the ``service`` package in a checkout (and an editable install).
-MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+_PACKAGE_DIR = Path(__file__).resolve().parent
+#: A wheel ships the repository's ``migrations/`` inside the package (``service/migrations``,
+#: see pyproject.toml); a checkout or an editable install has it beside the package.
+MIGRATIONS_DIR = next(
+    (
+        folder
+        for folder in (_PACKAGE_DIR / "migrations", _PACKAGE_DIR.parent / "migrations")
+        if (folder / "env.py").is_file()
+    ),
+    _PACKAGE_DIR.parent / "migrations",
+)
 
 
 def include_name(name: str | None, type_: str, parent_names: Any) -> bool:
@@ -62,8 +71,8 @@ def make_alembic_config(
     as a config attribute, never through an ini file or from a user."""
     if not (MIGRATIONS_DIR / "env.py").is_file():
         raise errors.SchemaNotReady(
-            f"the migrations folder is missing ({MIGRATIONS_DIR}); run lstm-hpo from a "
-            "checkout or an editable install"
+            f"the migrations folder is missing ({MIGRATIONS_DIR}); reinstall lstm-hpo "
+            "(pip install lstm-hpo, or pip install -e . in a checkout)"
         )
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS_DIR))
