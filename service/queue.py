@@ -13,8 +13,15 @@ Invariants kept here:
   claim / finish / reap / cancel calls cannot deadlock each other.
 
 Locking: on PostgreSQL the job row is locked with ``SELECT ... FOR UPDATE`` (``SKIP LOCKED``
-when claiming); on SQLite the engine opens every transaction with ``BEGIN IMMEDIATE``
-(:func:`service.db.make_engine`), which serialises writers, and ``FOR UPDATE`` is omitted.
+when claiming). The hot paths, claim and finish, are ONE autocommitted statement each
+(``_PG_CLAIM``, ``_PG_FINISH``): the server releases the job row's lock when the statement
+ends, never after another client round trip, so many workers do not queue behind a lock
+holder that waits for a CPU. On SQLite the engine opens every transaction with ``BEGIN
+IMMEDIATE`` (:func:`service.db.make_engine`), which serialises writers; there claim and
+finish are ORM transactions with the same semantics (the contract tests run on both).
+
+Idle workers on PostgreSQL block in :func:`wait_for_work` (``LISTEN``); creating a job and
+queueing a retry ``NOTIFY`` them on commit.
 
 Retry of a reaped slot: when the reaper takes a slot back from a silent worker and the
 lease's ``attempt < max_retries``, the reaped lease gets ``retry_pending = True`` and the
