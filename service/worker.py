@@ -221,10 +221,9 @@ class Worker:
                     if self.options.idle_exit_s is not None and idle >= self.options.idle_exit_s:
                         break
                     # PostgreSQL: woken by the NOTIFY of a new job or retry; else a poll.
-                    self._db(
-                        "wait for work",
-                        lambda: queue.wait_for_work(self.sessions, self.options.poll_interval_s),
-                    )
+                    # The wait holds this process's one pooled connection for our tables,
+                    # so it never outlasts half a heartbeat period (the heartbeat needs it).
+                    self._db("wait for work", self._wait_for_work)
                     continue
                 beat.lease_id = lease.id
                 try:
@@ -236,6 +235,10 @@ class Worker:
         finally:
             beat.stop()
         return done
+
+    def _wait_for_work(self) -> bool:
+        wait_s = min(self.options.poll_interval_s, self.options.heartbeat_interval_s / 2)
+        return queue.wait_for_work(self.sessions, wait_s)
 
     def run_lease(self, lease: queue.Lease, beat: _Heartbeat) -> Outcome | None:
         """Run the trial of one claimed slot and record it. None when the result was rejected."""

@@ -728,3 +728,53 @@ def _listening(sm: sessionmaker[Session]) -> bool:
                 )
             )
         )
+
+
+@pytest.mark.postgres
+def test_a_lost_listen_connection_is_database_unavailable_and_replaced(postgres_url: str) -> None:
+    """An idle worker's LISTEN connection dies (server restart, network): the wait raises
+    DatabaseUnavailable, which the worker retries, and the next wait gets a new connection
+    that is woken as before."""
+    upgrade_schema(postgres_url)
+    engine = make_engine(postgres_url, pool_size=1)
+    sm = make_session_factory(engine)
+    admin = make_engine(postgres_url, pool_size=1)
+    try:
+        errors_seen: list[BaseException] = []
+
+        def wait() -> None:
+            try:
+                queue.wait_for_work(sm, 60)
+            except BaseException as error:  # the test inspects it
+                errors_seen.append(error)
+
+        waiter = threading.Thread(target=wait)
+        waiter.start()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not _listening(make_session_factory(admin)):
+            time.sleep(0.01)
+        with admin.connect() as connection:
+            killed = connection.execute(
+                text(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                    " WHERE datname = current_database() AND query = :listen"
+                ),
+                {"listen": f"LISTEN {queue.WORK_CHANNEL}"},
+            ).scalars().all()
+        assert killed == [True]
+        waiter.join(timeout=60)
+        assert len(errors_seen) == 1
+        assert isinstance(errors_seen[0], errors.DatabaseUnavailable)
+
+        woken: list[bool] = []
+        waiter = threading.Thread(target=lambda: woken.append(queue.wait_for_work(sm, 60)))
+        waiter.start()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not _listening(make_session_factory(admin)):
+            time.sleep(0.01)
+        _job(make_session_factory(admin), 1)
+        waiter.join(timeout=60)
+        assert woken == [True]
+    finally:
+        engine.dispose()
+        admin.dispose()
