@@ -322,9 +322,13 @@ def _is_postgresql(session: Session) -> bool:
     return session.get_bind().dialect.name == "postgresql"
 
 
+def _engine(source: SessionSource) -> Engine:
+    engine: Engine = source if isinstance(source, Engine) else source.kw["bind"]
+    return engine
+
+
 def _backend_name(source: SessionSource) -> str:
-    bind = source if isinstance(source, Engine) else source.kw["bind"]
-    return str(bind.dialect.name)
+    return str(_engine(source).dialect.name)
 
 
 def _job_record(job: SearchJob) -> JobRecord:
@@ -1116,7 +1120,7 @@ def wait_for_work(sm: SessionSource, timeout_s: float) -> bool:
     polling faster. An announcement sent between the caller's empty claim and its LISTEN
     is missed; the timeout is the fallback. SQLite: sleeps ``timeout_s``; returns False.
     """
-    engine = sm if isinstance(sm, Engine) else sm.kw["bind"]
+    engine = _engine(sm)
     if engine.dialect.name != "postgresql":
         time.sleep(timeout_s)
         return False
