@@ -81,11 +81,10 @@ from service.migrate import upgrade_schema
 from service.models import TrialLease, Worker
 from service.search_space import DEFAULT_LIMITS, parse_spec
 from service.studies import Backend, open_backend, optuna_storage, submit_study
-from service.worker import ProcessPlan, WorkerOptions, _child
+from service.worker import WORKER_APP_PREFIX, ProcessPlan, WorkerOptions, _child
 
 POSTGRES_URL_ENV = "LSTM_HPO_TEST_POSTGRES_URL"
 DEFAULT_POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-WORKER_APP_PREFIX = "lstm-hpo-worker:"
 #: Efficiency targets by worker count (issue 4); counts in between get the lower one.
 TARGETS = {16: 0.90, 64: 0.80}
 MAX_CONNECTIONS_PER_WORKER = 2

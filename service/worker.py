@@ -88,6 +88,10 @@ _T = TypeVar("_T")
 #: How many jobs' parsed spec and loaded study a worker keeps between trials.
 JOB_CACHE_SIZE = 8
 
+#: A worker process's libpq ``application_name`` is this prefix + its pid: how
+#: ``pg_stat_activity`` (and the scaling bench and claim-race test) tell its connections.
+WORKER_APP_PREFIX = "lstm-hpo-worker:"
+
 
 @dataclass(frozen=True)
 class _JobContext:
@@ -593,7 +597,7 @@ def process_environment(plan: ProcessPlan | None, threads: int, pid: int) -> dic
     env = {
         "OMP_NUM_THREADS": str(threads),
         "MKL_NUM_THREADS": str(threads),
-        "PGAPPNAME": f"lstm-hpo-worker:{pid}",
+        "PGAPPNAME": f"{WORKER_APP_PREFIX}{pid}",
     }
     if plan is not None and plan.cuda_visible_devices is not None:
         env["CUDA_VISIBLE_DEVICES"] = plan.cuda_visible_devices

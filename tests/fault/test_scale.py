@@ -41,14 +41,13 @@ from service.migrate import upgrade_schema
 from service.models import TrialLease, Worker
 from service.search_space import DEFAULT_LIMITS, parse_spec
 from service.studies import open_backend, optuna_storage, submit_study
-from service.worker import ProcessPlan, WorkerOptions, _child
+from service.worker import WORKER_APP_PREFIX, ProcessPlan, WorkerOptions, _child
 
 pytestmark = pytest.mark.postgres
 
 N_WORKERS = 32
 N_TRIALS = 200
 MAX_CONNECTIONS_PER_WORKER = 2
-WORKER_APP_PREFIX = "lstm-hpo-worker:"
 
 
 def _worker_process(options: WorkerOptions, plan: ProcessPlan, report_dir: str) -> None:
