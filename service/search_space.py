@@ -15,6 +15,7 @@ finished trial's parameters into the same resolved config.
 
 from __future__ import annotations
 
+import codecs
 import functools
 import math
 import re
@@ -25,6 +26,7 @@ from typing import Annotated, Any, Literal, Protocol, TypeAlias
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Discriminator,
@@ -53,12 +55,25 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _known_encoding(name: str) -> str:
+    try:
+        codecs.lookup(name)
+    except LookupError:
+        raise ValueError(f"unknown text encoding {name!r} (e.g. utf-8, cp1252, latin-1)") from None
+    return name
+
+
+#: The text encoding of a user's data file (``task.path``): any name Python's codecs know.
+Encoding: TypeAlias = Annotated[str, Field(max_length=40), AfterValidator(_known_encoding)]
+
+
 class CharLMTask(_Frozen):
     """Character language model. Metric: validation loss in nats/char."""
 
     kind: Literal["char_lm"]
-    #: A UTF-8 text file. Default: the Python standard library's own source files.
+    #: A text file. Default: the Python standard library's own source files.
     path: str | None = None
+    encoding: Encoding = "utf-8"
     #: The corpus is capped to this many characters (deterministically) before splitting.
     max_chars: int = Field(default=1_000_000, ge=1_000, le=200_000_000)
     val_fraction: float = Field(default=0.05, gt=0.0, lt=0.5)
@@ -74,6 +89,7 @@ class ForecastTask(_Frozen):
     #: ... or a CSV file with a header row, and the column to forecast.
     path: str | None = None
     column: str | None = None
+    encoding: Encoding = "utf-8"
     lookback: int = Field(default=24, ge=1, le=10_000)
     horizon: int = Field(default=1, ge=1, le=1_000)
     #: last_value: inputs and targets are taken relative to each window's last value (the
@@ -103,6 +119,7 @@ class ClassifyTask(_Frozen):
     #: ... or a JSON Lines file: one ``{"x": [[f1, f2, ...], ...], "label": ..., "split": ...}``
     #: per line (time-major; ``split`` optional: train | test).
     path: str | None = None
+    encoding: Encoding = "utf-8"
     #: Part of the training split held out for validation.
     val_fraction: float = Field(default=0.2, gt=0.0, lt=0.5)
     #: Used when the data has no ``split`` column.
