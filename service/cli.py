@@ -450,6 +450,27 @@ def cancel(
     console.print(f"{study.id}: {study.state}")
 
 
+@app.command()
+def delete(
+    study_id: Annotated[str, typer.Argument(help="The study id.")],
+    server: ServerOption = DEFAULT_SERVER,
+    yes: Annotated[
+        bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")
+    ] = False,
+) -> None:
+    """Delete a study and all its trials (a running study is cancelled first)."""
+    from service.client import Client
+
+    if not yes and sys.stdin.isatty():
+        typer.confirm(f"Delete study {study_id} and all its trials?", abort=True)
+    with Client(server) as client:
+        try:
+            client.delete(study_id)
+        except LstmHpoError as err:
+            raise _fail(err) from None
+    console.print(f"{study_id}: deleted")
+
+
 def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.5g}"
 

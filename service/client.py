@@ -17,8 +17,10 @@ import httpx
 
 from service.errors import FieldError, InvalidSpec, LstmHpoError
 from service.schemas import BestPublic, Page, StudyPublic, TrialPublic
+from service.states import TERMINAL_JOB_STATES
 
-TERMINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
+#: Study states after which nothing of a study runs any more (``JobState.is_terminal``).
+TERMINAL_STATES = TERMINAL_JOB_STATES
 
 
 class ApiError(LstmHpoError):
@@ -110,6 +112,10 @@ class Client:
         return StudyPublic.model_validate(
             self._request("POST", f"/v1/studies/{study_id}/cancel").json()
         )
+
+    def delete(self, study_id: str) -> None:
+        """Delete a study and its trials (cancelled first if it runs); ApiError 404 if unknown."""
+        self._request("DELETE", f"/v1/studies/{study_id}")
 
     def health(self) -> dict[str, Any]:
         body: dict[str, Any] = self._request("GET", "/v1/health").json()

@@ -67,6 +67,14 @@ class StudyNotActive(Conflict):
     """The study is no longer queued or running."""
 
 
+class OptunaStudyDeleted(Conflict):
+    """its Optuna study was deleted (outside lstm-hpo); its trials and results are gone"""
+
+
+class JobCannotRun(LstmHpoError):
+    """The study cannot run: its spec, data or Optuna study is unusable."""
+
+
 class AlreadyExists(Conflict):
     """An object with that key already exists."""
 

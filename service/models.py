@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
-from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import (
@@ -33,35 +32,19 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from service.states import ACTIVE_JOB_STATES, JobState, LeaseState
 
-class JobState(StrEnum):
-    """Lifecycle of a search job (one Optuna study)."""
-
-    QUEUED = "queued"
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-    @property
-    def is_active(self) -> bool:
-        """Queued or running: the job may still take trial slots."""
-        return self in (JobState.QUEUED, JobState.RUNNING)
-
-
-ACTIVE_JOB_STATES: tuple[JobState, ...] = (JobState.QUEUED, JobState.RUNNING)
-
-
-class LeaseState(StrEnum):
-    """Lifecycle of one claimed trial slot."""
-
-    RUNNING = "running"
-    COMPLETE = "complete"
-    PRUNED = "pruned"
-    FAILED = "failed"
-    #: The worker stopped heartbeating; the reaper took the slot back.
-    REAPED = "reaped"
-    CANCELLED = "cancelled"
+__all__ = [
+    "ACTIVE_JOB_STATES",
+    "Base",
+    "JobState",
+    "LeaseState",
+    "SearchJob",
+    "TrialLease",
+    "Worker",
+    "new_job_id",
+    "utcnow",
+]
 
 
 def utcnow() -> datetime:
@@ -162,7 +145,8 @@ class SearchJob(Base):
 class TrialLease(Base):
     """One claimed trial slot of a job, owned by one worker while ``running``.
 
-    Retry of a reaped slot: the reaper sets ``retry_pending`` on the reaped lease (the slot
+    Retry of a reaped slot: the reaper enqueues the retried trial's parameters in Optuna,
+    then sets ``retry_pending`` and ``retry_trial_id`` on the reaped lease (the slot
     is not counted finished); the next claim of that job takes it over, clearing the flag
     and inserting a lease with ``retry_of`` = the reaped lease and ``attempt`` + 1.
     """
@@ -190,6 +174,9 @@ class TrialLease(Base):
         Integer, ForeignKey("trial_leases.id", ondelete="SET NULL"), unique=True
     )
     retry_pending: Mapped[bool] = mapped_column(Boolean, default=False)
+    #: With ``retry_pending``: the WAITING Optuna trial (same params) the retry must run;
+    #: None when the reaped lease never attached a trial (its retry asks a fresh one).
+    retry_trial_id: Mapped[int | None] = mapped_column(Integer)
     optuna_trial_id: Mapped[int | None] = mapped_column(Integer)
     trial_number: Mapped[int | None] = mapped_column(Integer)
     claimed_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -23,14 +23,16 @@ finish are ORM transactions with the same semantics (the contract tests run on b
 Idle workers on PostgreSQL block in :func:`wait_for_work` (``LISTEN``); creating a job and
 queueing a retry ``NOTIFY`` them on commit.
 
-Retry of a reaped slot: when the reaper takes a slot back from a silent worker and the
-lease's ``attempt < max_retries``, the reaped lease gets ``retry_pending = True`` and the
-slot is not counted finished, so it is claimable again. The next claim of that job takes
-the oldest pending retry over: it clears the flag and inserts its lease with
-``retry_of = <reaped lease id>`` and ``attempt = <reaped attempt> + 1`` (``retry_of`` is
-unique: a reaped lease is retried at most once). The caller of :func:`fail_stale_trials`
-fails the reaped Optuna trial and enqueues its parameters, which the retrying worker's
-``study.ask()`` then receives.
+Retry of a reaped slot (the order is the protocol, see :mod:`service.reaper`): the reaper
+first enqueues the lost trial's parameters in Optuna as a WAITING trial, and only then
+:func:`reap_stale_lease` takes the slot back. When the job is active, not past its
+timeout and ``attempt < max_retries``, that same transaction sets ``retry_pending`` and
+``retry_trial_id`` (the WAITING trial) on the reaped lease and does not count the slot
+finished, so the slot becomes claimable together with the trial it must run. The next
+claim of that job takes the oldest pending retry over: it clears the flag, inserts its
+lease with ``retry_of = <reaped lease id>`` and ``attempt = <reaped attempt> + 1``
+(``retry_of`` is unique: a reaped lease is retried at most once), and hands
+``retry_trial_id`` to the worker, which pops exactly that trial.
 
 Functions take a ``sessionmaker`` (or an ``Engine``) and plain values and return frozen
 dataclasses, never ORM rows. Pass ``now`` (timezone-aware) to control time in tests.
@@ -52,6 +54,7 @@ from sqlalchemy import (
     Integer,
     Row,
     String,
+    delete,
     exc,
     func,
     or_,
@@ -65,16 +68,8 @@ from sqlalchemy.sql.selectable import TextualSelect
 
 from service import errors
 from service.db import session_scope, translate_db_error
-from service.models import (
-    ACTIVE_JOB_STATES,
-    JobState,
-    LeaseState,
-    SearchJob,
-    TrialLease,
-    Worker,
-    new_job_id,
-    utcnow,
-)
+from service.models import SearchJob, TrialLease, Worker, new_job_id, utcnow
+from service.states import ACTIVE_JOB_STATES, JobState, LeaseState, TrialOutcome
 
 __all__ = [
     "CreatedJob",
@@ -93,8 +88,9 @@ __all__ = [
     "cancel_job",
     "claim_trial_slot",
     "create_job",
+    "delete_job",
     "end_expired_jobs",
-    "fail_stale_trials",
+    "fail_job",
     "find_job",
     "finish_trial_slot",
     "get_job",
@@ -102,6 +98,7 @@ __all__ = [
     "list_jobs",
     "list_leases",
     "list_workers",
+    "reap_stale_lease",
     "register_worker",
     "stale_leases",
     "wait_for_work",
@@ -109,7 +106,7 @@ __all__ = [
 ]
 
 SessionSource = sessionmaker[Session] | Engine
-FinishOutcome = Literal["complete", "pruned", "failed"]
+FinishOutcome = TrialOutcome | Literal["complete", "pruned", "failed"]
 
 ALL_FAILED_ERROR = "every trial failed; see the trials' failure reasons"
 NONE_COMPLETED_ERROR = "no trial completed (every trial was pruned or failed)"
@@ -119,6 +116,11 @@ REAPED_REASON = "worker stopped heartbeating"
 #: Attempts for one transaction that PostgreSQL aborted with a deadlock or serialization
 #: failure (SQLSTATE class 40: rolled back entirely, so running it again is safe).
 _MAX_TRANSACTION_ATTEMPTS = 3
+
+#: Longest study timeout a deadline is computed from: ~100 years. A job row written before
+#: the submit-time bound existed (or by hand) can hold any float; its deadline must never
+#: overflow a datetime (an OverflowError in every claim stopped every worker).
+MAX_DEADLINE_S = 100 * 365 * 24 * 3600.0
 
 #: PostgreSQL: longest a claim waits for a job row that a concurrent transaction holds.
 _CLAIM_LOCK_WAIT_MS = 5000
@@ -195,6 +197,8 @@ class Lease:
 
     ``retry_of`` is the reaped lease this one retries (None for a fresh slot); its Optuna
     trial number is ``retry_of_trial_number`` (None when it died before attaching one).
+    ``retry_trial_id``: the WAITING Optuna trial a retry must run (same parameters); None
+    for a fresh slot, or for a retry whose lost lease never attached a trial.
     """
 
     id: int
@@ -205,6 +209,7 @@ class Lease:
     attempt: int
     retry_of: int | None
     retry_of_trial_number: int | None
+    retry_trial_id: int | None
     claimed_at: datetime
 
 
@@ -219,6 +224,7 @@ class LeaseRecord:
     attempt: int
     retry_of: int | None
     retry_pending: bool
+    retry_trial_id: int | None
     optuna_trial_id: int | None
     trial_number: int | None
     claimed_at: datetime
@@ -229,9 +235,9 @@ class LeaseRecord:
 
 @dataclass(frozen=True)
 class StaleLease:
-    """A lease the reaper took back. When ``retry`` is True the slot is claimable again:
-    the caller should FAIL Optuna trial ``optuna_trial_id`` (if any) and enqueue its
-    parameters; otherwise the slot counted as finished-failed."""
+    """A lease the reaper took back. When ``retry`` is True the slot is claimable again
+    (with ``retry_trial_id`` to run, if the lease had a trial); otherwise the slot counted
+    as finished-failed."""
 
     id: int
     job_id: str
@@ -241,18 +247,26 @@ class StaleLease:
     optuna_trial_id: int | None
     trial_number: int | None
     retry: bool
+    retry_trial_id: int | None
     job_state: JobState
 
 
 @dataclass(frozen=True)
 class StaleCandidate:
-    """A running lease whose heartbeat is older than the grace period (read, not locked)."""
+    """A running lease whose heartbeat is older than the grace period (read, not locked).
+
+    ``retry_expected``: whether reaping it now would queue a retry (its job active, not
+    past its timeout, ``attempt < max_retries``); :func:`reap_stale_lease` decides again
+    under the job's lock.
+    """
 
     id: int
     job_id: str
     optuna_study_name: str
+    worker_id: str
     optuna_trial_id: int | None
     trial_number: int | None
+    retry_expected: bool
 
 
 @dataclass(frozen=True)
@@ -364,6 +378,7 @@ def _lease_record(lease: TrialLease) -> LeaseRecord:
         attempt=lease.attempt,
         retry_of=lease.retry_of,
         retry_pending=lease.retry_pending,
+        retry_trial_id=lease.retry_trial_id,
         optuna_trial_id=lease.optuna_trial_id,
         trial_number=lease.trial_number,
         claimed_at=lease.claimed_at,
@@ -567,22 +582,74 @@ def cancel_job(sm: SessionSource, job_id: str, *, now: datetime | None = None) -
             raise errors.StudyNotActive()
         job.state = JobState.CANCELLED
         job.finished_at = at
-        session.execute(
-            update(TrialLease)
-            .where(TrialLease.job_id == job_id, TrialLease.retry_pending.is_(True))
-            .values(retry_pending=False)
-            .execution_options(synchronize_session=False)
-        )
+        _drop_pending_retries(session, job_id)
         return JobState.CANCELLED
 
     return _transact(sm, work)
+
+
+def fail_job(sm: SessionSource, job_id: str, reason: str, *, now: datetime | None = None) -> bool:
+    """End a job that cannot run (its spec, data or Optuna study is unusable) as ``failed``
+    with ``reason``; pending retries are dropped, running leases finish normally.
+
+    Also marks an already-ended job failed when its Optuna study was deleted (its results
+    are gone). Returns False when the job does not exist or was already failed.
+    """
+    at = _now(now)
+
+    def work(session: Session) -> bool:
+        job = _lock_job(session, job_id)
+        if job is None or job.state == JobState.FAILED:
+            return False
+        job.state = JobState.FAILED
+        job.error = reason[:2000]
+        job.finished_at = job.finished_at or at
+        _drop_pending_retries(session, job_id)
+        return True
+
+    return _transact(sm, work)
+
+
+def delete_job(sm: SessionSource, job_id: str) -> bool:
+    """Delete a job row and its leases (the caller removed its Optuna study first).
+
+    Returns False when there was no such job. A worker still running one of its trials
+    gets ``LeaseLost`` when it finishes (its result has nowhere to go).
+    """
+
+    def work(session: Session) -> bool:
+        job = _lock_job(session, job_id)
+        if job is None:
+            return False
+        # Leases first: SQLite enforces the foreign key, and ON DELETE CASCADE needs
+        # PRAGMA foreign_keys, which an Alembic batch migration may have left off.
+        session.execute(
+            update(TrialLease)
+            .where(TrialLease.job_id == job_id)
+            .values(retry_of=None)
+            .execution_options(synchronize_session=False)
+        )
+        session.execute(delete(TrialLease).where(TrialLease.job_id == job_id))
+        session.delete(job)
+        return True
+
+    return _transact(sm, work)
+
+
+def _drop_pending_retries(session: Session, job_id: str) -> None:
+    session.execute(
+        update(TrialLease)
+        .where(TrialLease.job_id == job_id, TrialLease.retry_pending.is_(True))
+        .values(retry_pending=False)
+        .execution_options(synchronize_session=False)
+    )
 
 
 def end_expired_jobs(sm: SessionSource, *, now: datetime | None = None) -> list[str]:
     """End active jobs whose timeout passed while nothing of theirs is running (a job with
     running leases ends when the last one finishes). Returns the ids of the ended jobs.
 
-    :func:`fail_stale_trials` calls this, so the reaper's periodic pass covers it.
+    The reaper calls this every round.
     """
     at = _now(now)
 
@@ -661,7 +728,7 @@ def claim_trial_slot(
         if job.started_at is None:
             job.started_at = at
             if job.timeout_s is not None:
-                job.deadline_at = at + timedelta(seconds=job.timeout_s)
+                job.deadline_at = at + timedelta(seconds=min(job.timeout_s, MAX_DEADLINE_S))
         job.state = JobState.RUNNING
         session.flush()
         return Lease(
@@ -673,6 +740,7 @@ def claim_trial_slot(
             attempt=lease.attempt,
             retry_of=lease.retry_of,
             retry_of_trial_number=None if retried is None else retried.trial_number,
+            retry_trial_id=None if retried is None else retried.retry_trial_id,
             claimed_at=at,
         )
 
@@ -711,7 +779,7 @@ WITH job AS (
     LIMIT 1
     FOR UPDATE {wait}
 ), retried AS (
-    SELECT lease.id, lease.attempt, lease.trial_number
+    SELECT lease.id, lease.attempt, lease.trial_number, lease.retry_trial_id
     FROM trial_leases AS lease JOIN job ON lease.job_id = job.id
     WHERE lease.retry_pending
     ORDER BY lease.id
@@ -727,7 +795,7 @@ WITH job AS (
         started_at = COALESCE(search_jobs.started_at, :now),
         deadline_at = CASE
             WHEN search_jobs.started_at IS NULL AND search_jobs.timeout_s IS NOT NULL
-            THEN :now + make_interval(secs => search_jobs.timeout_s)
+            THEN :now + make_interval(secs => LEAST(search_jobs.timeout_s, :max_deadline_s))
             ELSE search_jobs.deadline_at
         END,
         state = :running
@@ -742,7 +810,8 @@ WITH job AS (
     RETURNING id, attempt, retry_of
 )
 SELECT lease.id, claimed.id AS job_id, claimed.optuna_study_name, claimed.spec,
-       lease.attempt, lease.retry_of, retried.trial_number AS retry_of_trial_number
+       lease.attempt, lease.retry_of, retried.trial_number AS retry_of_trial_number,
+       retried.retry_trial_id
 FROM lease CROSS JOIN claimed LEFT JOIN retried ON true
 """
 
@@ -756,6 +825,7 @@ def _pg_claim_statement(*, skip_locked: bool) -> TextualSelect:
         attempt=Integer,
         retry_of=Integer,
         retry_of_trial_number=Integer,
+        retry_trial_id=Integer,
     )
 
 
@@ -770,6 +840,7 @@ def _claim_postgresql(sm: SessionSource, worker_id: str, at: datetime) -> Lease 
         "lease_running": LeaseState.RUNNING.value,
         "now": at,
         "worker_id": worker_id,
+        "max_deadline_s": MAX_DEADLINE_S,
     }
 
     def claim(session: Session) -> Row[Any] | None:
@@ -795,6 +866,7 @@ def _claim_postgresql(sm: SessionSource, worker_id: str, at: datetime) -> Lease 
         attempt=row.attempt,
         retry_of=row.retry_of,
         retry_of_trial_number=row.retry_of_trial_number,
+        retry_trial_id=row.retry_trial_id,
         claimed_at=at,
     )
 
@@ -1001,30 +1073,32 @@ def _finish_postgresql(
     return None if job_state is None else JobState(job_state)
 
 
-def fail_stale_trials(
-    sm: SessionSource, *, grace_s: float, now: datetime | None = None
-) -> list[StaleLease]:
-    """The reaper: take back running leases whose heartbeat is older than ``grace_s``.
+def reap_stale_lease(
+    sm: SessionSource,
+    lease_id: int,
+    *,
+    cutoff: datetime,
+    retry_trial_id: int | None = None,
+    now: datetime | None = None,
+) -> StaleLease | None:
+    """Take back one running lease whose heartbeat is older than ``cutoff``, in one short
+    transaction; None when it finished or heartbeated since it was read.
 
-    Each becomes ``reaped`` ("worker stopped heartbeating") in its own short transaction,
-    and its job's ``n_running`` drops. If the job is still active, not past its timeout,
-    and ``attempt < max_retries``, the slot is NOT counted finished: it is claimable again
-    (``StaleLease.retry`` is True; see the module docstring). Otherwise it counts as
-    finished-failed and may end the job. Finally ends jobs whose timeout passed with
-    nothing running (:func:`end_expired_jobs`).
+    The lease becomes ``reaped`` ("worker stopped heartbeating") and its job's
+    ``n_running`` drops. The slot is retried (claimable again, NOT counted finished) when
+    the job is active, not past its timeout, ``attempt < max_retries``, and the retry has
+    something to run: ``retry_trial_id`` (the WAITING Optuna trial with the lost trial's
+    parameters, enqueued by the caller BEFORE this call) or no Optuna trial at all (died
+    between claim and ask). Pending flag, trial id and the NOTIFY to idle workers commit
+    together, so no worker can claim the slot before its trial exists. Otherwise the slot
+    counts as finished-failed and may end the job; the caller then fails ``retry_trial_id``.
     """
     at = _now(now)
-    cutoff = at - timedelta(seconds=grace_s)
 
-    def find(session: Session) -> list[tuple[int, str]]:
-        rows = session.execute(
-            select(TrialLease.id, TrialLease.job_id)
-            .where(TrialLease.state == LeaseState.RUNNING, TrialLease.heartbeat_at < cutoff)
-            .order_by(TrialLease.id)
-        ).all()
-        return [(lease_id, job_id) for lease_id, job_id in rows]
-
-    def reap(session: Session, *, lease_id: int, job_id: str) -> StaleLease | None:
+    def reap(session: Session) -> StaleLease | None:
+        job_id = session.scalar(select(TrialLease.job_id).where(TrialLease.id == lease_id))
+        if job_id is None:
+            return None
         job = _lock_job(session, job_id)
         lease = session.get(TrialLease, lease_id, with_for_update=True)
         if job is None or lease is None:
@@ -1035,13 +1109,12 @@ def fail_stale_trials(
         lease.finished_at = at
         lease.failure_reason = REAPED_REASON
         job.n_running -= 1
-        retry = (
-            JobState(job.state).is_active
-            and not _is_past_deadline(job, at)
-            and lease.attempt < job.max_retries
+        retry = _retry_allowed(job, lease, at) and (
+            lease.optuna_trial_id is None or retry_trial_id is not None
         )
         if retry:
             lease.retry_pending = True
+            lease.retry_trial_id = retry_trial_id
             _announce_work(session, job.id)
         else:
             job.n_finished += 1
@@ -1055,38 +1128,49 @@ def fail_stale_trials(
             optuna_trial_id=lease.optuna_trial_id,
             trial_number=lease.trial_number,
             retry=retry,
+            retry_trial_id=retry_trial_id if retry else None,
             job_state=JobState(job.state),
         )
 
-    reaped = []
-    for lease_id, job_id in _transact(sm, find):
-        stale = _transact(sm, partial(reap, lease_id=lease_id, job_id=job_id))
-        if stale is not None:
-            reaped.append(stale)
-    end_expired_jobs(sm, now=at)
-    return reaped
+    return _transact(sm, reap)
 
 
-def stale_leases(sm: SessionSource, *, cutoff: datetime) -> list[StaleCandidate]:
+def _retry_allowed(job: SearchJob, lease: TrialLease, at: datetime) -> bool:
+    return (
+        JobState(job.state).is_active
+        and not _is_past_deadline(job, at)
+        and lease.attempt < job.max_retries
+    )
+
+
+def stale_leases(
+    sm: SessionSource, *, cutoff: datetime, now: datetime | None = None
+) -> list[StaleCandidate]:
     """Running leases whose last heartbeat is older than ``cutoff``; a read, nothing changes.
 
-    The reaper looks at their Optuna trials before :func:`fail_stale_trials` takes any back.
+    The reaper settles their Optuna trials before :func:`reap_stale_lease` takes any back.
     """
+    at = _now(now)
 
     def work(session: Session) -> list[StaleCandidate]:
         rows = session.execute(
-            select(
-                TrialLease.id,
-                TrialLease.job_id,
-                SearchJob.optuna_study_name,
-                TrialLease.optuna_trial_id,
-                TrialLease.trial_number,
-            )
+            select(TrialLease, SearchJob)
             .join(SearchJob, SearchJob.id == TrialLease.job_id)
             .where(TrialLease.state == LeaseState.RUNNING, TrialLease.heartbeat_at < cutoff)
             .order_by(TrialLease.id)
         ).all()
-        return [StaleCandidate(*row) for row in rows]
+        return [
+            StaleCandidate(
+                id=lease.id,
+                job_id=job.id,
+                optuna_study_name=job.optuna_study_name,
+                worker_id=lease.worker_id,
+                optuna_trial_id=lease.optuna_trial_id,
+                trial_number=lease.trial_number,
+                retry_expected=_retry_allowed(job, lease, at),
+            )
+            for lease, job in rows
+        ]
 
     return _transact(sm, work)
 

@@ -7,6 +7,8 @@ from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
+from service.states import JobState, TrialState
+
 T = TypeVar("T")
 
 
@@ -27,7 +29,7 @@ class StudyPublic(_Public):
 
     id: str
     name: str
-    state: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    state: JobState
     task: str
     metric: str
     direction: Literal["minimize", "maximize"]
@@ -49,7 +51,7 @@ class StudyPublic(_Public):
 
 class TrialPublic(_Public):
     number: int
-    state: Literal["running", "complete", "pruned", "failed", "waiting"]
+    state: TrialState
     params: dict[str, Any]
     value: float | None = None
     duration_s: float | None = None

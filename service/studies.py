@@ -11,8 +11,10 @@ import logging
 import math
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from contextlib import suppress
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -21,6 +23,7 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
 from service import queue
+from service.data_checks import check_task_data
 from service.db import (
     configure_sqlite_engine,
     is_sqlite,
@@ -28,15 +31,35 @@ from service.db import (
     make_session_factory,
     session_scope,
 )
-from service.errors import Conflict, LeaseLost, NoCompletedTrials
+from service.errors import (
+    Conflict,
+    NoCompletedTrials,
+    OptunaStudyDeleted,
+    StudyNotActive,
+    StudyNotFound,
+)
 from service.schemas import BestPublic, Page, StudyPublic, TrialCounts, TrialPublic
-from service.search_space import TASK_METRICS, SpecLimits, StudySpec, parse_spec, sample_config
-from service.training.objective import CONFIG_ATTR, FAILURE_ATTR, RETRY_OF_ATTR
+from service.search_space import (
+    TASK_METRICS,
+    SpecLimits,
+    StudySpec,
+    parse_spec,
+    resolve_data_path,
+    sample_config,
+)
+from service.states import (
+    CONFIG_ATTR,
+    FAILURE_ATTR,
+    JOB_ID_ATTR,
+    RETRY_OF_ATTR,
+    JobState,
+)
+from service.states import TrialState as ApiTrialState
 
 log = logging.getLogger(__name__)
 
-#: Optuna study user attribute linking it back to our job.
-JOB_ID_ATTR = "lstm_hpo_job_id"
+#: Why a WAITING trial of a cancelled or deleted study was failed.
+NOT_RUN_REASON = "not run: the study ended before this retry was claimed"
 _IDEMPOTENCY_NAMESPACE = uuid.UUID("0d9a7a53-4f0e-4e61-9b8f-3c1a4c6f2a10")
 
 
@@ -113,6 +136,7 @@ def submit_study(
     a client retrying after a lost response (or a server killed mid-request) gets the same
     study, never a second one.
     """
+    check_task_data(spec, backend.limits.data_roots)
     spec_json = spec.model_dump(mode="json")
     if idempotency_key is not None:
         job_id = uuid.uuid5(_IDEMPOTENCY_NAMESPACE, f"{owner}\0{idempotency_key}").hex
@@ -177,10 +201,60 @@ def list_studies(
 
 
 def cancel_study(backend: Backend, job_id: str, *, owner: str | None = None) -> StudyPublic:
-    """Stop claiming new trials; running trials finish and are recorded."""
-    queue.get_job(backend.sessions, job_id, owner=owner)
+    """Stop claiming new trials; running trials finish and are recorded, retries that were
+    not claimed yet are FAILed ("not run"). ``StudyNotActive`` when it already ended."""
+    job = queue.get_job(backend.sessions, job_id, owner=owner)
     queue.cancel_job(backend.sessions, job_id)
+    _fail_waiting_trials(backend, job)
     return get_study(backend, job_id, owner=owner)
+
+
+def delete_study(backend: Backend, job_id: str, *, owner: str | None = None) -> None:
+    """Remove both records of a study: cancel it if it runs, delete its Optuna study, then
+    our job row and leases. A worker still training one of its trials has its result
+    rejected. ``StudyNotFound`` for an unknown id.
+
+    Optuna's half goes first: a crash in between leaves a job whose Optuna study is gone
+    (shown as failed, "its Optuna study was deleted"), and deleting it again finishes.
+    """
+    job = queue.get_job(backend.sessions, job_id, owner=owner)
+    if job.state.is_active:
+        with suppress(StudyNotActive):  # it ended meanwhile
+            queue.cancel_job(backend.sessions, job_id)
+    # Already gone: deleted outside the service, or by an interrupted delete.
+    with suppress(OptunaStudyDeleted):
+        backend.storage.delete_study(optuna_study_id(backend, job.optuna_study_name))
+    queue.delete_job(backend.sessions, job_id)
+    log.info("deleted study %s (%s)", job_id, job.optuna_study_name)
+
+
+def delete_study_by_optuna_id(backend: Backend, optuna_study_id_: int) -> None:
+    """:func:`delete_study` for the study optuna-dashboard names by its Optuna id.
+
+    An Optuna study with no job of ours (made outside the service) is deleted as Optuna
+    would. ``StudyNotFound`` when no such Optuna study exists.
+    """
+    try:
+        study_name = backend.storage.get_study_name_from_id(optuna_study_id_)
+    except KeyError:
+        raise StudyNotFound() from None
+    job_id = backend.storage.get_study_user_attrs(optuna_study_id_).get(JOB_ID_ATTR)
+    if isinstance(job_id, str) and queue.find_job(backend.sessions, job_id) is not None:
+        delete_study(backend, job_id)
+        return
+    log.warning("deleting Optuna study %s, which no lstm-hpo study owns", study_name)
+    backend.storage.delete_study(optuna_study_id_)
+
+
+def _fail_waiting_trials(backend: Backend, job: queue.JobRecord) -> None:
+    try:
+        study_id = optuna_study_id(backend, job.optuna_study_name)
+    except OptunaStudyDeleted:
+        return
+    for trial in backend.storage.get_all_trials(
+        study_id, deepcopy=False, states=(TrialState.WAITING,)
+    ):
+        fail_trial_if_waiting(backend, trial._trial_id, NOT_RUN_REASON)
 
 
 def study_spec(job: queue.JobRecord) -> StudySpec:
@@ -192,17 +266,18 @@ def study_spec(job: queue.JobRecord) -> StudySpec:
 # Trials and the best configs
 # --------------------------------------------------------------------------------------
 
-_STATE_NAMES = {
-    TrialState.RUNNING: "running",
-    TrialState.COMPLETE: "complete",
-    TrialState.PRUNED: "pruned",
-    TrialState.FAIL: "failed",
-    TrialState.WAITING: "waiting",
-}
+
+def _api_state(trial: FrozenTrial) -> ApiTrialState:
+    return ApiTrialState.from_optuna(trial.state.name)
 
 
-def _trials(backend: Backend, study_name: str) -> list[FrozenTrial]:
-    study_id = backend.storage.get_study_id_from_name(study_name)
+def _trials(backend: Backend, job: queue.JobRecord) -> list[FrozenTrial]:
+    """The job's Optuna trials; ``OptunaStudyDeleted`` (and the job marked failed) when gone."""
+    try:
+        study_id = optuna_study_id(backend, job.optuna_study_name)
+    except OptunaStudyDeleted:
+        mark_optuna_study_deleted(backend, job.id)
+        raise
     return backend.storage.get_all_trials(study_id, deepcopy=False)
 
 
@@ -227,9 +302,12 @@ def study_trials(
 ) -> Page[TrialPublic]:
     """A study's trials in trial-number order."""
     job = queue.get_job(backend.sessions, job_id, owner=owner)
-    trials = _trials(backend, job.optuna_study_name)
+    try:
+        trials = _trials(backend, job)
+    except OptunaStudyDeleted:
+        trials = []
     if state is not None:
-        trials = [t for t in trials if _STATE_NAMES.get(t.state) == state]
+        trials = [t for t in trials if _api_state(t) == state]
     page = trials[offset : offset + limit]
     return Page[TrialPublic](
         items=[_trial_public(t) for t in page], total=len(trials), limit=limit, offset=offset
@@ -242,7 +320,7 @@ def best_configs(
     """The top ``k`` completed trials and their resolved configs, best first."""
     job = queue.get_job(backend.sessions, job_id, owner=owner)
     spec = study_spec(job)
-    ranked = _ranked(_trials(backend, job.optuna_study_name), spec.direction)
+    ranked = _ranked(_trials(backend, job), spec.direction)
     if not ranked:
         raise NoCompletedTrials()
     out = []
@@ -253,15 +331,31 @@ def best_configs(
                 mode="json", exclude_none=True
             )
         assert trial.value is not None
+        config = _with_data_located(config, backend.limits.data_roots)
         out.append(BestPublic(value=trial.value, trial_number=trial.number, config=config))
     return out
+
+
+def _with_data_located(
+    config: dict[str, Any], data_roots: tuple[Path, ...] | None
+) -> dict[str, Any]:
+    """``config`` with a relative ``task.path`` replaced by the absolute file the server's
+    workers read, so `lstm-hpo train` finds it on this machine from any directory."""
+    task = config.get("task")
+    if not isinstance(task, dict):
+        return config
+    path = task.get("path")
+    if not isinstance(path, str) or Path(path).is_absolute():
+        return config
+    located = resolve_data_path(path, data_roots).resolve()
+    return {**config, "task": {**task, "path": str(located)}}
 
 
 def _trial_public(trial: FrozenTrial) -> TrialPublic:
     duration = trial.duration.total_seconds() if trial.duration is not None else None
     return TrialPublic(
         number=trial.number,
-        state=_STATE_NAMES.get(trial.state, "failed"),
+        state=_api_state(trial),
         params=trial.params,
         value=trial.value if _is_finite(trial.value) else None,
         duration_s=duration,
@@ -278,10 +372,16 @@ def _trial_public(trial: FrozenTrial) -> TrialPublic:
 def _study_public(
     backend: Backend, job: queue.JobRecord, *, include_spec: bool = True
 ) -> StudyPublic:
-    trials = _trials(backend, job.optuna_study_name)
+    try:
+        trials = _trials(backend, job)
+        dashboard_url = f"{backend.base_url}/dashboard/studies/"
+        dashboard_url += str(optuna_study_id(backend, job.optuna_study_name))
+    except OptunaStudyDeleted as gone:
+        trials, dashboard_url = [], f"{backend.base_url}/dashboard"
+        job = replace(job, state=JobState.FAILED, error=gone.message)
     counts: dict[str, int] = {}
     for t in trials:
-        name = _STATE_NAMES.get(t.state, "failed")
+        name = _api_state(t).value
         counts[name] = counts.get(name, 0) + 1
     spec = job.spec
     task = spec["task"]["kind"]
@@ -289,7 +389,6 @@ def _study_public(
     direction = spec.get("study", {}).get("direction") or metric.direction
     ranked = _ranked(trials, direction)
     end = job.finished_at or (datetime.now(UTC) if job.started_at else None)
-    study_id = backend.storage.get_study_id_from_name(job.optuna_study_name)
     return StudyPublic(
         id=job.id,
         name=job.name,
@@ -306,7 +405,7 @@ def _study_public(
         started_at=job.started_at,
         finished_at=job.finished_at,
         elapsed_s=(end - job.started_at).total_seconds() if end and job.started_at else None,
-        dashboard_url=f"{backend.base_url}/dashboard/studies/{study_id}",
+        dashboard_url=dashboard_url,
         optuna_study_name=job.optuna_study_name,
         error=job.error,
         spec=spec if include_spec else None,
@@ -314,7 +413,7 @@ def _study_public(
 
 
 # --------------------------------------------------------------------------------------
-# The reaper
+# Optuna-side helpers (the reaper's and the domain's)
 # --------------------------------------------------------------------------------------
 
 
@@ -324,166 +423,32 @@ def check_database(backend: Backend) -> None:
         session.execute(text("SELECT 1"))
 
 
-#: Optuna's final trial states -> the queue outcome a slot is finished with.
-_OPTUNA_OUTCOMES: dict[TrialState, queue.FinishOutcome] = {
-    TrialState.COMPLETE: "complete",
-    TrialState.PRUNED: "pruned",
-    TrialState.FAIL: "failed",
-}
-
-
-def reap_stale_trials(
-    backend: Backend, *, grace_s: float, now: datetime | None = None
-) -> list[queue.StaleLease]:
-    """Fail trials whose worker stopped heartbeating and enqueue their retries.
-
-    Optuna's trial state decides who owns the outcome of a stale lease, because a worker
-    tells Optuna first and finishes its slot second (``set_trial_state_values`` moves a
-    trial out of RUNNING at most once, under a row lock on PostgreSQL):
-
-    1. For each stale lease with an Optuna trial, while it is still RUNNING the reaper
-       fails it in Optuna (reason "worker stopped heartbeating"); from then on a late
-       ``tell`` is rejected. If the worker's ``tell`` got there first (it died between
-       ``tell`` and ``finish_trial_slot``), the slot is finished with the Optuna outcome
-       instead: it counts as complete / pruned / failed and is NOT retried.
-    2. The queue takes the remaining stale slots back (``fail_stale_trials`` with the same
-       ``now``, so it reaps only leases step 1 looked at); for each slot to be retried the
-       failed trial's parameters are enqueued, linked by the ``retry_of`` user attribute.
-
-    Every step is idempotent, so a round interrupted by a database error is completed by
-    the next one. Returns the leases the queue reaped.
-    """
-    at = now or datetime.now(UTC)
-    cutoff = at - timedelta(seconds=grace_s)
-    for candidate in queue.stale_leases(backend.sessions, cutoff=cutoff):
-        if candidate.optuna_trial_id is None:
-            continue  # died between claim and ask: nothing in Optuna to settle
-        try:
-            _settle_with_optuna(backend, candidate)
-        except Exception:  # one unreadable trial must not stop the other leases' reaping
-            log.exception("reaper: could not check trial %s", candidate.optuna_trial_id)
-
-    stale = queue.fail_stale_trials(backend.sessions, grace_s=grace_s, now=at)
-    _fail_orphan_trials(backend, grace_s=grace_s)
-    for lease in stale:
-        if lease.optuna_trial_id is None:
-            continue  # died between claim and ask: nothing in Optuna to fail or repeat
-        trial = _fail_if_running(backend, lease.optuna_trial_id)
-        if not _failed_by_reaper(trial):
-            # The worker attached and told between step 1's read and the reap (a silent
-            # worker that came back within milliseconds). The slot is already taken back;
-            # the queue has no call to give it the Optuna outcome, so the study may end
-            # with one extra finished trial. Never enqueue a duplicate on top of that.
-            log.error(
-                "reaper: trial %s of %s finished as %s after its slot was reaped",
-                lease.trial_number,
-                lease.optuna_study_name,
-                trial.state.name,
-            )
-            continue
-        if lease.retry:
-            study = optuna.load_study(study_name=lease.optuna_study_name, storage=backend.storage)
-            study.enqueue_trial(
-                trial.params, user_attrs={RETRY_OF_ATTR: trial.number}, skip_if_exists=False
-            )
-        log.warning(
-            "reaped trial %s of %s (worker %s)%s",
-            lease.trial_number,
-            lease.optuna_study_name,
-            lease.worker_id,
-            "; retrying it" if lease.retry else "",
-        )
-    return stale
-
-
-ORPHAN_REASON = "no worker owned this trial (its worker lost the database before claiming it)"
-#: Finished studies the orphan sweep still looks at (newest first): a trial orphaned just
-#: before its study's last slot finished is failed on the next rounds.
-_RECENTLY_FINISHED_SWEPT = 20
-
-
-def _fail_orphan_trials(backend: Backend, *, grace_s: float) -> int:
-    """FAIL Optuna trials left RUNNING with no running lease behind them.
-
-    A worker whose ``ask()`` created a trial but which lost the database (or died) before
-    attaching it to its slot leaves such an orphan; no heartbeat can ever end it. Only
-    trials older than the grace period count, so a worker between ``ask`` and ``attach``
-    (milliseconds) is never touched. Returns how many were failed.
-    """
-    running, _ = queue.list_jobs(backend.sessions, state="running", limit=1000)
-    recent: list[queue.JobRecord] = []
-    for state in ("succeeded", "failed", "cancelled"):
-        jobs, _total = queue.list_jobs(
-            backend.sessions, state=state, limit=_RECENTLY_FINISHED_SWEPT
-        )
-        recent += jobs
-    cutoff = datetime.now() - timedelta(seconds=grace_s)  # Optuna stores naive local times
-    failed = 0
-    for job in [*running, *recent]:
-        study_id = backend.storage.get_study_id_from_name(job.optuna_study_name)
-        trials = backend.storage.get_all_trials(
-            study_id, deepcopy=False, states=(TrialState.RUNNING,)
-        )
-        if not trials:
-            continue
-        owned = {
-            lease.optuna_trial_id
-            for lease in queue.list_leases(backend.sessions, job.id, state="running")
-        }
-        for trial in trials:
-            started = trial.datetime_start
-            if trial._trial_id in owned or started is None or started > cutoff:
-                continue
-            if _fail_if_running(backend, trial._trial_id, ORPHAN_REASON).state == TrialState.FAIL:
-                failed += 1
-                log.warning(
-                    "failed orphaned trial %d of %s (no worker owns it)",
-                    trial.number,
-                    job.optuna_study_name,
-                )
-    return failed
-
-
-def _settle_with_optuna(backend: Backend, candidate: queue.StaleCandidate) -> None:
-    """Step 1 for one stale lease: fail its RUNNING trial in Optuna, or, when its worker
-    told Optuna the result before dying, finish the slot with that result."""
-    assert candidate.optuna_trial_id is not None
-    trial = _fail_if_running(backend, candidate.optuna_trial_id)
-    if _failed_by_reaper(trial):
-        return  # ours: the queue reaps the slot (and may retry it) in step 2
-    outcome = _OPTUNA_OUTCOMES.get(trial.state)
-    if outcome is None:
-        return  # WAITING: never attached to a lease; leave it to the queue
-    reason = trial.user_attrs.get(FAILURE_ATTR)
+def optuna_study_id(backend: Backend, study_name: str) -> int:
+    """The Optuna study id of ``study_name``; ``OptunaStudyDeleted`` when it is gone."""
     try:
-        queue.finish_trial_slot(
-            backend.sessions,
-            candidate.id,
-            outcome,
-            None if reason is None else str(reason)[:2000],
-        )
-    except LeaseLost:
-        return  # its worker finished the slot itself meanwhile
-    log.warning(
-        "trial %s of %s: worker told %s but stopped before finishing its slot; "
-        "counted as %s, not retried",
-        candidate.trial_number,
-        candidate.optuna_study_name,
-        trial.state.name,
-        outcome,
-    )
+        return backend.storage.get_study_id_from_name(study_name)
+    except KeyError:
+        raise OptunaStudyDeleted() from None
 
 
-def _fail_if_running(
-    backend: Backend, trial_id: int, reason: str = queue.REAPED_REASON
-) -> FrozenTrial:
-    """Fail trial ``trial_id`` in Optuna if it is still RUNNING; return it as it is now."""
+def mark_optuna_study_deleted(backend: Backend, job_id: str) -> None:
+    """Our half of a study whose Optuna half was deleted outside the service: ``failed``
+    with the reason, so every route answers cleanly and no worker claims it again."""
+    if queue.fail_job(backend.sessions, job_id, OptunaStudyDeleted().message):
+        log.error("study %s: %s", job_id, OptunaStudyDeleted().message)
+
+
+def fail_trial_if_running(backend: Backend, trial_id: int, reason: str) -> FrozenTrial:
+    """FAIL trial ``trial_id`` in Optuna if it is still RUNNING; return it as it is now.
+
+    Optuna moves a trial out of RUNNING at most once (row lock), so when a worker's tell
+    wins the race its result stands and ours is rejected.
+    """
     trial = backend.storage.get_trial(trial_id)
     if trial.state != TrialState.RUNNING:
         return trial
     try:
-        # The reason first: Optuna refuses attributes on a finished trial. If the worker's
-        # tell wins the race in between, its state stands and ours is rejected below.
+        # The reason first: Optuna refuses attributes on a finished trial.
         backend.storage.set_trial_user_attr(trial_id, FAILURE_ATTR, reason)
         backend.storage.set_trial_state_values(trial_id, TrialState.FAIL)
     except optuna.exceptions.UpdateFinishedTrialError:
@@ -491,7 +456,18 @@ def _fail_if_running(
     return backend.storage.get_trial(trial_id)
 
 
-def _failed_by_reaper(trial: FrozenTrial) -> bool:
-    return (
-        trial.state == TrialState.FAIL and trial.user_attrs.get(FAILURE_ATTR) == queue.REAPED_REASON
-    )
+def fail_trial_if_waiting(backend: Backend, trial_id: int, reason: str) -> bool:
+    """FAIL a WAITING trial nobody will run; True when this call failed it.
+
+    It is moved WAITING -> RUNNING first, as a worker's pop does, so when a worker pops it
+    at the same moment exactly one of the two wins.
+    """
+    storage = backend.storage
+    try:
+        if not storage.set_trial_state_values(trial_id, TrialState.RUNNING):
+            return False  # a worker popped it: it runs
+        storage.set_trial_user_attr(trial_id, FAILURE_ATTR, reason)
+        storage.set_trial_state_values(trial_id, TrialState.FAIL)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        return False
+    return True

@@ -35,12 +35,18 @@ from sqlalchemy import exc as sa_exc
 
 from service import queue
 from service.db import is_sqlite, make_engine, make_session_factory
-from service.errors import DatabaseUnavailable, LeaseLost, LstmHpoError, SingleHostOnly
+from service.errors import (
+    DatabaseUnavailable,
+    JobCannotRun,
+    LeaseLost,
+    LstmHpoError,
+    SingleHostOnly,
+)
 from service.migrate import wait_for_schema
 from service.search_space import StudySpec, parse_spec
+from service.states import FAILURE_ATTR, TrialOutcome
 from service.studies import optuna_storage
 from service.training.objective import (
-    FAILURE_ATTR,
     build_pruner,
     build_sampler,
     run_trial,
@@ -71,11 +77,6 @@ class WorkerOptions:
 
 
 Outcome = Literal["complete", "pruned", "failed"]
-_TRIAL_STATES: dict[str, TrialState] = {
-    "complete": TrialState.COMPLETE,
-    "pruned": TrialState.PRUNED,
-    "failed": TrialState.FAIL,
-}
 #: What a database that is restarting or unreachable raises, through our code or Optuna's.
 _DB_DOWN = (
     DatabaseUnavailable,
@@ -104,28 +105,56 @@ class _JobContext:
 
     raw_spec: dict[str, Any]
     spec: StudySpec
-    study: optuna.Study
+    study: _LeaseStudy
 
 
-class _NewTrialStudy(optuna.Study):
-    """A study whose ``ask()`` always creates a new trial: the study of fresh slots.
+class _LeaseStudy(optuna.Study):
+    """A study whose ``ask()`` runs exactly the trial the claimed slot names.
 
-    Optuna's ``ask()`` first looks for a WAITING trial to run, and to find one it syncs
-    its trial cache, which re-reads every RUNNING trial of every worker (parameters and
-    attributes): work that grows with the number of workers, on every trial (skipping it
-    took a worker's CPU per trial at 64 workers from ~90 to ~50 ms). Only the reaper
-    enqueues trials, for a retry slot, and a retry slot asks through a freshly loaded
-    plain study (``Worker._job_study``); a fresh slot skipping the lookup also never takes
-    a retry's parameters. Overrides ``Study._pop_waiting_trial_id`` (private; optuna is
-    pinned to 5.x and tests/integration/test_worker_ask.py checks the behaviour).
+    A fresh slot (``pop_trial_id`` None) always creates a new trial. Optuna's ``ask()``
+    would first look for a WAITING trial, syncing its trial cache, which re-reads every
+    RUNNING trial of every worker (work that grows with the fleet: skipping it took a
+    worker's CPU per trial at 64 workers from ~90 to ~50 ms), and it could take a retry's
+    parameters. A retry slot pops the one WAITING trial the reaper enqueued for it (the
+    claim hands over its id): never a fresh trial, never another retry's. Overrides
+    ``Study._pop_waiting_trial_id`` (private; optuna is pinned to 5.x and
+    tests/integration/test_worker_ask.py checks the behaviour).
     """
 
+    #: The WAITING trial the next ``ask()`` must run; None for a new trial.
+    pop_trial_id: int | None = None
+
     def _pop_waiting_trial_id(self) -> int | None:
-        return None
+        trial_id = self.pop_trial_id
+        if trial_id is None:
+            return None
+        try:
+            # WAITING -> RUNNING, atomically: False (or an error) when it is not WAITING.
+            popped = self._storage.set_trial_state_values(trial_id, state=TrialState.RUNNING)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            popped = False
+        if not popped:
+            raise RetryTrialGone(trial_id)
+        return trial_id
+
+
+class RetryTrialGone(LstmHpoError):
+    """The WAITING trial a retry slot names was no longer waiting (failed by the reaper's
+    sweep after its study ended, or run by another process)."""
+
+    def __init__(self, trial_id: int) -> None:
+        super().__init__(f"the retry's Optuna trial (id {trial_id}) is no longer waiting")
 
 
 class _Heartbeat(threading.Thread):
-    """Keeps the current lease alive; notices when the reaper took it back."""
+    """Keeps the current lease (and the worker's row) alive while a trial runs; notices
+    when the reaper took the lease back.
+
+    While the worker is idle it beats nothing: the idle loop beats its worker row itself
+    between waits. Both use the process's one pooled connection for our tables, and
+    Python's locks are not fair, so a thread that waits for it while the loop releases and
+    re-takes it every second can starve past the pool's timeout.
+    """
 
     def __init__(self, sessions: queue.SessionSource, worker_id: str, interval_s: float) -> None:
         super().__init__(name="lstm-hpo-heartbeat", daemon=True)
@@ -138,10 +167,11 @@ class _Heartbeat(threading.Thread):
 
     def run(self) -> None:
         while not self._stop_event.wait(self.interval_s):
+            lease = self.lease_id
+            if lease is None:
+                continue
             try:
-                lease = self.lease_id
-                if lease is not None:
-                    self.lost |= queue.heartbeat(self.sessions, [lease])
+                self.lost |= queue.heartbeat(self.sessions, [lease])
                 queue.worker_heartbeat(self.sessions, self.worker_id)
             except LstmHpoError as err:  # database briefly away: beat again next period
                 log.warning("heartbeat failed (%s); retrying in %.0fs", err, self.interval_s)
@@ -212,21 +242,24 @@ class Worker:
         beat = _Heartbeat(self.sessions, self.worker_id, self.options.heartbeat_interval_s)
         beat.start()
         done = 0
-        idle_since = time.monotonic()
+        idle_since = last_beat = time.monotonic()
         try:
             while not self.stopping:
                 if self.options.max_trials is not None and done >= self.options.max_trials:
                     break
-                lease = self._db(
-                    "claim", lambda: queue.claim_trial_slot(self.sessions, self.worker_id)
-                )
+                lease = self._claim()
                 if lease is None:
-                    idle = time.monotonic() - idle_since
-                    if self.options.idle_exit_s is not None and idle >= self.options.idle_exit_s:
+                    now = time.monotonic()
+                    idle_exit_s = self.options.idle_exit_s
+                    if idle_exit_s is not None and now - idle_since >= idle_exit_s:
                         break
+                    if now - last_beat >= self.options.heartbeat_interval_s:
+                        self._db(
+                            "heartbeat",
+                            lambda: queue.worker_heartbeat(self.sessions, self.worker_id),
+                        )
+                        last_beat = now
                     # PostgreSQL: woken by the NOTIFY of a new job or retry; else a poll.
-                    # The wait holds this process's one pooled connection for our tables,
-                    # so it never outlasts half a heartbeat period (the heartbeat needs it).
                     self._db("wait for work", self._wait_for_work)
                     continue
                 beat.lease_id = lease.id
@@ -235,21 +268,67 @@ class Worker:
                 finally:
                     beat.lease_id = None
                 done += 1
-                idle_since = time.monotonic()
+                idle_since = last_beat = time.monotonic()
         finally:
             beat.stop()
         return done
+
+    def _claim(self) -> queue.Lease | None:
+        """The next slot, or None. An error that is not the database's (a bug, a row the
+        claim cannot read) is logged and treated as an empty queue for one poll interval:
+        it must not end the process, which serves every other study."""
+        try:
+            return self._db("claim", lambda: queue.claim_trial_slot(self.sessions, self.worker_id))
+        except _DB_DOWN:
+            raise
+        except Exception:
+            log.exception("claim failed; trying again in %.1fs", self.options.poll_interval_s)
+            time.sleep(self.options.poll_interval_s)
+            return None
 
     def _wait_for_work(self) -> bool:
         wait_s = min(self.options.poll_interval_s, self.options.heartbeat_interval_s / 2)
         return queue.wait_for_work(self.sessions, wait_s)
 
     def run_lease(self, lease: queue.Lease, beat: _Heartbeat) -> Outcome | None:
-        """Run the trial of one claimed slot and record it. None when the result was rejected."""
+        """Run the trial of one claimed slot and record it. None when the result was rejected.
+
+        Whatever the job's spec, data or Optuna state does, this returns (only a database
+        outage past ``db_retry_s`` propagates): an error before a trial exists ends the job
+        as ``failed`` with the cause (:meth:`_fail_job`); an error while training FAILs the
+        trial with the reason; an error while recording is logged and the slot finished.
+        """
+        try:
+            spec, study, trial = self._start_trial(lease)
+        except _DB_DOWN:
+            raise
+        except RetryTrialGone as err:
+            self._finish_slot(lease, "failed", err.message)
+            return None
+        except Exception as err:
+            self._fail_job(lease, err)
+            return None
+        if trial is None:
+            return None
+        try:
+            return self._train_and_record(lease, beat, spec, study, trial)
+        except _DB_DOWN:
+            raise
+        except Exception as err:  # recording failed (e.g. the study was deleted meanwhile)
+            reason = f"could not record the result: {_failure_reason(err)}"
+            log.warning("trial %d of %s: %s", trial.number, lease.optuna_study_name, reason)
+            self._finish_slot(lease, "failed", reason)
+            return None
+
+    def _start_trial(
+        self, lease: queue.Lease
+    ) -> tuple[StudySpec, optuna.Study, optuna.Trial | None]:
+        """Load the job's study, build its sampler and pruner, ask and attach the trial."""
         spec, study = self._db("load the study", lambda: self._job_study(lease))
         # A new sampler and pruner per slot, as ever: the sampler seeded from the slot.
         study.sampler = build_sampler(spec, trial_seed(spec, lease.id))
         study.pruner = build_pruner(spec)
+        study.pop_trial_id = lease.retry_trial_id
         # A trial whose ask() reply was lost stays RUNNING unattached: the reaper fails
         # such orphans after the grace period.
         trial = self._db("ask", study.ask)
@@ -266,7 +345,25 @@ class Worker:
         except LeaseLost:
             # Cancelled or reaped between claim and ask: give the trial back as failed.
             self._tell(study, trial, TrialState.FAIL, None)
-            return None
+            return spec, study, None
+        if lease.retry_of is not None:
+            log.info(
+                "trial %d of %s: retry of trial %s (attempt %d), same parameters",
+                trial.number,
+                lease.optuna_study_name,
+                lease.retry_of_trial_number,
+                lease.attempt,
+            )
+        return spec, study, trial
+
+    def _train_and_record(
+        self,
+        lease: queue.Lease,
+        beat: _Heartbeat,
+        spec: StudySpec,
+        study: optuna.Study,
+        trial: optuna.Trial,
+    ) -> Outcome | None:
         log.info("trial %d of %s: start", trial.number, lease.optuna_study_name)
         outcome: Outcome
         value: float | None = None
@@ -281,7 +378,7 @@ class Worker:
             if math.isfinite(value):
                 outcome = "complete"
             else:
-                outcome, reason = "failed", f"the metric is {value} (diverged)"
+                outcome, reason = "failed", f"metric is {value}"
         except optuna.TrialPruned as pruned:
             outcome = "pruned"
             reason = str(pruned) or None
@@ -300,18 +397,11 @@ class Worker:
                 "record the failure reason",
                 lambda: trial.set_user_attr(FAILURE_ATTR, reason[:2000]),
             )
-        state = _TRIAL_STATES[outcome]
+        state = TrialState[TrialOutcome(outcome).optuna_name]
         if not self._tell(study, trial, state, value):
             log.warning("trial %d: result rejected, the reaper failed it meanwhile", trial.number)
             return None
-        try:
-            self._db(
-                "finish the slot",
-                lambda: queue.finish_trial_slot(
-                    self.sessions, lease.id, outcome, reason, job_id=lease.job_id
-                ),
-            )
-        except LeaseLost:
+        if not self._finish_slot(lease, outcome, reason):
             log.warning("trial %d: slot was reaped before the result arrived", trial.number)
             return None
         log.info(
@@ -322,6 +412,30 @@ class Worker:
             f" value={value:.6g}" if outcome == "complete" and value is not None else "",
         )
         return outcome
+
+    def _finish_slot(self, lease: queue.Lease, outcome: Outcome, reason: str | None) -> bool:
+        """Finish the slot; False when it is no longer ours (reaped, cancelled, deleted)."""
+        try:
+            self._db(
+                "finish the slot",
+                lambda: queue.finish_trial_slot(
+                    self.sessions, lease.id, outcome, reason, job_id=lease.job_id
+                ),
+            )
+        except LeaseLost:
+            return False
+        return True
+
+    def _fail_job(self, lease: queue.Lease, err: Exception) -> None:
+        """The job itself cannot run (its spec no longer parses, its Optuna study is gone,
+        its sampler cannot be built or asked): end it ``failed`` with the cause, give the
+        slot back as failed, and go on with other jobs."""
+        cause = err.message if isinstance(err, LstmHpoError) else _failure_reason(err)
+        reason = f"{JobCannotRun.__doc__} {cause}"
+        log.error("study %s (job %s) failed: %s", lease.optuna_study_name, lease.job_id, reason)
+        self._jobs.pop(lease.job_id, None)
+        self._db("fail the job", lambda: queue.fail_job(self.sessions, lease.job_id, reason))
+        self._finish_slot(lease, "failed", reason)
 
     def _tell(
         self, study: optuna.Study, trial: optuna.Trial, state: TrialState, value: float | None
@@ -358,23 +472,16 @@ class Worker:
 
         return self._db("tell", tell)
 
-    def _job_study(self, lease: queue.Lease) -> tuple[StudySpec, optuna.Study]:
+    def _job_study(self, lease: queue.Lease) -> tuple[StudySpec, _LeaseStudy]:
         """The lease's validated spec and its Optuna study, kept per job (LRU) between trials."""
         assert self.storage is not None
         context = self._jobs.pop(lease.job_id, None)
         if context is None or context.raw_spec != lease.spec:
-            study = _NewTrialStudy(study_name=lease.optuna_study_name, storage=self.storage)
+            study = _LeaseStudy(study_name=lease.optuna_study_name, storage=self.storage)
             context = _JobContext(dict(lease.spec), parse_spec(lease.spec), study)
         self._jobs[lease.job_id] = context
         while len(self._jobs) > JOB_CACHE_SIZE:
             self._jobs.popitem(last=False)
-        if lease.retry_of is not None:
-            # A retry loads the study afresh with Optuna's own ask(): a fresh read sees
-            # every trial, among them the WAITING one with the failed trial's parameters
-            # that the reaper enqueued, whatever order the commits came in (retries are rare).
-            return context.spec, optuna.load_study(
-                study_name=lease.optuna_study_name, storage=self.storage
-            )
         return context.spec, context.study
 
 

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-import threading
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib.metadata import version
@@ -15,59 +12,14 @@ from fastapi import FastAPI
 from fastapi.responses import RedirectResponse
 
 from service import studies
+from service.api.dashboard import DashboardGuard
 from service.api.errors import install_error_handlers
 from service.api.routes import health
 from service.api.routes import studies as studies_routes
 from service.config import Settings
-from service.errors import LstmHpoError
 from service.migrate import current_revisions, upgrade_schema
+from service.reaper import Reaper
 from service.search_space import SpecLimits
-
-log = logging.getLogger("lstm_hpo.server")
-
-
-class Reaper(threading.Thread):
-    """Fails trials whose worker stopped heartbeating, even when every worker is gone."""
-
-    def __init__(self, backend: studies.Backend, *, grace_s: float, interval_s: float) -> None:
-        super().__init__(name="lstm-hpo-reaper", daemon=True)
-        self.backend = backend
-        self.grace_s = grace_s
-        self.interval_s = interval_s
-        self._stop_event = threading.Event()
-        #: While the reaper itself cannot reach the database, neither can the workers'
-        #: heartbeats: their silence then says nothing about them. After an outage the
-        #: reaper waits one grace period (monotonic deadline) before reaping again.
-        self._database_down = False
-        self._amnesty_until = 0.0
-
-    def run(self) -> None:
-        # The first round at start-up: a server restarted after a crash fails the trials
-        # whose workers died while it was down at once, not one interval later.
-        while True:
-            self.run_once()
-            if self._stop_event.wait(self.interval_s):
-                return
-
-    def run_once(self) -> None:
-        """One reaper round; errors are logged, never raised (the next round retries)."""
-        try:
-            studies.check_database(self.backend)
-            if self._database_down:
-                self._database_down = False
-                self._amnesty_until = time.monotonic() + self.grace_s
-                log.warning("reaper: database back; reaping resumes in %.0fs", self.grace_s)
-            if time.monotonic() < self._amnesty_until:
-                return
-            studies.reap_stale_trials(self.backend, grace_s=self.grace_s)
-        except LstmHpoError as err:  # database away for a moment: try next round
-            self._database_down = self._database_down or err.retryable
-            log.warning("reaper: %s", err)
-        except Exception:  # never let one bad round end the reaper
-            log.exception("reaper round failed")
-
-    def stop(self) -> None:
-        self._stop_event.set()
 
 
 def create_app(settings: Settings | None = None, *, migrate: bool = True) -> FastAPI:
@@ -124,6 +76,8 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True) -> Fas
         return RedirectResponse("/dashboard")
 
     # Last: the dashboard's front end hard-codes /dashboard, /api and /static, so it
-    # cannot live under a prefix; everything the API did not match falls through to it.
-    app.mount("/", WSGIMiddleware(optuna_dashboard.wsgi(storage)))  # type: ignore[arg-type]
+    # cannot live under a prefix; everything the API did not match falls through to it,
+    # through the guard that keeps its deletes (and refuses its creates) in step with ours.
+    dashboard = WSGIMiddleware(optuna_dashboard.wsgi(storage))
+    app.mount("/", DashboardGuard(dashboard, backend))  # type: ignore[arg-type]
     return app

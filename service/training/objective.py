@@ -26,17 +26,27 @@ from service.search_space import (
     SyntheticTask,
     sample_config,
 )
-
-#: Trial user attributes the service reads back (API, `best`).
-CONFIG_ATTR = "config"
-FAILURE_ATTR = "failure_reason"
-BASELINES_ATTR = "val_baselines"
-#: Set on a retry: the number of the trial (same params) whose worker died.
-RETRY_OF_ATTR = "retry_of"
+from service.states import BASELINES_ATTR, CONFIG_ATTR
 
 
 class SyntheticFailure(RuntimeError):
     """The synthetic task was told to fail for this configuration (``fail_when``)."""
+
+
+class NonFiniteMetric(RuntimeError):
+    """A trial's validation metric is NaN or infinite: the trial FAILs (never PRUNED, and
+    never a value), whatever the pruner would make of it (Optuna's prune NaN)."""
+
+    def __init__(self, value: float, metric: str, epoch: int | None = None) -> None:
+        where = f"{metric}" if epoch is None else f"{metric} at epoch {epoch}"
+        super().__init__(f"metric is {value} ({where})")
+
+
+def check_finite(value: float, metric: str, epoch: int | None = None) -> float:
+    """``value`` when it is finite; else raises :class:`NonFiniteMetric`."""
+    if not math.isfinite(value):
+        raise NonFiniteMetric(value, metric, epoch)
+    return value
 
 
 def run_trial(
@@ -66,7 +76,8 @@ def run_trial(
     pruning = PyTorchLightningPruningCallback(trial, monitor=spec.metric.name)
     result = fit_config(
         config,
-        callbacks=[pruning],
+        # The finite check first: the pruner must never see (and prune on) a NaN.
+        callbacks=[_finite_metric_callback(spec.metric.name), pruning],
         data_roots=data_roots,
         accelerator=accelerator,
         evaluate_test=False,
@@ -75,6 +86,20 @@ def run_trial(
     if result.value is None:
         raise RuntimeError(f"no finite validation {spec.metric.name} in any epoch")
     return result.value
+
+
+def _finite_metric_callback(metric: str) -> Any:
+    """A Lightning callback that raises :class:`NonFiniteMetric` at the end of a validation
+    epoch whose ``metric`` is NaN/inf (before the pruning callback reports it)."""
+    from lightning.pytorch.callbacks import Callback
+
+    class FiniteMetric(Callback):
+        def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+            value = trainer.callback_metrics.get(metric)
+            if value is not None and not trainer.sanity_checking:
+                check_finite(float(value), metric, trainer.current_epoch)
+
+    return FiniteMetric()
 
 
 def _matches(params: Mapping[str, Any], when: Mapping[str, Any] | None) -> bool:
@@ -105,7 +130,8 @@ def _synthetic(trial: optuna.Trial, config: ResolvedConfig, task: SyntheticTask)
         if task.sleep_s:
             time.sleep(task.sleep_s / epochs)
         # Converges towards the final value like a learning curve.
-        trial.report(final * (1.0 + 1.0 / (epoch + 1)), step=epoch)
+        value = check_finite(final * (1.0 + 1.0 / (epoch + 1)), "value", epoch)
+        trial.report(value, step=epoch)
         if trial.should_prune():
             raise optuna.TrialPruned(f"pruned at epoch {epoch}")
     return final

@@ -61,7 +61,7 @@ def test_upgrade_produces_exactly_the_orm_schema(db_url: str) -> None:
 
         assert _table_names(engine) == {*OUR_TABLES, VERSION_TABLE}
         assert _schema_diff(engine) == []
-        assert _versions(engine, VERSION_TABLE) == [head_revision()] == ["0002_retry_pending_index"]
+        assert _versions(engine, VERSION_TABLE) == [head_revision()] == ["0003_retry_trial_id"]
         assert schema_is_current(engine)
     finally:
         engine.dispose()

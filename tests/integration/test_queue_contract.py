@@ -231,6 +231,106 @@ def test_cancel_a_queued_job_and_an_ended_one(session_factory: sessionmaker[Sess
 # Heartbeats, reaping, retries
 
 
+def _reap(
+    sm: sessionmaker[Session], now: datetime, *, retry_trial_id: int | None = None
+) -> list[queue.StaleLease]:
+    """The queue's part of one reaper round (``service.reaper`` adds Optuna around it):
+    every stale lease reaped, with ``retry_trial_id`` as the WAITING trial enqueued for it."""
+    cutoff = now - timedelta(seconds=GRACE_S)
+    reaped = [
+        stale
+        for candidate in queue.stale_leases(sm, cutoff=cutoff, now=now)
+        if (
+            stale := queue.reap_stale_lease(
+                sm, candidate.id, cutoff=cutoff, retry_trial_id=retry_trial_id, now=now
+            )
+        )
+    ]
+    queue.end_expired_jobs(sm, now=now)
+    return reaped
+
+
+def test_a_lost_trial_is_retried_only_with_the_trial_to_run(
+    session_factory: sessionmaker[Session],
+) -> None:
+    """A lease that attached an Optuna trial is retried only when the reaper enqueued the
+    copy first: the slot never becomes claimable with nothing (or a fresh trial) to run."""
+    job = _job(session_factory, 1, max_retries=3)
+    lease = queue.claim_trial_slot(session_factory, "w1", now=T0)
+    assert lease is not None
+    queue.attach_trial(session_factory, lease.id, optuna_trial_id=5, trial_number=0)
+    cutoff = _at(61) - timedelta(seconds=GRACE_S)
+    [candidate] = queue.stale_leases(session_factory, cutoff=cutoff, now=_at(61))
+    assert candidate.retry_expected and candidate.optuna_trial_id == 5
+    stale = queue.reap_stale_lease(session_factory, lease.id, cutoff=cutoff, now=_at(61))
+    assert stale is not None and not stale.retry and stale.job_state is JobState.FAILED
+    assert _job_row(session_factory, job.id)["n_finished"] == 1
+    assert queue.claim_trial_slot(session_factory, "w2", now=_at(62)) is None
+
+
+def test_fail_job_ends_it_with_the_reason_and_drops_its_retries(
+    session_factory: sessionmaker[Session],
+) -> None:
+    job = _job(session_factory, 3, max_retries=2)
+    other = _job(session_factory, 1, name="other", now=_at(1))  # claimed second
+    dead = queue.claim_trial_slot(session_factory, "w1", now=T0)
+    running = queue.claim_trial_slot(session_factory, "w2", now=T0)
+    assert dead is not None and running is not None and running.job_id == other.id
+    assert queue.heartbeat(session_factory, [running.id], _at(60)) == set()
+    [stale] = _reap(session_factory, _at(61))
+    assert stale.retry
+
+    assert queue.fail_job(session_factory, job.id, "its spec no longer parses", now=_at(62))
+    assert not queue.fail_job(session_factory, job.id, "again", now=_at(63))  # idempotent
+    row = _job_row(session_factory, job.id)
+    assert (row["state"], row["error"], row["finished_at"]) == (
+        "failed",
+        "its spec no longer parses",
+        _at(62),
+    )
+    assert not any(r["retry_pending"] for r in _lease_rows(session_factory, job.id))
+    assert queue.claim_trial_slot(session_factory, "w3", now=_at(63)) is None
+    # The other job's running lease is untouched and finishes normally.
+    assert queue.finish_trial_slot(session_factory, running.id, "complete", now=_at(64)) is (
+        JobState.SUCCEEDED
+    )
+
+
+def test_delete_job_removes_the_row_and_its_leases(
+    session_factory: sessionmaker[Session],
+) -> None:
+    job = _job(session_factory, 2, max_retries=1)
+    dead = queue.claim_trial_slot(session_factory, "w1", now=T0)
+    assert dead is not None and dead.job_id == job.id
+    [stale] = _reap(session_factory, _at(61))
+    retry = queue.claim_trial_slot(session_factory, "w2", now=_at(62))
+    assert stale.retry and retry is not None and retry.retry_of == dead.id
+    kept = _job(session_factory, 1, name="kept", now=_at(62))
+
+    assert queue.delete_job(session_factory, job.id)
+    assert not queue.delete_job(session_factory, job.id)
+    assert queue.find_job(session_factory, job.id) is None
+    assert _lease_rows(session_factory, job.id) == []
+    with pytest.raises(errors.LeaseLost):  # the retry's worker finds its slot gone
+        queue.finish_trial_slot(session_factory, retry.id, "complete", now=_at(63))
+    assert queue.find_job(session_factory, kept.id) is not None
+
+
+def test_a_huge_timeout_never_overflows_the_deadline(
+    session_factory: sessionmaker[Session],
+) -> None:
+    """A job row whose timeout no datetime can hold (written before submit-time bounds, or
+    by hand) is claimable, with its deadline clamped to ~100 years; others are unharmed."""
+    huge = _job(session_factory, 1, name="huge", timeout_s=1e300)
+    lease = queue.claim_trial_slot(session_factory, "w1", now=T0)
+    assert lease is not None and lease.job_id == huge.id
+    deadline = _job_row(session_factory, huge.id)["deadline_at"]
+    assert deadline == T0 + timedelta(seconds=queue.MAX_DEADLINE_S)
+    other = _job(session_factory, 1, name="other")
+    assert queue.claim_trial_slot(session_factory, "w2", now=_at(1)) is not None
+    assert _job_row(session_factory, other.id)["state"] == "running"
+
+
 def test_reaper_takes_only_stale_leases(session_factory: sessionmaker[Session]) -> None:
     job = _job(session_factory, 3, max_retries=1)
     silent, alive, late = (
@@ -241,7 +341,7 @@ def test_reaper_takes_only_stale_leases(session_factory: sessionmaker[Session]) 
     # Exactly at the edge of the grace period is not stale yet.
     assert queue.heartbeat(session_factory, [late.id], _at(1)) == set()
 
-    stale = queue.fail_stale_trials(session_factory, grace_s=GRACE_S, now=_at(61))
+    stale = _reap(session_factory, _at(61))
 
     assert [s.id for s in stale] == [silent.id]
     assert stale[0].worker_id == "w0" and stale[0].retry and stale[0].job_state is JobState.RUNNING
@@ -260,7 +360,7 @@ def test_reaper_takes_only_stale_leases(session_factory: sessionmaker[Session]) 
         424242,
     }
     # A second pass finds nothing new.
-    assert queue.fail_stale_trials(session_factory, grace_s=GRACE_S, now=_at(61)) == []
+    assert _reap(session_factory, _at(61)) == []
 
 
 def test_finish_after_reaping_raises_lease_lost_and_changes_nothing(
@@ -270,7 +370,7 @@ def test_finish_after_reaping_raises_lease_lost_and_changes_nothing(
     lease = queue.claim_trial_slot(session_factory, "w1", now=T0)
     assert lease is not None
     queue.attach_trial(session_factory, lease.id, optuna_trial_id=7, trial_number=0)
-    [stale] = queue.fail_stale_trials(session_factory, grace_s=GRACE_S, now=_at(100))
+    [stale] = _reap(session_factory, _at(100))
     assert not stale.retry and (stale.optuna_trial_id, stale.trial_number) == (7, 0)
     job_before, leases_before = (
         _job_row(session_factory, job.id),
@@ -303,11 +403,11 @@ def test_reaped_slot_is_retried_up_to_max_retries_then_counts_failed(
         assert lease.attempt == attempt
         assert lease.retry_of == (leases[-1].id if leases else None)
         assert lease.retry_of_trial_number == (attempt - 1 if attempt else None)
+        assert lease.retry_trial_id == (100 + attempt - 1 if attempt else None)
         leases.append(lease)
 
-        [stale] = queue.fail_stale_trials(
-            session_factory, grace_s=GRACE_S, now=_at(attempt * 100 + 61)
-        )
+        # The reaper enqueued trial 100 + attempt in Optuna: the retry must run it.
+        [stale] = _reap(session_factory, _at(attempt * 100 + 61), retry_trial_id=100 + attempt)
 
         assert stale.id == lease.id and stale.attempt == attempt
         assert (stale.optuna_trial_id, stale.trial_number) == (10 + attempt, attempt)
@@ -334,7 +434,7 @@ def test_retried_slot_can_complete_and_fresh_slots_are_not_retries(
     job = _job(session_factory, 2, max_retries=1)
     dead = queue.claim_trial_slot(session_factory, "w1", now=T0)
     assert dead is not None
-    [stale] = queue.fail_stale_trials(session_factory, grace_s=GRACE_S, now=_at(61))
+    [stale] = _reap(session_factory, _at(61))
     assert stale.retry and stale.optuna_trial_id is None  # died before attaching a trial
 
     retry = queue.claim_trial_slot(session_factory, "w2", now=_at(62))
@@ -358,7 +458,7 @@ def test_no_retry_for_a_cancelled_job(session_factory: sessionmaker[Session]) ->
     lease = queue.claim_trial_slot(session_factory, "w1", now=T0)
     assert lease is not None
     queue.cancel_job(session_factory, job.id, now=_at(1))
-    [stale] = queue.fail_stale_trials(session_factory, grace_s=GRACE_S, now=_at(61))
+    [stale] = _reap(session_factory, _at(61))
     assert not stale.retry and stale.job_state is JobState.CANCELLED
     row = _job_row(session_factory, job.id)
     assert (row["state"], row["n_running"], row["n_finished"]) == ("cancelled", 0, 1)
@@ -404,7 +504,7 @@ def test_idle_timed_out_jobs_are_ended_by_the_reaper(
     untimed = _job(session_factory, 5, name="untimed")
 
     assert queue.end_expired_jobs(session_factory, now=_at(9)) == []
-    assert queue.fail_stale_trials(session_factory, grace_s=GRACE_S, now=_at(20)) == []
+    assert _reap(session_factory, _at(20)) == []
 
     assert _job_row(session_factory, done.id)["state"] == JobState.SUCCEEDED
     failed = _job_row(session_factory, nothing.id)

@@ -1,4 +1,4 @@
-"""/v1/studies: submit, list, get, trials, best, cancel. Thin: parse, one call, return."""
+"""/v1/studies: submit, list, get, trials, best, cancel, delete. Thin: parse, one call, return."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from service.api.deps import BackendDep, OwnerDep
 from service.errors import FieldError, InvalidSpec
 from service.schemas import BestPublic, Page, StudyPublic, TrialPublic
 from service.search_space import parse_spec
+from service.states import JobState, TrialState
 
 router = APIRouter(prefix="/studies", tags=["studies"])
 
@@ -23,7 +24,6 @@ _SPEC_EXAMPLE = {
     "space": {"num_layers": {"type": "int", "low": 1, "high": 3}, "max_epochs": 3},
     "study": {"n_trials": 10},
 }
-StateFilter = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
 
 async def _spec_document(request: Request) -> Any:
@@ -81,7 +81,7 @@ async def submit(
 def list_(
     backend: BackendDep,
     owner: OwnerDep,
-    state: StateFilter | None = None,
+    state: JobState | None = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 20,
     offset: Annotated[int, Query(ge=0)] = 0,
 ) -> Page[StudyPublic]:
@@ -101,7 +101,7 @@ def trials(
     *,
     backend: BackendDep,
     owner: OwnerDep,
-    state: Literal["running", "complete", "pruned", "failed", "waiting"] | None = None,
+    state: TrialState | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     offset: Annotated[int, Query(ge=0)] = 0,
 ) -> Page[TrialPublic]:
@@ -137,3 +137,11 @@ def best(
 def cancel(study_id: str, backend: BackendDep, owner: OwnerDep) -> StudyPublic:
     """Stop claiming new trials. Trials already running finish and are recorded."""
     return studies.cancel_study(backend, study_id, owner=owner)
+
+
+@router.delete("/{study_id}", status_code=204)
+def delete(study_id: str, backend: BackendDep, owner: OwnerDep) -> Response:
+    """Delete a study: cancel it if it runs, then remove its trials (Optuna's study) and
+    its record. A trial still training has its result rejected. 404 for an unknown id."""
+    studies.delete_study(backend, study_id, owner=owner)
+    return Response(status_code=204)

@@ -1,0 +1,108 @@
+"""The one vocabulary of states: jobs, trial slots (leases), trial outcomes, and their names
+in Optuna and in the API. A leaf module: it imports nothing of ours and not Optuna, so the
+queue, the worker, the schemas, the routes and the client all read the same names.
+
+Also the names of the attributes the service writes on Optuna studies and trials, so the
+domain (``studies``) and the reaper read what the worker (``training.objective``) writes
+without importing the training package.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class JobState(StrEnum):
+    """Lifecycle of a search job (one Optuna study): the API's study ``state``."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def is_active(self) -> bool:
+        """Queued or running: the job may still take trial slots."""
+        return self in ACTIVE_JOB_STATES
+
+    @property
+    def is_terminal(self) -> bool:
+        """Succeeded, failed or cancelled: nothing of the job runs any more."""
+        return not self.is_active
+
+
+ACTIVE_JOB_STATES: tuple[JobState, ...] = (JobState.QUEUED, JobState.RUNNING)
+TERMINAL_JOB_STATES: frozenset[JobState] = frozenset(
+    {JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED}
+)
+
+
+class TrialOutcome(StrEnum):
+    """How a trial that ran ended; a finished lease's state and the Optuna state it is told."""
+
+    COMPLETE = "complete"
+    PRUNED = "pruned"
+    FAILED = "failed"
+
+    @property
+    def optuna_name(self) -> str:
+        """The ``optuna.trial.TrialState`` member name (``TrialState[outcome.optuna_name]``)."""
+        return _OPTUNA_NAMES[self]
+
+
+_OPTUNA_NAMES = {
+    TrialOutcome.COMPLETE: "COMPLETE",
+    TrialOutcome.PRUNED: "PRUNED",
+    TrialOutcome.FAILED: "FAIL",
+}
+
+
+class LeaseState(StrEnum):
+    """Lifecycle of one claimed trial slot (a row of ``trial_leases``)."""
+
+    RUNNING = "running"
+    COMPLETE = "complete"
+    PRUNED = "pruned"
+    FAILED = "failed"
+    #: The worker stopped heartbeating; the reaper took the slot back.
+    REAPED = "reaped"
+    CANCELLED = "cancelled"
+
+
+class TrialState(StrEnum):
+    """A trial's state as the API shows it (``GET /v1/studies/{id}/trials``)."""
+
+    RUNNING = "running"
+    COMPLETE = "complete"
+    PRUNED = "pruned"
+    FAILED = "failed"
+    WAITING = "waiting"
+
+    @classmethod
+    def from_optuna(cls, optuna_name: str) -> TrialState:
+        """The API name of an ``optuna.trial.TrialState`` member name (``"FAIL"`` -> failed)."""
+        return _FROM_OPTUNA.get(optuna_name, cls.FAILED)
+
+
+_FROM_OPTUNA = {
+    "RUNNING": TrialState.RUNNING,
+    "COMPLETE": TrialState.COMPLETE,
+    "PRUNED": TrialState.PRUNED,
+    "FAIL": TrialState.FAILED,
+    "WAITING": TrialState.WAITING,
+}
+
+# --------------------------------------------------------------------------------------
+# Attribute names on Optuna records (what optuna-dashboard shows as user attributes)
+
+#: Study: the id of our job row (the other half of the study).
+JOB_ID_ATTR = "lstm_hpo_job_id"
+#: Trial: its resolved config (``{task, params}``), what `lstm-hpo train` takes.
+CONFIG_ATTR = "config"
+#: Trial: why it failed or was pruned, for people.
+FAILURE_ATTR = "failure_reason"
+#: Trial: trivial predictors' validation metric values.
+BASELINES_ATTR = "val_baselines"
+#: Trial: set on a retry, the number of the trial (same params) whose worker died.
+RETRY_OF_ATTR = "retry_of"
