@@ -5,12 +5,12 @@ from __future__ import annotations
 import math
 import sys
 import sysconfig
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from service.data_checks import check_char_splits, read_text_file, split_text
 from service.errors import DataError
 from service.search_space import CharLMTask, LSTMConfig, resolve_data_path
 from service.training.data.base import InMemoryDataModule, Problem, TaskData
@@ -20,15 +20,6 @@ UNK = "<unk>"
 _SKIPPED_STDLIB_DIRS = frozenset(
     {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
 )
-
-
-@dataclass(frozen=True)
-class CharSplits:
-    """A corpus split into contiguous train / val / test parts (train first)."""
-
-    train: str
-    val: str
-    test: str
 
 
 class CharLMDataModule(InMemoryDataModule):
@@ -78,34 +69,6 @@ def stdlib_corpus(max_chars: int) -> tuple[str, int]:
     return "".join(parts)[:max_chars], used
 
 
-def read_text_file(path: Path, max_chars: int) -> str:
-    """A UTF-8 text file's first ``max_chars`` characters; :class:`DataError` naming the file."""
-    try:
-        with path.open(encoding="utf-8", newline="") as f:
-            text = f.read(max_chars)
-    except FileNotFoundError:
-        raise DataError(f"char_lm: {path}: no such file") from None
-    except IsADirectoryError:
-        raise DataError(f"char_lm: {path}: is a directory, not a text file") from None
-    except UnicodeDecodeError as err:
-        raise DataError(
-            f"char_lm: {path}: not UTF-8 text ({err.reason} at byte {err.start})"
-        ) from None
-    except OSError as err:
-        raise DataError(f"char_lm: {path}: cannot read ({err.strerror})") from None
-    if not text:
-        raise DataError(f"char_lm: {path}: the file is empty")
-    return text
-
-
-def split_text(text: str, val_fraction: float, test_fraction: float) -> CharSplits:
-    """Contiguous split: train, then val, then test (the last parts)."""
-    n = len(text)
-    n_val, n_test = int(n * val_fraction), int(n * test_fraction)
-    n_train = n - n_val - n_test
-    return CharSplits(text[:n_train], text[n_train : n_train + n_val], text[n_train + n_val :])
-
-
 def build_vocab(train: str) -> list[str]:
     """id -> character: ``<unk>`` at 0, then the train split's characters in sorted order."""
     return [UNK, *sorted(set(train))]
@@ -150,17 +113,11 @@ def build_char_lm(
         source += f"{n_files:,} files)"
     else:
         path = resolve_data_path(task.path, data_roots)
-        text = read_text_file(path, task.max_chars)
+        text = read_text_file(path, task.max_chars, task.encoding)
         source = path.name
     splits = split_text(text, task.val_fraction, task.test_fraction)
     bptt = params.bptt
-    for name, part in (("train", splits.train), ("val", splits.val), ("test", splits.test)):
-        if len(part) < bptt + 1:
-            raise DataError(
-                f"char_lm: the {name} split has {len(part):,} chars, fewer than bptt + 1 = "
-                f"{bptt + 1}: lower bptt to at most {max(len(part) - 1, 1)} or give more text "
-                f"(max_chars, {name}_fraction)"
-            )
+    check_char_splits(splits.sizes, bptt)
     vocab = build_vocab(splits.train)
     train_ids, val_ids, test_ids = (
         encode(s, vocab) for s in (splits.train, splits.val, splits.test)

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import json
-import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -13,25 +10,17 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import Dataset
 
-from service.errors import DataError, MissingExtra
+from service.data_checks import (
+    BUNDLED_PACKAGES,
+    Label,
+    LabelledSequences,
+    needs_datasets_extra,
+    read_jsonl,
+    split_classify,
+)
+from service.errors import MissingExtra
 from service.search_space import ClassifyTask, LSTMConfig, resolve_data_path
 from service.training.data.base import InMemoryDataModule, Problem, TaskData
-
-Label = str | int
-#: Fixed seeds: the splits depend on the data only, never on the model's seed.
-_TEST_SPLIT_SEED = 0
-_VAL_SPLIT_SEED = 1
-#: Problems reported from one JSON Lines file before giving up.
-_MAX_REPORTED = 10
-
-
-@dataclass(frozen=True)
-class LabelledSequences:
-    """Time-major sequences ``(T_i, F)`` with their labels; ``splits`` is None without a split."""
-
-    xs: list[np.ndarray]
-    labels: list[Label]
-    splits: list[str] | None
 
 
 class SequenceDataset(Dataset[tuple[torch.Tensor, int]]):
@@ -79,10 +68,8 @@ def load_japanese_vowels() -> LabelledSequences:
     try:
         from aeon.datasets import load_japanese_vowels as load
     except ImportError as err:
-        raise MissingExtra(
-            f"classify: the japanese_vowels data set needs the datasets extra ({err.name} is "
-            'missing): pip install "lstm-hpo[datasets]"'
-        ) from None
+        package = err.name or BUNDLED_PACKAGES["japanese_vowels"]
+        raise MissingExtra(needs_datasets_extra("classify", "japanese_vowels", package)) from None
     xs: list[np.ndarray] = []
     labels: list[Label] = []
     splits: list[str] = []
@@ -94,155 +81,20 @@ def load_japanese_vowels() -> LabelledSequences:
     return LabelledSequences(xs, labels, splits)
 
 
-def read_jsonl(path: Path) -> LabelledSequences:
-    """Read ``{"x": [[f1, ...], ...], "label": ..., "split": "train" | "test"}`` per line.
-
-    Every problem is reported with its line number (up to ten at once) in a :class:`DataError`.
-    """
-    try:
-        with path.open(encoding="utf-8") as f:
-            lines = f.readlines()
-    except FileNotFoundError:
-        raise DataError(f"classify: {path}: no such file") from None
-    except IsADirectoryError:
-        raise DataError(f"classify: {path}: is a directory, not a JSON Lines file") from None
-    except UnicodeDecodeError as err:
-        raise DataError(
-            f"classify: {path}: not UTF-8 text ({err.reason} at byte {err.start})"
-        ) from None
-    except OSError as err:
-        raise DataError(f"classify: {path}: cannot read ({err.strerror})") from None
-
-    errors: list[str] = []
-    rows: list[_Row] = []
-    for lineno, line in enumerate(lines, start=1):
-        if len(errors) >= _MAX_REPORTED:
-            break
-        if not line.strip():
-            continue
-        row = _parse_line(line, lineno)
-        problem = row if isinstance(row, str) else _mismatch(row, rows[0] if rows else None)
-        if problem is not None:
-            errors.append(f"line {lineno}: {problem}")
-        elif isinstance(row, _Row):
-            rows.append(row)
-    if errors:
-        more = " (stopped there)" if len(errors) >= _MAX_REPORTED else ""
-        raise DataError(f"classify: {path}: " + "; ".join(errors) + more)
-    if not rows:
-        raise DataError(f"classify: {path}: no sequences (the file has no non-blank lines)")
-    odd = next((r for r in rows if (r.split is None) != (rows[0].split is None)), None)
-    if odd is not None:
-        raise DataError(
-            f"classify: {path} line {odd.lineno}: `split` must be on every line or on none"
-        )
-    xs, labels = [r.x for r in rows], [r.label for r in rows]
-    if rows[0].split is None:
-        return LabelledSequences(xs, labels, None)
-    splits = [r.split for r in rows if r.split is not None]
-    for needed in ("train", "test"):
-        if needed not in splits:
-            raise DataError(f'classify: {path}: no line has "split": "{needed}"')
-    return LabelledSequences(xs, labels, splits)
-
-
-@dataclass(frozen=True)
-class _Row:
-    lineno: int
-    x: np.ndarray
-    label: Label
-    split: str | None
-
-
-def _parse_line(line: str, lineno: int) -> _Row | str:
-    """One line's sequence, label and split; or what is wrong with it."""
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as err:
-        return f"not valid JSON ({err.msg} at column {err.colno})"
-    if not isinstance(obj, dict):
-        return "expected a JSON object with `x` and `label`"
-    if "x" not in obj or "label" not in obj:
-        return "`x` and `label` are required"
-    x, label, split = obj["x"], obj["label"], obj.get("split")
-    if not isinstance(x, list) or not x or not all(isinstance(step, list) and step for step in x):
-        return "`x` must be a non-empty list of time steps, each a non-empty list of numbers"
-    width = len(x[0])
-    for t, step in enumerate(x):
-        if len(step) != width:
-            return f"`x` time step {t} has {len(step)} features, time step 0 has {width}"
-        # numpy would silently turn "1.5" or true into numbers: check the JSON types here.
-        if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in step):
-            return f"`x` time step {t} has a value that is not a number"
-        if not all(math.isfinite(v) for v in step):
-            return f"`x` time step {t} has a value that is not finite"
-    if not isinstance(label, str | int) or isinstance(label, bool):
-        return f"`label` must be a string or an integer, not {json.dumps(label)}"
-    if split is not None and split not in ("train", "test"):
-        return f'`split` must be "train" or "test", not {json.dumps(split)}'
-    return _Row(lineno, np.asarray(x, dtype=np.float64), label, split)
-
-
-def _mismatch(row: _Row, first: _Row | None) -> str | None:
-    """What makes ``row`` inconsistent with the file's first good line, if anything."""
-    if first is None:
-        return None
-    if row.x.shape[1] != first.x.shape[1]:
-        return (
-            f"`x` has {row.x.shape[1]} features per time step, "
-            f"line {first.lineno} has {first.x.shape[1]}"
-        )
-    if type(row.label) is not type(first.label):
-        kinds = {str: "a string", int: "an integer"}
-        return (
-            f"`label` is {kinds[type(row.label)]} but on line {first.lineno} it is "
-            f"{kinds[type(first.label)]}: use one type for all labels"
-        )
-    return None
-
-
-def stratified_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(kept, held-out) indices, sorted: about ``fraction`` of each class held out, seeded."""
-    rng = np.random.default_rng(seed)
-    kept: list[np.ndarray] = []
-    held: list[np.ndarray] = []
-    for c in np.unique(y):
-        idx = rng.permutation(np.flatnonzero(y == c))
-        n_held = math.floor(len(idx) * fraction + 0.5)  # round half up
-        held.append(idx[:n_held])
-        kept.append(idx[n_held:])
-    return np.sort(np.concatenate(kept)), np.sort(np.concatenate(held))
-
-
 def build_classify(
     task: ClassifyTask, params: LSTMConfig, data_roots: tuple[Path, ...] | None = None
 ) -> TaskData:
     """Load labelled sequences, split them, standardise on train; baseline: the majority class."""
     if task.path is not None:
         path = resolve_data_path(task.path, data_roots)
-        data = read_jsonl(path)
+        data = read_jsonl(path, task.encoding)
         source = path.name
     else:
         data = load_japanese_vowels()
         source = "japanese_vowels (aeon)"
-    classes: list[Label] = sorted(set(data.labels))  # one label type per file (checked)
-    class_id = {c: i for i, c in enumerate(classes)}
-    y = np.array([class_id[label] for label in data.labels], dtype=np.int64)
-
-    if data.splits is not None:
-        is_test = np.array([s == "test" for s in data.splits])
-        train_pool, test_idx = np.flatnonzero(~is_test), np.flatnonzero(is_test)
-    else:
-        kept, held = stratified_split(y, task.test_fraction, _TEST_SPLIT_SEED)
-        train_pool, test_idx = kept, held
-    kept, held = stratified_split(y[train_pool], task.val_fraction, _VAL_SPLIT_SEED)
-    train_idx, val_idx = train_pool[kept], train_pool[held]
-    for name, idx in (("train", train_idx), ("val", val_idx), ("test", test_idx)):
-        if len(idx) == 0:
-            raise DataError(
-                f"classify: {source}: the {name} split is empty ({len(y)} sequences); "
-                "give more sequences or larger fractions"
-            )
+    splits = split_classify(data, task.val_fraction, task.test_fraction, source)
+    classes, y = splits.classes, splits.y
+    train_idx, val_idx, test_idx = splits.train, splits.val, splits.test
 
     stacked = np.concatenate([data.xs[i] for i in train_idx])
     mean, std = stacked.mean(axis=0), stacked.std(axis=0)

@@ -2,36 +2,25 @@
 
 from __future__ import annotations
 
-import csv
-import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from numpy.lib.stride_tricks import sliding_window_view
 
+from service.data_checks import (
+    BUNDLED_PACKAGES,
+    check_series_fits,
+    needs_datasets_extra,
+    read_csv_column,
+    split_bounds,
+)
 from service.errors import DataError, MissingExtra
 from service.search_space import ForecastTask, LSTMConfig, resolve_data_path
 from service.training.data.base import InMemoryDataModule, Problem, TaskData
 
 #: Seasonal period of each bundled series (monthly airline passengers; ~11-year solar cycle).
 DEFAULT_SEASONS = {"airline": 12, "sunspots": 11}
-_BUNDLED_FROM = {"airline": "aeon", "sunspots": "statsmodels"}
-_MISSING = frozenset({"", "na", "nan", "null", "none", "n/a"})
-
-
-@dataclass(frozen=True)
-class SplitBounds:
-    """Where the val and test parts of a series start (train is ``[0, val_start)``)."""
-
-    val_start: int
-    test_start: int
-    n: int
-
-    @property
-    def sizes(self) -> tuple[int, int, int]:
-        return self.val_start, self.test_start - self.val_start, self.n - self.test_start
 
 
 class ForecastDataModule(InMemoryDataModule):
@@ -68,72 +57,9 @@ def load_bundled_series(name: str) -> np.ndarray:
             raise DataError(f"forecast: unknown data set {name!r}")
     except ImportError as err:
         raise MissingExtra(
-            f"forecast: the {name} data set needs the datasets extra ({err.name} is missing): "
-            'pip install "lstm-hpo[datasets]"'
+            needs_datasets_extra("forecast", name, err.name or BUNDLED_PACKAGES[name])
         ) from None
     return np.asarray(values, dtype=np.float64).reshape(-1)
-
-
-def read_csv_column(path: Path, column: str) -> tuple[np.ndarray, int]:
-    """The numbers in ``column`` (a header row is required) and how many missing rows were dropped.
-
-    Empty cells and NA/NaN/null are missing; any other non-number is a :class:`DataError`
-    naming the file and line.
-    """
-    try:
-        with path.open(encoding="utf-8-sig", newline="") as f:
-            reader = csv.reader(f)
-            header = next(reader, None)
-            if header is None:
-                raise DataError(f"forecast: {path}: the file is empty (a header row is needed)")
-            names = [h.strip() for h in header]
-            if column not in names:
-                shown = ", ".join(repr(n) for n in names[:20])
-                raise DataError(f"forecast: {path}: no column {column!r} (columns: {shown})")
-            col = names.index(column)
-            values: list[float] = []
-            dropped = 0
-            for row in reader:
-                if not row:
-                    continue
-                line = reader.line_num
-                cell = row[col].strip() if col < len(row) else ""
-                if cell.lower() in _MISSING:
-                    dropped += 1
-                    continue
-                try:
-                    value = float(cell)
-                except ValueError:
-                    raise DataError(
-                        f"forecast: {path} line {line}: column {column!r} is not numeric ({cell!r})"
-                    ) from None
-                if math.isnan(value):
-                    dropped += 1
-                    continue
-                if not math.isfinite(value):
-                    raise DataError(
-                        f"forecast: {path} line {line}: column {column!r} is not finite ({cell!r})"
-                    )
-                values.append(value)
-    except FileNotFoundError:
-        raise DataError(f"forecast: {path}: no such file") from None
-    except IsADirectoryError:
-        raise DataError(f"forecast: {path}: is a directory, not a CSV file") from None
-    except UnicodeDecodeError as err:
-        raise DataError(
-            f"forecast: {path}: not UTF-8 text ({err.reason} at byte {err.start})"
-        ) from None
-    except csv.Error as err:
-        raise DataError(f"forecast: {path}: malformed CSV ({err})") from None
-    except OSError as err:
-        raise DataError(f"forecast: {path}: cannot read ({err.strerror})") from None
-    return np.asarray(values, dtype=np.float64), dropped
-
-
-def split_bounds(n: int, val_fraction: float, test_fraction: float) -> SplitBounds:
-    """Chronological split: train first, then val, then test (the last ``test_fraction``)."""
-    n_val, n_test = int(n * val_fraction), int(n * test_fraction)
-    return SplitBounds(val_start=n - n_val - n_test, test_start=n - n_test, n=n)
 
 
 def window_starts(start: int, stop: int, horizon: int) -> np.ndarray:
@@ -189,17 +115,17 @@ def build_forecast(
     season: int | None
     if task.dataset is not None:
         series = load_bundled_series(task.dataset)
-        source = f"{task.dataset} ({_BUNDLED_FROM[task.dataset]})"
+        source = f"{task.dataset} ({BUNDLED_PACKAGES[task.dataset]})"
         season = task.season or DEFAULT_SEASONS[task.dataset]
     else:
         assert task.path is not None and task.column is not None  # the spec guarantees both
         path = resolve_data_path(task.path, data_roots)
-        series, dropped = read_csv_column(path, task.column)
+        series, dropped = read_csv_column(path, task.column, task.encoding)
         source = f"{path.name} column {task.column!r}"
         season = task.season
     lookback, horizon = task.lookback, task.horizon
     bounds = split_bounds(len(series), task.val_fraction, task.test_fraction)
-    _check_fits(bounds, lookback, horizon)
+    check_series_fits(bounds, lookback, horizon)
     n_train, n_val, n_test = bounds.sizes
 
     train_part = series[: bounds.val_start]
@@ -263,22 +189,4 @@ def build_forecast(
             f"val {n_val:,} / test {n_test:,}), lookback {lookback}, horizon {horizon}: "
             f"{counts} windows"
         ),
-    )
-
-
-def _check_fits(bounds: SplitBounds, lookback: int, horizon: int) -> None:
-    n_train, n_val, n_test = bounds.sizes
-    if n_train >= lookback + horizon and min(n_val, n_test) >= horizon:
-        return
-    max_horizon = min(n_val, n_test, n_train - 1)
-    if horizon <= max_horizon:
-        fits = f"lookback <= {n_train - horizon} at horizon {horizon}"
-    elif max_horizon >= 1:
-        fits = f"horizon <= {max_horizon} (with lookback <= {n_train - max_horizon})"
-    else:
-        fits = "nothing: the series is too short to split; give more data or larger fractions"
-    raise DataError(
-        f"forecast: the series has {bounds.n:,} points (train {n_train:,} / val {n_val:,} / "
-        f"test {n_test:,}): lookback {lookback} + horizon {horizon} needs train >= "
-        f"{lookback + horizon} and val, test >= {horizon}; what would fit: {fits}"
     )
