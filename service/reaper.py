@@ -40,7 +40,9 @@ The order of the steps for one stale lease is the protocol, and every step is id
 3. reap the lease in the queue with that trial's id: the slot becomes claimable, and
    idle workers are NOTIFYed, in the same commit that names the trial to run, so a
    worker woken early can never ask a fresh trial for a retry slot;
-4. if the queue did not retry after all (the job ended in between), FAIL the copy.
+4. if the queue reaped the lease but did not retry it (the job ended in between), FAIL
+   the copy; if it did not reap it (the worker beat just now), keep the copy for the
+   round that will.
 
 A round is per job: one job it cannot process is logged with its id and skipped, and the
 others are reaped.
@@ -160,8 +162,11 @@ def _reap_lease(
     stale = queue.reap_stale_lease(  # step 3
         backend.sessions, candidate.id, cutoff=cutoff, retry_trial_id=retry_trial_id, now=at
     )
-    if retry_trial_id is not None and (stale is None or not stale.retry):  # step 4
+    if retry_trial_id is not None and stale is not None and not stale.retry:  # step 4
         studies.fail_trial_if_waiting(backend, retry_trial_id, studies.NOT_RUN_REASON)
+    # stale None: the lease beat or finished since it was read. Its trial is FAIL already
+    # (a late tell is rejected), so the worker gives the slot up and a later round reaps
+    # it and reuses the copy; if the job ends first, the sweep FAILs the copy.
     if stale is not None:
         log.warning(
             "reaped trial %s of %s (worker %s)%s",

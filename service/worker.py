@@ -128,6 +128,9 @@ class _LeaseStudy(optuna.Study):
         trial_id = self.pop_trial_id
         if trial_id is None:
             return None
+        # Optuna's own pop reads the WAITING trials first; that read also registers them
+        # in the cached storage, which later calls (set_trial_param) look them up in.
+        self._storage.get_all_trials(self._study_id, deepcopy=False, states=(TrialState.WAITING,))
         try:
             # WAITING -> RUNNING, atomically: False (or an error) when it is not WAITING.
             popped = self._storage.set_trial_state_values(trial_id, state=TrialState.RUNNING)

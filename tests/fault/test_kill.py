@@ -25,12 +25,12 @@ from optuna.distributions import (
 from optuna.trial import FrozenTrial, TrialState, create_trial
 from sqlalchemy import func, select
 
-from service import queue, studies
+from service import queue, reaper, studies
 from service.db import session_scope
 from service.errors import LeaseLost
 from service.models import JobState, LeaseState, SearchJob
 from service.search_space import SpecLimits, parse_spec
-from service.training.objective import FAILURE_ATTR, RETRY_OF_ATTR
+from service.states import FAILURE_ATTR, RETRY_OF_ATTR
 from tests.fault.conftest import (
     HEARTBEAT_GRACE_S,
     REAP_SLACK_S,
@@ -228,6 +228,48 @@ def test_kill_all_workers_server_reaper_fails_their_trials_and_new_workers_finis
     retry_leases = [lease for lease in fault_db.leases(job_id) if lease.retry_of is not None]
     assert sorted(lease.retry_of or 0 for lease in retry_leases) == sorted(v.id for v in victims)
     assert all(lease.attempt == 1 for lease in retry_leases)
+
+
+# ---------------------------------------------------------------------------------------
+# 2b. kill -9 a worker and the server; idle workers are woken by the retry's NOTIFY
+
+
+def test_idle_workers_woken_by_a_retry_run_the_lost_trial_and_nothing_else(
+    cluster: Cluster, fault_db: Database
+) -> None:
+    """The retry race (shared/cases): every slot is taken, so the other workers idle in
+    LISTEN when the restarted server's reaper queues the retry and NOTIFYs them. The woken
+    worker must run the lost trial's parameters (popping exactly its WAITING copy), never
+    ask a fresh trial, and nothing may stay WAITING. Idle workers must keep beating."""
+    cluster.start_server(wait=False)
+    cluster.start_workers(2)
+    cluster.wait_for_server()
+    n_trials = 2  # both slots taken: a third worker has nothing to claim, it LISTENs
+    job_id = cluster.submit(synthetic_spec(n_trials, sleep_s=3.0, name="retry-race"))
+    wait_until(
+        lambda: len(fault_db.running_leases(job_id)) == 2,
+        timeout_s=60,
+        what="both workers training",
+        context=cluster.logs,
+    )
+    victim = fault_db.running_leases(job_id)[0]
+    assert victim.optuna_trial_id is not None and victim.trial_number is not None
+    victim_params = fault_db.trial(victim.optuna_trial_id).params
+    cluster.kill_worker_process(worker_pid(victim.worker_id))
+    cluster.kill_server()
+    cluster.start_workers(1)  # idle: nothing claimable until the retry is queued
+    time.sleep(1.0)
+    cluster.start_server()
+
+    _wait_job_ended(cluster, fault_db, job_id)
+    trials = assert_study_finished_exactly(fault_db, job_id)
+    [retry] = _retries_of(trials, victim.trial_number)
+    assert retry.params == victim_params and retry.state == TrialState.COMPLETE
+    assert len(trials) == n_trials + 1, [(t.number, t.state.name) for t in trials]
+    [retry_lease] = [lease for lease in fault_db.leases(job_id) if lease.retry_of == victim.id]
+    assert retry_lease.trial_number == retry.number and retry_lease.attempt == 1
+    logs = cluster.logs(tail=200_000)
+    assert "heartbeat failed" not in logs and "QueuePool limit" not in logs, logs[-3000:]
 
 
 # ---------------------------------------------------------------------------------------
@@ -463,11 +505,10 @@ def test_best_while_trials_run_is_only_ever_a_finite_complete_trial(
     nan_trials = [t for t in trials if t.params["num_layers"] == 3]
     assert nan_trials, "no trial hit nan_when; change the seed"
     for t in nan_trials:
-        # A NaN metric never becomes a value: the worker records it as a failure, or the
-        # median pruner (which prunes NaN intermediate values) stops it first.
-        assert t.state in (TrialState.FAIL, TrialState.PRUNED) and t.value is None, t
-        if t.state == TrialState.FAIL:
-            assert "nan" in (failure_reason(t) or ""), t.user_attrs
+        # A NaN metric never becomes a value, and is never PRUNED (the median pruner
+        # prunes NaN intermediate values): the trial FAILs with the reason.
+        assert t.state == TrialState.FAIL and t.value is None, t
+        assert "metric is nan" in (failure_reason(t) or ""), t.user_attrs
     print(f"real trials: {dict((s.name, n) for s, n in states.items())}; decoys {sorted(decoys)}")
     with cluster.http() as http:
         final = http.get(f"/v1/studies/{job_id}/best").json()
@@ -527,7 +568,7 @@ def test_reaper_counts_a_told_result_whose_worker_died_before_finishing_its_slot
         study.tell(failed, state=TrialState.FAIL)
 
         later = datetime.now(UTC) + timedelta(hours=1)
-        reaped = studies.reap_stale_trials(backend, grace_s=60, now=later)
+        reaped = reaper.reap_once(backend, grace_s=60, now=later)
 
         # Only the trial that was really lost is reaped and retried.
         assert [(s.id, s.retry) for s in reaped] == [(dead_lease.id, True)]
@@ -570,7 +611,7 @@ def test_reaper_counts_a_told_result_whose_worker_died_before_finishing_its_slot
         with pytest.raises(LeaseLost):
             queue.finish_trial_slot(backend.sessions, dead_lease.id, "complete")
         # Another round finds nothing more to do (no second retry, no recount).
-        assert studies.reap_stale_trials(backend, grace_s=60, now=later) == []
+        assert reaper.reap_once(backend, grace_s=60, now=later) == []
         assert db.job(job_id).n_finished == 3
         assert db.trial_states(job.optuna_study_name)["WAITING"] == 1
 
@@ -604,15 +645,17 @@ def test_reaper_fails_the_trial_before_the_slot_so_a_late_beat_cannot_split_them
         lease, study, trial = _start_trial(backend, "host:1:a")
         later = datetime.now(UTC) + timedelta(hours=1)
 
-        real_fail_stale_trials = queue.fail_stale_trials
+        real_reap_stale_lease = queue.reap_stale_lease
 
-        def beat_then_reap(sm: queue.SessionSource, **kwargs: Any) -> list[queue.StaleLease]:
+        def beat_then_reap(
+            sm: queue.SessionSource, lease_id: int, **kwargs: Any
+        ) -> queue.StaleLease | None:
             queue.heartbeat(sm, [lease.id], now=later)  # the worker woke up just now
-            return real_fail_stale_trials(sm, **kwargs)
+            return real_reap_stale_lease(sm, lease_id, **kwargs)
 
-        monkeypatch.setattr(queue, "fail_stale_trials", beat_then_reap)
-        assert studies.reap_stale_trials(backend, grace_s=60, now=later) == []
-        monkeypatch.setattr(queue, "fail_stale_trials", real_fail_stale_trials)
+        monkeypatch.setattr(queue, "reap_stale_lease", beat_then_reap)
+        assert reaper.reap_once(backend, grace_s=60, now=later) == []
+        monkeypatch.setattr(queue, "reap_stale_lease", real_reap_stale_lease)
 
         assert db.trial(trial._trial_id).state == TrialState.FAIL
         [row] = db.leases(job_id)
@@ -620,7 +663,7 @@ def test_reaper_fails_the_trial_before_the_slot_so_a_late_beat_cannot_split_them
         with pytest.raises(ValueError, match="Cannot tell a FAIL trial"):  # rejected
             study.tell(trial, 0.1)
         # The worker gives up on the trial and stops beating; the next round reaps it.
-        [stale] = studies.reap_stale_trials(backend, grace_s=60, now=later + timedelta(minutes=5))
+        [stale] = reaper.reap_once(backend, grace_s=60, now=later + timedelta(minutes=5))
         assert stale.id == lease.id and stale.retry
         trials = db.trials(db.job(job_id).optuna_study_name)
         assert [t.state for t in trials] == [TrialState.FAIL, TrialState.WAITING]

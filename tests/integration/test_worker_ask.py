@@ -1,15 +1,17 @@
-"""How a worker asks Optuna for a trial: fresh slots never take a retry's WAITING trial,
-and the study a worker keeps between trials still shows its sampler every finished trial."""
+"""How a worker asks Optuna for a trial: fresh slots never take a retry's WAITING trial, a
+retry slot runs exactly the WAITING trial its claim names, and the study a worker keeps
+between trials still shows its sampler every finished trial."""
 
 from __future__ import annotations
 
 import optuna
+import pytest
 from optuna.trial import TrialState
 
 from service import queue
 from service.search_space import DEFAULT_LIMITS, parse_spec
 from service.studies import open_backend, optuna_storage, submit_study
-from service.worker import Worker, WorkerOptions, _NewTrialStudy
+from service.worker import RetryTrialGone, Worker, WorkerOptions, _LeaseStudy
 
 
 def _spec(n_trials: int) -> dict[str, object]:
@@ -21,12 +23,12 @@ def _spec(n_trials: int) -> dict[str, object]:
     }
 
 
-def test_new_trial_study_skips_waiting_trials_and_sees_other_workers_results(
+def test_fresh_slots_skip_waiting_trials_and_see_other_workers_results(
     migrated_db_url: str,
 ) -> None:
     storage = optuna_storage(migrated_db_url, pool_size=2)
     optuna.create_study(study_name="s", storage=storage)
-    kept = _NewTrialStudy(study_name="s", storage=storage)  # a worker's cached study
+    kept = _LeaseStudy(study_name="s", storage=storage)  # a worker's cached study
     other = optuna.load_study(study_name="s", storage=storage)  # another worker
 
     first = kept.ask()
@@ -42,8 +44,28 @@ def test_new_trial_study_skips_waiting_trials_and_sees_other_workers_results(
     # trial that finished after this study's previous ask.
     seen = {t.number for t in kept._get_trials(deepcopy=False, use_cache=True)}
     assert {first.number, by_other.number} <= seen
-    # The WAITING trial is left for the retry, which asks through a plain study.
-    assert other.ask().number == waiting.number
+    # The WAITING trial is left for the retry slot that names it.
+    kept.pop_trial_id = waiting._trial_id
+    assert kept.ask().number == waiting.number
+    storage.engine.dispose()
+
+
+def test_a_retry_slot_pops_exactly_its_trial_never_another(migrated_db_url: str) -> None:
+    storage = optuna_storage(migrated_db_url, pool_size=2)
+    other = optuna.create_study(study_name="s", storage=storage)
+    other.enqueue_trial({"x": 0.1})
+    other.enqueue_trial({"x": 0.2})
+    first, second = other.get_trials(states=(TrialState.WAITING,))
+    kept = _LeaseStudy(study_name="s", storage=storage)
+
+    kept.pop_trial_id = second._trial_id
+    popped = kept.ask()
+    assert popped.number == second.number
+    assert popped.suggest_float("x", 0.0, 1.0) == 0.2  # its enqueued parameters
+    # Asked again for the same trial (it runs now): refused, never a fresh trial instead.
+    with pytest.raises(RetryTrialGone):
+        kept.ask()
+    assert [t.number for t in other.get_trials(states=(TrialState.WAITING,))] == [first.number]
     storage.engine.dispose()
 
 
