@@ -47,6 +47,7 @@ from service.search_space import StudySpec, parse_spec
 from service.states import FAILURE_ATTR, TrialOutcome
 from service.studies import optuna_storage
 from service.training.objective import (
+    NonFiniteMetric,
     build_pruner,
     build_sampler,
     run_trial,
@@ -515,6 +516,8 @@ def check_single_host(sessions: queue.SessionSource, options: WorkerOptions) -> 
 
 
 def _failure_reason(err: BaseException) -> str:
+    if isinstance(err, NonFiniteMetric | LstmHpoError):  # written for people already
+        return str(err)
     text = f"{type(err).__name__}: {err}".strip()
     if "out of memory" in text.lower():
         return f"out of memory: {text}"
