@@ -18,7 +18,7 @@ from optuna.trial import TrialState
 
 from service import queue, reaper, studies
 from service.config import Settings
-from service.search_space import parse_spec
+from service.search_space import SpecLimits, parse_spec
 from service.states import FAILURE_ATTR, JobState
 from service.worker import Worker, WorkerOptions
 from tests.acceptance.conftest import CLI
@@ -141,6 +141,16 @@ def test_a_study_whose_optuna_record_was_deleted_elsewhere_is_failed_not_a_500(
     assert server.http.get(f"/v1/studies/{gone['id']}").status_code == 404
 
 
+def _cli_delete(server: InProcessServer, study_id: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*CLI, "delete", study_id, "--yes", "--server", server.url],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
 def test_delete_over_rest_and_cli(server: InProcessServer, tmp_path: Path) -> None:
     first, second = _submit(server), _submit(server)
     assert server.http.delete(f"/v1/studies/{first['id']}").status_code == 204
@@ -148,25 +158,13 @@ def test_delete_over_rest_and_cli(server: InProcessServer, tmp_path: Path) -> No
     assert server.http.delete(f"/v1/studies/{first['id']}").status_code == 404
     assert server.http.delete("/v1/studies/no-such-study").status_code == 404
 
-    result = subprocess.run(
-        [*CLI, "delete", second["id"], "--yes", "--server", server.url],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    result = _cli_delete(server, second["id"])
     assert result.returncode == 0, result.stderr
     assert "deleted" in result.stdout
     assert server.http.get("/v1/studies").json()["total"] == 0
     names = server.http.get("/api/studies").json()["study_summaries"]
     assert names == []
-    again = subprocess.run(
-        [*CLI, "delete", second["id"], "--yes", "--server", server.url],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    again = _cli_delete(server, second["id"])
     assert again.returncode == 1 and "404" in again.stderr and "Traceback" not in again.stderr
 
 
@@ -177,7 +175,7 @@ def test_delete_over_rest_and_cli(server: InProcessServer, tmp_path: Path) -> No
 def test_a_worker_survives_unrunnable_jobs_and_runs_the_others(migrated_db_url: str) -> None:
     backend = studies.open_backend(
         migrated_db_url,
-        limits=studies.SpecLimits(),
+        limits=SpecLimits(),
         base_url="http://t.invalid",
     )
     try:
@@ -241,7 +239,7 @@ def test_a_nan_metric_fails_the_trial_whatever_the_pruner(
     storage = studies.optuna_storage(sqlite_url)
     upgrade_schema(sqlite_url)
     backend = studies.open_backend(
-        sqlite_url, limits=studies.SpecLimits(), base_url="http://t.invalid", storage=storage
+        sqlite_url, limits=SpecLimits(), base_url="http://t.invalid", storage=storage
     )
     try:
         spec = _spec(12, pruner=pruner)
@@ -267,7 +265,7 @@ def test_an_idle_worker_keeps_beating(migrated_db_url: str) -> None:
     """The idle loop beats the worker row itself between its waits (PostgreSQL: LISTEN on
     the process's one pooled connection), so no heartbeat waits on that connection."""
     sessions = studies.open_backend(
-        migrated_db_url, limits=studies.SpecLimits(), base_url="http://t.invalid"
+        migrated_db_url, limits=SpecLimits(), base_url="http://t.invalid"
     ).sessions
     worker = Worker(
         WorkerOptions(
