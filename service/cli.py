@@ -62,12 +62,16 @@ def train(
         int | None, typer.Option(help="torch threads (default: torch's own choice).")
     ] = None,
 ) -> None:
-    """Train one resolved config; write the checkpoint, config and metrics to --out."""
+    """Train one resolved config; write the checkpoint, config and metrics to --out.
+
+    A config that is not valid (or data that do not fit it) exits 2 with the reasons;
+    a training failure exits 1.
+    """
     from service.search_space import load_config_file
 
     try:
         resolved = load_config_file(config)
-    except LstmHpoError as err:
+    except LstmHpoError as err:  # InvalidConfig / InvalidSpec: it never raises anything else
         raise _fail(err, 2) from None
     # torch + Lightning take seconds to import: only once the config is known to be good.
     from service.training.fit import configure_torch_threads, fit_config
@@ -80,6 +84,8 @@ def train(
         result = fit_config(
             resolved, out_dir=out_dir, progress=sys.stderr.isatty(), accelerator=accelerator
         )
+    except InvalidSpec as err:  # InvalidConfig too: found only once the data are read
+        raise _fail(err, 2) from None
     except LstmHpoError as err:
         raise _fail(err) from None
     except RuntimeError as err:  # DivergedError and CUDA OOM are RuntimeErrors

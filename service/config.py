@@ -10,6 +10,8 @@ from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import make_url
 
+from service.search_space import MAX_TIMEOUT_S
+
 
 def _default_data_dir() -> Path:
     return Path.home() / ".local" / "share" / "lstm-hpo"
@@ -36,6 +38,8 @@ class Settings(BaseSettings):
     max_trials: int = Field(default=10_000, ge=1)
     #: Upper bound for a spec's study.max_retries.
     max_retries: int = Field(default=10, ge=0)
+    #: Upper bound for a spec's study.timeout_s, in seconds (default: 30 days).
+    max_timeout_s: float = Field(default=30 * 24 * 3600, gt=0, le=MAX_TIMEOUT_S)
     #: Largest accepted request body (a spec), in bytes.
     max_request_bytes: int = Field(default=1_000_000, ge=1_000)
 

@@ -31,6 +31,7 @@ from pydantic import (
     ConfigDict,
     Discriminator,
     Field,
+    PlainValidator,
     StrictBool,
     Tag,
     TypeAdapter,
@@ -40,6 +41,11 @@ from pydantic import (
     model_validator,
 )
 from pydantic.fields import FieldInfo
+from ruamel.yaml import YAML
+from ruamel.yaml.constructor import SafeConstructor
+from ruamel.yaml.error import MarkedYAMLError, YAMLError
+from ruamel.yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+from ruamel.yaml.resolver import VersionedResolver
 
 from service.errors import FieldError, InvalidConfig, InvalidSpec
 
@@ -52,19 +58,25 @@ TaskKind: TypeAlias = Literal["char_lm", "forecast", "classify", "adding", "synt
 
 
 class _Frozen(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan: NaN and inf are never a hyperparameter, a bound or a budget.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 def _known_encoding(name: str) -> str:
     try:
-        codecs.lookup(name)
+        info = codecs.lookup(name)
     except LookupError:
         raise ValueError(f"unknown text encoding {name!r} (e.g. utf-8, cp1252, latin-1)") from None
+    # rot13, base64, zlib ...: codecs Python knows that do not decode bytes into text.
+    if not getattr(info, "_is_text_encoding", True):
+        raise ValueError(f"{name!r} is not a text encoding (e.g. utf-8, cp1252, latin-1)")
     return name
 
 
 #: The text encoding of a user's data file (``task.path``): any name Python's codecs know.
 Encoding: TypeAlias = Annotated[str, Field(max_length=40), AfterValidator(_known_encoding)]
+#: A user's data file, relative to a data directory (or absolute, inside one).
+DataPath: TypeAlias = Annotated[str, Field(min_length=1, max_length=4096)]
 
 
 class CharLMTask(_Frozen):
@@ -72,7 +84,7 @@ class CharLMTask(_Frozen):
 
     kind: Literal["char_lm"]
     #: A text file. Default: the Python standard library's own source files.
-    path: str | None = None
+    path: DataPath | None = None
     encoding: Encoding = "utf-8"
     #: The corpus is capped to this many characters (deterministically) before splitting.
     max_chars: int = Field(default=1_000_000, ge=1_000, le=200_000_000)
@@ -87,8 +99,8 @@ class ForecastTask(_Frozen):
     #: A bundled series (needs the ``datasets`` extra) ...
     dataset: Literal["airline", "sunspots"] | None = None
     #: ... or a CSV file with a header row, and the column to forecast.
-    path: str | None = None
-    column: str | None = None
+    path: DataPath | None = None
+    column: str | None = Field(default=None, min_length=1, max_length=1_000)
     encoding: Encoding = "utf-8"
     lookback: int = Field(default=24, ge=1, le=10_000)
     horizon: int = Field(default=1, ge=1, le=1_000)
@@ -118,7 +130,7 @@ class ClassifyTask(_Frozen):
     dataset: Literal["japanese_vowels"] | None = None
     #: ... or a JSON Lines file: one ``{"x": [[f1, f2, ...], ...], "label": ..., "split": ...}``
     #: per line (time-major; ``split`` optional: train | test).
-    path: str | None = None
+    path: DataPath | None = None
     encoding: Encoding = "utf-8"
     #: Part of the training split held out for validation.
     val_fraction: float = Field(default=0.2, gt=0.0, lt=0.5)
@@ -148,7 +160,7 @@ class AddingTask(_Frozen):
     n_val: int = Field(default=1_000, ge=10, le=1_000_000)
     n_test: int = Field(default=1_000, ge=10, le=1_000_000)
     #: Seed of the generated data (not of the model).
-    data_seed: int = Field(default=1234, ge=0)
+    data_seed: int = Field(default=1234, ge=0, le=2**63 - 1)
 
 
 class SyntheticTask(_Frozen):
@@ -253,13 +265,21 @@ class LSTMConfig(_Frozen):
     @model_validator(mode="before")
     @classmethod
     def _normalise(cls, data: Any) -> Any:
+        # Runs on user data before any field is validated: it must never raise (a bad
+        # value is left for its field to report) and reads numbers as the fields will.
         if not isinstance(data, Mapping):
             return data
         data = dict(data)
-        if data.get("hidden_mode") == "per_layer" and data.get("hidden_sizes") is None:
+        num_layers = _whole_number(data.get("num_layers", cls.model_fields["num_layers"].default))
+        if (
+            data.get("hidden_mode") == "per_layer"
+            and data.get("hidden_sizes") is None
+            and num_layers is not None
+            and 1 <= num_layers <= MAX_LAYERS
+        ):
             width = data.get("hidden_size", cls.model_fields["hidden_size"].default)
-            data["hidden_sizes"] = [width] * data.get("num_layers", 2)
-        if data.get("num_layers") == 1:
+            data["hidden_sizes"] = [width] * num_layers
+        if num_layers == 1:
             # Dropout sits between layers: with one layer there is nowhere to put it.
             data["dropout"] = 0.0
         return data
@@ -267,7 +287,8 @@ class LSTMConfig(_Frozen):
     @model_validator(mode="after")
     def _consistent(self) -> LSTMConfig:
         if self.hidden_mode == "per_layer":
-            assert self.hidden_sizes is not None  # filled in by _normalise
+            if self.hidden_sizes is None:  # _normalise fills it from hidden_size
+                raise ValueError("hidden_mode: per_layer needs hidden_sizes or hidden_size")
             if len(self.hidden_sizes) != self.num_layers:
                 raise ValueError(
                     f"hidden_sizes has {len(self.hidden_sizes)} entries but num_layers is "
@@ -288,6 +309,19 @@ class LSTMConfig(_Frozen):
         return (self.hidden_size,) * self.num_layers
 
 
+_INT = TypeAdapter(int)
+
+
+def _whole_number(value: Any) -> int | None:
+    """``value`` as an int when it is one however written (2, 2.0, "2"); else None."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return _INT.validate_python(value)
+    except ValidationError:
+        return None
+
+
 class ResolvedConfig(_Frozen):
     """What one trial trains: the task and every parameter, fixed."""
 
@@ -304,7 +338,7 @@ class ResolvedConfig(_Frozen):
 
     def to_yaml(self) -> str:
         """YAML that :func:`load_config_file` reads back (unset optional fields left out)."""
-        return yaml.safe_dump(self.model_dump(mode="json", exclude_none=True), sort_keys=False)
+        return _dump_yaml(self.model_dump(mode="json", exclude_none=True))
 
 
 _BIDIRECTIONAL_LM = "not allowed for task kind char_lm (a language model must not see the future)"
@@ -314,6 +348,42 @@ _BIDIRECTIONAL_LM = "not allowed for task kind char_lm (a language model must no
 # --------------------------------------------------------------------------------------
 
 Scalar: TypeAlias = bool | int | float | str | None
+
+_SCALAR_TYPES = (bool, int, float, str, type(None))
+
+
+def _scalar(value: Any) -> Any:
+    if isinstance(value, _SCALAR_TYPES):
+        return value
+    raise ValueError("must be a number, text, true/false or null")
+
+
+def _fixed_value(value: Any) -> Any:
+    if isinstance(value, _SCALAR_TYPES):
+        return value
+    if isinstance(value, list | tuple) and all(isinstance(v, _SCALAR_TYPES) for v in value):
+        return list(value)
+    raise ValueError(
+        "must be a number, text, true/false, null, a list of those, or a mapping with `type`"
+    )
+
+
+#: A fixed value or a choice, as written; :class:`StudySpec` then types known parameters'.
+ScalarValue: TypeAlias = Annotated[Scalar, PlainValidator(_scalar)]
+FixedValue: TypeAlias = Annotated[Scalar | list[Scalar], PlainValidator(_fixed_value)]
+
+#: The largest magnitude of any integer in a spec (a 64-bit integer, as databases store).
+MAX_SPEC_INT = 2**63 - 1
+#: A float range with a step may hold at most this many points (else: leave ``step`` out).
+MAX_STEPS = 10**9
+#: The most points a grid (sampler ``grid``: the product of every parameter's points) has.
+MAX_GRID_POINTS = 100_000
+
+#: Hard caps on the deployment's limits (SpecLimits): a study's slots and retries are
+#: database integers, and ``started_at + timeout_s`` must be a date (datetime ends in 9999).
+MAX_TRIALS = 1_000_000
+MAX_RETRIES = 1_000
+MAX_TIMEOUT_S = 100 * 365 * 24 * 3600
 
 
 class IntDistribution(_Frozen):
@@ -334,7 +404,7 @@ class FloatDistribution(_Frozen):
 
 class CategoricalDistribution(_Frozen):
     type: Literal["categorical"]
-    choices: list[Scalar] = Field(min_length=1)
+    choices: list[ScalarValue] = Field(min_length=1)
 
 
 Distribution: TypeAlias = Annotated[
@@ -348,7 +418,7 @@ def _param_spec_kind(value: Any) -> str:
 
 #: A space entry: a mapping ``{type: ...}`` is searched, anything else is a fixed value.
 ParamSpec: TypeAlias = Annotated[
-    Annotated[Distribution, Tag("distribution")] | Annotated[Scalar | list[int], Tag("fixed")],
+    Annotated[Distribution, Tag("distribution")] | Annotated[FixedValue, Tag("fixed")],
     Discriminator(_param_spec_kind),
 ]
 
@@ -360,8 +430,11 @@ class SpecLimits(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    max_trials: int = 10_000
-    max_retries: int = 10
+    max_trials: int = Field(default=10_000, ge=1, le=MAX_TRIALS)
+    max_retries: int = Field(default=10, ge=0, le=MAX_RETRIES)
+    #: The longest ``study.timeout_s``. The default is the hard cap: workers re-validate
+    #: stored specs with the default limits, which must accept what any server accepted.
+    max_timeout_s: float = Field(default=MAX_TIMEOUT_S, gt=0, le=MAX_TIMEOUT_S)
     #: Directories user-supplied data paths must lie in; None allows any path (CLI use).
     data_roots: tuple[Path, ...] | None = None
 
@@ -384,6 +457,7 @@ class StudySettings(_Frozen):
     max_retries: int = Field(default=2, ge=0)
     #: Optional wall-clock budget: no new trial starts after this many seconds.
     timeout_s: float | None = Field(default=None, gt=0)
+    # The upper bounds of these three come from the deployment: SpecLimits.
 
 
 class StudySpec(_Frozen):
@@ -393,6 +467,22 @@ class StudySpec(_Frozen):
     task: TaskSpec
     space: dict[str, ParamSpec] = Field(default_factory=dict)
     study: StudySettings = StudySettings()
+
+    @field_validator("space")
+    @classmethod
+    def _typed_space(cls, space: dict[str, ParamSpec]) -> dict[str, ParamSpec]:
+        # What is stored, sampled and sent to Optuna has the parameter's type: 2.0 is
+        # num_layers 2, "1" is 1. A value that does not convert is left for _check_space.
+        typed: dict[str, ParamSpec] = {}
+        for name, value in space.items():
+            if isinstance(value, CategoricalDistribution):
+                choices = [_as_param_type(name, c) for c in value.choices]
+                typed[name] = value.model_copy(update={"choices": choices})
+            elif _is_fixed(value):
+                typed[name] = _as_param_type(name, value)
+            else:
+                typed[name] = value
+        return typed
 
     @field_validator("name")
     @classmethod
@@ -420,7 +510,7 @@ class StudySpec(_Frozen):
         }
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json", exclude_none=True), sort_keys=False)
+        return _dump_yaml(self.model_dump(mode="json", exclude_none=True))
 
 
 # --------------------------------------------------------------------------------------
@@ -455,7 +545,7 @@ def _message(e: Any) -> str:
         return f"must be {_BOUND_OPS[e['type']]} {next(iter((e.get('ctx') or {}).values()))}"
     if e["type"] == "extra_forbidden":
         return "unknown field"
-    if e["type"] == "missing":
+    if e["type"] in ("missing", "union_tag_not_found"):
         return "required"
     if e["type"] == "union_tag_invalid":
         return f"must be one of {e['ctx']['expected_tags']} (got {e['ctx']['tag']!r})"
@@ -469,7 +559,7 @@ def _from_validation_error(
     out: list[FieldError] = []
     for e in err.errors(include_url=False):
         loc = [*prefix, *(p for p in e["loc"] if p not in _UNION_TAGS)]
-        if e["type"] == "union_tag_invalid":
+        if e["type"] in ("union_tag_invalid", "union_tag_not_found"):
             loc.append(e["ctx"]["discriminator"].strip("'"))
         error = FieldError(_loc(loc), _message(e))
         if error not in out:
@@ -481,16 +571,95 @@ def _from_validation_error(
 def _param_adapter(name: str) -> TypeAdapter[Any]:
     info = _PARAM_FIELDS[name]
     form: Any = Annotated[info.annotation, *info.metadata] if info.metadata else info.annotation
-    return TypeAdapter(form)
+    return TypeAdapter(form, config=ConfigDict(allow_inf_nan=False))
+
+
+def _is_numeric_param(name: str) -> bool:
+    return _PARAM_FIELDS[name].annotation in (int, float, float | None, int | None)
+
+
+def _as_param_type(name: str, value: Any) -> Any:
+    """``value`` as parameter ``name``'s type when that is lossless and valid, else as is.
+
+    2.0 and "2" become the int 2, 1 the float 1.0 for a float; 2.5 for an int stays 2.5
+    (and :func:`_bound_messages` refuses it).
+    """
+    if name not in _PARAM_FIELDS or (isinstance(value, bool) and _is_numeric_param(name)):
+        return value
+    try:
+        typed = _param_adapter(name).validate_python(value)
+    except ValidationError:
+        return value
+    return list(typed) if isinstance(typed, tuple) else typed
 
 
 def _bound_messages(name: str, value: Any) -> list[str]:
     """Why ``value`` is not a valid ``name`` parameter; empty when it is."""
+    if isinstance(value, bool) and _is_numeric_param(name):
+        return ["must be a number, not true/false"]
+    if isinstance(value, str) and _PARAM_FIELDS[name].annotation is bool:
+        return [f"must be true or false (got the text {value!r}: YAML 1.2 reads yes/no as text)"]
     try:
         _param_adapter(name).validate_python(value)
     except ValidationError as err:
         return [_message(e) for e in err.errors(include_url=False)]
     return []
+
+
+def _number(x: float) -> str:
+    """A bound or step as a user would write it: 0.6, not 0.6000000000000001."""
+    if isinstance(x, int):
+        return str(x)
+    return repr(float(f"{x:.12g}"))
+
+
+def _step_errors(where: str, dist: IntDistribution | FloatDistribution) -> list[FieldError]:
+    """A ``step`` must divide ``high - low``: Optuna would silently lower ``high`` to fit."""
+    if dist.step is None:
+        return []
+    span = dist.high - dist.low
+    last: int
+    if isinstance(dist, IntDistribution):
+        last = (dist.high - dist.low) // dist.step
+        if span % dist.step == 0:
+            return []
+    else:
+        ratio = span / dist.step
+        if ratio > MAX_STEPS:
+            msg = f"too small: more than {MAX_STEPS:,} points (leave it out: a continuous range)"
+            return [FieldError(f"{where}.step", msg)]
+        last = round(ratio)
+        # Relative tolerance: 0.9 / 0.1 is 9.000000000000002 in floats, and 0.1 divides 0.9.
+        if math.isclose(ratio, last, rel_tol=1e-9, abs_tol=1e-9):
+            return []
+        last = math.floor(ratio)
+    points = [dist.low + i * dist.step for i in range(min(last, 2) + 1)]
+    shown = ", ".join(_number(p) for p in points[:2])
+    if last >= 2:
+        shown += (", ..., " if last > 2 else ", ") + _number(dist.low + last * dist.step)
+    fit = _number(dist.low + last * dist.step)
+    msg = (
+        f"step {_number(dist.step)} does not divide high - low = {_number(span)}: the points "
+        f"would be {shown}; set high to {fit} or a step that divides {_number(span)}"
+    )
+    return [FieldError(f"{where}.step", msg)]
+
+
+def _grid_points(dist: Distribution) -> int:
+    """How many values a (valid) distribution has on a grid."""
+    if isinstance(dist, CategoricalDistribution):
+        return len(dist.choices)
+    if isinstance(dist, IntDistribution):
+        return (dist.high - dist.low) // dist.step + 1
+    assert dist.step is not None  # checked: sampler grid needs a step on floats
+    return grid_steps(dist.low, dist.high, dist.step) + 1
+
+
+def grid_steps(low: float, high: float, step: float) -> int:
+    """The number of whole ``step``s from ``low`` that stay within ``high`` (floats' rounding
+    forgiven: 0.1 fits 9 times into [0, 0.9])."""
+    ratio = (high - low) / step
+    return max(0, math.floor(ratio * (1 + 1e-9) + 1e-9))
 
 
 def _check_distribution(name: str, dist: Distribution) -> list[FieldError]:
@@ -502,14 +671,12 @@ def _check_distribution(name: str, dist: Distribution) -> list[FieldError]:
         if len(set(map(repr, dist.choices))) != len(dist.choices):
             errors.append(FieldError(f"{where}.choices", "must not repeat a choice"))
         return errors
-    annotation = _PARAM_FIELDS[name].annotation
-    numeric = annotation in (int, float, float | None)
-    if not numeric:
+    if not _is_numeric_param(name) or _PARAM_FIELDS[name].annotation is int | None:
         return [FieldError(f"{where}.type", f"{name} is not numeric: use type: categorical")]
-    if annotation is int and isinstance(dist, FloatDistribution):
+    if _PARAM_FIELDS[name].annotation is int and isinstance(dist, FloatDistribution):
         return [FieldError(f"{where}.type", f"{name} is an integer: use type: int")]
     if dist.low > dist.high:
-        errors.append(FieldError(f"{where}.low", f"must be <= high ({dist.high})"))
+        errors.append(FieldError(f"{where}.low", f"must be <= high ({_number(dist.high)})"))
     if dist.log and dist.low <= 0:
         errors.append(FieldError(f"{where}.low", "must be > 0 with log: true"))
     if dist.log and isinstance(dist, IntDistribution) and dist.step != 1:
@@ -521,6 +688,8 @@ def _check_distribution(name: str, dist: Distribution) -> list[FieldError]:
             errors += [
                 FieldError(f"{where}.{end}", m) for m in _bound_messages(name, getattr(dist, end))
             ]
+    if not errors:
+        errors += _step_errors(where, dist)
     return errors
 
 
@@ -561,15 +730,32 @@ def _check_space(spec: StudySpec) -> list[FieldError]:
                 errors.append(
                     FieldError(f"space.{name}", "sampler grid needs a `step` on float parameters")
                 )
+        if not errors:
+            # Optuna's grid sampler lists every combination up front.
+            points = math.prod(_grid_points(d) for d in spec.searched().values())
+            if points > MAX_GRID_POINTS:
+                shown = f"{points:,}" if points < 10**12 else f"{float(min(points, 10**300)):.0e}"
+                msg = (
+                    f"the grid has {shown} points, more than {MAX_GRID_POINTS:,}: use "
+                    "fewer choices, coarser steps, or another sampler"
+                )
+                errors.append(FieldError("study.sampler", msg))
     return errors
 
 
 def _check_limits(spec: StudySpec, limits: SpecLimits) -> list[FieldError]:
     errors = []
     if spec.study.n_trials > limits.max_trials:
-        errors.append(FieldError("study.n_trials", f"must be <= {limits.max_trials}"))
+        msg = f"must be <= {limits.max_trials} (LSTM_HPO_MAX_TRIALS)"
+        errors.append(FieldError("study.n_trials", msg))
     if spec.study.max_retries > limits.max_retries:
-        errors.append(FieldError("study.max_retries", f"must be <= {limits.max_retries}"))
+        msg = f"must be <= {limits.max_retries} (LSTM_HPO_MAX_RETRIES)"
+        errors.append(FieldError("study.max_retries", msg))
+    if spec.study.timeout_s is not None and spec.study.timeout_s > limits.max_timeout_s:
+        limit = limits.max_timeout_s
+        shown = _number(int(limit) if float(limit).is_integer() else limit)
+        msg = f"must be <= {shown} (LSTM_HPO_MAX_TIMEOUT_S)"
+        errors.append(FieldError("study.timeout_s", msg))
     errors += check_data_paths(spec.task, limits.data_roots)
     return errors
 
@@ -600,14 +786,18 @@ def resolve_data_path(path: str, data_roots: tuple[Path, ...] | None) -> Path:
 
 
 def parse_spec(data: Any, limits: SpecLimits = DEFAULT_LIMITS) -> StudySpec:
-    """Validate a spec (a mapping, or YAML/JSON text).
+    """Validate a spec (a mapping, or YAML 1.2 / JSON text or UTF-8 bytes).
 
-    Raises :class:`InvalidSpec` naming every bad field with its dotted path and the rule.
+    Fixed values and choices come back as their parameter's type (``num_layers: 2.0`` is
+    the int 2). Whatever ``data`` is, raises only :class:`InvalidSpec`, naming every bad
+    field with its dotted path and the rule.
     """
     if isinstance(data, str | bytes):
         data = _load_yaml(data, InvalidSpec)
     if not isinstance(data, Mapping):
         raise InvalidSpec([FieldError("", "a spec must be a mapping with `task` and `space`")])
+    if errors := document_errors(data):
+        raise InvalidSpec(errors)
     try:
         spec = StudySpec.model_validate(data)
     except ValidationError as err:
@@ -615,20 +805,27 @@ def parse_spec(data: Any, limits: SpecLimits = DEFAULT_LIMITS) -> StudySpec:
     errors = _check_space(spec) + _check_limits(spec, limits)
     if errors:
         raise InvalidSpec(errors)
-    # One full sample proves that the fixed values combine into a valid config.
+    # A full sample at each end of every range proves that the fixed values combine with
+    # the searched ones into valid configs.
     try:
         sample_config(_LowestTrial(), spec)
+        largest_config(spec)
     except InvalidConfig as err:
         raise InvalidSpec(err.errors) from None
     return spec
 
 
 def parse_config(data: Any) -> ResolvedConfig:
-    """Validate a resolved config, or a spec whose space has nothing left to search."""
+    """Validate a resolved config, or a spec whose space has nothing left to search.
+
+    Raises :class:`InvalidConfig` (or :class:`InvalidSpec` for a spec) naming every bad field.
+    """
     if isinstance(data, str | bytes):
         data = _load_yaml(data, InvalidConfig)
     if not isinstance(data, Mapping):
         raise InvalidConfig([FieldError("", "a config must be a mapping with `task` and `params`")])
+    if errors := document_errors(data):
+        raise InvalidConfig(errors)
     if "space" in data and "params" not in data:
         spec = parse_spec(data)
         if spec.searched():
@@ -644,30 +841,210 @@ def parse_config(data: Any) -> ResolvedConfig:
 
 
 def load_config_file(path: str | Path) -> ResolvedConfig:
-    """Read a resolved config (or a fully fixed spec) from a YAML or JSON file."""
+    """Read a resolved config (or a fully fixed spec) from a YAML or JSON file.
+
+    Raises :class:`InvalidConfig` when the file cannot be read or is not a valid config.
+    """
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = Path(path).read_bytes()
     except OSError as err:
         raise InvalidConfig([FieldError("", f"cannot read {path}: {err.strerror}")]) from None
     return parse_config(text)
 
 
 def load_spec_file(path: str | Path, limits: SpecLimits = DEFAULT_LIMITS) -> StudySpec:
+    """Read and validate a spec file. Raises :class:`InvalidSpec` (unreadable or invalid)."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = Path(path).read_bytes()
     except OSError as err:
         raise InvalidSpec([FieldError("", f"cannot read {path}: {err.strerror}")]) from None
     return parse_spec(text, limits)
 
 
+# --------------------------------------------------------------------------------------
+# Documents: YAML 1.2 in and out, and what any spec or config document must be
+# --------------------------------------------------------------------------------------
+
+#: Nesting and size of a document: a spec is a small thing; YAML aliases can make a
+#: few lines reach millions of values (the "billion laughs").
+MAX_DEPTH = 32
+MAX_VALUES = 10_000
+_STR_TAG = "tag:yaml.org,2002:str"
+
+
+class _Yaml12Constructor(SafeConstructor):
+    """ruamel's safe constructor, read as YAML 1.2's core schema: no timestamps, and a
+    JSON-style escaped surrogate pair ("\\ud83d\\ude00") is the one character it names."""
+
+    def construct_yaml_str(self, node: Any) -> Any:
+        value = super().construct_yaml_str(node)
+        if isinstance(value, str) and _SURROGATE.search(value):
+            try:
+                return value.encode("utf-16", "surrogatepass").decode("utf-16")
+            except UnicodeDecodeError:  # a lone surrogate: document_errors names it
+                return value
+        return value
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_Yaml12Constructor.add_constructor(_STR_TAG, _Yaml12Constructor.construct_yaml_str)
+_Yaml12Constructor.add_constructor(
+    "tag:yaml.org,2002:timestamp", _Yaml12Constructor.construct_yaml_str
+)
+
+
 def _load_yaml(text: str | bytes, error: type[InvalidSpec]) -> Any:
+    """Parse YAML 1.2 (JSON is YAML): ``1e-3`` is a float, ``yes`` text, ``010`` ten.
+
+    A key given twice in one mapping is refused, naming the key, its path and both lines.
+    Raises ``error`` (and nothing else) for text that is not one YAML document.
+    """
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise error([FieldError("", f"not UTF-8 text (byte {err.start})")]) from None
+    loader = YAML(typ="safe", pure=True)
+    loader.Constructor = _Yaml12Constructor
     try:
-        return yaml.safe_load(text)  # JSON is YAML
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
+        node = loader.compose(text)
+        if node is None:
+            return None
+        if duplicates := _duplicate_keys(node):
+            raise error(duplicates)
+        return loader.constructor.construct_document(node)
+    except MarkedYAMLError as err:
+        mark = err.problem_mark
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(err, "problem", None) or str(err)
+        problem = err.problem or str(err).splitlines()[0]
         raise error([FieldError("", f"not valid YAML or JSON{where}: {problem}")]) from None
+    except YAMLError as err:  # e.g. a character YAML does not allow
+        problem = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise error([FieldError("", f"not valid YAML or JSON: {problem}")]) from None
+    except RecursionError:
+        raise error([FieldError("", f"nested more than {MAX_DEPTH} levels deep")]) from None
+    except ValueError as err:  # e.g. an integer of more than 4300 digits
+        raise error([FieldError("", f"not valid YAML or JSON: {err}")]) from None
+
+
+def _duplicate_keys(root: Node) -> list[FieldError]:
+    """Every key given twice in one mapping of the node tree, with its path and lines."""
+    errors: list[tuple[int, FieldError]] = []
+    seen: set[int] = set()  # an alias points at a node already walked (and may loop)
+    stack: list[tuple[tuple[str | int, ...], Node]] = [((), root)]
+    while stack and len(seen) <= MAX_VALUES:
+        path, node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, MappingNode):
+            first: dict[str, tuple[int, int]] = {}  # key -> (line, column), 1-based
+            for key_node, value_node in node.value:
+                key = key_node.value if isinstance(key_node, ScalarNode) else None
+                if key is None:
+                    pass
+                elif key in first:
+                    (line0, col0), mark = first[key], key_node.start_mark
+                    where = (
+                        f"lines {line0} and {mark.line + 1}"
+                        if line0 != mark.line + 1
+                        else f"line {line0}, columns {col0} and {mark.column + 1}"
+                    )
+                    msg = f"duplicate key `{_as_text(key)}` ({where})"
+                    errors.append((mark.line, FieldError(_as_text(_loc([*path, key])), msg)))
+                else:
+                    first[key] = (key_node.start_mark.line + 1, key_node.start_mark.column + 1)
+                stack.append(((*path, key if key is not None else "?"), value_node))
+        elif isinstance(node, SequenceNode):
+            stack.extend(((*path, i), item) for i, item in enumerate(node.value))
+    return [error for _, error in sorted(errors, key=lambda e: e[0])]
+
+
+def _as_text(text: str) -> str:
+    """``text`` with any lone surrogate written as an escape: an error message is UTF-8."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def document_errors(data: Any) -> list[FieldError]:
+    """What keeps ``data`` from being a spec or config document, by path; empty if nothing.
+
+    A document is JSON's data model, small: mappings with text keys, lists, text without
+    NUL characters, true/false, null, integers of at most 64 bits and finite floats, at
+    most :data:`MAX_DEPTH` levels deep and :data:`MAX_VALUES` values in all.
+    """
+    errors: list[FieldError] = []
+    stack: list[tuple[tuple[str | int, ...], Any]] = [((), data)]
+    count = 0
+    while stack and len(errors) < 20:
+        path, value = stack.pop()
+        count += 1
+        if count > MAX_VALUES:
+            return [*errors, FieldError("", f"more than {MAX_VALUES:,} values: not a spec")]
+        if len(path) > MAX_DEPTH:
+            errors.append(FieldError(_loc(path), f"nested more than {MAX_DEPTH} levels deep"))
+            continue
+        msg = _value_problem(value)
+        if msg:
+            errors.append(FieldError(_loc(path), msg))
+        elif isinstance(value, Mapping):
+            for key in reversed(list(value)):
+                if not isinstance(key, str):
+                    where = _loc([*path, _short(key)])
+                    errors.append(FieldError(where, "a key must be text (quote it)"))
+                elif msg := _value_problem(key):
+                    errors.append(FieldError(_loc([*path, ascii(key)]), f"key: {msg}"))
+                else:
+                    stack.append(((*path, key), value[key]))
+        elif isinstance(value, list | tuple):
+            stack.extend(((*path, i), value[i]) for i in reversed(range(len(value))))
+    return errors
+
+
+def _value_problem(value: Any) -> str | None:
+    if value is None or isinstance(value, bool | Mapping | list | tuple):
+        return None
+    if isinstance(value, int):
+        if abs(value) > MAX_SPEC_INT:
+            return f"integer too large: at most {MAX_SPEC_INT} either side of 0"
+        return None
+    if isinstance(value, float):
+        return None if math.isfinite(value) else f"must be a finite number (got {value})"
+    if isinstance(value, str):
+        if "\x00" in value:
+            return "text must not contain a NUL character"
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return "not valid Unicode text (a lone surrogate)"
+        return None
+    return f"not a JSON value (a {type(value).__name__})"
+
+
+def _short(key: Any) -> str:
+    """A key as the user wrote it (or its type when it has no short spelling)."""
+    if isinstance(key, bool | float) or (isinstance(key, int) and abs(key) <= MAX_SPEC_INT):
+        return str(key)
+    return f"<{type(key).__name__}>" if key is not None else "null"
+
+
+class _Yaml12SafeDumper(yaml.SafeDumper):
+    """PyYAML's safe dumper, quoting text that a YAML 1.2 reader would take for a number."""
+
+
+_YAML12 = VersionedResolver(version=(1, 2))
+
+
+def _represent_str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    quote = str(_YAML12.resolve(ScalarNode, value, (True, False))) != _STR_TAG
+    return dumper.represent_scalar(_STR_TAG, value, style="'" if quote else None)
+
+
+_Yaml12SafeDumper.add_representer(str, _represent_str)
+
+
+def _dump_yaml(data: Any) -> str:
+    """YAML that both YAML 1.2 (:func:`_load_yaml`) and 1.1 readers read back as ``data``."""
+    return yaml.dump(data, Dumper=_Yaml12SafeDumper, sort_keys=False)
 
 
 # --------------------------------------------------------------------------------------
@@ -787,7 +1164,7 @@ def largest_config(spec: StudySpec) -> ResolvedConfig:
             step: float | None = None,
             log: bool = False,
         ) -> float:
-            return high if step is None else low + math.floor((high - low) / step) * step
+            return high if step is None else min(high, low + grid_steps(low, high, step) * step)
 
         def suggest_categorical(self, name: str, choices: Sequence[Any]) -> Any:
             return choices[-1]

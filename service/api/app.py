@@ -39,6 +39,7 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True) -> Fas
         limits=SpecLimits(
             max_trials=settings.max_trials,
             max_retries=settings.max_retries,
+            max_timeout_s=settings.max_timeout_s,
             data_roots=settings.allowed_data_roots(),
         ),
         base_url=settings.base_url(),

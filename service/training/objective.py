@@ -24,6 +24,7 @@ from service.search_space import (
     ResolvedConfig,
     StudySpec,
     SyntheticTask,
+    grid_steps,
     sample_config,
 )
 from service.states import BASELINES_ATTR, CONFIG_ATTR
@@ -156,7 +157,10 @@ def build_sampler(spec: StudySpec, seed: int | None) -> optuna.samplers.BaseSamp
         return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
     if name == "gp":
         return optuna.samplers.GPSampler(seed=seed)
-    return QueueGridSampler(grid_search_space(spec), seed=seed)
+    # The grid's seed is the study's, never the slot's: Optuna's GridSampler shuffles the
+    # grid with it and gives trial number k grid point k, so every worker must hold the
+    # same order for each point to run exactly once (per-slot seeds ran some points twice).
+    return QueueGridSampler(grid_search_space(spec), seed=spec.study.seed or 0)
 
 
 class QueueGridSampler(optuna.samplers.GridSampler):
@@ -178,7 +182,12 @@ class QueueGridSampler(optuna.samplers.GridSampler):
 
 
 def grid_search_space(spec: StudySpec) -> dict[str, list[Any]]:
-    """Every searched parameter's grid (floats need a ``step``: checked at validation)."""
+    """Every searched parameter's grid, each value inside ``[low, high]``.
+
+    Floats need a ``step`` that divides ``high - low`` (both checked at validation); the
+    number of steps is floored with a tolerance (0.1 fits 9 times into [0, 0.9]), so even
+    an unchecked step never puts a point above ``high``.
+    """
     grid: dict[str, list[Any]] = {}
     for name, dist in spec.searched().items():
         if isinstance(dist, CategoricalDistribution):
@@ -186,8 +195,9 @@ def grid_search_space(spec: StudySpec) -> dict[str, list[Any]]:
         elif isinstance(dist, IntDistribution):
             grid[name] = list(range(dist.low, dist.high + 1, dist.step))
         elif isinstance(dist, FloatDistribution) and dist.step is not None:
-            n = round((dist.high - dist.low) / dist.step)
-            grid[name] = [float(v) for v in np.round(dist.low + dist.step * np.arange(n + 1), 12)]
+            n = grid_steps(dist.low, dist.high, dist.step)
+            points = np.round(dist.low + dist.step * np.arange(n + 1), 12)
+            grid[name] = [float(v) for v in np.clip(points, dist.low, dist.high)]
     return grid
 
 

@@ -197,3 +197,68 @@ def test_spec_that_still_searches_exits_2(tmp_path: Path) -> None:
     assert "still searches" in proc.stderr
     assert "hidden_size" in proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+#: A resolved config as a script that round-trips numbers through floats would write it.
+INT_WRITTEN_AS_FLOAT = """\
+task:
+  kind: adding
+  seq_len: 20
+  n_train: 200
+  n_val: 50
+  n_test: 50
+params:
+  num_layers: 2.0
+  hidden_mode: per_layer
+  hidden_size: 16
+  max_epochs: 1
+"""
+
+
+def test_int_written_as_float_trains_as_an_int(tmp_path: Path) -> None:
+    """``num_layers: 2.0`` is 2 (two layers of 16), not a traceback."""
+    (tmp_path / "best.yaml").write_text(INT_WRITTEN_AS_FLOAT, encoding="utf-8")
+
+    args = ("--out", "run", "--json", "--threads", "1", "--accelerator", "cpu")
+    proc = run_cli("train", "best.yaml", *args, cwd=tmp_path)
+
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    written = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text(encoding="utf-8"))
+    assert written["params"]["num_layers"] == 2
+    assert written["params"]["hidden_sizes"] == [16, 16]
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        (INT_WRITTEN_AS_FLOAT.replace("2.0", "2.5"), "params.num_layers"),
+        (INT_WRITTEN_AS_FLOAT.replace("2.0", "[2]"), "params.num_layers"),
+        (INT_WRITTEN_AS_FLOAT.replace("2.0", "two"), "params.num_layers"),
+        (INT_WRITTEN_AS_FLOAT.replace("hidden_size: 16", "hidden_size: .nan"), "finite"),
+        (INT_WRITTEN_AS_FLOAT + "  max_epochs: 2\n", "duplicate key `max_epochs`"),
+        (INT_WRITTEN_AS_FLOAT.replace("params:", "params: ["), "not valid YAML"),
+        ("task: {kind: adding, seq_len: 1e400}\n", "task.seq_len"),
+    ],
+    ids=["fraction", "list", "text", "nan", "duplicate", "syntax", "overflow"],
+)
+def test_malformed_config_is_a_clean_error(tmp_path: Path, text: str, says: str) -> None:
+    """Whatever is wrong with the file: exit 2, the reason, and no traceback."""
+    (tmp_path / "bad.yaml").write_text(text, encoding="utf-8")
+
+    proc = run_cli("train", "bad.yaml", "--out", "run", "--json", cwd=tmp_path)
+
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert says in proc.stderr, proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_config_file_that_is_not_utf8_is_a_clean_error(tmp_path: Path) -> None:
+    (tmp_path / "bad.yaml").write_bytes(b"task:\n  kind: \xe9\n")
+
+    proc = run_cli("train", "bad.yaml", "--out", "run", "--json", cwd=tmp_path)
+
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert "not UTF-8 text (byte 14)" in proc.stderr

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import optuna
 import pytest
 import yaml
+from pydantic import ValidationError
 
+from service.api.routes.studies import _json_document
+from service.config import Settings
 from service.errors import InvalidConfig, InvalidSpec
 from service.search_space import (
+    CategoricalDistribution,
+    FloatDistribution,
+    IntDistribution,
     LSTMConfig,
     ResolvedConfig,
     SpecLimits,
@@ -20,6 +27,7 @@ from service.search_space import (
     parse_spec,
     sample_config,
 )
+from service.training.objective import grid_search_space
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -291,3 +299,293 @@ def test_parse_config_accepts_a_fully_fixed_spec_and_refuses_a_searching_one() -
         parse_config({"task": {"kind": "char_lm"}, "params": {"bidirectional": True}})
     with pytest.raises(InvalidConfig, match="cannot read"):
         load_config_file("/nonexistent/config.yaml")
+
+
+# --------------------------------------------------------------------------------------
+# Numbers as the user meant them, duplicate keys, steps and bounds (the shared cases)
+# --------------------------------------------------------------------------------------
+
+DUPLICATE_KEY_YAML = """\
+# `lr` given twice in `space` (the later, fixed one silently wins in PyYAML).
+name: duplicate-key
+task:
+  kind: synthetic
+space:
+  lr: {type: float, low: 1.0e-4, high: 1.0e-2, log: true}
+  num_layers: {type: int, low: 1, high: 4}
+  lr: 0.5
+  max_epochs: 2
+study:
+  n_trials: 4
+"""
+
+GRID_STEP_OVERSHOOTS_YAML = """\
+name: grid-step
+task:
+  kind: synthetic
+space:
+  num_layers: 2
+  dropout: {type: float, low: 0.0, high: 0.9, step: 0.6}
+  lr: {type: categorical, choices: [0.001, 0.01]}
+  max_epochs: 2
+study:
+  n_trials: 6
+  sampler: grid
+"""
+
+INT_WRITTEN_AS_FLOAT_BEST_YAML = """\
+task:
+  kind: adding
+  seq_len: 20
+  n_train: 200
+  n_val: 50
+  n_test: 50
+params:
+  num_layers: 2.0
+  hidden_mode: per_layer
+  hidden_size: 16
+  max_epochs: 1
+"""
+
+
+def _errors(data: Any, limits: SpecLimits | None = None) -> list[tuple[str, str]]:
+    with pytest.raises(InvalidSpec) as info:
+        parse_spec(data, limits or SpecLimits())
+    return [(e.loc, e.msg) for e in info.value.errors]
+
+
+def test_duplicate_key_in_yaml_names_the_key_its_path_and_both_lines() -> None:
+    assert _errors(DUPLICATE_KEY_YAML) == [("space.lr", "duplicate key `lr` (lines 6 and 8)")]
+    assert _errors("task: {kind: adding, kind: adding}") == [
+        ("task.kind", "duplicate key `kind` (line 1, columns 8 and 22)")
+    ]
+
+
+def test_duplicate_key_in_json_is_refused() -> None:
+    text = '{"task": {"kind": "adding"},\n "space": {"lr": 0.1,\n "lr": 0.5}}'
+    assert _errors(text) == [("space.lr", "duplicate key `lr` (lines 2 and 3)")]
+    # A JSON request body is parsed by the route, which refuses them too.
+    with pytest.raises(InvalidSpec) as info:
+        _json_document(text.encode())
+    assert [(e.loc, e.msg) for e in info.value.errors] == [("space.lr", "duplicate key `lr`")]
+
+
+@pytest.mark.parametrize("literal", [b"NaN", b"Infinity", b"-Infinity", b"1e999"])
+def test_json_body_refuses_nan_and_infinity(literal: bytes) -> None:
+    with pytest.raises(InvalidSpec, match="body: not valid JSON"):
+        _json_document(b'{"task": {"kind": "adding"}, "space": {"lr": ' + literal + b"}}")
+
+
+def test_whole_numbers_are_stored_with_the_parameters_type() -> None:
+    spec = parse_spec(
+        {
+            "task": {"kind": "synthetic"},
+            "space": {
+                "num_layers": 2.0,
+                "hidden_mode": "per_layer",
+                "hidden_size": {"type": "int", "low": 16, "high": 128},
+                "batch_size": {"type": "categorical", "choices": [32.0, "64", 128]},
+                "lr": 1,
+            },
+        }
+    )
+    assert spec.space["num_layers"] == 2 and type(spec.space["num_layers"]) is int
+    batch = spec.space["batch_size"]
+    assert isinstance(batch, CategoricalDistribution) and batch.choices == [32, 64, 128]
+    assert all(type(c) is int for c in batch.choices)
+    assert type(spec.space["lr"]) is float
+    stored = spec.model_dump(mode="json")
+    assert stored["space"]["num_layers"] == 2 and json.dumps(stored).count("2.0") == 0
+    trial = optuna.trial.FixedTrial({"hidden_size_l0": 16, "hidden_size_l1": 32, "batch_size": 64})
+    config = sample_config(trial, spec)
+    assert config.params.hidden_sizes == (16, 32) and config.params.batch_size == 64
+
+
+def test_one_layer_written_as_text_does_not_search_dropout() -> None:
+    spec = parse_spec(
+        _spec({"num_layers": "1", "dropout": {"type": "float", "low": 0.1, "high": 0.5}})
+    )
+    assert spec.space["num_layers"] == 1
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    trial = study.ask()
+    config = sample_config(trial, spec)
+    assert "dropout" not in trial.params and config.params.dropout == 0.0
+
+
+@pytest.mark.parametrize(
+    ("space", "expected"),
+    [
+        ({"num_layers": 2.5}, ("space.num_layers", "input should be a valid integer")),
+        ({"num_layers": True}, ("space.num_layers", "must be a number, not true/false")),
+        (
+            {"num_layers": {"type": "int", "low": 1.5, "high": 4}},
+            ("space.num_layers.low", "input should be a valid integer"),
+        ),
+        (
+            {"batch_size": {"type": "categorical", "choices": [32, 64.5]}},
+            ("space.batch_size.choices.1", "input should be a valid integer"),
+        ),
+        (
+            {"num_layers": {"type": "categorical", "choices": [2, 2.0]}},
+            ("space.num_layers.choices", "must not repeat a choice"),
+        ),
+    ],
+)
+def test_a_number_that_is_not_the_parameters_type_is_refused(
+    space: dict[str, Any], expected: tuple[str, str]
+) -> None:
+    loc, msg = expected
+    assert any(e[0] == loc and e[1].startswith(msg) for e in _errors(_spec(space))), _errors(
+        _spec(space)
+    )
+
+
+def test_integer_bounds_written_as_floats_are_read_as_ints() -> None:
+    spec = parse_spec(_spec({"num_layers": {"type": "int", "low": 1.0, "high": 4}}))
+    dist = spec.space["num_layers"]
+    assert isinstance(dist, IntDistribution) and (dist.low, dist.high) == (1, 4)
+    assert type(dist.low) is int
+
+
+def test_lstm_config_refuses_bad_user_data_with_validation_errors_only() -> None:
+    assert LSTMConfig.model_validate(
+        {"num_layers": 2.0, "hidden_mode": "per_layer", "hidden_size": 16}
+    ).hidden_sizes == (16, 16)
+    assert LSTMConfig.model_validate({"num_layers": "1", "dropout": 0.5}).dropout == 0.0
+    for num_layers in (2.5, "two", 10**9, [2], None, float("nan")):
+        with pytest.raises(ValidationError):
+            LSTMConfig.model_validate({"num_layers": num_layers, "hidden_mode": "per_layer"})
+
+
+def test_best_config_with_an_int_written_as_float_loads(tmp_path: Path) -> None:
+    path = tmp_path / "int-written-as-float.best.yaml"
+    path.write_text(INT_WRITTEN_AS_FLOAT_BEST_YAML)
+    config = load_config_file(path)
+    assert config.params.num_layers == 2 and config.params.hidden_sizes == (16, 16)
+
+
+def test_yaml_is_read_as_yaml_1_2() -> None:
+    spec = parse_spec(
+        "name: 2024-01-01\ntask: {kind: adding, seq_len: 010}\nspace:\n  lr: 1e-3\n  grad_clip: 5\n"
+    )
+    assert spec.name == "2024-01-01"  # YAML 1.2 has no dates: it is text
+    assert spec.task.kind == "adding" and spec.task.seq_len == 10  # not octal 8
+    assert spec.space["lr"] == 0.001 and type(spec.space["lr"]) is float
+    assert _errors("task: {kind: adding}\nspace: {bidirectional: yes}") == [
+        (
+            "space.bidirectional",
+            "must be true or false (got the text 'yes': YAML 1.2 reads yes/no as text)",
+        )
+    ]
+
+
+def test_to_yaml_quotes_text_a_yaml_1_2_reader_would_take_for_a_number() -> None:
+    config = parse_config({"task": {"kind": "forecast", "path": "1e3", "column": "0o10"}})
+    assert "'1e3'" in config.to_yaml() and "'0o10'" in config.to_yaml()
+    assert parse_config(config.to_yaml()) == config
+    assert yaml.safe_load(config.to_yaml())["task"]["column"] == "0o10"
+
+
+def test_step_that_does_not_divide_the_range_names_what_would_fit() -> None:
+    assert _errors(GRID_STEP_OVERSHOOTS_YAML) == [
+        (
+            "space.dropout.step",
+            "step 0.6 does not divide high - low = 0.9: the points would be 0.0, 0.6; "
+            "set high to 0.6 or a step that divides 0.9",
+        )
+    ]
+    # Any sampler: Optuna would silently lower `high` to 0.6 for every one of them.
+    random = GRID_STEP_OVERSHOOTS_YAML.replace("sampler: grid", "sampler: random")
+    assert [loc for loc, _ in _errors(random)] == ["space.dropout.step"]
+    assert _errors(_spec({"batch_size": {"type": "int", "low": 16, "high": 64, "step": 10}})) == [
+        (
+            "space.batch_size.step",
+            "step 10 does not divide high - low = 48: the points would be 16, 26, ..., 56; "
+            "set high to 56 or a step that divides 48",
+        )
+    ]
+
+
+def test_step_that_divides_up_to_float_rounding_is_accepted_and_the_grid_stays_inside() -> None:
+    spec = parse_spec(
+        GRID_STEP_OVERSHOOTS_YAML.replace("step: 0.6", "step: 0.1").replace(
+            "lr: {type: categorical, choices: [0.001, 0.01]}",
+            "lr: {type: float, low: 0.1, high: 0.7, step: 0.2}",
+        )
+    )
+    grid = grid_search_space(spec)
+    assert grid["dropout"] == [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
+    assert grid["lr"] == [0.1, 0.3, 0.5, 0.7]
+    assert largest_config(spec).params.dropout == 0.9
+    # Even a step that validation would refuse never puts a grid point above `high`.
+    unchecked = spec.model_copy(
+        update={"space": {"dropout": FloatDistribution(type="float", low=0.0, high=0.9, step=0.6)}}
+    )
+    assert grid_search_space(unchecked) == {"dropout": [0.0, 0.6]}
+
+
+def test_grid_too_large_to_list_is_refused() -> None:
+    space = {"seed": {"type": "int", "low": 0, "high": 2**32 - 1}}
+    assert [loc for loc, _ in _errors(_spec(space, study={"sampler": "grid"}))] == ["study.sampler"]
+    assert parse_spec(_spec(space)).searched()  # other samplers draw from it
+
+
+def test_timeout_is_bounded_by_the_settings() -> None:
+    settings = Settings()
+    limits = SpecLimits(max_timeout_s=settings.max_timeout_s)
+    assert settings.max_timeout_s == 30 * 24 * 3600
+    assert _errors(_spec(study={"timeout_s": 1e12}), limits) == [
+        ("study.timeout_s", "must be <= 2592000 (LSTM_HPO_MAX_TIMEOUT_S)")
+    ]
+    assert parse_spec(_spec(study={"timeout_s": 3600}), limits).study.timeout_s == 3600
+    # Without settings (the CLI, a worker re-reading a stored spec): the hard cap.
+    assert [loc for loc, _ in _errors(_spec(study={"timeout_s": 1e12}))] == ["study.timeout_s"]
+    with pytest.raises(ValidationError):
+        Settings(max_timeout_s=1e12)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize(
+    "where",
+    [
+        lambda v: _spec({"lr": v}),
+        lambda v: _spec({"lr": {"type": "float", "low": 0.001, "high": v}}),
+        lambda v: _spec({"forget_bias": {"type": "categorical", "choices": [0.0, v]}}),
+        lambda v: _spec(study={"timeout_s": v}),
+        lambda v: {"task": {"kind": "synthetic", "sleep_s": v}},
+        lambda v: {"task": {"kind": "synthetic", "fail_when": {"lr": v}}},
+    ],
+)
+def test_nan_and_inf_are_refused_everywhere(bad: float, where: Any) -> None:
+    assert any("finite number" in msg for _, msg in _errors(where(bad)))
+
+
+def test_yaml_nan_and_inf_are_refused() -> None:
+    assert _errors("task: {kind: adding}\nspace: {lr: .inf}") == [
+        ("space.lr", "must be a finite number (got inf)")
+    ]
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        ({"task": {"kind": "adding", "data_seed": 2**64}}, "task.data_seed: integer too large"),
+        ({"task": {"kind": "char_lm", "path": "a\x00b"}}, "task.path: text must not contain a NUL"),
+        ({"task": {"kind": "adding"}, "space": {1: 2}}, "space.1: a key must be text"),
+        ({"task": {"kind": "char_lm", "encoding": "rot13"}}, "'rot13' is not a text encoding"),
+        ("a: &a [*a]", "nested more than 32 levels deep"),
+        (
+            "a: &a [1,2,3,4,5,6,7,8,9,0]\nb: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a,*a]\n"
+            "c: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b,*b]\nd: [*c,*c,*c,*c,*c,*c,*c,*c,*c,*c]\n",
+            "more than 10,000 values",
+        ),
+        (b"task: {kind: \xff}", "not UTF-8 text (byte 13)"),
+        ("task: " + "9" * 5000, "not valid YAML or JSON"),
+        ("[" * 5000, "nested more than 32 levels deep"),
+        ("task: !!binary aGVsbG8=", "task: not a JSON value (a bytes)"),
+    ],
+)
+def test_documents_a_spec_cannot_be_are_refused_cleanly(data: Any, expected: str) -> None:
+    with pytest.raises(InvalidSpec) as info:
+        parse_spec(data)
+    assert expected in str(info.value), str(info.value)

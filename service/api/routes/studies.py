@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Annotated, Any, Literal
 
 import yaml
@@ -27,21 +28,109 @@ _SPEC_EXAMPLE = {
 
 
 async def _spec_document(request: Request) -> Any:
-    """The request body as a mapping: JSON by default, YAML with a YAML content type."""
+    """The request body as a document: JSON by default, YAML with a YAML content type.
+
+    Raises :class:`InvalidSpec` for a body over the size limit or JSON that is not valid
+    (duplicate keys, NaN or Infinity included); parse_spec reports bad YAML.
+    """
     limit: int = request.app.state.max_request_bytes
     body = await request.body()
     if len(body) > limit:
         raise InvalidSpec([FieldError("body", f"larger than {limit} bytes")])
     content_type = request.headers.get("content-type", "application/json").split(";")[0].strip()
     if content_type in _YAML_TYPES:
-        return body.decode("utf-8", errors="replace")  # parse_spec reports YAML errors
+        return body  # parse_spec decodes it, naming the byte that is not UTF-8
+    return _json_document(body)
+
+
+_SEND_YAML = " (send YAML with Content-Type: application/yaml)"
+
+
+def _json_document(body: bytes) -> Any:
+    """Parse a JSON body strictly: no repeated key in an object, no NaN or Infinity."""
     try:
-        return json.loads(body)
+        document = json.loads(
+            body,
+            object_pairs_hook=_json_object,
+            parse_constant=_json_constant,
+            parse_float=_json_float,
+            parse_int=_json_int,
+        )
     except json.JSONDecodeError as err:
         msg = f"not valid JSON at line {err.lineno}, column {err.colno}: {err.msg}"
-        raise InvalidSpec(
-            [FieldError("body", msg + " (send YAML with Content-Type: application/yaml)")]
-        ) from None
+        raise InvalidSpec([FieldError("body", msg + _SEND_YAML)]) from None
+    except UnicodeDecodeError as err:
+        raise InvalidSpec([FieldError("body", f"not UTF-8 text (byte {err.start})")]) from None
+    except RecursionError:
+        raise InvalidSpec([FieldError("body", "not valid JSON: nested too deeply")]) from None
+    if errors := _duplicate_keys(document):
+        raise InvalidSpec(errors)
+    return document
+
+
+class _RepeatedKeys(dict[str, Any]):
+    """A JSON object that gave a key more than once (``json`` would keep the last silently)."""
+
+    def __init__(self, pairs: list[tuple[str, Any]], repeated: list[str]) -> None:
+        super().__init__(pairs)
+        self.repeated = repeated
+
+
+def _json_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) == len(pairs):
+        return obj
+    seen: set[str] = set()
+    repeated: list[str] = []
+    for key, _ in pairs:
+        if key in seen and key not in repeated:
+            repeated.append(key)
+        seen.add(key)
+    return _RepeatedKeys(pairs, repeated)
+
+
+def _duplicate_keys(document: Any) -> list[FieldError]:
+    """Every repeated key in a parsed JSON document, by its dotted path."""
+    errors: list[FieldError] = []
+    stack: list[tuple[tuple[str, ...], Any]] = [((), document)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, _RepeatedKeys):
+            for key in value.repeated:
+                # Keys are the user's text: a lone surrogate cannot go into a UTF-8 answer.
+                loc, name = (
+                    t.encode("utf-8", "backslashreplace").decode() for t in (".".join(path), key)
+                )
+                errors.append(
+                    FieldError(f"{loc}.{name}" if loc else name, f"duplicate key `{name}`")
+                )
+        if isinstance(value, dict):
+            stack.extend(((*path, k), v) for k, v in value.items())
+        elif isinstance(value, list):
+            stack.extend(((*path, str(i)), v) for i, v in enumerate(value))
+    return errors
+
+
+def _json_constant(name: str) -> Any:
+    msg = f"not valid JSON: {name} is not a number JSON has (use a finite number)"
+    raise InvalidSpec([FieldError("body", msg)])
+
+
+def _json_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        msg = f"not valid JSON: the number {text[:40]} is too large for a 64-bit float"
+        raise InvalidSpec([FieldError("body", msg)])
+    return value
+
+
+def _json_int(text: str) -> int:
+    # Python refuses to read integers of more than 4300 digits (a ValueError); no spec
+    # field takes more than 64 bits, so a long one is refused before it is read.
+    if len(text) > 40:
+        msg = f"not valid JSON: an integer of {len(text)} digits is too large"
+        raise InvalidSpec([FieldError("body", msg)])
+    return int(text)
 
 
 @router.post(
