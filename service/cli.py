@@ -73,6 +73,7 @@ def train(
         resolved = load_config_file(config)
     except LstmHpoError as err:  # InvalidConfig / InvalidSpec: it never raises anything else
         raise _fail(err, 2) from None
+    data_roots = _train_data_roots(getattr(resolved.task, "path", None))
     # torch + Lightning take seconds to import: only once the config is known to be good.
     from service.training.fit import configure_torch_threads, fit_config
 
@@ -82,7 +83,11 @@ def train(
         console.print(f"Training [bold]{resolved.task.kind}[/bold] -> {out_dir}")
     try:
         result = fit_config(
-            resolved, out_dir=out_dir, progress=sys.stderr.isatty(), accelerator=accelerator
+            resolved,
+            out_dir=out_dir,
+            progress=sys.stderr.isatty(),
+            accelerator=accelerator,
+            data_roots=data_roots,
         )
     except InvalidSpec as err:  # InvalidConfig too: found only once the data are read
         raise _fail(err, 2) from None
@@ -102,6 +107,24 @@ def train(
     table.add_row("beats baseline", "yes" if result.beats_baseline else "[red]no[/red]")
     table.add_row("checkpoint", result.checkpoint or "-")
     console.print(table)
+
+
+def _train_data_roots(path: str | None) -> tuple[Path, ...] | None:
+    """Where `train` looks for a relative ``task.path``: the working directory, then the
+    data directories the server's workers read (so a config from `lstm-hpo best` trains
+    from anywhere). Exits 2 naming every place it looked when the file is in none."""
+    if path is None or Path(path).expanduser().is_absolute():
+        return None
+    roots = (Path.cwd(), *_settings().allowed_data_roots())
+    if any((root / path).exists() for root in roots):
+        return roots
+    looked = ", ".join(str(root) for root in roots)
+    err_console.print(
+        f"[red]error:[/red] task.path: {escape(path)}: no such file; looked in {escape(looked)}. "
+        "Give an absolute path, or set LSTM_HPO_DATA_DIR (its datasets/ folder) or "
+        "LSTM_HPO_DATA_ROOTS to the directory that holds it."
+    )
+    raise typer.Exit(2)
 
 
 ServerOption = Annotated[
@@ -460,9 +483,7 @@ def cancel(
 def delete(
     study_id: Annotated[str, typer.Argument(help="The study id.")],
     server: ServerOption = DEFAULT_SERVER,
-    yes: Annotated[
-        bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")
-    ] = False,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
 ) -> None:
     """Delete a study and all its trials (a running study is cancelled first)."""
     from service.client import Client

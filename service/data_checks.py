@@ -169,6 +169,10 @@ def _reading(kind: str, path: Path, what: str, encoding: str) -> Iterator[None]:
         raise DataError(f"{kind}: {path}: is a directory, not {what}") from None
     except UnicodeDecodeError as err:
         raise _undecodable(kind, path, encoding, err) from None
+    except UnicodeError as err:  # e.g. utf-16 without a byte-order mark, idna
+        raise DataError(
+            f"{kind}: {path}: not {_shown_encoding(encoding)} text ({err}): check task.encoding"
+        ) from None
     except OSError as err:
         raise DataError(f"{kind}: {path}: cannot read ({err.strerror})") from None
 

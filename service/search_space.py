@@ -338,7 +338,7 @@ class ResolvedConfig(_Frozen):
 
     def to_yaml(self) -> str:
         """YAML that :func:`load_config_file` reads back (unset optional fields left out)."""
-        return _dump_yaml(self.model_dump(mode="json", exclude_none=True))
+        return dump_yaml(self.model_dump(mode="json", exclude_none=True))
 
 
 _BIDIRECTIONAL_LM = "not allowed for task kind char_lm (a language model must not see the future)"
@@ -440,6 +440,12 @@ class SpecLimits(BaseModel):
 
 
 DEFAULT_LIMITS = SpecLimits()
+#: What a stored spec (a job row) is validated with again when it is read back: the hard
+#: caps, which every server's settings lie within, so a spec accepted under a
+#: deployment's raised limits (``LSTM_HPO_MAX_TRIALS``) is never refused by its workers.
+STORED_SPEC_LIMITS = SpecLimits(
+    max_trials=MAX_TRIALS, max_retries=MAX_RETRIES, max_timeout_s=MAX_TIMEOUT_S
+)
 
 
 class StudySettings(_Frozen):
@@ -510,7 +516,7 @@ class StudySpec(_Frozen):
         }
 
     def to_yaml(self) -> str:
-        return _dump_yaml(self.model_dump(mode="json", exclude_none=True))
+        return dump_yaml(self.model_dump(mode="json", exclude_none=True))
 
 
 # --------------------------------------------------------------------------------------
@@ -1042,7 +1048,7 @@ def _represent_str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
 _Yaml12SafeDumper.add_representer(str, _represent_str)
 
 
-def _dump_yaml(data: Any) -> str:
+def dump_yaml(data: Any) -> str:
     """YAML that both YAML 1.2 (:func:`_load_yaml`) and 1.1 readers read back as ``data``."""
     return yaml.dump(data, Dumper=_Yaml12SafeDumper, sort_keys=False)
 

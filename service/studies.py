@@ -40,6 +40,7 @@ from service.errors import (
 )
 from service.schemas import BestPublic, Page, StudyPublic, TrialCounts, TrialPublic
 from service.search_space import (
+    STORED_SPEC_LIMITS,
     TASK_METRICS,
     SpecLimits,
     StudySpec,
@@ -259,7 +260,7 @@ def _fail_waiting_trials(backend: Backend, job: queue.JobRecord) -> None:
 
 def study_spec(job: queue.JobRecord) -> StudySpec:
     """The spec a job was submitted with (validated again: specs are data, not trusted code)."""
-    return parse_spec(job.spec)
+    return parse_spec(job.spec, STORED_SPEC_LIMITS)
 
 
 # --------------------------------------------------------------------------------------

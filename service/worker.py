@@ -43,7 +43,7 @@ from service.errors import (
     SingleHostOnly,
 )
 from service.migrate import wait_for_schema
-from service.search_space import StudySpec, parse_spec
+from service.search_space import STORED_SPEC_LIMITS, StudySpec, parse_spec
 from service.states import FAILURE_ATTR, TrialOutcome
 from service.studies import optuna_storage
 from service.training.objective import (
@@ -482,7 +482,8 @@ class Worker:
         context = self._jobs.pop(lease.job_id, None)
         if context is None or context.raw_spec != lease.spec:
             study = _LeaseStudy(study_name=lease.optuna_study_name, storage=self.storage)
-            context = _JobContext(dict(lease.spec), parse_spec(lease.spec), study)
+            spec = parse_spec(lease.spec, STORED_SPEC_LIMITS)
+            context = _JobContext(dict(lease.spec), spec, study)
         self._jobs[lease.job_id] = context
         while len(self._jobs) > JOB_CACHE_SIZE:
             self._jobs.popitem(last=False)

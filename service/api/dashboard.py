@@ -20,6 +20,7 @@ Refusals are 403 with ``{"reason": ...}``, the field the dashboard's front end s
 from __future__ import annotations
 
 import re
+
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send

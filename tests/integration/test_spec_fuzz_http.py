@@ -5,22 +5,18 @@ free loopback port; hypothesis posts malformed specs as JSON and as YAML, and ra
 from __future__ import annotations
 
 import json
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from service.api.app import create_app
 from service.config import Settings
-from tests.acceptance.conftest import free_port
+from tests.servers import serve_in_thread
 from tests.unit.test_spec_fuzz import spec_documents
 
 YAML = {"Content-Type": "application/yaml"}
@@ -36,25 +32,8 @@ HTTP_FUZZ = settings(
 def http(tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
     """A client of the real app served by uvicorn in a thread (no workers)."""
     data_dir: Path = tmp_path_factory.mktemp("data")
-    port = free_port()
-    app = create_app(Settings(data_dir=data_dir, port=port))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=server.run, name="uvicorn-fuzz", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.05)
-    backend = app.state.backend
-    try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
-            yield client
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-        backend.sessions.kw["bind"].dispose()
-        backend.storage.engine.dispose()
+    with serve_in_thread(Settings(data_dir=data_dir)) as server:
+        yield server.http
 
 
 def assert_not_a_server_error(response: httpx.Response) -> None:

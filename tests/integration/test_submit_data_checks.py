@@ -3,20 +3,16 @@
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 import yaml
 
-from service.api.app import create_app
 from service.config import Settings
-from tests.acceptance.conftest import free_port
+from tests.servers import serve_in_thread
 from tests.unit.test_data_checks import CASES, write_case_data
 
 YAML = {"Content-Type": "application/yaml"}
@@ -38,33 +34,8 @@ class Server:
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """The real app (SQLite, no workers) served by uvicorn in a thread on a loopback port."""
     data_dir = tmp_path_factory.mktemp("data")
-    settings = Settings(
-        data_dir=data_dir,
-        database_url=f"sqlite:///{data_dir / 'lstm-hpo.db'}",
-        data_roots=[],
-        port=free_port(),
-    )
-    app = create_app(settings)
-    uv = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=settings.port, log_level="warning")
-    )
-    thread = threading.Thread(target=uv.run, name="uvicorn", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not uv.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.05)
-    backend = app.state.backend
-    try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{settings.port}", timeout=30) as http:
-            yield Server(http, data_dir / "datasets")
-    finally:
-        uv.should_exit = True
-        thread.join(timeout=30)
-        assert not thread.is_alive(), "uvicorn did not stop"
-        backend.sessions.kw["bind"].dispose()
-        backend.storage.engine.dispose()
+    with serve_in_thread(Settings(data_dir=data_dir, data_roots=[])) as running:
+        yield Server(running.http, data_dir / "datasets")
 
 
 @pytest.mark.parametrize("name", list(CASES))

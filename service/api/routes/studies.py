@@ -6,7 +6,6 @@ import json
 import math
 from typing import Annotated, Any, Literal
 
-import yaml
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import PlainTextResponse
 
@@ -14,7 +13,7 @@ from service import studies
 from service.api.deps import BackendDep, OwnerDep
 from service.errors import FieldError, InvalidSpec
 from service.schemas import BestPublic, Page, StudyPublic, TrialPublic
-from service.search_space import parse_spec
+from service.search_space import dump_yaml, parse_spec
 from service.states import JobState, TrialState
 
 router = APIRouter(prefix="/studies", tags=["studies"])
@@ -214,10 +213,8 @@ def best(
     """
     top = studies.best_configs(backend, study_id, k=k or 1, owner=owner)
     if format == "yaml":
-        if k is None:
-            text = yaml.safe_dump(top[0].config, sort_keys=False)
-        else:
-            text = yaml.safe_dump_all([b.config for b in top], sort_keys=False)
+        # Quoted where a YAML 1.2 reader (`lstm-hpo train`) would take text for a number.
+        text = "---\n".join(dump_yaml(b.config) for b in (top if k is not None else top[:1]))
         return PlainTextResponse(text, media_type="application/yaml")
     return top if k is not None else top[0]
 
