@@ -814,7 +814,7 @@ def parse_spec(data: Any, limits: SpecLimits = DEFAULT_LIMITS) -> StudySpec:
     # A full sample at each end of every range proves that the fixed values combine with
     # the searched ones into valid configs.
     try:
-        sample_config(_LowestTrial(), spec)
+        lowest_config(spec)
         largest_config(spec)
     except InvalidConfig as err:
         raise InvalidSpec(err.errors) from None
@@ -839,7 +839,7 @@ def parse_config(data: Any) -> ResolvedConfig:
             raise InvalidConfig(
                 [FieldError("space", f"still searches {names}: fix every value to train it")]
             )
-        return sample_config(_LowestTrial(), spec)
+        return lowest_config(spec)
     try:
         return ResolvedConfig.model_validate(data)
     except ValidationError as err:
@@ -1150,6 +1150,14 @@ class _LowestTrial:
 
     def suggest_categorical(self, name: str, choices: Sequence[Any]) -> Any:
         return choices[0]
+
+
+def lowest_config(spec: StudySpec) -> ResolvedConfig:
+    """Every searched value at its low end (the first choice): one config the space allows.
+
+    Raises :class:`InvalidConfig` when the fixed values do not combine into a valid config.
+    """
+    return sample_config(_LowestTrial(), spec)
 
 
 def largest_config(spec: StudySpec) -> ResolvedConfig:

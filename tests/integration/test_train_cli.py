@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from service.search_space import TASK_METRICS, load_config_file, parse_config
+from tests.unit.test_search_space import INT_WRITTEN_AS_FLOAT_BEST_YAML
 
 _SCRIPT = Path(sys.executable).parent / "lstm-hpo"
 #: The console script; ``python -m service.cli`` has no ``__main__`` guard and does nothing.
@@ -199,25 +200,11 @@ def test_spec_that_still_searches_exits_2(tmp_path: Path) -> None:
     assert not (tmp_path / "run").exists()
 
 
-#: A resolved config as a script that round-trips numbers through floats would write it.
-INT_WRITTEN_AS_FLOAT = """\
-task:
-  kind: adding
-  seq_len: 20
-  n_train: 200
-  n_val: 50
-  n_test: 50
-params:
-  num_layers: 2.0
-  hidden_mode: per_layer
-  hidden_size: 16
-  max_epochs: 1
-"""
 
 
 def test_int_written_as_float_trains_as_an_int(tmp_path: Path) -> None:
     """``num_layers: 2.0`` is 2 (two layers of 16), not a traceback."""
-    (tmp_path / "best.yaml").write_text(INT_WRITTEN_AS_FLOAT, encoding="utf-8")
+    (tmp_path / "best.yaml").write_text(INT_WRITTEN_AS_FLOAT_BEST_YAML, encoding="utf-8")
 
     args = ("--out", "run", "--json", "--threads", "1", "--accelerator", "cpu")
     proc = run_cli("train", "best.yaml", *args, cwd=tmp_path)
@@ -232,12 +219,12 @@ def test_int_written_as_float_trains_as_an_int(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "says"),
     [
-        (INT_WRITTEN_AS_FLOAT.replace("2.0", "2.5"), "params.num_layers"),
-        (INT_WRITTEN_AS_FLOAT.replace("2.0", "[2]"), "params.num_layers"),
-        (INT_WRITTEN_AS_FLOAT.replace("2.0", "two"), "params.num_layers"),
-        (INT_WRITTEN_AS_FLOAT.replace("hidden_size: 16", "hidden_size: .nan"), "finite"),
-        (INT_WRITTEN_AS_FLOAT + "  max_epochs: 2\n", "duplicate key `max_epochs`"),
-        (INT_WRITTEN_AS_FLOAT.replace("params:", "params: ["), "not valid YAML"),
+        (INT_WRITTEN_AS_FLOAT_BEST_YAML.replace("2.0", "2.5"), "params.num_layers"),
+        (INT_WRITTEN_AS_FLOAT_BEST_YAML.replace("2.0", "[2]"), "params.num_layers"),
+        (INT_WRITTEN_AS_FLOAT_BEST_YAML.replace("2.0", "two"), "params.num_layers"),
+        (INT_WRITTEN_AS_FLOAT_BEST_YAML.replace("hidden_size: 16", "hidden_size: .nan"), "finite"),
+        (INT_WRITTEN_AS_FLOAT_BEST_YAML + "  max_epochs: 2\n", "duplicate key `max_epochs`"),
+        (INT_WRITTEN_AS_FLOAT_BEST_YAML.replace("params:", "params: ["), "not valid YAML"),
         ("task: {kind: adding, seq_len: 1e400}\n", "task.seq_len"),
     ],
     ids=["fraction", "list", "text", "nan", "duplicate", "syntax", "overflow"],

@@ -13,7 +13,6 @@ import contextlib
 import copy
 import json
 import math
-from collections.abc import Sequence
 from typing import Any
 
 from hypothesis import HealthCheck, given, settings
@@ -30,8 +29,8 @@ from service.search_space import (
     StudySpec,
     SyntheticTask,
     largest_config,
+    lowest_config,
     parse_spec,
-    sample_config,
 )
 from service.training.objective import grid_search_space
 
@@ -194,27 +193,10 @@ def spec_documents(draw: st.DrawFn) -> dict[str, Any]:
     return doc
 
 
-class LowestTrial:
-    """Picks the lowest value of every distribution."""
-
-    def suggest_int(
-        self, name: str, low: int, high: int, *, step: int = 1, log: bool = False
-    ) -> int:
-        return low
-
-    def suggest_float(
-        self, name: str, low: float, high: float, *, step: float | None = None, log: bool = False
-    ) -> float:
-        return low
-
-    def suggest_categorical(self, name: str, choices: Sequence[Any]) -> Any:
-        return choices[0]
-
-
 def check_accepted_spec(spec: StudySpec) -> None:
     """What must hold of every spec parse_spec accepts."""
     with contextlib.suppress(InvalidConfig):
-        sample_config(LowestTrial(), spec)
+        lowest_config(spec)
     with contextlib.suppress(InvalidConfig):
         largest_config(spec)
     # What is stored is re-validated by every worker: it must parse to the same spec.
