@@ -76,6 +76,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.pool import NullPool
 
 from service import queue
+from service.auth import LOCAL
 from service.db import scratch_postgres_database, session_scope
 from service.migrate import upgrade_schema
 from service.models import TrialLease, Worker
@@ -407,7 +408,7 @@ def run_workers(url: str, n: int, args: argparse.Namespace) -> Result:
         background_busy = (busy0 - before[0]) / max(total0 - before[1], 1)
         workers_cpu0 = _process_cpu_s(worker_pids)
         backends_cpu0 = _process_cpu_s(_backend_pids(sampler))
-        study, _ = submit_study(backend, parse_spec(spec(n_trials, args.sleep_s)))
+        study, _ = submit_study(backend, parse_spec(spec(n_trials, args.sleep_s)), principal=LOCAL)
 
         def ended() -> bool:
             if any(p.exitcode is not None for p in processes):

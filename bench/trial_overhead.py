@@ -63,6 +63,7 @@ from typing import Any, Literal, TypeAlias
 import optuna
 
 from service import queue
+from service.auth import LOCAL
 from service.db import scratch_postgres_database
 from service.migrate import upgrade_schema
 from service.search_space import DEFAULT_LIMITS, parse_spec
@@ -197,7 +198,9 @@ def run_worker(
     # Two connections: Optuna's storage checks its schema version on two at once.
     backend = open_backend(url, limits=DEFAULT_LIMITS, base_url="http://bench.invalid", pool_size=2)
     try:
-        study, _ = submit_study(backend, parse_spec(synthetic_spec(n_trials, seed)))
+        study, _ = submit_study(
+            backend, parse_spec(synthetic_spec(n_trials, seed)), principal=LOCAL
+        )
         worker = _TimedWorker(
             WorkerOptions(
                 database_url=url,

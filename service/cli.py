@@ -18,6 +18,10 @@ from service.config import Settings
 from service.errors import InvalidSpec, LstmHpoError, SingleHostOnly
 
 if TYPE_CHECKING:
+    from datetime import datetime
+
+    from sqlalchemy.orm import Session, sessionmaker
+
     from service.schemas import StudyPublic
     from service.worker import ProcessPlan, WorkerOptions
 
@@ -132,6 +136,15 @@ ServerOption = Annotated[
     typer.Option("--server", "-s", envvar="LSTM_HPO_SERVER", help="The lstm-hpo server URL."),
 ]
 DEFAULT_SERVER = "http://127.0.0.1:8000"
+TokenOption = Annotated[
+    str | None,
+    typer.Option(
+        "--token",
+        envvar="LSTM_HPO_TOKEN",
+        help="API token (lstm-hpo token create NAME); not needed for a server in open mode.",
+        show_default=False,
+    ),
+]
 
 
 def _settings(database_url: str | None = None) -> Settings:
@@ -262,6 +275,14 @@ def serve(
     console.print(f"  dashboard  {base}/dashboard")
     console.print(f"  database   {settings.safe_database_url()}")
     console.print(f"  workers    {len(plans)} local process(es): {_describe_plans(plans)}")
+    if api.state.open_mode:
+        console.print(
+            "  [yellow]auth       open mode:[/yellow] no API token exists, so anyone who can "
+            f"reach {settings.host} uses the API and the dashboard as one local user. Turn "
+            "authentication on with: lstm-hpo token create NAME --admin"
+        )
+    else:
+        console.print("  auth       on (API tokens; the dashboard signs in at /signin)")
     if plans:
         options = _worker_options(settings, accelerator)
         threading.Thread(
@@ -337,10 +358,98 @@ def migrate(
     console.print(f"schema is current on {settings.safe_database_url()}")
 
 
+token_app = typer.Typer(
+    name="token",
+    help="API tokens: create (printed once), list, revoke. Talks to the database, like migrate.",
+    no_args_is_help=True,
+)
+app.add_typer(token_app)
+DatabaseUrlOption = Annotated[
+    str | None,
+    typer.Option(help="Database URL (default: LSTM_HPO_DATABASE_URL or the local SQLite)."),
+]
+
+
+def _token_sessions(database_url: str | None) -> sessionmaker[Session]:
+    """Sessions on a migrated database (token commands may run before the first serve)."""
+    from service.db import make_engine, make_session_factory
+    from service.migrate import upgrade_schema
+
+    settings = _settings(database_url)
+    url = settings.resolved_database_url()
+    if url.startswith("sqlite"):
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        upgrade_schema(url)
+    except LstmHpoError as err:
+        raise _fail(err) from None
+    return make_session_factory(make_engine(url, pool_size=1))
+
+
+@token_app.command("create")
+def token_create(
+    name: Annotated[str, typer.Argument(help="The principal: owner of the studies it submits.")],
+    admin: Annotated[
+        bool, typer.Option("--admin", help="May see and act on every principal's studies.")
+    ] = False,
+    database_url: DatabaseUrlOption = None,
+) -> None:
+    """Create an API token for NAME; the token is printed once, on the last line."""
+    from service import auth
+
+    sessions = _token_sessions(database_url)
+    try:
+        token = auth.create_token(sessions, name, admin=admin)
+    except LstmHpoError as err:
+        raise _fail(err, 2) from None
+    err_console.print(
+        f"token for {name}{' (admin)' if admin else ''}; it is shown only now. Use it as "
+        "LSTM_HPO_TOKEN=..., --token, Authorization: Bearer, or on the dashboard's sign-in page."
+    )
+    print(token)
+
+
+@token_app.command("list")
+def token_list(database_url: DatabaseUrlOption = None) -> None:
+    """Every token: name, admin, created, last used, revoked (never the token itself)."""
+    from service import auth
+
+    table = Table("name", "admin", "created", "last used", "revoked")
+    for info in auth.list_tokens(_token_sessions(database_url)):
+        table.add_row(
+            info.name,
+            "yes" if info.admin else "",
+            _when(info.created_at),
+            _when(info.last_used_at),
+            _when(info.revoked_at),
+        )
+    console.print(table)
+
+
+@token_app.command("revoke")
+def token_revoke(
+    name: Annotated[str, typer.Argument(help="The principal whose tokens to revoke.")],
+    database_url: DatabaseUrlOption = None,
+) -> None:
+    """Revoke every token of NAME (its sessions end at once; its studies stay)."""
+    from service import auth
+
+    count = auth.revoke_tokens(_token_sessions(database_url), name)
+    if count == 0:
+        err_console.print(f"[red]error:[/red] {escape(name)} has no live token")
+        raise typer.Exit(1)
+    console.print(f"revoked {count} token(s) of {name}")
+
+
+def _when(at: datetime | None) -> str:
+    return "-" if at is None else at.strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
 @app.command()
 def submit(
     spec: Annotated[Path, typer.Argument(help="A study spec (YAML or JSON).")],
     server: ServerOption = DEFAULT_SERVER,
+    token: TokenOption = None,
     idempotency_key: Annotated[
         str | None, typer.Option(help="Retry-safe submit: the same key gives the same study.")
     ] = None,
@@ -353,7 +462,7 @@ def submit(
     except OSError as err:
         err_console.print(f"[red]error:[/red] cannot read {spec}: {err.strerror}")
         raise typer.Exit(2) from None
-    with Client(server) as client:
+    with Client(server, token=token) as client:
         try:
             study = client.submit(text, idempotency_key=idempotency_key)
         except LstmHpoError as err:
@@ -366,6 +475,7 @@ def submit(
 def status(
     study_id: Annotated[str | None, typer.Argument(help="A study id (none: list studies).")] = None,
     server: ServerOption = DEFAULT_SERVER,
+    token: TokenOption = None,
     watch: Annotated[
         bool, typer.Option("--watch/--no-watch", help="Show a progress bar until it ends.")
     ] = True,
@@ -376,7 +486,7 @@ def status(
 
     from service.client import TERMINAL_STATES, Client
 
-    with Client(server) as client:
+    with Client(server, token=token) as client:
         try:
             if study_id is None:
                 page = client.studies(limit=50)
@@ -447,11 +557,12 @@ def best(
         Path | None, typer.Option("--output", "-o", help="Write the config YAML here.")
     ] = None,
     server: ServerOption = DEFAULT_SERVER,
+    token: TokenOption = None,
 ) -> None:
     """The best config as YAML (for `lstm-hpo train`), to stdout or --output."""
     from service.client import Client
 
-    with Client(server) as client:
+    with Client(server, token=token) as client:
         try:
             text = client.best_yaml(study_id)
         except LstmHpoError as err:
@@ -467,11 +578,12 @@ def best(
 def cancel(
     study_id: Annotated[str, typer.Argument(help="The study id.")],
     server: ServerOption = DEFAULT_SERVER,
+    token: TokenOption = None,
 ) -> None:
     """Cancel a study: no new trials start; running ones finish."""
     from service.client import Client
 
-    with Client(server) as client:
+    with Client(server, token=token) as client:
         try:
             study = client.cancel(study_id)
         except LstmHpoError as err:
@@ -483,6 +595,7 @@ def cancel(
 def delete(
     study_id: Annotated[str, typer.Argument(help="The study id.")],
     server: ServerOption = DEFAULT_SERVER,
+    token: TokenOption = None,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
 ) -> None:
     """Delete a study and all its trials (a running study is cancelled first)."""
@@ -490,7 +603,7 @@ def delete(
 
     if not yes and sys.stdin.isatty():
         typer.confirm(f"Delete study {study_id} and all its trials?", abort=True)
-    with Client(server) as client:
+    with Client(server, token=token) as client:
         try:
             client.delete(study_id)
         except LstmHpoError as err:

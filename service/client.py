@@ -34,8 +34,17 @@ class ApiError(LstmHpoError):
 class Client:
     """Talks to one lstm-hpo server. Use as a context manager, or call :meth:`close`."""
 
-    def __init__(self, base_url: str = "http://127.0.0.1:8000", *, timeout: float = 30.0) -> None:
-        self._http = httpx.Client(base_url=base_url.rstrip("/"), timeout=timeout)
+    def __init__(
+        self,
+        base_url: str = "http://127.0.0.1:8000",
+        *,
+        token: str | None = None,
+        timeout: float = 30.0,
+    ) -> None:
+        """``token``: an API token (``lstm-hpo token create NAME``), sent as
+        ``Authorization: Bearer``; None for a server in open mode."""
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._http = httpx.Client(base_url=base_url.rstrip("/"), timeout=timeout, headers=headers)
 
     def __enter__(self) -> Client:
         return self

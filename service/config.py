@@ -3,10 +3,12 @@ deeper modules take plain values as arguments."""
 
 from __future__ import annotations
 
+import os
+import secrets
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import make_url
 
@@ -32,8 +34,12 @@ class Settings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
-    #: Public base URL used in links (dashboard_url); default http://host:port.
+    #: Public base URL used in links (dashboard_url); default http://host:port. An https
+    #: URL also marks the dashboard's session cookie ``Secure``.
     public_url: str | None = None
+    #: Signs the dashboard's session cookies. Default: a random key kept in
+    #: ``<data_dir>/secret_key`` (give every server behind one address the same key).
+    secret_key: SecretStr | None = None
 
     max_trials: int = Field(default=10_000, ge=1)
     #: Upper bound for a spec's study.max_retries.
@@ -76,6 +82,19 @@ class Settings(BaseSettings):
 
     def allowed_data_roots(self) -> tuple[Path, ...]:
         return (self.data_dir / "datasets", *self.data_roots)
+
+    def session_secret(self) -> str:
+        """The cookie-signing key: ``secret_key``, else one made once and kept (mode 600)
+        in ``<data_dir>/secret_key``, so sign-ins survive a restart."""
+        if self.secret_key is not None:
+            return self.secret_key.get_secret_value()
+        path = self.data_dir / "secret_key"
+        if not path.exists():
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_urlsafe(32))
+        return path.read_text().strip()
 
     def base_url(self) -> str:
         return self.public_url or f"http://{self.host}:{self.port}"

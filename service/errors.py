@@ -104,5 +104,13 @@ class SingleHostOnly(LstmHpoError):
     every worker and the server at PostgreSQL (LSTM_HPO_DATABASE_URL=postgresql+psycopg://...)."""
 
 
+class Unauthorized(LstmHpoError):
+    """Authentication required: send Authorization: Bearer <token> (lstm-hpo token create NAME)."""
+
+
+class OpenModeRefused(LstmHpoError):
+    """Refusing to serve without authentication on a non-loopback address."""
+
+
 class LeaseLost(LstmHpoError):
     """This worker no longer owns the trial (it was reaped or the study was cancelled)."""

@@ -36,6 +36,7 @@ from service.states import ACTIVE_JOB_STATES, JobState, LeaseState
 
 __all__ = [
     "ACTIVE_JOB_STATES",
+    "ApiToken",
     "Base",
     "JobState",
     "LeaseState",
@@ -195,3 +196,23 @@ class Worker(Base):
     pid: Mapped[int] = mapped_column(Integer)
     started_at: Mapped[datetime] = mapped_column(default=utcnow)
     heartbeat_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ApiToken(Base):
+    """One principal's API token. Only a SHA-256 hash of the token is stored (the token is
+    32 random bytes, so a fast hash is enough: there is nothing to brute-force).
+
+    A revoked token keeps its row (``revoked_at``): that a token was ever created is what
+    turns authentication on, so revoking the last one never reopens a server.
+    """
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    #: The principal's name: the owner of the studies it submits.
+    name: Mapped[str] = mapped_column(String(100), index=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_used_at: Mapped[datetime | None]
+    revoked_at: Mapped[datetime | None]

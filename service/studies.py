@@ -23,6 +23,7 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
 from service import queue
+from service.auth import Principal
 from service.data_checks import check_task_data
 from service.db import (
     configure_sqlite_engine,
@@ -128,7 +129,7 @@ def submit_study(
     backend: Backend,
     spec: StudySpec,
     *,
-    owner: str = "local",
+    principal: Principal,
     idempotency_key: str | None = None,
 ) -> tuple[StudyPublic, bool]:
     """Queue a validated study; returns it and whether it was created (False: a retried key).
@@ -140,7 +141,7 @@ def submit_study(
     check_task_data(spec, backend.limits.data_roots)
     spec_json = spec.model_dump(mode="json")
     if idempotency_key is not None:
-        job_id = uuid.uuid5(_IDEMPOTENCY_NAMESPACE, f"{owner}\0{idempotency_key}").hex
+        job_id = uuid.uuid5(_IDEMPOTENCY_NAMESPACE, f"{principal.name}\0{idempotency_key}").hex
         existing = queue.find_job(backend.sessions, job_id)
         if existing is not None:
             return _existing_for_key(backend, existing, spec_json), False
@@ -162,7 +163,7 @@ def submit_study(
         job_id=job_id,
         spec=spec_json,
         name=name,
-        owner=owner,
+        owner=principal.name,
         optuna_study_name=study_name,
         n_trials=spec.study.n_trials,
         max_retries=spec.study.max_retries,
@@ -180,37 +181,37 @@ def _existing_for_key(backend: Backend, job: queue.JobRecord, spec_json: Any) ->
     return _study_public(backend, job)
 
 
-def get_study(backend: Backend, job_id: str, *, owner: str | None = None) -> StudyPublic:
+def get_study(backend: Backend, job_id: str, *, principal: Principal) -> StudyPublic:
     """One study with live trial counts and its best value."""
-    return _study_public(backend, queue.get_job(backend.sessions, job_id, owner=owner))
+    return _study_public(backend, _job(backend, job_id, principal))
 
 
 def list_studies(
     backend: Backend,
     *,
+    principal: Principal,
     state: str | None = None,
-    owner: str | None = None,
     limit: int = 20,
     offset: int = 0,
 ) -> Page[StudyPublic]:
-    """Studies, newest first, optionally only those in ``state``."""
+    """The principal's studies (an admin's: all), newest first, optionally only in ``state``."""
     jobs, total = queue.list_jobs(
-        backend.sessions, state=state, owner=owner, limit=limit, offset=offset
+        backend.sessions, state=state, owner=principal.owner_filter, limit=limit, offset=offset
     )
     items = [_study_public(backend, job, include_spec=False) for job in jobs]
     return Page[StudyPublic](items=items, total=total, limit=limit, offset=offset)
 
 
-def cancel_study(backend: Backend, job_id: str, *, owner: str | None = None) -> StudyPublic:
+def cancel_study(backend: Backend, job_id: str, *, principal: Principal) -> StudyPublic:
     """Stop claiming new trials; running trials finish and are recorded, retries that were
     not claimed yet are FAILed ("not run"). ``StudyNotActive`` when it already ended."""
-    job = queue.get_job(backend.sessions, job_id, owner=owner)
+    job = _job(backend, job_id, principal)
     queue.cancel_job(backend.sessions, job_id)
     _fail_waiting_trials(backend, job)
-    return get_study(backend, job_id, owner=owner)
+    return get_study(backend, job_id, principal=principal)
 
 
-def delete_study(backend: Backend, job_id: str, *, owner: str | None = None) -> None:
+def delete_study(backend: Backend, job_id: str, *, principal: Principal) -> None:
     """Remove both records of a study: cancel it if it runs, delete its Optuna study, then
     our job row and leases. A worker still training one of its trials has its result
     rejected. ``StudyNotFound`` for an unknown id.
@@ -218,7 +219,7 @@ def delete_study(backend: Backend, job_id: str, *, owner: str | None = None) -> 
     Optuna's half goes first: a crash in between leaves a job whose Optuna study is gone
     (shown as failed, "its Optuna study was deleted"), and deleting it again finishes.
     """
-    job = queue.get_job(backend.sessions, job_id, owner=owner)
+    job = _job(backend, job_id, principal)
     if job.state.is_active:
         with suppress(StudyNotActive):  # it ended meanwhile
             queue.cancel_job(backend.sessions, job_id)
@@ -229,22 +230,63 @@ def delete_study(backend: Backend, job_id: str, *, owner: str | None = None) -> 
     log.info("deleted study %s (%s)", job_id, job.optuna_study_name)
 
 
-def delete_study_by_optuna_id(backend: Backend, optuna_study_id_: int) -> None:
+def delete_study_by_optuna_id(
+    backend: Backend, optuna_study_id_: int, *, principal: Principal
+) -> None:
     """:func:`delete_study` for the study optuna-dashboard names by its Optuna id.
 
     An Optuna study with no job of ours (made outside the service) is deleted as Optuna
-    would. ``StudyNotFound`` when no such Optuna study exists.
+    would, by an admin only. ``StudyNotFound`` when no such study is the principal's.
     """
+    job = job_for_optuna_study(backend, optuna_study_id_, principal=principal)
+    if job is not None:
+        delete_study(backend, job.id, principal=principal)
+        return
+    if not principal.admin:
+        raise StudyNotFound()
     try:
         study_name = backend.storage.get_study_name_from_id(optuna_study_id_)
     except KeyError:
         raise StudyNotFound() from None
-    job_id = backend.storage.get_study_user_attrs(optuna_study_id_).get(JOB_ID_ATTR)
-    if isinstance(job_id, str) and queue.find_job(backend.sessions, job_id) is not None:
-        delete_study(backend, job_id)
-        return
     log.warning("deleting Optuna study %s, which no lstm-hpo study owns", study_name)
     backend.storage.delete_study(optuna_study_id_)
+
+
+def job_for_optuna_study(
+    backend: Backend, optuna_study_id_: int, *, principal: Principal
+) -> queue.JobRecord | None:
+    """Our job of the Optuna study with that id, when the principal may see it.
+
+    None for an Optuna study that no job owns (or that does not exist); ``StudyNotFound``
+    for another principal's study (it must look exactly like one that does not exist).
+    """
+    try:
+        attrs = backend.storage.get_study_user_attrs(optuna_study_id_)
+    except KeyError:
+        return None
+    job_id = attrs.get(JOB_ID_ATTR)
+    if not isinstance(job_id, str) or queue.find_job(backend.sessions, job_id) is None:
+        return None
+    return _job(backend, job_id, principal)
+
+
+def optuna_study_names(backend: Backend, *, principal: Principal) -> set[str]:
+    """The Optuna study names of every study the principal may see (for the dashboard)."""
+    names: set[str] = set()
+    page = 10_000
+    while True:
+        jobs, total = queue.list_jobs(
+            backend.sessions, owner=principal.owner_filter, limit=page, offset=len(names)
+        )
+        names |= {job.optuna_study_name for job in jobs}
+        if not jobs or len(names) >= total:
+            return names
+
+
+def _job(backend: Backend, job_id: str, principal: Principal) -> queue.JobRecord:
+    """The job, if it is the principal's (an admin's: any); ``StudyNotFound`` otherwise,
+    exactly as for an id that does not exist."""
+    return queue.get_job(backend.sessions, job_id, owner=principal.owner_filter)
 
 
 def _fail_waiting_trials(backend: Backend, job: queue.JobRecord) -> None:
@@ -296,13 +338,13 @@ def study_trials(
     backend: Backend,
     job_id: str,
     *,
-    owner: str | None = None,
+    principal: Principal,
     state: str | None = None,
     limit: int = 100,
     offset: int = 0,
 ) -> Page[TrialPublic]:
     """A study's trials in trial-number order."""
-    job = queue.get_job(backend.sessions, job_id, owner=owner)
+    job = _job(backend, job_id, principal)
     try:
         trials = _trials(backend, job)
     except OptunaStudyDeleted:
@@ -316,10 +358,10 @@ def study_trials(
 
 
 def best_configs(
-    backend: Backend, job_id: str, *, k: int = 1, owner: str | None = None
+    backend: Backend, job_id: str, *, principal: Principal, k: int = 1
 ) -> list[BestPublic]:
     """The top ``k`` completed trials and their resolved configs, best first."""
-    job = queue.get_job(backend.sessions, job_id, owner=owner)
+    job = _job(backend, job_id, principal)
     spec = study_spec(job)
     ranked = _ranked(_trials(backend, job), spec.direction)
     if not ranked:

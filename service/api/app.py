@@ -11,10 +11,10 @@ from a2wsgi import WSGIMiddleware
 from fastapi import FastAPI
 from fastapi.responses import RedirectResponse
 
-from service import studies
+from service import auth, studies
 from service.api.dashboard import DashboardGuard
 from service.api.errors import install_error_handlers
-from service.api.routes import health
+from service.api.routes import health, signin
 from service.api.routes import studies as studies_routes
 from service.config import Settings
 from service.migrate import current_revisions, upgrade_schema
@@ -23,7 +23,11 @@ from service.search_space import SpecLimits
 
 
 def create_app(settings: Settings | None = None, *, migrate: bool = True) -> FastAPI:
-    """Build the server: migrate (the server owns the schema), connect, mount the dashboard."""
+    """Build the server: migrate (the server owns the schema), connect, mount the dashboard.
+
+    Raises ``OpenModeRefused`` when ``settings.host`` is not a loopback address and no API
+    token exists yet (see :mod:`service.auth`).
+    """
     settings = settings or Settings()
     url = settings.resolved_database_url()
     if url.startswith("sqlite"):
@@ -46,6 +50,8 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True) -> Fas
         pool_size=settings.pool_size,
         storage=storage,
     )
+    # No token yet: open for one local user on a loopback address, refused elsewhere.
+    open_mode = auth.check_bind(backend.sessions, settings.host)
     reaper = Reaper(
         backend, grace_s=settings.heartbeat_grace_s, interval_s=settings.reaper_interval_s
     )
@@ -64,6 +70,10 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True) -> Fas
         lifespan=lifespan,
     )
     app.state.backend = backend
+    app.state.open_mode = open_mode
+    cookies = auth.SessionCookies(settings.session_secret())
+    app.state.session_cookies = cookies
+    app.state.secure_cookies = settings.base_url().startswith("https://")
     app.state.max_request_bytes = settings.max_request_bytes
     app.state.safe_database_url = settings.safe_database_url()
     revisions = current_revisions(backend.sessions.kw["bind"])
@@ -71,6 +81,7 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True) -> Fas
     install_error_handlers(app)
     app.include_router(health.router, prefix="/v1")
     app.include_router(studies_routes.router, prefix="/v1")
+    app.include_router(signin.router)
 
     @app.get("/", include_in_schema=False)
     def root() -> RedirectResponse:
@@ -78,7 +89,8 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True) -> Fas
 
     # Last: the dashboard's front end hard-codes /dashboard, /api and /static, so it
     # cannot live under a prefix; everything the API did not match falls through to it,
-    # through the guard that keeps its deletes (and refuses its creates) in step with ours.
+    # behind the guard: sign-in, each principal's own studies, and nothing that splits a
+    # study's two records (service.api.dashboard).
     dashboard = WSGIMiddleware(optuna_dashboard.wsgi(storage))
-    app.mount("/", DashboardGuard(dashboard, backend))  # type: ignore[arg-type]
+    app.mount("/", DashboardGuard(dashboard, backend, cookies))  # type: ignore[arg-type]
     return app

@@ -1,34 +1,49 @@
-"""optuna-dashboard, mounted at the root, behind a guard that keeps a study's two records in step.
+"""optuna-dashboard, mounted at the root, behind one guard: who may see what, and nothing that
+splits a study's two records.
 
-The dashboard talks to Optuna's storage directly. Left alone, its trash icon deletes
-Optuna's half of a study and leaves our job row behind (every API route on it then
-failed, and so did the reaper). The guard answers the dashboard's JSON routes that would
-split a study or take a trial from its worker, before the WSGI app sees them:
+optuna-dashboard has no authentication and talks to Optuna's storage directly. The guard
+(ASGI middleware in front of its WSGI app) answers before it:
 
-- ``DELETE /api/studies/{id}``: goes through :func:`service.studies.delete_study` (cancel,
-  then both records), as ``DELETE /v1/studies/{id}`` does;
-- ``POST /api/studies`` (create) and ``POST /api/studies/{id}/rename`` (a copy plus a
-  delete): refused with a message pointing to ``POST /v1/studies``;
-- ``POST /api/trials/{id}/tell`` and ``POST /api/studies/{id}/{trial}/skip``: refused,
-  workers own their trials' states;
-- ``POST /incompatible-rdb-schema`` (Optuna's schema upgrade): refused, run
-  ``lstm-hpo migrate``.
+Who: every route needs a principal once authentication is on (:mod:`service.auth`): the
+signed session cookie the sign-in page (``/signin``) sets, or HTTP basic / bearer with an
+API token as the password, for scripts. Without one, page routes redirect to the sign-in
+page and everything else answers 401. Unsafe methods carried by the cookie must come from
+our own origin (``Origin`` check, besides ``SameSite=Strict``).
 
-Refusals are 403 with ``{"reason": ...}``, the field the dashboard's front end shows.
+What: a principal sees only its own studies. ``GET /api/studies`` is filtered, and every
+route that names a study (``/api/studies/{id}...``, ``/dashboard/studies/{id}...``,
+``/csv/{id}``, ``/artifacts/{id}...``) answers 404 for another principal's study, exactly as
+for one that does not exist. Admins see all.
+
+Nothing split: ``DELETE /api/studies/{id}`` (the trash icon) goes through
+:func:`service.studies.delete_study` (both records, as ``DELETE /v1/studies/{id}``);
+creating, renaming, telling or skipping trials, editing trial attributes and upgrading
+Optuna's schema are refused with a message (403 ``{"reason": ...}``, the field the
+dashboard's front end shows).
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
 import re
+from typing import Any
+from urllib.parse import quote, urlsplit
 
 from starlette.concurrency import run_in_threadpool
-from starlette.responses import JSONResponse, Response
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.datastructures import Headers
+from starlette.responses import JSONResponse, RedirectResponse, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service import studies
-from service.errors import LstmHpoError, NotFound
+from service import auth, studies
+from service.errors import LstmHpoError, NotFound, Unauthorized
 
 _SUBMIT_HINT = "submit studies to lstm-hpo with POST /v1/studies (or `lstm-hpo submit SPEC`)"
+_WORKERS_OWN_TRIALS = (
+    "trial states and attributes are set by lstm-hpo's workers; cancel or delete the study "
+    "instead (POST /v1/studies/{id}/cancel, DELETE /v1/studies/{id})"
+)
 _REFUSED: list[tuple[str, re.Pattern[str], str]] = [
     (
         "POST",
@@ -41,18 +56,8 @@ _REFUSED: list[tuple[str, re.Pattern[str], str]] = [
         "lstm-hpo studies cannot be renamed (a rename copies the study and deletes the "
         f"original, which would cut it off from its trial queue); {_SUBMIT_HINT}",
     ),
-    (
-        "POST",
-        re.compile(r"/api/trials/\d+/tell"),
-        "trial states are set by lstm-hpo's workers; cancel or delete the study instead "
-        "(POST /v1/studies/{id}/cancel, DELETE /v1/studies/{id})",
-    ),
-    (
-        "POST",
-        re.compile(r"/api/studies/\d+/\d+/skip"),
-        "trial states are set by lstm-hpo's workers; cancel or delete the study instead "
-        "(POST /v1/studies/{id}/cancel, DELETE /v1/studies/{id})",
-    ),
+    ("POST", re.compile(r"/api/trials/\d+/.*"), _WORKERS_OWN_TRIALS),
+    ("POST", re.compile(r"/api/studies/\d+/\d+/skip"), _WORKERS_OWN_TRIALS),
     (
         "POST",
         re.compile(r"/incompatible-rdb-schema/?"),
@@ -60,39 +65,155 @@ _REFUSED: list[tuple[str, re.Pattern[str], str]] = [
     ),
 ]
 _DELETE_STUDY = re.compile(r"/api/studies/(\d+)/?")
+#: Routes that name an Optuna study by its id (group 1).
+_STUDY_ROUTES = re.compile(
+    r"/(?:api/studies|dashboard/studies|csv|artifacts|api/artifacts)/(\d+)(?:/.*)?"
+)
+_STUDY_LIST = "/api/studies"
+_UNSAFE = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+SIGNIN_PATH = "/signin"
 
 
 class DashboardGuard:
     """ASGI middleware in front of the mounted dashboard (see the module docstring)."""
 
-    def __init__(self, app: ASGIApp, backend: studies.Backend) -> None:
+    def __init__(
+        self, app: ASGIApp, backend: studies.Backend, cookies: auth.SessionCookies
+    ) -> None:
         self.app = app
         self.backend = backend
+        self.cookies = cookies
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            response = await self._intercept(scope["method"], scope["path"])
-            if response is not None:
-                await response(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        method, path = scope["method"], scope["path"]
+        headers = Headers(scope=scope)
+        try:
+            principal, by_cookie = await run_in_threadpool(self._principal, headers)
+        except Unauthorized as err:
+            await _unauthenticated(path, scope, err)(scope, receive, send)
+            return
+        if by_cookie and method in _UNSAFE and not _same_origin(headers):
+            await _reason(403, "cross-site request refused")(scope, receive, send)
+            return
+        response = await run_in_threadpool(self._intercept, method, path, principal)
+        if response is not None:
+            await response(scope, receive, send)
+        elif method == "GET" and path.rstrip("/") == _STUDY_LIST and not principal.admin:
+            await self._filtered_study_list(scope, receive, send, principal)
+        else:
+            await self.app(scope, receive, send)
 
-    async def _intercept(self, method: str, path: str) -> Response | None:
+    def _principal(self, headers: Headers) -> tuple[auth.Principal, bool]:
+        """The caller and whether its session cookie (not a header) says so."""
+        sessions = self.backend.sessions
+        token = _token_from_authorization(headers.get("authorization"))
+        if token is not None:
+            return auth.authenticate(sessions, token), False
+        cookie = _cookie(headers, auth.SESSION_COOKIE)
+        if cookie is not None and auth.authentication_on(sessions):
+            return self.cookies.principal(sessions, cookie), True
+        return auth.authenticate(sessions, None), False  # open mode, or Unauthorized
+
+    def _intercept(self, method: str, path: str, principal: auth.Principal) -> Response | None:
+        """The guard's own answer to a request, or None to let the dashboard answer."""
         for refused_method, pattern, reason in _REFUSED:
             if method == refused_method and pattern.fullmatch(path):
-                return JSONResponse({"reason": reason}, status_code=403)
-        match = _DELETE_STUDY.fullmatch(path)
-        if method == "DELETE" and match is not None:
-            try:
-                await run_in_threadpool(
-                    studies.delete_study_by_optuna_id, self.backend, int(match.group(1))
-                )
-            except NotFound:
-                return JSONResponse(
-                    {"reason": f"study_id={match.group(1)} is not found"}, status_code=404
-                )
-            except LstmHpoError as err:
-                status = 503 if err.retryable else 409
-                return JSONResponse({"reason": err.message}, status_code=status)
-            return Response(status_code=204)
+                return _reason(403, reason)
+        match = _STUDY_ROUTES.fullmatch(path)
+        if match is None:
+            return None
+        study_id = int(match.group(1))
+        try:
+            if method == "DELETE" and _DELETE_STUDY.fullmatch(path):
+                studies.delete_study_by_optuna_id(self.backend, study_id, principal=principal)
+                return Response(status_code=204)
+            job = studies.job_for_optuna_study(self.backend, study_id, principal=principal)
+        except NotFound:
+            return _reason(404, f"study_id={study_id} is not found")
+        except LstmHpoError as err:
+            return _reason(503 if err.retryable else 409, err.message)
+        if job is None and not principal.admin:  # a study lstm-hpo does not own
+            return _reason(404, f"study_id={study_id} is not found")
         return None
+
+    async def _filtered_study_list(
+        self, scope: Scope, receive: Receive, send: Send, principal: auth.Principal
+    ) -> None:
+        """The dashboard's study list with only the principal's studies."""
+        start: Message = {}
+        body = bytearray()
+
+        async def collect(message: Message) -> None:
+            nonlocal start
+            if message["type"] == "http.response.start":
+                start = message
+            elif message["type"] == "http.response.body":
+                body.extend(message.get("body", b""))
+
+        await self.app(scope, receive, collect)
+        if start.get("status") != 200:
+            await Response(bytes(body), status_code=int(start.get("status", 500)))(
+                scope, receive, send
+            )
+            return
+        mine = await run_in_threadpool(self._visible_study_names, principal)
+        listing: dict[str, Any] = json.loads(body)
+        listing["study_summaries"] = [
+            s for s in listing.get("study_summaries", []) if s.get("study_name") in mine
+        ]
+        await JSONResponse(listing)(scope, receive, send)
+
+    def _visible_study_names(self, principal: auth.Principal) -> set[str]:
+        return studies.optuna_study_names(self.backend, principal=principal)
+
+
+def _reason(status: int, reason: str) -> JSONResponse:
+    return JSONResponse({"reason": reason}, status_code=status)
+
+
+def _unauthenticated(path: str, scope: Scope, err: Unauthorized) -> Response:
+    """Pages redirect to the sign-in page (back here afterwards); the rest answer 401."""
+    if scope["method"] == "GET" and (path == "/" or path.startswith("/dashboard")):
+        query = scope.get("query_string", b"").decode("latin-1")
+        back = path + (f"?{query}" if query else "")
+        return RedirectResponse(f"{SIGNIN_PATH}?next={quote(back, safe='')}", status_code=303)
+    response = _reason(401, err.message)
+    response.headers["WWW-Authenticate"] = "Bearer"  # not Basic: no browser pop-up for XHR
+    return response
+
+
+def _token_from_authorization(value: str | None) -> str | None:
+    """The token of ``Bearer <token>`` or of HTTP basic (any user name, the token as the
+    password); None without a header. A malformed header is a token that fails."""
+    if not value:
+        return None
+    scheme, _, credentials = value.partition(" ")
+    if scheme.lower() == "bearer":
+        return credentials.strip()
+    if scheme.lower() == "basic":
+        try:
+            decoded = base64.b64decode(credentials.strip(), validate=True).decode("utf-8")
+        except (binascii.Error, UnicodeDecodeError):
+            return ""
+        return decoded.partition(":")[2]
+    return ""
+
+
+def _cookie(headers: Headers, name: str) -> str | None:
+    for part in headers.get("cookie", "").split(";"):
+        key, _, value = part.strip().partition("=")
+        if key == name and value:
+            return value
+    return None
+
+
+def _same_origin(headers: Headers) -> bool:
+    """True when the request's ``Origin`` (or, lacking it, ``Referer``) is this server's own
+    address as the browser reached it (``Host``)."""
+    origin = headers.get("origin") or headers.get("referer")
+    if not origin:
+        return True  # not a browser's cross-site request (browsers send Origin on POST)
+    return urlsplit(origin).netloc == headers.get("host", "")

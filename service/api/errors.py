@@ -8,6 +8,7 @@ from fastapi.responses import JSONResponse
 from service import errors
 
 _STATUS: list[tuple[type[errors.LstmHpoError], int]] = [
+    (errors.Unauthorized, 401),
     (errors.InvalidSpec, 422),
     (errors.NotFound, 404),
     (errors.Conflict, 409),
@@ -30,7 +31,9 @@ async def _handle(request: Request, exc: Exception) -> JSONResponse:
     body: dict[str, object] = {"detail": exc.message, "error": type(exc).__name__}
     if isinstance(exc, errors.InvalidSpec):
         body["errors"] = [{"loc": e.loc, "msg": e.msg} for e in exc.errors]
-    headers = {"Retry-After": "1"} if exc.retryable else None
+    headers = {"Retry-After": "1"} if exc.retryable else {}
+    if isinstance(exc, errors.Unauthorized):
+        headers["WWW-Authenticate"] = "Bearer"  # RFC 6750
     return JSONResponse(body, status_code=status, headers=headers)
 
 

@@ -26,6 +26,7 @@ from optuna.trial import FrozenTrial, TrialState, create_trial
 from sqlalchemy import func, select
 
 from service import queue, reaper, studies
+from service.auth import LOCAL
 from service.db import session_scope
 from service.errors import LeaseLost
 from service.models import JobState, LeaseState, SearchJob
@@ -553,7 +554,7 @@ def test_reaper_counts_a_told_result_whose_worker_died_before_finishing_its_slot
     db = Database(db_url)
     try:
         spec = parse_spec(synthetic_spec(4, sleep_s=0.0, name="race"))
-        study_public, _ = studies.submit_study(backend, spec)
+        study_public, _ = studies.submit_study(backend, spec, principal=LOCAL)
         job_id = study_public.id
         complete_lease, study, complete = _start_trial(backend, "host:1:a")
         pruned_lease, _, pruned = _start_trial(backend, "host:2:b")
@@ -641,7 +642,7 @@ def test_reaper_fails_the_trial_before_the_slot_so_a_late_beat_cannot_split_them
     db = Database(db_url)
     try:
         spec = parse_spec(synthetic_spec(1, sleep_s=0.0, name="late-beat"))
-        job_id = studies.submit_study(backend, spec)[0].id
+        job_id = studies.submit_study(backend, spec, principal=LOCAL)[0].id
         lease, study, trial = _start_trial(backend, "host:1:a")
         later = datetime.now(UTC) + timedelta(hours=1)
 

@@ -36,6 +36,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
 from service import queue
+from service.auth import LOCAL
 from service.db import session_scope
 from service.migrate import upgrade_schema
 from service.models import TrialLease, Worker
@@ -158,7 +159,7 @@ def test_claim_race_32_workers_one_study_exactly_200_trials(
             },
             "study": {"n_trials": N_TRIALS, "sampler": "random", "pruner": "none", "seed": 0},
         }
-        study, _ = submit_study(backend, parse_spec(spec))
+        study, _ = submit_study(backend, parse_spec(spec), principal=LOCAL)
         job_id = study.id
 
         def ended() -> bool:

@@ -11,6 +11,7 @@ from pathlib import Path
 import yaml
 
 from service import studies
+from service.auth import LOCAL
 from service.migrate import upgrade_schema
 from service.search_space import SpecLimits, parse_spec
 from service.worker import Worker, WorkerOptions
@@ -59,9 +60,9 @@ def test_best_config_trains_from_another_directory(tmp_path: Path) -> None:
         )
     )
     try:
-        study, _ = studies.submit_study(backend, parse_spec(SPEC, limits))
+        study, _ = studies.submit_study(backend, parse_spec(SPEC, limits), principal=LOCAL)
         assert worker.run() == 2
-        [best] = studies.best_configs(backend, study.id)
+        [best] = studies.best_configs(backend, study.id, principal=LOCAL)
     finally:
         worker.engine.dispose()
         if worker.storage is not None:

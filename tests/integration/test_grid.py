@@ -11,6 +11,7 @@ import optuna
 import pytest
 
 from service import studies
+from service.auth import LOCAL
 from service.migrate import upgrade_schema
 from service.search_space import SpecLimits, parse_spec
 from service.worker import Worker, WorkerOptions
@@ -41,15 +42,13 @@ def test_each_grid_point_runs_exactly_once(db_url: str, n_workers: int) -> None:
         for _ in range(n_workers)
     ]
     try:
-        study, _ = studies.submit_study(backend, parse_spec(SPEC))
+        study, _ = studies.submit_study(backend, parse_spec(SPEC), principal=LOCAL)
         threads = [threading.Thread(target=w.run) for w in workers]
         for thread in threads:
             thread.start()
         for thread in threads:
             thread.join(timeout=120)
-        trials = optuna.load_study(
-            study_name=study.optuna_study_name, storage=storage
-        ).get_trials()
+        trials = optuna.load_study(study_name=study.optuna_study_name, storage=storage).get_trials()
     finally:
         for worker in workers:
             worker.engine.dispose()

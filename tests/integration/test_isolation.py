@@ -17,6 +17,7 @@ import pytest
 from optuna.trial import TrialState
 
 from service import queue, reaper, studies
+from service.auth import LOCAL
 from service.config import Settings
 from service.search_space import SpecLimits, parse_spec
 from service.states import FAILURE_ATTR, JobState
@@ -36,8 +37,7 @@ def _spec(n_trials: int = 2, **study: Any) -> dict[str, Any]:
             "lr": {"type": "float", "low": 1e-4, "high": 1e-1, "log": True},
             "max_epochs": 2,
         },
-        "study": {"n_trials": n_trials, "sampler": "random", "pruner": "none", "seed": 0}
-        | study,
+        "study": {"n_trials": n_trials, "sampler": "random", "pruner": "none", "seed": 0} | study,
     }
 
 
@@ -179,11 +179,9 @@ def test_a_worker_survives_unrunnable_jobs_and_runs_the_others(migrated_db_url: 
         base_url="http://t.invalid",
     )
     try:
-        healthy, _ = studies.submit_study(backend, parse_spec(_spec(3)))
-        gone, _ = studies.submit_study(backend, parse_spec(_spec(3)))
-        backend.storage.delete_study(
-            backend.storage.get_study_id_from_name(gone.optuna_study_name)
-        )
+        healthy, _ = studies.submit_study(backend, parse_spec(_spec(3)), principal=LOCAL)
+        gone, _ = studies.submit_study(backend, parse_spec(_spec(3)), principal=LOCAL)
+        backend.storage.delete_study(backend.storage.get_study_id_from_name(gone.optuna_study_name))
         # Rows no submit would write today (an older version's spec, a timeout no datetime
         # holds): the queue and the worker must survive them all the same.
         optuna.create_study(study_name="bad-spec-study", storage=backend.storage)
@@ -230,9 +228,7 @@ def test_a_worker_survives_unrunnable_jobs_and_runs_the_others(migrated_db_url: 
 
 
 @pytest.mark.parametrize("pruner", ["median", "hyperband", "successive_halving", "none"])
-def test_a_nan_metric_fails_the_trial_whatever_the_pruner(
-    sqlite_url: str, pruner: str
-) -> None:
+def test_a_nan_metric_fails_the_trial_whatever_the_pruner(sqlite_url: str, pruner: str) -> None:
     """shared/cases/nan-with-median-pruner.yaml: never PRUNED, always FAIL with the reason."""
     from service.migrate import upgrade_schema
 
@@ -245,11 +241,9 @@ def test_a_nan_metric_fails_the_trial_whatever_the_pruner(
         spec = _spec(12, pruner=pruner)
         spec["task"]["nan_when"] = {"num_layers": 3}
         spec["space"]["max_epochs"] = 4
-        study, _ = studies.submit_study(backend, parse_spec(spec))
+        study, _ = studies.submit_study(backend, parse_spec(spec), principal=LOCAL)
         _run_worker(sqlite_url)
-        trials = optuna.load_study(
-            study_name=study.optuna_study_name, storage=storage
-        ).get_trials()
+        trials = optuna.load_study(study_name=study.optuna_study_name, storage=storage).get_trials()
         nan = [t for t in trials if t.params["num_layers"] == 3]
         assert nan, "no trial hit nan_when; change the seed"
         for t in nan:

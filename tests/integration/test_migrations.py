@@ -25,7 +25,7 @@ from service.migrate import (
     upgrade_schema,
 )
 
-OUR_TABLES = {"search_jobs", "trial_leases", "workers"}
+OUR_TABLES = {"api_tokens", "search_jobs", "trial_leases", "workers"}
 
 
 def _schema_diff(engine: Engine) -> list[Any]:
@@ -61,7 +61,7 @@ def test_upgrade_produces_exactly_the_orm_schema(db_url: str) -> None:
 
         assert _table_names(engine) == {*OUR_TABLES, VERSION_TABLE}
         assert _schema_diff(engine) == []
-        assert _versions(engine, VERSION_TABLE) == [head_revision()] == ["0003_retry_trial_id"]
+        assert _versions(engine, VERSION_TABLE) == [head_revision()] == ["0004_api_tokens"]
         assert schema_is_current(engine)
     finally:
         engine.dispose()

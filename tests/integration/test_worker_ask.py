@@ -9,6 +9,7 @@ import pytest
 from optuna.trial import TrialState
 
 from service import queue
+from service.auth import LOCAL
 from service.search_space import DEFAULT_LIMITS, parse_spec
 from service.studies import open_backend, optuna_storage, submit_study
 from service.worker import RetryTrialGone, Worker, WorkerOptions, _LeaseStudy
@@ -71,7 +72,7 @@ def test_a_retry_slot_pops_exactly_its_trial_never_another(migrated_db_url: str)
 
 def test_worker_leaves_a_pending_retrys_trial_to_the_retry(migrated_db_url: str) -> None:
     backend = open_backend(migrated_db_url, limits=DEFAULT_LIMITS, base_url="http://t.invalid")
-    study, _ = submit_study(backend, parse_spec(_spec(n_trials=2)))
+    study, _ = submit_study(backend, parse_spec(_spec(n_trials=2)), principal=LOCAL)
     optuna_study = optuna.load_study(study_name=study.optuna_study_name, storage=backend.storage)
     optuna_study.enqueue_trial({"num_layers": 3})
 

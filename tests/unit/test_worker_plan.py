@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from service.auth import LOCAL
 from service.worker import (
     ProcessPlan,
     detect_gpus,
@@ -246,7 +247,7 @@ def test_a_synthetic_only_worker_never_imports_torch(tmp_path: Path) -> None:
         "space": {"lr": {"type": "float", "low": 1e-4, "high": 1e-1, "log": True}},
         "study": {"n_trials": 3, "sampler": "random"},
     }
-    study, _ = submit_study(backend, parse_spec(spec))
+    study, _ = submit_study(backend, parse_spec(spec), principal=LOCAL)
     done = subprocess.run(
         [sys.executable, "-c", _SYNTHETIC_WORKER, url],
         capture_output=True,
@@ -256,7 +257,7 @@ def test_a_synthetic_only_worker_never_imports_torch(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
-    assert get_study(backend, study.id).n_finished == 3  # it really ran the trials
+    assert get_study(backend, study.id, principal=LOCAL).n_finished == 3  # it really ran the trials
     assert report["torch"] is False and report["lightning"] is False, report
     assert report["env"] == {
         "CUDA_VISIBLE_DEVICES": "7",

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 import math
+from functools import partial
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import PlainTextResponse
+from starlette.concurrency import run_in_threadpool
 
 from service import studies
-from service.api.deps import BackendDep, OwnerDep
+from service.api.deps import BackendDep, PrincipalDep
 from service.errors import FieldError, InvalidSpec
 from service.schemas import BestPublic, Page, StudyPublic, TrialPublic
 from service.search_space import dump_yaml, parse_spec
@@ -149,7 +151,7 @@ async def submit(
     request: Request,
     response: Response,
     backend: BackendDep,
-    owner: OwnerDep,
+    principal: PrincipalDep,
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
 ) -> StudyPublic:
     """Queue a study from a spec (JSON, or YAML with ``Content-Type: application/yaml``).
@@ -157,8 +159,11 @@ async def submit(
     Retrying with the same ``Idempotency-Key`` header returns the same study (200).
     """
     spec = parse_spec(await _spec_document(request), backend.limits)
-    study, created = studies.submit_study(
-        backend, spec, owner=owner, idempotency_key=idempotency_key
+    # Reads the task's data and writes two databases: off the event loop.
+    study, created = await run_in_threadpool(
+        partial(studies.submit_study, principal=principal, idempotency_key=idempotency_key),
+        backend,
+        spec,
     )
     response.status_code = 201 if created else 200
     response.headers["Location"] = f"/v1/studies/{study.id}"
@@ -168,19 +173,21 @@ async def submit(
 @router.get("")
 def list_(
     backend: BackendDep,
-    owner: OwnerDep,
+    principal: PrincipalDep,
     state: JobState | None = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 20,
     offset: Annotated[int, Query(ge=0)] = 0,
 ) -> Page[StudyPublic]:
     """Studies, newest first."""
-    return studies.list_studies(backend, state=state, owner=owner, limit=limit, offset=offset)
+    return studies.list_studies(
+        backend, principal=principal, state=state, limit=limit, offset=offset
+    )
 
 
 @router.get("/{study_id}")
-def get(study_id: str, backend: BackendDep, owner: OwnerDep) -> StudyPublic:
+def get(study_id: str, backend: BackendDep, principal: PrincipalDep) -> StudyPublic:
     """State, trial counts, best value and elapsed time."""
-    return studies.get_study(backend, study_id, owner=owner)
+    return studies.get_study(backend, study_id, principal=principal)
 
 
 @router.get("/{study_id}/trials")
@@ -188,14 +195,14 @@ def trials(
     study_id: str,
     *,
     backend: BackendDep,
-    owner: OwnerDep,
+    principal: PrincipalDep,
     state: TrialState | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     offset: Annotated[int, Query(ge=0)] = 0,
 ) -> Page[TrialPublic]:
     """Trials in number order: params, value, duration, intermediate values, failure reason."""
     return studies.study_trials(
-        backend, study_id, owner=owner, state=state, limit=limit, offset=offset
+        backend, study_id, principal=principal, state=state, limit=limit, offset=offset
     )
 
 
@@ -203,7 +210,7 @@ def trials(
 def best(
     study_id: str,
     backend: BackendDep,
-    owner: OwnerDep,
+    principal: PrincipalDep,
     k: Annotated[int | None, Query(ge=1, le=100)] = None,
     format: Annotated[Literal["json", "yaml"], Query()] = "json",
 ) -> BestPublic | list[BestPublic] | PlainTextResponse:
@@ -211,7 +218,7 @@ def best(
 
     409 while no trial has completed.
     """
-    top = studies.best_configs(backend, study_id, k=k or 1, owner=owner)
+    top = studies.best_configs(backend, study_id, k=k or 1, principal=principal)
     if format == "yaml":
         # Quoted where a YAML 1.2 reader (`lstm-hpo train`) would take text for a number.
         text = "---\n".join(dump_yaml(b.config) for b in (top if k is not None else top[:1]))
@@ -220,14 +227,14 @@ def best(
 
 
 @router.post("/{study_id}/cancel")
-def cancel(study_id: str, backend: BackendDep, owner: OwnerDep) -> StudyPublic:
+def cancel(study_id: str, backend: BackendDep, principal: PrincipalDep) -> StudyPublic:
     """Stop claiming new trials. Trials already running finish and are recorded."""
-    return studies.cancel_study(backend, study_id, owner=owner)
+    return studies.cancel_study(backend, study_id, principal=principal)
 
 
 @router.delete("/{study_id}", status_code=204)
-def delete(study_id: str, backend: BackendDep, owner: OwnerDep) -> Response:
+def delete(study_id: str, backend: BackendDep, principal: PrincipalDep) -> Response:
     """Delete a study: cancel it if it runs, then remove its trials (Optuna's study) and
     its record. A trial still training has its result rejected. 404 for an unknown id."""
-    studies.delete_study(backend, study_id, owner=owner)
+    studies.delete_study(backend, study_id, principal=principal)
     return Response(status_code=204)
