@@ -72,9 +72,9 @@ def hash_token(token: str) -> str:
 
 
 def check_name(name: str) -> str:
-    """A principal name: 1-100 letters, digits, ``._-@``; ``InvalidSpec`` naming it otherwise."""
+    """A principal name: 1-100 letters, digits, ``._-@``; ``InvalidName`` otherwise."""
     if not 1 <= len(name) <= 100 or not set(name) <= _NAME_CHARS or name == LOCAL.name:
-        raise errors.InvalidSpec(
+        raise errors.InvalidName(
             [
                 errors.FieldError(
                     "name",
@@ -90,7 +90,7 @@ def create_token(sessions: sessionmaker[Session], name: str, *, admin: bool = Fa
     """Create a token for principal ``name`` and return it; only its hash is stored.
 
     A principal may hold several tokens (rotate by creating a new one, then revoking).
-    Raises ``InvalidSpec`` for a bad name.
+    Raises ``InvalidName`` for a bad name.
     """
     check_name(name)
     token = TOKEN_PREFIX + secrets.token_urlsafe(32)

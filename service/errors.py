@@ -47,6 +47,10 @@ class InvalidConfig(InvalidSpec):
     """The training config is invalid."""
 
 
+class InvalidName(InvalidSpec):
+    """The principal name is invalid."""
+
+
 class NotFound(LstmHpoError):
     """No such object."""
 
