@@ -1,0 +1,149 @@
+"""The PostgreSQL backend: claim and finish as ONE autocommitted statement each, kept as
+named SQL in ``sql/claim.sql`` and ``sql/finish.sql`` (loaded once, at import).
+
+One statement, committed as it ends: the server releases the job row's lock when the
+statement ends, never after another client round trip, so many workers do not queue
+behind a lock holder that waits for a CPU. Idle workers ``LISTEN`` (:mod:`.listen`).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from importlib import resources
+from typing import Any
+
+from sqlalchemy import JSON, Engine, Integer, Row, String, text
+from sqlalchemy.orm import Session
+from sqlalchemy.sql.selectable import TextualSelect
+
+from service.queue import _sqlite
+from service.queue._plumbing import transact
+from service.queue._records import (
+    ALL_FAILED_ERROR,
+    MAX_DEADLINE_S,
+    NONE_COMPLETED_ERROR,
+    TIMED_OUT_ERROR,
+    Lease,
+    SessionSource,
+)
+from service.queue.listen import listen_for_work
+from service.states import JobState, LeaseState
+
+#: PostgreSQL: longest a claim waits for a job row that a concurrent transaction holds.
+CLAIM_LOCK_WAIT_MS = 5000
+
+
+def load_sql(name: str) -> str:
+    """The text of ``sql/<name>`` shipped with this package."""
+    return (resources.files(__package__) / "sql" / name).read_text(encoding="utf-8")
+
+
+def _claim_statement(sql: str, *, skip_locked: bool) -> TextualSelect:
+    return text(sql.format(wait="SKIP LOCKED" if skip_locked else "")).columns(
+        id=Integer,
+        job_id=String,
+        optuna_study_name=String,
+        spec=JSON,
+        attempt=Integer,
+        retry_of=Integer,
+        retry_of_trial_number=Integer,
+        retry_trial_id=Integer,
+    )
+
+
+_CLAIM_SQL = load_sql("claim.sql")
+CLAIM_SKIP_LOCKED = _claim_statement(_CLAIM_SQL, skip_locked=True)
+CLAIM_WAIT = _claim_statement(_CLAIM_SQL, skip_locked=False)
+FINISH: TextualSelect = text(load_sql("finish.sql")).columns(state=String)
+
+
+class PostgresBackend:
+    """Claim and finish as one statement each (``sql/claim.sql``, ``sql/finish.sql``)."""
+
+    name = "postgresql"
+
+    def claim(self, sm: SessionSource, worker_id: str, *, at: datetime) -> Lease | None:
+        """The claim rule of :func:`service.queue.claim_trial_slot`: ``claim.sql``."""
+        params = {
+            "queued": JobState.QUEUED.value,
+            "running": JobState.RUNNING.value,
+            "lease_running": LeaseState.RUNNING.value,
+            "now": at,
+            "worker_id": worker_id,
+            "max_deadline_s": MAX_DEADLINE_S,
+        }
+
+        def claim(session: Session) -> Row[Any] | None:
+            return session.execute(CLAIM_SKIP_LOCKED, params).first()
+
+        def wait_and_claim(session: Session) -> Row[Any] | None:
+            # Every claimable row may be locked by a concurrent claim or finish (for well
+            # under a millisecond): wait for it rather than report an empty queue. The
+            # conditions are re-checked on the row once the lock is granted; the wait is
+            # bounded so a stuck transaction elsewhere surfaces as DatabaseUnavailable.
+            session.execute(text(f"SET LOCAL lock_timeout = '{CLAIM_LOCK_WAIT_MS}ms'"))
+            return session.execute(CLAIM_WAIT, params).first()
+
+        row = transact(sm, claim, one_statement=True) or transact(sm, wait_and_claim)
+        if row is None:
+            return None
+        return Lease(
+            id=row.id,
+            job_id=row.job_id,
+            worker_id=worker_id,
+            optuna_study_name=row.optuna_study_name,
+            spec=dict(row.spec),
+            attempt=row.attempt,
+            retry_of=row.retry_of,
+            retry_of_trial_number=row.retry_of_trial_number,
+            retry_trial_id=row.retry_trial_id,
+            claimed_at=at,
+        )
+
+    def finish(
+        self,
+        sm: SessionSource,
+        lease_id: int,
+        *,
+        job_id: str | None,
+        state: LeaseState,
+        failure_reason: str | None,
+        at: datetime,
+    ) -> JobState:
+        """The finish rule of :func:`service.queue.finish_trial_slot`: ``finish.sql``."""
+        params = {
+            "job_id": job_id,
+            "lease_id": lease_id,
+            "state": state.value,
+            "reason": failure_reason,
+            "now": at,
+            "lease_running": LeaseState.RUNNING.value,
+            "pruned": LeaseState.PRUNED.value,
+            "completed": int(state == LeaseState.COMPLETE),
+            "pruned_now": state == LeaseState.PRUNED,
+            "queued": JobState.QUEUED.value,
+            "running": JobState.RUNNING.value,
+            "succeeded": JobState.SUCCEEDED.value,
+            "failed": JobState.FAILED.value,
+            "timed_out_error": TIMED_OUT_ERROR,
+            "none_completed_error": NONE_COMPLETED_ERROR,
+            "all_failed_error": ALL_FAILED_ERROR,
+        }
+
+        def work(session: Session) -> str | None:
+            job_state = session.scalar(FINISH, params)
+            return None if job_state is None else str(job_state)
+
+        job_state = transact(sm, work, one_statement=True)
+        if job_state is not None:
+            return JobState(job_state)
+        # The lease no longer runs (or is not this job's). The ORM transaction, correct on
+        # PostgreSQL too, tells a retried call whose first attempt committed (the job's
+        # state) from a lost lease (LeaseLost).
+        return _sqlite.finish(
+            sm, lease_id, job_id=job_id, state=state, failure_reason=failure_reason, at=at
+        )
+
+    def wait_for_work(self, engine: Engine, timeout_s: float) -> bool:
+        """``LISTEN`` for a new job or a queued retry, at most ``timeout_s``."""
+        return listen_for_work(engine, timeout_s)

@@ -1,0 +1,243 @@
+"""Trial slots: claim, attach a trial, heartbeat, finish, reap; and the idle worker's wait.
+
+Claim, finish and the wait differ per backend (:mod:`._backend`); the rest is one
+transaction written once for both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import datetime
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from service import errors
+from service.models import SearchJob, TrialLease
+from service.queue._backend import backend_for
+from service.queue._plumbing import engine_of, resolve_now, transact
+from service.queue._records import (
+    REAPED_REASON,
+    FinishOutcome,
+    Lease,
+    LeaseRecord,
+    SessionSource,
+    StaleCandidate,
+    StaleLease,
+    lease_record,
+)
+from service.queue._rules import end_job_if_done, is_past_deadline, lock_job
+from service.queue.listen import announce_work
+from service.states import JobState, LeaseState
+
+
+def claim_trial_slot(
+    sm: SessionSource, worker_id: str, *, now: datetime | None = None
+) -> Lease | None:
+    """Claim one trial slot for ``worker_id``, or return None when nothing is claimable.
+
+    Picks an active job with a free slot (``n_running + n_finished < n_trials``) whose
+    timeout has not passed, fairly across jobs: fewest running slots first, then the one
+    claimed longest ago (never-claimed first), then the oldest. A pending retry of a reaped
+    lease of that job is taken over first (see the package docstring). Sets the job running
+    (and its ``started_at`` / deadline) on its first claim.
+    """
+    at = resolve_now(now)
+    return backend_for(sm).claim(sm, worker_id, at=at)
+
+
+def attach_trial(
+    sm: SessionSource, lease_id: int, *, optuna_trial_id: int, trial_number: int
+) -> None:
+    """Record which Optuna trial runs in this slot. ``LeaseLost`` if it is no longer running."""
+
+    def work(session: Session) -> None:
+        # One conditional UPDATE: it takes the lease row's lock and checks that it is still
+        # running in the same statement (a reaped or finished lease matches no row).
+        attached = session.scalars(
+            update(TrialLease)
+            .where(TrialLease.id == lease_id, TrialLease.state == LeaseState.RUNNING)
+            .values(optuna_trial_id=optuna_trial_id, trial_number=trial_number)
+            .returning(TrialLease.id)
+            .execution_options(synchronize_session=False)
+        ).all()
+        if not attached:
+            raise errors.LeaseLost()
+
+    transact(sm, work, one_statement=True)
+
+
+def heartbeat(sm: SessionSource, lease_ids: Iterable[int], now: datetime | None = None) -> set[int]:
+    """Mark the worker's running leases alive (one UPDATE). Returns the ids that are no
+    longer running (reaped, finished or unknown): the worker should abandon those trials."""
+    ids = set(lease_ids)
+    if not ids:
+        return set()
+    at = resolve_now(now)
+
+    def work(session: Session) -> set[int]:
+        alive = session.scalars(
+            update(TrialLease)
+            .where(TrialLease.id.in_(ids), TrialLease.state == LeaseState.RUNNING)
+            .values(heartbeat_at=at)
+            .returning(TrialLease.id)
+            .execution_options(synchronize_session=False)
+        ).all()
+        return ids - set(alive)
+
+    return transact(sm, work, one_statement=True)
+
+
+def finish_trial_slot(
+    sm: SessionSource,
+    lease_id: int,
+    outcome: FinishOutcome | LeaseState,
+    failure_reason: str | None = None,
+    *,
+    job_id: str | None = None,
+    now: datetime | None = None,
+) -> JobState:
+    """Record the outcome of a running lease and count its slot finished; returns the
+    job's state afterwards (the job ends when its last slot finishes, or when its timeout
+    passed and nothing else runs: succeeded if any trial completed, else failed).
+
+    ``job_id``: the lease's job (``Lease.job_id``), when the caller knows it; saves a
+    lookup. Idempotent: finishing again with the same outcome changes nothing. Raises
+    ``LeaseLost`` when the lease is no longer running (reaped, or finished with another
+    outcome) or does not belong to ``job_id``: a late result never overwrites.
+    """
+    state = LeaseState(outcome)
+    if state not in (LeaseState.COMPLETE, LeaseState.PRUNED, LeaseState.FAILED):
+        raise ValueError(f"outcome must be complete, pruned or failed, not {outcome!r}")
+    at = resolve_now(now)
+    return backend_for(sm).finish(
+        sm, lease_id, job_id=job_id, state=state, failure_reason=failure_reason, at=at
+    )
+
+
+def reap_stale_lease(
+    sm: SessionSource,
+    lease_id: int,
+    *,
+    cutoff: datetime,
+    retry_trial_id: int | None = None,
+    now: datetime | None = None,
+) -> StaleLease | None:
+    """Take back one running lease whose heartbeat is older than ``cutoff``, in one short
+    transaction; None when it finished or heartbeated since it was read.
+
+    The lease becomes ``reaped`` ("worker stopped heartbeating") and its job's
+    ``n_running`` drops. The slot is retried (claimable again, NOT counted finished) when
+    the job is active, not past its timeout, ``attempt < max_retries``, and the retry has
+    something to run: ``retry_trial_id`` (the WAITING Optuna trial with the lost trial's
+    parameters, enqueued by the caller BEFORE this call) or no Optuna trial at all (died
+    between claim and ask). Pending flag, trial id and the NOTIFY to idle workers commit
+    together, so no worker can claim the slot before its trial exists. Otherwise the slot
+    counts as finished-failed and may end the job; the caller then fails ``retry_trial_id``.
+    """
+    at = resolve_now(now)
+
+    def reap(session: Session) -> StaleLease | None:
+        job_id = session.scalar(select(TrialLease.job_id).where(TrialLease.id == lease_id))
+        if job_id is None:
+            return None
+        job = lock_job(session, job_id)
+        lease = session.get(TrialLease, lease_id, with_for_update=True)
+        if job is None or lease is None:
+            return None
+        if lease.state != LeaseState.RUNNING or lease.heartbeat_at >= cutoff:
+            return None  # finished or heartbeated since we looked
+        lease.state = LeaseState.REAPED
+        lease.finished_at = at
+        lease.failure_reason = REAPED_REASON
+        job.n_running -= 1
+        retry = _retry_allowed(job, lease, at) and (
+            lease.optuna_trial_id is None or retry_trial_id is not None
+        )
+        if retry:
+            lease.retry_pending = True
+            lease.retry_trial_id = retry_trial_id
+            announce_work(session, job.id)
+        else:
+            job.n_finished += 1
+        end_job_if_done(session, job, at)
+        return StaleLease(
+            id=lease.id,
+            job_id=job.id,
+            optuna_study_name=job.optuna_study_name,
+            worker_id=lease.worker_id,
+            attempt=lease.attempt,
+            optuna_trial_id=lease.optuna_trial_id,
+            trial_number=lease.trial_number,
+            retry=retry,
+            retry_trial_id=retry_trial_id if retry else None,
+            job_state=JobState(job.state),
+        )
+
+    return transact(sm, reap)
+
+
+def _retry_allowed(job: SearchJob, lease: TrialLease, at: datetime) -> bool:
+    return (
+        JobState(job.state).is_active
+        and not is_past_deadline(job, at)
+        and lease.attempt < job.max_retries
+    )
+
+
+def stale_leases(
+    sm: SessionSource, *, cutoff: datetime, now: datetime | None = None
+) -> list[StaleCandidate]:
+    """Running leases whose last heartbeat is older than ``cutoff``; a read, nothing changes.
+
+    The reaper settles their Optuna trials before :func:`reap_stale_lease` takes any back.
+    """
+    at = resolve_now(now)
+
+    def work(session: Session) -> list[StaleCandidate]:
+        rows = session.execute(
+            select(TrialLease, SearchJob)
+            .join(SearchJob, SearchJob.id == TrialLease.job_id)
+            .where(TrialLease.state == LeaseState.RUNNING, TrialLease.heartbeat_at < cutoff)
+            .order_by(TrialLease.id)
+        ).all()
+        return [
+            StaleCandidate(
+                id=lease.id,
+                job_id=job.id,
+                optuna_study_name=job.optuna_study_name,
+                worker_id=lease.worker_id,
+                optuna_trial_id=lease.optuna_trial_id,
+                trial_number=lease.trial_number,
+                retry_expected=_retry_allowed(job, lease, at),
+            )
+            for lease, job in rows
+        ]
+
+    return transact(sm, work)
+
+
+def list_leases(
+    sm: SessionSource, job_id: str, *, state: LeaseState | str | None = None
+) -> list[LeaseRecord]:
+    """The job's leases in claim order (optionally only those in ``state``)."""
+
+    def work(session: Session) -> list[LeaseRecord]:
+        query = select(TrialLease).where(TrialLease.job_id == job_id).order_by(TrialLease.id)
+        if state is not None:
+            query = query.where(TrialLease.state == LeaseState(state))
+        return [lease_record(lease) for lease in session.scalars(query).all()]
+
+    return transact(sm, work)
+
+
+def wait_for_work(sm: SessionSource, timeout_s: float) -> bool:
+    """Block an idle worker until a slot may have become claimable, at most ``timeout_s``.
+
+    PostgreSQL: LISTEN on ``WORK_CHANNEL`` on one of the caller's pooled connections (no
+    extra connection) and return True as soon as a job is created or a retry is queued:
+    idle workers start a new study within milliseconds instead of a poll interval, without
+    polling faster. An announcement sent between the caller's empty claim and its LISTEN
+    is missed; the timeout is the fallback. SQLite: sleeps ``timeout_s``; returns False.
+    """
+    return backend_for(sm).wait_for_work(engine_of(sm), timeout_s)
