@@ -51,6 +51,10 @@ class InvalidName(InvalidSpec):
     """The principal name is invalid."""
 
 
+class PayloadTooLarge(LstmHpoError):
+    """The request body is too large."""
+
+
 class NotFound(LstmHpoError):
     """No such object."""
 

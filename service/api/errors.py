@@ -9,6 +9,7 @@ from service import errors
 
 _STATUS: list[tuple[type[errors.LstmHpoError], int]] = [
     (errors.Unauthorized, 401),
+    (errors.PayloadTooLarge, 413),
     (errors.InvalidSpec, 422),
     (errors.NotFound, 404),
     (errors.Conflict, 409),

@@ -13,7 +13,7 @@ from starlette.concurrency import run_in_threadpool
 
 from service import studies
 from service.api.deps import BackendDep, PrincipalDep
-from service.errors import FieldError, InvalidSpec
+from service.errors import FieldError, InvalidSpec, PayloadTooLarge
 from service.schemas import BestPublic, Page, StudyPublic, TrialPublic
 from service.search_space import dump_yaml, parse_spec
 from service.states import JobState, TrialState
@@ -31,17 +31,30 @@ _SPEC_EXAMPLE = {
 async def _spec_document(request: Request) -> Any:
     """The request body as a document: JSON by default, YAML with a YAML content type.
 
-    Raises :class:`InvalidSpec` for a body over the size limit or JSON that is not valid
-    (duplicate keys, NaN or Infinity included); parse_spec reports bad YAML.
+    Raises :class:`PayloadTooLarge` (413) for a body over the size limit, before reading
+    more of it than the limit; :class:`InvalidSpec` for JSON that is not valid (duplicate
+    keys, NaN or Infinity included); parse_spec reports bad YAML.
     """
-    limit: int = request.app.state.max_request_bytes
-    body = await request.body()
-    if len(body) > limit:
-        raise InvalidSpec([FieldError("body", f"larger than {limit} bytes")])
+    body = await _bounded_body(request, request.app.state.max_request_bytes)
     content_type = request.headers.get("content-type", "application/json").split(";")[0].strip()
     if content_type in _YAML_TYPES:
         return body  # parse_spec decodes it, naming the byte that is not UTF-8
     return _json_document(body)
+
+
+async def _bounded_body(request: Request, limit: int) -> bytes:
+    """The body, read only up to ``limit`` bytes (a declared or streamed larger one is
+    refused before it fills the server's memory)."""
+    too_large = PayloadTooLarge(f"the request body is larger than {limit:,} bytes")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    body = bytearray()
+    async for chunk in request.stream():
+        body.extend(chunk)
+        if len(body) > limit:
+            raise too_large
+    return bytes(body)
 
 
 _SEND_YAML = " (send YAML with Content-Type: application/yaml)"
