@@ -437,6 +437,10 @@ class SpecLimits(BaseModel):
     max_timeout_s: float = Field(default=MAX_TIMEOUT_S, gt=0, le=MAX_TIMEOUT_S)
     #: Directories user-supplied data paths must lie in; None allows any path (CLI use).
     data_roots: tuple[Path, ...] | None = None
+    #: A worker's memory in GB (10^9 bytes): a space whose most expensive config needs more
+    #: for one training step (``service.estimate``) is refused, unless the study says
+    #: ``on_too_large: prune``. None: no check.
+    worker_memory_gb: float | None = Field(default=None, gt=0)
 
 
 DEFAULT_LIMITS = SpecLimits()
@@ -463,6 +467,10 @@ class StudySettings(_Frozen):
     max_retries: int = Field(default=2, ge=0)
     #: Optional wall-clock budget: no new trial starts after this many seconds.
     timeout_s: float | None = Field(default=None, gt=0)
+    #: A space whose most expensive config does not fit a worker's memory
+    #: (``LSTM_HPO_WORKER_MEMORY_GB``): refuse it at submit, or accept it and prune each
+    #: trial whose config does not fit, at once and untrained (an Optuna constraint).
+    on_too_large: Literal["refuse", "prune"] = "refuse"
     # The upper bounds of these three come from the deployment: SpecLimits.
 
 
@@ -818,7 +826,25 @@ def parse_spec(data: Any, limits: SpecLimits = DEFAULT_LIMITS) -> StudySpec:
         largest_config(spec)
     except InvalidConfig as err:
         raise InvalidSpec(err.errors) from None
+    if errors := _check_worker_memory(spec, limits):
+        raise InvalidSpec(errors)
     return spec
+
+
+def _check_worker_memory(spec: StudySpec, limits: SpecLimits) -> list[FieldError]:
+    """The most expensive config of a (valid) spec must fit ``limits.worker_memory_gb``,
+    unless the study prunes the configs that do not (``study.on_too_large: prune``)."""
+    if limits.worker_memory_gb is None or spec.study.on_too_large == "prune":
+        return []
+    # Imported here: service.estimate builds on this module (and reads data files).
+    from service.estimate import space_too_large
+
+    try:
+        return space_too_large(spec, limits.worker_memory_gb, limits.data_roots)
+    except InvalidSpec:
+        # The data cannot be read: the data check at submit (data_checks.check_task_data)
+        # refuses it, naming the line or byte.
+        return []
 
 
 def parse_config(data: Any) -> ResolvedConfig:
