@@ -168,6 +168,7 @@ def _worker_options(settings: Settings, accelerator: str) -> WorkerOptions:
         poll_interval_s=settings.poll_interval_s,
         torch_threads=settings.torch_threads,
         accelerator=accelerator,
+        worker_memory_gb=settings.worker_memory_gb,
     )
 
 

@@ -22,7 +22,10 @@ def _default_data_dir() -> Path:
 class Settings(BaseSettings):
     """All settings, from ``LSTM_HPO_*`` environment variables (or a ``.env`` file)."""
 
-    model_config = SettingsConfigDict(env_prefix="LSTM_HPO_", env_file=".env", extra="ignore")
+    # validate_by_name: a field with an env alias (worker_memory_gb) is also set by its name.
+    model_config = SettingsConfigDict(
+        env_prefix="LSTM_HPO_", env_file=".env", extra="ignore", validate_by_name=True
+    )
 
     env: Literal["development", "production"] = "development"
     #: Where the default SQLite database, uploaded data and run outputs live.
@@ -48,6 +51,12 @@ class Settings(BaseSettings):
     max_timeout_s: float = Field(default=30 * 24 * 3600, gt=0, le=MAX_TIMEOUT_S)
     #: Largest accepted request body (a spec), in bytes.
     max_request_bytes: int = Field(default=1_000_000, ge=1_000)
+    #: A worker's memory for one trial, in GB (10^9 bytes): the server refuses a space whose
+    #: most expensive config needs more for one training step (``study.on_too_large:
+    #: prune`` accepts it), a worker prunes such a trial untrained. None: no check.
+    worker_memory_gb: float | None = Field(
+        default=None, gt=0, validation_alias="LSTM_HPO_WORKER_MEMORY_GB"
+    )
 
     #: Worker heartbeat period; a trial whose worker is silent for ``grace`` is reaped.
     heartbeat_interval_s: float = Field(default=10.0, gt=0)

@@ -82,3 +82,25 @@ class HealthPublic(_Public):
     version: str
     database: str
     schema_revision: str | None
+
+
+class EstimatePublic(_Public):
+    """The cost of the most expensive config a spec allows (``service.estimate``): its
+    parameters and the memory of one float32 training step, and whether it fits a worker."""
+
+    params: int
+    #: What the forward pass keeps for the backward pass, plus the backward's own buffers.
+    activation_bytes: int
+    #: Weights + gradients + optimizer state + working copies + activations.
+    total_bytes: int
+    weight_bytes: int
+    gradient_bytes: int
+    optimizer_bytes: int
+    #: The config estimated (a resolved config): every searched value at its costliest.
+    config: dict[str, Any]
+    #: Whether ``total_bytes`` fits ``limit_bytes``; null when no limit is set.
+    fits: bool | None
+    #: A worker's memory (``LSTM_HPO_WORKER_MEMORY_GB``) in bytes; null when not set.
+    limit_bytes: int | None
+    #: How the task's shape was found (e.g. the vocabulary read from the data file).
+    shape: str | None

@@ -75,6 +75,9 @@ class WorkerOptions:
     schema_timeout_s: float = 300.0
     #: How long one database step is retried while the database is unreachable.
     db_retry_s: float = 600.0
+    #: This worker's memory for one trial in GB (``LSTM_HPO_WORKER_MEMORY_GB``): a trial
+    #: whose config is estimated to need more is pruned untrained. None: no check.
+    worker_memory_gb: float | None = None
 
 
 Outcome = Literal["complete", "pruned", "failed"]
@@ -378,6 +381,7 @@ class Worker:
                 spec,
                 data_roots=self.options.data_roots,
                 accelerator=self.options.accelerator,
+                worker_memory_gb=self.options.worker_memory_gb,
             )
             if math.isfinite(value):
                 outcome = "complete"

@@ -45,6 +45,7 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True) -> Fas
             max_retries=settings.max_retries,
             max_timeout_s=settings.max_timeout_s,
             data_roots=settings.allowed_data_roots(),
+            worker_memory_gb=settings.worker_memory_gb,
         ),
         base_url=settings.base_url(),
         pool_size=settings.pool_size,

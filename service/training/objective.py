@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 import optuna
 
+from service.errors import InvalidSpec
+from service.estimate import GB, estimate_config, too_large_reason
 from service.search_space import (
     CategoricalDistribution,
     FloatDistribution,
@@ -56,14 +58,20 @@ def run_trial(
     *,
     data_roots: tuple[Path, ...] | None = None,
     accelerator: str = "auto",
+    worker_memory_gb: float | None = None,
 ) -> float:
     """Train the config ``trial`` samples from ``spec``; return its best validation metric.
+
+    With ``worker_memory_gb`` (the worker's ``LSTM_HPO_WORKER_MEMORY_GB``), a config whose
+    estimated training step needs more is not trained: see :func:`prune_if_too_large`.
 
     Raises ``optuna.TrialPruned`` when the pruner stops it, and any training error as is
     (the worker records it as the trial's failure reason).
     """
     config = sample_config(trial, spec)
     trial.set_user_attr(CONFIG_ATTR, config.model_dump(mode="json", exclude_none=True))
+    if worker_memory_gb is not None:
+        prune_if_too_large(trial, config, worker_memory_gb, data_roots)
     if isinstance(config.task, SyntheticTask):
         return _synthetic(trial, config, config.task)
 
@@ -87,6 +95,35 @@ def run_trial(
     if result.value is None:
         raise RuntimeError(f"no finite validation {spec.metric.name} in any epoch")
     return result.value
+
+
+#: The Optuna constraint a worker's memory limit sets on each trial: the estimate minus the
+#: limit, in GB (> 0: infeasible; constraint-aware samplers such as TPE rank those last).
+MEMORY_CONSTRAINT = "memory_gb"
+
+
+def prune_if_too_large(
+    trial: optuna.Trial,
+    config: ResolvedConfig,
+    worker_memory_gb: float,
+    data_roots: tuple[Path, ...] | None = None,
+) -> None:
+    """Record ``config``'s memory estimate as the trial's :data:`MEMORY_CONSTRAINT`
+    (``trial.set_constraint``) and raise ``optuna.TrialPruned`` at once, untrained, with
+    the reason ("too large for a worker: 12.3 GB > 8 GB") when it exceeds the limit.
+
+    Whatever ``study.on_too_large`` says: a space refused at submit never gets here, and
+    one accepted (``prune``, or a server with a higher limit than this worker) must not
+    run a config this worker cannot hold.
+    """
+    try:
+        cost = estimate_config(config, data_roots)
+    except InvalidSpec:
+        return  # the data cannot be read: training fails on it, with the reason
+    trial.set_constraint(MEMORY_CONSTRAINT, (cost.total_bytes - worker_memory_gb * GB) / GB)
+    reason = too_large_reason(cost, worker_memory_gb)
+    if reason is not None:
+        raise optuna.TrialPruned(reason)
 
 
 def _finite_metric_callback(metric: str) -> Any:

@@ -14,7 +14,8 @@ from starlette.concurrency import run_in_threadpool
 from service import studies
 from service.api.deps import BackendDep, PrincipalDep
 from service.errors import FieldError, InvalidSpec, PayloadTooLarge
-from service.schemas import BestPublic, Page, StudyPublic, TrialPublic
+from service.estimate import estimate_document
+from service.schemas import BestPublic, EstimatePublic, Page, StudyPublic, TrialPublic
 from service.search_space import dump_yaml, parse_spec
 from service.states import JobState, TrialState
 
@@ -181,6 +182,43 @@ async def submit(
     response.status_code = 201 if created else 200
     response.headers["Location"] = f"/v1/studies/{study.id}"
     return study
+
+
+@router.post(
+    "/estimate",
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": {"type": "object"}, "example": _SPEC_EXAMPLE},
+                "application/yaml": {"schema": {"type": "string"}},
+            },
+        }
+    },
+)
+async def estimate(
+    request: Request, backend: BackendDep, principal: PrincipalDep
+) -> EstimatePublic:
+    """The cost of the most expensive config a spec allows, without submitting it: its
+    parameters and the memory of one training step, and whether that fits a worker
+    (``LSTM_HPO_WORKER_MEMORY_GB``; ``fits`` is null when it is not set). The body is a
+    spec, as for ``POST /v1/studies``."""
+    document = await _spec_document(request)
+    # May read the task's data file: off the event loop.
+    worst = await run_in_threadpool(estimate_document, document, backend.limits)
+    cost = worst.cost
+    return EstimatePublic(
+        params=cost.params,
+        activation_bytes=cost.activation_bytes,
+        total_bytes=cost.total_bytes,
+        weight_bytes=cost.weight_bytes,
+        gradient_bytes=cost.gradient_bytes,
+        optimizer_bytes=cost.optimizer_bytes,
+        config=worst.config.model_dump(mode="json", exclude_none=True),
+        fits=worst.fits,
+        limit_bytes=worst.limit_bytes,
+        shape=cost.shape.source if cost.shape is not None else None,
+    )
 
 
 @router.get("")
