@@ -104,3 +104,20 @@ class EstimatePublic(_Public):
     limit_bytes: int | None
     #: How the task's shape was found (e.g. the vocabulary read from the data file).
     shape: str | None
+
+
+class FieldErrorPublic(_Public):
+    """One bad field: its dotted path (``space.dropout.high``; empty for the whole body)."""
+
+    loc: str
+    msg: str
+
+
+class ErrorPublic(_Public):
+    """Every error answer of the API (4xx and 5xx alike)."""
+
+    detail: str
+    #: The error class, e.g. ``InvalidSpec``, ``StudyNotFound``, ``Unauthorized``.
+    error: str
+    #: With 422: every bad field.
+    errors: list[FieldErrorPublic] | None = None

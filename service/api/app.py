@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib.metadata import version
+from typing import Any
 
 import optuna_dashboard
 from a2wsgi import WSGIMiddleware
@@ -19,7 +20,7 @@ from service.api.routes import studies as studies_routes
 from service.config import Settings
 from service.migrate import current_revisions, upgrade_schema
 from service.reaper import Reaper
-from service.search_space import SpecLimits
+from service.search_space import SpecLimits, StudySpec
 
 
 def create_app(settings: Settings | None = None, *, migrate: bool = True) -> FastAPI:
@@ -84,6 +85,8 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True) -> Fas
     app.include_router(studies_routes.router, prefix="/v1")
     app.include_router(signin.router)
 
+    _document_spec_schema(app)
+
     @app.get("/", include_in_schema=False)
     def root() -> RedirectResponse:
         return RedirectResponse("/dashboard")
@@ -95,3 +98,23 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True) -> Fas
     dashboard = WSGIMiddleware(optuna_dashboard.wsgi(storage))
     app.mount("/", DashboardGuard(dashboard, backend, cookies))  # type: ignore[arg-type]
     return app
+
+
+def _document_spec_schema(app: FastAPI) -> None:
+    """Put the study spec's JSON Schema (pydantic's, of ``StudySpec``) into the OpenAPI
+    components: ``POST /v1/studies`` reads its body itself (JSON or YAML), so FastAPI does
+    not see the model. Cross-field rules (low <= high, per-task parameters, the data files)
+    are beyond JSON Schema; they answer 422 naming the field."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = generate()
+            spec = StudySpec.model_json_schema(ref_template="#/components/schemas/{model}")
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            components.update(spec.pop("$defs", {}))
+            components["StudySpec"] = spec
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

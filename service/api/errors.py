@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from service import errors
+from service.schemas import ErrorPublic
 
 _STATUS: list[tuple[type[errors.LstmHpoError], int]] = [
     (errors.Unauthorized, 401),
@@ -38,5 +42,31 @@ async def _handle(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+async def _handle_request_validation(request: Request, exc: Exception) -> JSONResponse:
+    """FastAPI's own 422 (a bad query parameter or header) in the same shape as ours."""
+    assert isinstance(exc, RequestValidationError)
+    field_errors = [
+        errors.FieldError(".".join(str(p) for p in e.get("loc", ())), str(e.get("msg", "")))
+        for e in exc.errors()
+    ]
+    return await _handle(request, errors.InvalidSpec(field_errors))
+
+
+#: What every route may answer besides its success, documented in the OpenAPI schema.
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorPublic, "description": description}
+    for status, description in (
+        (401, "No valid API token (`Authorization: Bearer <token>`)"),
+        (404, "No such study, or another principal's"),
+        (409, "Conflicts with the study's state"),
+        (413, "Request body too large"),
+        (422, "Invalid input: every bad field, by its dotted path"),
+        (429, "A quota of this principal is reached (see Retry-After)"),
+        (503, "The database is unreachable; retry (see Retry-After)"),
+    )
+}
+
+
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(errors.LstmHpoError, _handle)
+    app.add_exception_handler(RequestValidationError, _handle_request_validation)

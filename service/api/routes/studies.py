@@ -13,13 +13,16 @@ from starlette.concurrency import run_in_threadpool
 
 from service import studies
 from service.api.deps import BackendDep, PrincipalDep
+from service.api.errors import ERROR_RESPONSES
 from service.errors import FieldError, InvalidSpec, PayloadTooLarge
 from service.estimate import estimate_document
 from service.schemas import BestPublic, EstimatePublic, Page, StudyPublic, TrialPublic
 from service.search_space import dump_yaml, parse_spec
 from service.states import JobState, TrialState
 
-router = APIRouter(prefix="/studies", tags=["studies"])
+#: Largest page offset: past it no page exists, and a database cannot take a larger integer.
+MAX_OFFSET = 1_000_000_000
+router = APIRouter(prefix="/studies", tags=["studies"], responses=ERROR_RESPONSES)
 
 _YAML_TYPES = ("application/yaml", "application/x-yaml", "text/yaml", "text/x-yaml")
 _SPEC_EXAMPLE = {
@@ -151,11 +154,20 @@ def _json_int(text: str) -> int:
 @router.post(
     "",
     status_code=201,
+    responses={
+        200: {
+            "model": StudyPublic,
+            "description": "The study an earlier request with the same Idempotency-Key made",
+        }
+    },
     openapi_extra={
         "requestBody": {
             "required": True,
             "content": {
-                "application/json": {"schema": {"type": "object"}, "example": _SPEC_EXAMPLE},
+                "application/json": {
+                    "schema": {"$ref": "#/components/schemas/StudySpec"},
+                    "example": _SPEC_EXAMPLE,
+                },
                 "application/yaml": {"schema": {"type": "string"}},
             },
         }
@@ -227,7 +239,7 @@ def list_(
     principal: PrincipalDep,
     state: JobState | None = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 20,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
 ) -> Page[StudyPublic]:
     """Studies, newest first."""
     return studies.list_studies(
@@ -249,7 +261,7 @@ def trials(
     principal: PrincipalDep,
     state: TrialState | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
 ) -> Page[TrialPublic]:
     """Trials in number order: params, value, duration, intermediate values, failure reason."""
     return studies.study_trials(
