@@ -112,6 +112,9 @@ class SearchJob(Base):
     __table_args__ = (
         UniqueConstraint("owner", "idempotency_key"),
         Index("ix_search_jobs_state_last_claimed_at", "state", "last_claimed_at"),
+        # Fair share: a claim reads each principal's last claim over all its jobs (one
+        # index probe per principal, however many studies it ever ran).
+        Index("ix_search_jobs_owner_last_claimed_at", "owner", "last_claimed_at"),
         # The slot invariant, enforced by the database as a last line of defence.
         CheckConstraint(
             "n_trials >= 1 AND n_running >= 0 AND n_complete >= 0"

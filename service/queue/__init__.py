@@ -21,6 +21,13 @@ with ``BEGIN IMMEDIATE`` (:func:`service.db.make_engine`), which serialises writ
 claim and finish are ORM transactions with the same semantics (the contract tests run on
 both).
 
+Fair share: when several principals (job owners) have claimable work, consecutive claims
+alternate between them (fewest running leases first, then the oldest last claim), then
+between the chosen principal's studies (fewest running, least recently claimed, oldest).
+``claim_trial_slot(..., max_running_per_owner=n)`` skips a principal that has ``n``
+running leases; its work waits while others are served. One rule, written once per
+backend: :func:`service.queue._sqlite.pick_job` and ``sql/claim.sql``.
+
 Idle workers on PostgreSQL block in :func:`wait_for_work` (``LISTEN``); creating a job and
 queueing a retry ``NOTIFY`` them on commit.
 
@@ -68,6 +75,7 @@ from service.queue._records import (
 )
 from service.queue.jobs import (
     cancel_job,
+    count_active_jobs,
     create_job,
     delete_job,
     end_expired_jobs,
@@ -112,6 +120,7 @@ __all__ = [
     "attach_trial",
     "cancel_job",
     "claim_trial_slot",
+    "count_active_jobs",
     "create_job",
     "delete_job",
     "end_expired_jobs",

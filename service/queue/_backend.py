@@ -25,8 +25,16 @@ class Backend(Protocol):
 
     name: str
 
-    def claim(self, sm: SessionSource, worker_id: str, *, at: datetime) -> Lease | None:
-        """Claim one trial slot for ``worker_id`` at ``at`` (None: nothing claimable)."""
+    def claim(
+        self,
+        sm: SessionSource,
+        worker_id: str,
+        *,
+        at: datetime,
+        max_running_per_owner: int | None = None,
+    ) -> Lease | None:
+        """Claim one trial slot for ``worker_id`` at ``at`` (None: nothing claimable),
+        fair across principals, skipping those at ``max_running_per_owner``."""
         ...
 
     def finish(

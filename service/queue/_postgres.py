@@ -38,22 +38,17 @@ def load_sql(name: str) -> str:
     return (resources.files(__package__) / "sql" / name).read_text(encoding="utf-8")
 
 
-def _claim_statement(sql: str, *, skip_locked: bool) -> TextualSelect:
-    return text(sql.format(wait="SKIP LOCKED" if skip_locked else "")).columns(
-        id=Integer,
-        job_id=String,
-        optuna_study_name=String,
-        spec=JSON,
-        attempt=Integer,
-        retry_of=Integer,
-        retry_of_trial_number=Integer,
-        retry_trial_id=Integer,
-    )
-
-
-_CLAIM_SQL = load_sql("claim.sql")
-CLAIM_SKIP_LOCKED = _claim_statement(_CLAIM_SQL, skip_locked=True)
-CLAIM_WAIT = _claim_statement(_CLAIM_SQL, skip_locked=False)
+CLAIM = text(load_sql("claim.sql")).columns(
+    id=Integer,
+    job_id=String,
+    optuna_study_name=String,
+    spec=JSON,
+    attempt=Integer,
+    retry_of=Integer,
+    retry_of_trial_number=Integer,
+    retry_trial_id=Integer,
+)
+LOCK_CLAIMABLE = text(load_sql("lock_claimable.sql"))
 FINISH: TextualSelect = text(load_sql("finish.sql")).columns(state=String)
 
 
@@ -62,7 +57,14 @@ class PostgresBackend:
 
     name = "postgresql"
 
-    def claim(self, sm: SessionSource, worker_id: str, *, at: datetime) -> Lease | None:
+    def claim(
+        self,
+        sm: SessionSource,
+        worker_id: str,
+        *,
+        at: datetime,
+        max_running_per_owner: int | None = None,
+    ) -> Lease | None:
         """The claim rule of :func:`service.queue.claim_trial_slot`: ``claim.sql``."""
         params = {
             "queued": JobState.QUEUED.value,
@@ -71,18 +73,21 @@ class PostgresBackend:
             "now": at,
             "worker_id": worker_id,
             "max_deadline_s": MAX_DEADLINE_S,
+            "max_running_per_owner": max_running_per_owner,
         }
 
         def claim(session: Session) -> Row[Any] | None:
-            return session.execute(CLAIM_SKIP_LOCKED, params).first()
+            return session.execute(CLAIM, params).first()
 
         def wait_and_claim(session: Session) -> Row[Any] | None:
-            # Every claimable row may be locked by a concurrent claim or finish (for well
-            # under a millisecond): wait for it rather than report an empty queue. The
-            # conditions are re-checked on the row once the lock is granted; the wait is
-            # bounded so a stuck transaction elsewhere surfaces as DatabaseUnavailable.
+            # Every candidate row may be locked by a concurrent claim or finish (for well
+            # under a millisecond), or (with a quota) claimed since the snapshot: wait for
+            # the claimable rows rather than report an empty queue, then claim with fresh
+            # counts (lock_claimable.sql). The wait is bounded so a stuck transaction
+            # elsewhere surfaces as DatabaseUnavailable.
             session.execute(text(f"SET LOCAL lock_timeout = '{CLAIM_LOCK_WAIT_MS}ms'"))
-            return session.execute(CLAIM_WAIT, params).first()
+            session.execute(LOCK_CLAIMABLE, params)
+            return session.execute(CLAIM, params).first()
 
         row = transact(sm, claim, one_statement=True) or transact(sm, wait_and_claim)
         if row is None:

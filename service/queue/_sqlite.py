@@ -10,9 +10,9 @@ retried call from a lost lease.
 from __future__ import annotations
 
 import time
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import Engine, or_, select, update
+from sqlalchemy import Engine, func, or_, select, update
 from sqlalchemy.orm import Session
 from sqlalchemy.sql import Select
 
@@ -42,16 +42,87 @@ def claimable_jobs(at: datetime) -> Select[SearchJob]:
     )
 
 
+#: Sorts before any real time: a principal that never claimed goes first.
+_NEVER = datetime.min.replace(tzinfo=UTC)
+
+
+def pick_job(session: Session, at: datetime, max_running_per_owner: int | None) -> SearchJob | None:
+    """The job the next claim serves (fair share; ``sql/claim.sql`` is the same rule).
+
+    Among the principals (owners) with a claimable job and fewer than
+    ``max_running_per_owner`` running leases: the one with the fewest running leases, then
+    the one whose last claim (over all its jobs) is oldest, never first, then the one
+    whose oldest claimable job waited longest. Of that principal's jobs: the first in
+    :func:`claimable_jobs` order (fewest running, least recently claimed, oldest).
+    """
+    candidates = session.execute(
+        claimable_jobs(at).with_only_columns(
+            SearchJob.id, SearchJob.owner, SearchJob.created_at, maintain_column_froms=True
+        )
+    ).all()
+    if not candidates:
+        return None
+    first_job: dict[str, str] = {}
+    waiting_since: dict[str, datetime] = {}
+    for job_id, owner, created_at in candidates:
+        first_job.setdefault(owner, job_id)
+        waiting_since[owner] = min(waiting_since.get(owner, created_at), created_at)
+    owners = list(first_job)
+    # Every running lease counts, a cancelled job's included (it still holds a device).
+    running: dict[str, int] = {
+        owner: count
+        for owner, count in session.execute(
+            select(SearchJob.owner, func.count())
+            .select_from(TrialLease)
+            .join(SearchJob, SearchJob.id == TrialLease.job_id)
+            .where(TrialLease.state == LeaseState.RUNNING, SearchJob.owner.in_(owners))
+            .group_by(SearchJob.owner)
+        ).all()
+    }
+    last_claimed: dict[str, datetime | None] = {
+        owner: last
+        for owner, last in session.execute(
+            select(SearchJob.owner, func.max(SearchJob.last_claimed_at))
+            .where(SearchJob.owner.in_(owners))
+            .group_by(SearchJob.owner)
+        ).all()
+    }
+    eligible = [
+        owner
+        for owner in owners
+        if max_running_per_owner is None or running.get(owner, 0) < max_running_per_owner
+    ]
+    if not eligible:
+        return None
+    chosen = min(
+        eligible,
+        key=lambda owner: (
+            running.get(owner, 0),
+            last_claimed.get(owner) or _NEVER,
+            waiting_since[owner],
+            owner,
+        ),
+    )
+    return session.get(SearchJob, first_job[chosen])
+
+
 class SqliteBackend:
     """Claim and finish as ORM transactions (serialised by ``BEGIN IMMEDIATE``)."""
 
     name = "sqlite"
 
-    def claim(self, sm: SessionSource, worker_id: str, *, at: datetime) -> Lease | None:
+    def claim(
+        self,
+        sm: SessionSource,
+        worker_id: str,
+        *,
+        at: datetime,
+        max_running_per_owner: int | None = None,
+    ) -> Lease | None:
         """The claim rule of :func:`service.queue.claim_trial_slot`, as one transaction."""
 
         def work(session: Session) -> Lease | None:
-            job = session.scalars(claimable_jobs(at).limit(1)).first()
+            job = pick_job(session, at, max_running_per_owner)
             if job is None:
                 return None
             retried = session.scalars(

@@ -114,6 +114,23 @@ def get_job(sm: SessionSource, job_id: str, *, owner: str | None = None) -> JobR
     return transact(sm, work)
 
 
+def count_active_jobs(sm: SessionSource, owner: str) -> int:
+    """How many of ``owner``'s jobs are active (queued or running): one query, for the
+    per-principal quota of active studies checked at submit."""
+
+    def work(session: Session) -> int:
+        return int(
+            session.scalar(
+                select(func.count())
+                .select_from(SearchJob)
+                .where(SearchJob.owner == owner, SearchJob.state.in_(ACTIVE_JOB_STATES))
+            )
+            or 0
+        )
+
+    return transact(sm, work)
+
+
 def list_jobs(
     sm: SessionSource,
     *,

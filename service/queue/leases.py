@@ -32,18 +32,34 @@ from service.states import JobState, LeaseState
 
 
 def claim_trial_slot(
-    sm: SessionSource, worker_id: str, *, now: datetime | None = None
+    sm: SessionSource,
+    worker_id: str,
+    *,
+    max_running_per_owner: int | None = None,
+    now: datetime | None = None,
 ) -> Lease | None:
     """Claim one trial slot for ``worker_id``, or return None when nothing is claimable.
 
     Picks an active job with a free slot (``n_running + n_finished < n_trials``) whose
-    timeout has not passed, fairly across jobs: fewest running slots first, then the one
-    claimed longest ago (never-claimed first), then the oldest. A pending retry of a reaped
-    lease of that job is taken over first (see the package docstring). Sets the job running
-    (and its ``started_at`` / deadline) on its first claim.
+    timeout has not passed, fairly across principals (job owners), then across the
+    principal's jobs. Principal: fewest running leases first, then the one whose last
+    claim is oldest (never-claimed first), then the one whose oldest claimable job waited
+    longest. Job: fewest running slots first, then the one claimed longest ago
+    (never-claimed first), then the oldest. So when several principals have work,
+    consecutive claims alternate between them, and within one between its studies.
+
+    ``max_running_per_owner``: a principal with that many running leases (on any of its
+    jobs) is skipped; its work waits while others are served. On PostgreSQL claims that
+    race for one principal see each other's commits (see ``sql/claim.sql``).
+
+    A pending retry of a reaped lease of that job is taken over first (see the package
+    docstring). Sets the job running (and its ``started_at`` / deadline) on its first
+    claim.
     """
+    if max_running_per_owner is not None and max_running_per_owner < 1:
+        raise ValueError("max_running_per_owner must be at least 1")
     at = resolve_now(now)
-    return backend_for(sm).claim(sm, worker_id, at=at)
+    return backend_for(sm).claim(sm, worker_id, at=at, max_running_per_owner=max_running_per_owner)
 
 
 def attach_trial(

@@ -878,3 +878,174 @@ def test_a_lost_listen_connection_is_database_unavailable_and_replaced(postgres_
     finally:
         engine.dispose()
         admin.dispose()
+
+
+# ---------------------------------------------------------------------------------------
+# Fair share between principals, quotas
+
+
+def _owned_job(
+    sm: sessionmaker[Session], owner: str, name: str, n_trials: int, now: datetime
+) -> queue.JobRecord:
+    job, created = queue.create_job(
+        sm,
+        spec={"task": {"kind": "adding"}, "name": name},
+        name=name,
+        owner=owner,
+        optuna_study_name=f"{name}-study",
+        n_trials=n_trials,
+        now=now,
+    )
+    assert created
+    return job
+
+
+def test_claims_alternate_between_principals_then_their_studies(
+    session_factory: sessionmaker[Session],
+) -> None:
+    """Alice has three studies and Bob one: claims alternate Alice, Bob, Alice, ... (not
+    three for Alice per one for Bob), and Alice's turns go round her studies."""
+    a1, a2, a3 = (_owned_job(session_factory, "alice", f"a{i}", 10, _at(i)) for i in (1, 2, 3))
+    b1 = _owned_job(session_factory, "bob", "b1", 10, _at(4))
+
+    held = [queue.claim_trial_slot(session_factory, "w", now=_at(10 + i)) for i in range(8)]
+
+    assert [lease.job_id for lease in held if lease] == [
+        a1.id,  # nobody has claimed yet: Alice's study has waited longest
+        b1.id,  # then the principal with fewer running trials
+        a2.id,  # as many running: the one whose last claim is older; her next study
+        b1.id,
+        a3.id,
+        b1.id,
+        a1.id,
+        b1.id,
+    ]
+
+    # Finishing each slot at once (running counts stay equal): still alternating, and
+    # Alice's turns go round her studies by today's rule: fewest running (a1 holds two),
+    # then least recently claimed.
+    owner_of = {a1.id: "alice", a2.id: "alice", a3.id: "alice", b1.id: "bob"}
+    order = []
+    for i in range(6):
+        lease = queue.claim_trial_slot(session_factory, "w", now=_at(30 + i))
+        assert lease is not None
+        order.append(lease.job_id)
+        queue.finish_trial_slot(session_factory, lease.id, "complete", now=_at(30 + i))
+    assert [owner_of[job_id] for job_id in order] == ["alice", "bob"] * 3
+    assert order[0::2] == [a2.id, a3.id, a2.id]
+
+
+def test_a_principals_last_claim_counts_its_ended_studies(
+    session_factory: sessionmaker[Session],
+) -> None:
+    """A stream of one-trial studies does not starve another principal's long study: each
+    new study of Alice's has never been claimed, but Alice has."""
+    long = _owned_job(session_factory, "bob", "long", 10, T0)
+    order = []
+    for i in range(3):
+        short = _owned_job(session_factory, "alice", f"short{i}", 1, _at(10 * i + 1))
+        for step in (2, 3):
+            lease = queue.claim_trial_slot(session_factory, "w", now=_at(10 * i + step))
+            assert lease is not None
+            order.append(lease.job_id)
+            queue.finish_trial_slot(session_factory, lease.id, "complete", now=_at(10 * i + step))
+        assert queue.get_job(session_factory, short.id).state is JobState.SUCCEEDED
+        assert order[-2:] == [long.id, short.id]
+    assert len(order) == 6
+
+
+def test_a_principal_at_its_quota_of_running_trials_is_skipped(
+    session_factory: sessionmaker[Session],
+) -> None:
+    a1 = _owned_job(session_factory, "alice", "a1", 5, _at(1))
+    a2 = _owned_job(session_factory, "alice", "a2", 5, _at(2))
+    b1 = _owned_job(session_factory, "bob", "b1", 5, _at(3))
+
+    def claim(seconds: float) -> queue.Lease | None:
+        return queue.claim_trial_slot(
+            session_factory, "w", max_running_per_owner=2, now=_at(seconds)
+        )
+
+    held = [claim(10 + i) for i in range(4)]
+    assert [lease.job_id for lease in held if lease] == [a1.id, b1.id, a2.id, b1.id]
+    assert claim(20) is None  # both at 2 running: their work waits
+    # The quota is the claim's argument: without it, the same queue serves.
+    extra = queue.claim_trial_slot(session_factory, "w", now=_at(21))
+    assert extra is not None and extra.job_id == a1.id
+
+    # Alice is at 3, Bob at 2: one of Alice's trials ends, she is still at the quota.
+    first_a1 = held[0]
+    assert first_a1 is not None
+    queue.finish_trial_slot(session_factory, first_a1.id, "complete", now=_at(22))
+    assert claim(23) is None
+    queue.finish_trial_slot(session_factory, extra.id, "complete", now=_at(24))
+    lease = claim(25)
+    assert lease is not None and lease.job_id == a1.id  # Alice at 1; Bob still at 2
+    assert claim(26) is None
+
+    # A cancelled study's running trial still counts: cancelling frees nothing until it ends.
+    queue.cancel_job(session_factory, a2.id, now=_at(27))
+    a2_lease = held[2]
+    assert a2_lease is not None
+    assert claim(28) is None
+    queue.finish_trial_slot(session_factory, a2_lease.id, "complete", now=_at(29))
+    lease = claim(30)
+    assert lease is not None and lease.job_id == a1.id
+    with pytest.raises(ValueError, match="max_running_per_owner"):
+        queue.claim_trial_slot(session_factory, "w", max_running_per_owner=0)
+
+
+def test_claims_racing_for_one_principal_keep_its_quota(migrated_db_url: str) -> None:
+    """Idle workers woken together (a NOTIFY wakes them all at once) and one principal's
+    study: however the claims interleave, that principal gets no more than its quota."""
+    engine = make_engine(migrated_db_url, pool_size=8)
+    sm = make_session_factory(engine)
+    try:
+        alice = [_owned_job(sm, "alice", f"a{i}", 50, _at(i)) for i in range(2)]
+        start = threading.Barrier(8)
+        claimed: list[queue.Lease | None] = []
+
+        def claim() -> None:
+            start.wait(timeout=30)
+            claimed.append(queue.claim_trial_slot(sm, "w", max_running_per_owner=3))
+
+        threads = [threading.Thread(target=claim) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        assert len(claimed) == 8
+        leases = [lease for lease in claimed if lease is not None]
+        assert len(leases) == 3
+        assert {lease.job_id for lease in leases} <= {job.id for job in alice}
+        assert sum(queue.get_job(sm, job.id).n_running for job in alice) == 3
+    finally:
+        engine.dispose()
+
+
+def test_count_active_jobs_counts_queued_and_running(
+    session_factory: sessionmaker[Session],
+) -> None:
+    done = _owned_job(session_factory, "alice", "done", 1, _at(1))
+    running = _owned_job(session_factory, "alice", "running", 2, _at(2))
+    first = queue.claim_trial_slot(session_factory, "w", now=_at(3))
+    second = queue.claim_trial_slot(session_factory, "w", now=_at(4))
+    assert first is not None and first.job_id == done.id
+    assert second is not None and second.job_id == running.id
+    queue.finish_trial_slot(session_factory, first.id, "complete", now=_at(5))
+    queued = _owned_job(session_factory, "alice", "queued", 2, _at(6))
+    cancelled = _owned_job(session_factory, "alice", "cancelled", 2, _at(7))
+    queue.cancel_job(session_factory, cancelled.id)
+    _owned_job(session_factory, "bob", "bobs", 1, _at(8))
+
+    states = {job.name: job.state for job in queue.list_jobs(session_factory, owner="alice")[0]}
+    assert states == {
+        "done": JobState.SUCCEEDED,
+        "running": JobState.RUNNING,
+        "queued": JobState.QUEUED,
+        "cancelled": JobState.CANCELLED,
+    }
+    assert queued.state is JobState.QUEUED
+    assert queue.count_active_jobs(session_factory, "alice") == 2
+    assert queue.count_active_jobs(session_factory, "bob") == 1
+    assert queue.count_active_jobs(session_factory, "carol") == 0
