@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
@@ -264,6 +265,8 @@ def serve(
     updates = {k: v for k, v in {"host": host, "port": port}.items() if v is not None}
     settings = settings.model_copy(update=updates)
     plans = _check_processes(devices, workers, threads or settings.torch_threads, accelerator)
+    # The reaper's and the worker supervisor's lines, with times (uvicorn logs its own).
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     # Name the server's connections in pg_stat_activity (workers name theirs by pid).
     os.environ.setdefault("PGAPPNAME", "lstm-hpo-server")
     try:
@@ -602,7 +605,10 @@ def delete(
     """Delete a study and all its trials (a running study is cancelled first)."""
     from service.client import Client
 
-    if not yes and sys.stdin.isatty():
+    if not yes:
+        if not sys.stdin.isatty():  # a script: never delete without being told to
+            err_console.print("[red]error:[/red] add --yes to delete without a terminal to ask")
+            raise typer.Exit(2)
         typer.confirm(f"Delete study {study_id} and all its trials?", abort=True)
     with Client(server, token=token) as client:
         try:

@@ -754,6 +754,13 @@ def _check_space(spec: StudySpec) -> list[FieldError]:
                     "fewer choices, coarser steps, or another sampler"
                 )
                 errors.append(FieldError("study.sampler", msg))
+            elif spec.study.n_trials > points:
+                # A grid runs each point once; more trials would only repeat points.
+                msg = (
+                    f"must be <= {points:,}, the grid's number of points, with sampler grid "
+                    "(each point runs exactly once)"
+                )
+                errors.append(FieldError("study.n_trials", msg))
     return errors
 
 

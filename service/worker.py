@@ -168,17 +168,20 @@ class _Heartbeat(threading.Thread):
         self.sessions = sessions
         self.worker_id = worker_id
         self.interval_s = interval_s
-        self.lease_id: int | None = None
-        self.lost: set[int] = set()
+        #: The running lease as (id, claimed_at): ids alone can repeat (SQLite reuses the
+        #: largest row id after a study's leases are deleted).
+        self.lease: tuple[int, datetime] | None = None
+        self.lost: set[tuple[int, datetime]] = set()
         self._stop_event = threading.Event()
 
     def run(self) -> None:
         while not self._stop_event.wait(self.interval_s):
-            lease = self.lease_id
+            lease = self.lease
             if lease is None:
                 continue
             try:
-                self.lost |= queue.heartbeat(self.sessions, [lease])
+                if queue.heartbeat(self.sessions, [lease[0]]):
+                    self.lost.add(lease)
                 queue.worker_heartbeat(self.sessions, self.worker_id)
             except LstmHpoError as err:  # database briefly away: beat again next period
                 log.warning("heartbeat failed (%s); retrying in %.0fs", err, self.interval_s)
@@ -269,11 +272,12 @@ class Worker:
                     # PostgreSQL: woken by the NOTIFY of a new job or retry; else a poll.
                     self._db("wait for work", self._wait_for_work)
                     continue
-                beat.lease_id = lease.id
+                beat.lease = (lease.id, lease.claimed_at)
                 try:
                     self.run_lease(lease, beat)
                 finally:
-                    beat.lease_id = None
+                    beat.lease = None
+                    beat.lost.clear()  # only the lease that just ended can be in it
                 done += 1
                 idle_since = last_beat = time.monotonic()
         finally:
@@ -322,7 +326,11 @@ class Worker:
         except _DB_DOWN:
             raise
         except Exception as err:  # recording failed (e.g. the study was deleted meanwhile)
-            reason = f"could not record the result: {_failure_reason(err)}"
+            reason = (
+                "its study was deleted while the trial ran"
+                if isinstance(err, KeyError)  # Optuna: "Record does not exist."
+                else f"could not record the result: {_failure_reason(err)}"
+            )
             log.warning("trial %d of %s: %s", trial.number, lease.optuna_study_name, reason)
             self._finish_slot(lease, "failed", reason)
             return None
@@ -392,7 +400,7 @@ class Worker:
             reason = str(pruned) or None
         except Exception as err:  # any training error: record it, keep the worker alive
             outcome, reason = "failed", _failure_reason(err)
-        if lease.id in beat.lost:
+        if (lease.id, lease.claimed_at) in beat.lost:
             log.warning(
                 "trial %d of %s: result rejected, the lease was reaped (%s)",
                 trial.number,

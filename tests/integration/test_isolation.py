@@ -158,6 +158,16 @@ def test_delete_over_rest_and_cli(server: InProcessServer, tmp_path: Path) -> No
     assert server.http.delete(f"/v1/studies/{first['id']}").status_code == 404
     assert server.http.delete("/v1/studies/no-such-study").status_code == 404
 
+    unasked = subprocess.run(  # no terminal to ask and no --yes: nothing is deleted
+        [*CLI, "delete", second["id"], "--server", server.url],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        stdin=subprocess.DEVNULL,
+    )
+    assert unasked.returncode == 2 and "--yes" in unasked.stderr
+    assert server.http.get(f"/v1/studies/{second['id']}").status_code == 200
     result = _cli_delete(server, second["id"])
     assert result.returncode == 0, result.stderr
     assert "deleted" in result.stdout
@@ -284,3 +294,53 @@ def test_an_idle_worker_keeps_beating(migrated_db_url: str) -> None:
             worker.storage.engine.dispose()
         sessions.kw["bind"].dispose()
     assert len(beats) >= 5, sorted(beats)  # ~14 beats in 3 s of idling
+
+
+def test_a_study_deleted_mid_trial_never_costs_the_next_study_its_result(
+    sqlite_url: str,
+) -> None:
+    """SQLite reuses the largest row id once a deleted study's leases are gone: the next
+    study's lease may get the same id, and its result must not be taken for the deleted
+    trial's and rejected (it was, until the worker keyed lost leases by id and claim time)."""
+    from service.migrate import upgrade_schema
+
+    storage = studies.optuna_storage(sqlite_url)
+    upgrade_schema(sqlite_url)
+    backend = studies.open_backend(
+        sqlite_url, limits=SpecLimits(), base_url="http://t.invalid", storage=storage
+    )
+    worker = Worker(
+        WorkerOptions(
+            database_url=sqlite_url,
+            heartbeat_interval_s=0.1,
+            poll_interval_s=0.05,
+            idle_exit_s=1.5,
+        )
+    )
+    thread = threading.Thread(target=worker.run, daemon=True)
+    try:
+        doomed_spec = _spec(1)
+        doomed_spec["task"]["sleep_s"] = 1.5
+        doomed, _ = studies.submit_study(backend, parse_spec(doomed_spec), principal=LOCAL)
+        thread.start()
+        deadline = time.monotonic() + 30
+        while not queue.list_leases(backend.sessions, doomed.id, state="running"):
+            assert time.monotonic() < deadline, "the worker never claimed the trial"
+            time.sleep(0.02)
+        [first] = queue.list_leases(backend.sessions, doomed.id)
+        time.sleep(0.4)  # a heartbeat or two notices the lease while it runs
+        studies.delete_study(backend, doomed.id, principal=LOCAL)
+        time.sleep(0.4)  # ... and finds it gone
+        nxt, _ = studies.submit_study(backend, parse_spec(_spec(1)), principal=LOCAL)
+        thread.join(timeout=60)
+        [second] = queue.list_leases(backend.sessions, nxt.id)
+        assert second.id == first.id  # the id was reused: the case this test is about
+        job = queue.get_job(backend.sessions, nxt.id)
+        assert job.state is JobState.SUCCEEDED and job.n_complete == 1, job
+    finally:
+        thread.join(timeout=60)
+        worker.engine.dispose()
+        if worker.storage is not None:
+            worker.storage.engine.dispose()
+        backend.sessions.kw["bind"].dispose()
+        storage.engine.dispose()

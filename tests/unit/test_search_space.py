@@ -589,3 +589,17 @@ def test_documents_a_spec_cannot_be_are_refused_cleanly(data: Any, expected: str
     with pytest.raises(InvalidSpec) as info:
         parse_spec(data)
     assert expected in str(info.value), str(info.value)
+
+
+def test_a_grid_study_may_not_ask_for_more_trials_than_points() -> None:
+    spec = {
+        "task": {"kind": "synthetic"},
+        "space": {"num_layers": {"type": "int", "low": 1, "high": 3}},
+        "study": {"n_trials": 10, "sampler": "grid"},
+    }
+    with pytest.raises(InvalidSpec) as caught:
+        parse_spec(spec)
+    [error] = caught.value.errors
+    assert error.loc == "study.n_trials" and "<= 3" in error.msg
+    spec["study"]["n_trials"] = 3  # type: ignore[index]
+    assert parse_spec(spec).study.n_trials == 3
