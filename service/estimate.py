@@ -68,9 +68,10 @@ Memory of one step, float32 (4 bytes), ``P`` parameters:
   head's two gradients (of the logits and of the log-probabilities).
 
 ``total = weights + gradients + optimizer state + working copies + activations``.
-Measured against torch on CPU (``tests/unit/test_estimate.py``): with oneDNN the peak of
-a training step is 80-101% of the estimate; with PyTorch's per-op LSTM (oneDNN off) 32-61%:
-the estimate is an upper bound that is about 2x high on the lean path. Not counted: the
+Measured against torch on CPU (``tests/unit/test_estimate.py``, torch 2.13, x86-64): with
+oneDNN the peak of a training step is 78-101% of the estimate; with PyTorch's per-op LSTM
+(oneDNN off) 32-61% when activations dominate (100% when the weights do). An upper bound,
+about 2x high on the lean path; cuDNN (GPU) was not measured. Not counted: the
 framework itself (CUDA context, libraries, allocator caching and fragmentation),
 validation batches (no gradients: smaller) and the data set held in memory. GB here is
 10^9 bytes.
