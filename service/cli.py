@@ -170,6 +170,7 @@ def _worker_options(settings: Settings, accelerator: str) -> WorkerOptions:
         torch_threads=settings.torch_threads,
         accelerator=accelerator,
         worker_memory_gb=settings.worker_memory_gb,
+        max_running_per_owner=settings.max_running_trials_per_principal,
     )
 
 

@@ -57,6 +57,16 @@ class Settings(BaseSettings):
     worker_memory_gb: float | None = Field(
         default=None, gt=0, validation_alias="LSTM_HPO_WORKER_MEMORY_GB"
     )
+    #: Per principal: most queued + running studies; a submit past it answers 429 with
+    #: ``Retry-After``. None: no quota.
+    max_active_studies_per_principal: int | None = Field(
+        default=None, ge=1, validation_alias="LSTM_HPO_MAX_ACTIVE_STUDIES"
+    )
+    #: Per principal: most running trials; a worker's claim skips a principal at it (its
+    #: trials wait, others' are served). Read by the workers. None: no quota.
+    max_running_trials_per_principal: int | None = Field(
+        default=None, ge=1, validation_alias="LSTM_HPO_MAX_RUNNING_TRIALS"
+    )
 
     #: Worker heartbeat period; a trial whose worker is silent for ``grace`` is reaped.
     heartbeat_interval_s: float = Field(default=10.0, gt=0)

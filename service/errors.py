@@ -75,6 +75,14 @@ class StudyNotActive(Conflict):
     """The study is no longer queued or running."""
 
 
+class QuotaExceeded(Conflict):
+    """Quota of active (queued + running) studies reached: let one end, or cancel one."""
+
+    #: Not retryable: trying again at once cannot succeed, a quota clears only when one of
+    #: the principal's own studies ends (the API still says when to look again).
+    retryable = False
+
+
 class OptunaStudyDeleted(Conflict):
     """its Optuna study was deleted (outside lstm-hpo); its trials and results are gone"""
 

@@ -78,6 +78,9 @@ class WorkerOptions:
     #: This worker's memory for one trial in GB (``LSTM_HPO_WORKER_MEMORY_GB``): a trial
     #: whose config is estimated to need more is pruned untrained. None: no check.
     worker_memory_gb: float | None = None
+    #: Skip principals that already run this many trials (``LSTM_HPO_MAX_RUNNING_TRIALS``);
+    #: None: no quota. Every worker should use the same value: the claim applies it.
+    max_running_per_owner: int | None = None
 
 
 Outcome = Literal["complete", "pruned", "failed"]
@@ -289,7 +292,14 @@ class Worker:
         claim cannot read) is logged and treated as an empty queue for one poll interval:
         it must not end the process, which serves every other study."""
         try:
-            return self._db("claim", lambda: queue.claim_trial_slot(self.sessions, self.worker_id))
+            return self._db(
+                "claim",
+                lambda: queue.claim_trial_slot(
+                    self.sessions,
+                    self.worker_id,
+                    max_running_per_owner=self.options.max_running_per_owner,
+                ),
+            )
         except _DB_DOWN:
             raise
         except Exception:

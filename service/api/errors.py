@@ -11,11 +11,17 @@ from fastapi.responses import JSONResponse
 from service import errors
 from service.schemas import ErrorPublic
 
+#: Retry-After of a 429: a quota clears only when one of the principal's studies ends,
+#: which takes minutes at the least (a study is trials that train for minutes); asking
+#: again within a minute cannot succeed, and a client told 1 s would only spend requests.
+QUOTA_RETRY_AFTER_S = 60
+
 _STATUS: list[tuple[type[errors.LstmHpoError], int]] = [
     (errors.Unauthorized, 401),
     (errors.PayloadTooLarge, 413),
     (errors.InvalidSpec, 422),
     (errors.NotFound, 404),
+    (errors.QuotaExceeded, 429),  # a Conflict, answered as Too Many Requests
     (errors.Conflict, 409),
     (errors.DatabaseUnavailable, 503),
     (errors.SchemaNotReady, 503),
@@ -39,6 +45,8 @@ async def _handle(request: Request, exc: Exception) -> JSONResponse:
     headers = {"Retry-After": "1"} if exc.retryable else {}
     if isinstance(exc, errors.Unauthorized):
         headers["WWW-Authenticate"] = "Bearer"  # RFC 6750
+    if isinstance(exc, errors.QuotaExceeded):
+        headers["Retry-After"] = str(QUOTA_RETRY_AFTER_S)  # RFC 6585: 429 MAY say when
     return JSONResponse(body, status_code=status, headers=headers)
 
 
