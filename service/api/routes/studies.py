@@ -184,7 +184,9 @@ async def submit(
 
     Retrying with the same ``Idempotency-Key`` header returns the same study (200).
     """
-    spec = parse_spec(await _spec_document(request), backend.limits)
+    document = await _spec_document(request)
+    # Parsing may read the task's data file (the cost estimate): off the event loop too.
+    spec = await run_in_threadpool(parse_spec, document, backend.limits)
     # Reads the task's data and writes two databases: off the event loop.
     study, created = await run_in_threadpool(
         partial(studies.submit_study, principal=principal, idempotency_key=idempotency_key),
