@@ -36,6 +36,7 @@ from service.errors import (
     Conflict,
     NoCompletedTrials,
     OptunaStudyDeleted,
+    QuotaExceeded,
     StudyNotActive,
     StudyNotFound,
 )
@@ -73,6 +74,8 @@ class Backend:
     storage: optuna.storages.BaseStorage
     limits: SpecLimits
     base_url: str
+    #: Most queued + running studies one principal may have (None: no quota).
+    max_active_studies: int | None = None
 
 
 def optuna_storage(
@@ -109,6 +112,7 @@ def open_backend(
     base_url: str,
     pool_size: int = 2,
     storage: optuna.storages.BaseStorage | None = None,
+    max_active_studies: int | None = None,
 ) -> Backend:
     """Connect to the database (schema must already be migrated)."""
     engine = make_engine(database_url, pool_size=pool_size, max_overflow=0)
@@ -117,6 +121,7 @@ def open_backend(
         storage=storage or optuna_storage(database_url, pool_size=max(pool_size, 2)),
         limits=limits,
         base_url=base_url.rstrip("/"),
+        max_active_studies=max_active_studies,
     )
 
 
@@ -147,6 +152,7 @@ def submit_study(
             return _existing_for_key(backend, existing, spec_json), False
     else:
         job_id = uuid.uuid4().hex
+    _check_active_quota(backend, principal)
     name = spec.name or spec.task.kind
     study_name = f"{name}-{job_id[:8]}"
     study = optuna.create_study(
@@ -173,6 +179,21 @@ def submit_study(
     if not created:
         return _existing_for_key(backend, job, spec_json), False
     return _study_public(backend, job), True
+
+
+def _check_active_quota(backend: Backend, principal: Principal) -> None:
+    """``QuotaExceeded`` (429) when the principal already has the most active studies
+    allowed. A check, then a create: two submits racing at the limit may both pass (a soft
+    quota; the running-trials quota in the claim is exact)."""
+    limit = backend.max_active_studies
+    if limit is None:
+        return
+    active = queue.count_active_jobs(backend.sessions, principal.name)
+    if active >= limit:
+        raise QuotaExceeded(
+            f"{principal.name} has {active} queued or running studies, the most "
+            f"LSTM_HPO_MAX_ACTIVE_STUDIES allows ({limit}): let one end, or cancel one"
+        )
 
 
 def _existing_for_key(backend: Backend, job: queue.JobRecord, spec_json: Any) -> StudyPublic:

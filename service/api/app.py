@@ -51,6 +51,7 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True) -> Fas
         base_url=settings.base_url(),
         pool_size=settings.pool_size,
         storage=storage,
+        max_active_studies=settings.max_active_studies_per_principal,
     )
     # No token yet: open for one local user on a loopback address, refused elsewhere.
     open_mode = auth.check_bind(backend.sessions, settings.host)

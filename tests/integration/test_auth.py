@@ -265,3 +265,21 @@ def test_the_session_cookie_is_secure_behind_https(tmp_path: Path, sqlite_url: s
             "/signin", data={"token": token, "next": "//evil.example/x"}, follow_redirects=False
         )
         assert evil.headers["location"] == "/dashboard"
+
+
+def test_a_principal_over_its_active_studies_quota_gets_429(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path / "data", max_active_studies_per_principal=2)
+    with serve_in_thread(settings) as server:
+        tokens = _tokens(server)
+        first, _second = _submit(server, tokens["alice"]), _submit(server, tokens["alice"])
+        over = server.http.post("/v1/studies", json=SPEC, headers=_bearer(tokens["alice"]))
+        assert over.status_code == 429, over.text
+        assert over.headers["Retry-After"] and "LSTM_HPO_MAX_ACTIVE_STUDIES" in over.text
+        assert _submit(server, tokens["bob"])  # the quota is per principal
+        cancel = server.http.post(
+            f"/v1/studies/{first['id']}/cancel", headers=_bearer(tokens["alice"])
+        )
+        assert cancel.status_code == 200
+        assert _submit(server, tokens["alice"])  # one ended: room again
+        listed = server.http.get("/v1/studies", headers=_bearer(tokens["alice"])).json()
+        assert listed["total"] == 3
