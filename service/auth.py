@@ -99,6 +99,37 @@ def create_token(sessions: sessionmaker[Session], name: str, *, admin: bool = Fa
     return token
 
 
+#: The shortest token an operator may supply (``LSTM_HPO_ADMIN_TOKEN``): 32 characters of
+#: a random token carry well over 128 bits.
+MIN_SUPPLIED_TOKEN_CHARS = 32
+BOOTSTRAP_ADMIN = "admin"
+
+
+def ensure_admin_token(sessions: sessionmaker[Session], token: str) -> bool:
+    """Register an operator-supplied token (``LSTM_HPO_ADMIN_TOKEN``, e.g. from a
+    Kubernetes Secret) as the admin principal ``admin``, unless it is already registered;
+    True when it was added. A deployment can then start on a non-loopback address without
+    a prior ``lstm-hpo token create``. Raises ``InvalidName`` for a token too short to be
+    a secret. Revoking ``admin`` ends it for good (it is not registered again).
+    """
+    if len(token) < MIN_SUPPLIED_TOKEN_CHARS:
+        raise errors.InvalidName(
+            [
+                errors.FieldError(
+                    "LSTM_HPO_ADMIN_TOKEN",
+                    f"must be at least {MIN_SUPPLIED_TOKEN_CHARS} characters of a random "
+                    "secret (e.g. python3 -c \"import secrets; print(secrets.token_urlsafe(32))\")",
+                )
+            ]
+        )
+    digest = hash_token(token)
+    with session_scope(sessions) as session:
+        if session.scalars(select(ApiToken.id).where(ApiToken.token_hash == digest)).first():
+            return False
+        session.add(ApiToken(name=BOOTSTRAP_ADMIN, token_hash=digest, admin=True))
+        return True
+
+
 def list_tokens(sessions: sessionmaker[Session]) -> list[TokenInfo]:
     """Every token ever created, oldest first (hashes are never returned)."""
     with session_scope(sessions) as session:

@@ -43,6 +43,10 @@ class Settings(BaseSettings):
     #: Signs the dashboard's session cookies. Default: a random key kept in
     #: ``<data_dir>/secret_key`` (give every server behind one address the same key).
     secret_key: SecretStr | None = None
+    #: An operator-supplied admin token (e.g. from a Kubernetes Secret), registered at
+    #: start as the principal ``admin``: the server may then bind a non-loopback address
+    #: without a prior ``lstm-hpo token create``.
+    admin_token: SecretStr | None = None
 
     max_trials: int = Field(default=10_000, ge=1)
     #: Upper bound for a spec's study.max_retries.

@@ -27,7 +27,8 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True) -> Fas
     """Build the server: migrate (the server owns the schema), connect, mount the dashboard.
 
     Raises ``OpenModeRefused`` when ``settings.host`` is not a loopback address and no API
-    token exists yet (see :mod:`service.auth`).
+    token exists yet (see :mod:`service.auth`); ``InvalidName`` for a too short
+    ``LSTM_HPO_ADMIN_TOKEN``.
     """
     settings = settings or Settings()
     url = settings.resolved_database_url()
@@ -53,6 +54,8 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True) -> Fas
         storage=storage,
         max_active_studies=settings.max_active_studies_per_principal,
     )
+    if settings.admin_token is not None:
+        auth.ensure_admin_token(backend.sessions, settings.admin_token.get_secret_value())
     # No token yet: open for one local user on a loopback address, refused elsewhere.
     open_mode = auth.check_bind(backend.sessions, settings.host)
     reaper = Reaper(

@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
+from pydantic import SecretStr
 from sqlalchemy import select
 
 from service import auth
@@ -283,3 +284,20 @@ def test_a_principal_over_its_active_studies_quota_gets_429(tmp_path: Path) -> N
         assert _submit(server, tokens["alice"])  # one ended: room again
         listed = server.http.get("/v1/studies", headers=_bearer(tokens["alice"])).json()
         assert listed["total"] == 3
+
+
+def test_an_operator_supplied_admin_token_lets_a_server_bind_any_address(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    """LSTM_HPO_ADMIN_TOKEN (docker-compose, a Kubernetes Secret): registered once at start."""
+    supplied = "s" * 8 + "3cr3t-from-a-secret-store-0123456789"
+    base = Settings(data_dir=tmp_path / "data", database_url=sqlite_url, host="0.0.0.0")
+    with pytest.raises(Exception, match="at least 32 characters"):
+        create_app(base.model_copy(update={"admin_token": SecretStr("short")}))
+    for _ in range(2):  # a restart registers nothing twice
+        app = create_app(base.model_copy(update={"admin_token": SecretStr(supplied)}))
+        assert app.state.open_mode is False
+        sessions = app.state.backend.sessions
+        assert auth.authenticate(sessions, supplied) == auth.Principal("admin", admin=True)
+        sessions.kw["bind"].dispose()
+    assert [t.name for t in auth.list_tokens(sessions)] == ["admin"]
