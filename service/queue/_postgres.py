@@ -89,7 +89,15 @@ class PostgresBackend:
             session.execute(LOCK_CLAIMABLE, params)
             return session.execute(CLAIM, params).first()
 
-        row = transact(sm, claim, one_statement=True) or transact(sm, wait_and_claim)
+        if max_running_per_owner is not None:
+            # A quota counts the principal's running leases across all its studies; the
+            # one-statement claim reads them from its snapshot, so claims racing on two of
+            # its studies could both pass (4 of 3). Locking every claimable row first
+            # serialises claims while a quota is set: exact, at the cost of parallel claims
+            # (each takes about a millisecond; trials take seconds to hours).
+            row = transact(sm, wait_and_claim)
+        else:
+            row = transact(sm, claim, one_statement=True) or transact(sm, wait_and_claim)
         if row is None:
             return None
         return Lease(
