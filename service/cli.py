@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -45,6 +46,8 @@ def _fail(err: LstmHpoError, code: int = 1) -> typer.Exit:
             err_console.print(f"  - {escape(str(e))}")
     else:
         err_console.print(f"[red]error:[/red] {escape(err.message)}")
+        if getattr(err, "status_code", None) == 401:
+            err_console.print("  set LSTM_HPO_TOKEN (or pass --token) to your API token")
     return typer.Exit(code)
 
 
@@ -268,6 +271,7 @@ def serve(
     plans = _check_processes(devices, workers, threads or settings.torch_threads, accelerator)
     # The reaper's and the worker supervisor's lines, with times (uvicorn logs its own).
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # "Context impl ..." per start
     # Name the server's connections in pg_stat_activity (workers name theirs by pid).
     os.environ.setdefault("PGAPPNAME", "lstm-hpo-server")
     try:
@@ -288,16 +292,34 @@ def serve(
         )
     else:
         console.print("  auth       on (API tokens; the dashboard signs in at /signin)")
+    stop_workers = threading.Event()
+    supervisor: threading.Thread | None = None
     if plans:
         options = _worker_options(settings, accelerator)
-        threading.Thread(
+        supervisor = threading.Thread(
             target=run_worker_processes,
             args=(options, plans),
-            kwargs={"install_signals": False},
+            kwargs={"install_signals": False, "stop_event": stop_workers},
             daemon=True,
             name="lstm-hpo-workers",
-        ).start()
-    uvicorn.run(api, host=settings.host, port=settings.port, log_level="warning")
+        )
+        supervisor.start()
+
+    def stop_on_signal(signum: int, frame: object) -> None:
+        stop_workers.set()
+
+    # uvicorn handles SIGTERM / SIGINT while it runs and, once it has shut down, raises the
+    # signal again to the handler found before it: the default one would end this process
+    # before the workers are stopped.
+    signal.signal(signal.SIGTERM, stop_on_signal)
+    signal.signal(signal.SIGINT, stop_on_signal)
+    try:
+        uvicorn.run(api, host=settings.host, port=settings.port, log_level="warning")
+    finally:
+        # SIGTERM / Ctrl-C stopped uvicorn: stop the local workers too, never orphan them.
+        stop_workers.set()
+        if supervisor is not None:
+            supervisor.join(timeout=30)
 
 
 @app.command()

@@ -752,6 +752,7 @@ def configure_process(options: WorkerOptions) -> None:
         level=logging.INFO, format="%(asctime)s %(processName)s %(name)s: %(message)s"
     )
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # the schema check's chatter
     os.environ.update(process_environment(None, options.torch_threads, os.getpid()))
     torch = sys.modules.get("torch")
     if torch is not None:  # already loaded (a worker run in-process): size its pool now
@@ -793,18 +794,28 @@ def _child(options: WorkerOptions, plan: ProcessPlan | None = None) -> None:
     worker_main(options)
 
 
+#: How long ``serve`` lets its workers finish their trials on shutdown before telling them
+#: to leave at once (a container's stop timeout is usually 10 s).
+STOP_GRACE_S = 8.0
+
+
 def run_worker_processes(
     options: WorkerOptions,
     processes: int | Sequence[ProcessPlan],
     *,
     max_restarts: int = 20,
     install_signals: bool = True,
+    stop_event: threading.Event | None = None,
 ) -> None:
     """Run worker processes; restart one that dies abnormally (bounded).
 
     ``processes``: a count (each process inherits the environment and uses ``options``), or
     the plans :func:`plan_worker_processes` made (device and threads per process).
     Uses the ``spawn`` start method: CUDA and forked torch state do not mix.
+
+    ``stop_event`` (``serve``, which runs this in a thread): once set, the children get
+    SIGTERM (finish the current trial, then exit) and, :data:`STOP_GRACE_S` later, a second
+    one (leave now; the reaper retries the trial), so no worker outlives its server.
     """
     plans: list[ProcessPlan | None] = (
         [None] * processes if isinstance(processes, int) else list(processes)
@@ -833,8 +844,17 @@ def run_worker_processes(
         signal.signal(signal.SIGINT, stop)
     for slot in range(len(plans)):
         start(slot)
+    stop_requested_at: float | None = None
     while children:
         time.sleep(0.5)
+        if stop_event is not None and stop_event.is_set():
+            now = time.monotonic()
+            if stop_requested_at is None:
+                stop_requested_at = now
+                stop(signal.SIGTERM, None)
+            elif now - stop_requested_at > STOP_GRACE_S:
+                stop_requested_at = float("inf")  # the second signal, once
+                stop(signal.SIGTERM, None)
         for slot, proc in list(children.items()):
             if proc.is_alive():
                 continue

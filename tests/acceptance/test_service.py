@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -11,7 +15,7 @@ import yaml
 
 from service.client import Client
 from service.search_space import load_config_file
-from tests.acceptance.conftest import LiveServer
+from tests.acceptance.conftest import LiveServer, start_server
 
 TINY_ADDING = """
 name: tiny-adding
@@ -177,3 +181,23 @@ def test_failing_trials_record_their_reason_and_the_worker_carries_on(
     assert all(t.state == "complete" for t in by_layers.get(3, []))
     if 3 in by_layers:
         assert done.best_value is not None  # NaN never wins
+
+
+def test_sigterm_to_serve_stops_its_local_workers(tmp_path: Path, sqlite_url: str) -> None:
+    """`docker stop` / systemd send SIGTERM to the server process only: its local worker
+    processes must not outlive it (they finish or abandon their trial, then exit)."""
+    from tests.fault.conftest import live_group_members
+
+    server = start_server(tmp_path, sqlite_url, workers=2)
+    pgid = os.getpgid(server.process.pid)
+    try:
+        assert len(live_group_members(pgid)) >= 3  # serve + 2 workers (+ the tracker)
+        os.kill(server.process.pid, signal.SIGTERM)
+        server.process.wait(timeout=60)
+        deadline = time.monotonic() + 30
+        while live_group_members(pgid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not live_group_members(pgid), live_group_members(pgid)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signal.SIGKILL)
