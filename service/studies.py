@@ -1,4 +1,9 @@
-"""The study domain: submit, get, list, cancel, trials, best, reap. Wraps Optuna's storage.
+"""The study domain: submit, get, list, cancel, delete, trials, best; and the Optuna-side
+helpers the reaper (:mod:`service.reaper`) uses. Wraps Optuna's storage.
+
+Every function that reads or changes a study takes the calling ``principal`` (required: a
+missed argument must fail closed, never mean "every study"); another principal's study is
+``StudyNotFound``, exactly like one that does not exist.
 
 A study is two records in one database: our job row (``queue``: state, slots, owner) and
 Optuna's study (trials, params, values; what optuna-dashboard shows). The job row is the
