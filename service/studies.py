@@ -157,7 +157,6 @@ def submit_study(
             return _existing_for_key(backend, existing, spec_json), False
     else:
         job_id = uuid.uuid4().hex
-    _check_active_quota(backend, principal)
     name = spec.name or spec.task.kind
     study_name = f"{name}-{job_id[:8]}"
     study = optuna.create_study(
@@ -169,36 +168,26 @@ def submit_study(
     study.set_user_attr(JOB_ID_ATTR, job_id)
     study.set_user_attr("metric", spec.metric.name)
     study.set_user_attr("spec", spec_json)
-    job, created = queue.create_job(
-        backend.sessions,
-        job_id=job_id,
-        spec=spec_json,
-        name=name,
-        owner=principal.name,
-        optuna_study_name=study_name,
-        n_trials=spec.study.n_trials,
-        max_retries=spec.study.max_retries,
-        timeout_s=spec.study.timeout_s,
-        idempotency_key=idempotency_key,
-    )
+    try:
+        job, created = queue.create_job(
+            backend.sessions,
+            job_id=job_id,
+            spec=spec_json,
+            name=name,
+            owner=principal.name,
+            optuna_study_name=study_name,
+            n_trials=spec.study.n_trials,
+            max_retries=spec.study.max_retries,
+            timeout_s=spec.study.timeout_s,
+            idempotency_key=idempotency_key,
+            max_active=backend.max_active_studies,
+        )
+    except QuotaExceeded:
+        backend.storage.delete_study(study._study_id)  # its job was never made
+        raise
     if not created:
         return _existing_for_key(backend, job, spec_json), False
     return _study_public(backend, job), True
-
-
-def _check_active_quota(backend: Backend, principal: Principal) -> None:
-    """``QuotaExceeded`` (429) when the principal already has the most active studies
-    allowed. A check, then a create: two submits racing at the limit may both pass (a soft
-    quota; the running-trials quota in the claim is exact)."""
-    limit = backend.max_active_studies
-    if limit is None:
-        return
-    active = queue.count_active_jobs(backend.sessions, principal.name)
-    if active >= limit:
-        raise QuotaExceeded(
-            f"{principal.name} has {active} queued or running studies, the most "
-            f"LSTM_HPO_MAX_ACTIVE_STUDIES allows ({limit}): let one end, or cancel one"
-        )
 
 
 def _existing_for_key(backend: Backend, job: queue.JobRecord, spec_json: Any) -> StudyPublic:

@@ -31,13 +31,18 @@ def create_job(
     timeout_s: float | None = None,
     idempotency_key: str | None = None,
     job_id: str | None = None,
+    max_active: int | None = None,
     now: datetime | None = None,
 ) -> CreatedJob:
     """Insert a queued job, or return the existing one for the same ``(owner,
     idempotency_key)`` with ``created=False`` (a client retrying after a lost response, or
     a server killed mid-request, gets the job it already made).
 
-    Raises ``AlreadyExists`` when the id or ``optuna_study_name`` is taken by another job.
+    ``max_active``: the most queued + running jobs ``owner`` may have; counted in the
+    insert's own transaction, with the owner's submits serialised (a PostgreSQL advisory
+    lock on the owner; SQLite's ``BEGIN IMMEDIATE``), so parallel submits cannot pass it.
+    Raises ``QuotaExceeded`` past it, ``AlreadyExists`` when the id or
+    ``optuna_study_name`` is taken by another job.
     """
     if n_trials < 1:
         raise ValueError("n_trials must be at least 1")
@@ -56,6 +61,8 @@ def create_job(
         return None if job is None else CreatedJob(job_record(job), created=False)
 
     def insert(session: Session) -> CreatedJob:
+        if max_active is not None:
+            _check_active_quota(session, owner, max_active)
         job = SearchJob(
             id=job_id or new_job_id(),
             name=name,
@@ -273,3 +280,19 @@ def end_expired_jobs(sm: SessionSource, *, now: datetime | None = None) -> list[
         if transact(sm, partial(end, job_id=job_id)):
             ended.append(job_id)
     return ended
+
+
+def _check_active_quota(session: Session, owner: str, limit: int) -> None:
+    if session.get_bind().dialect.name == "postgresql":
+        # Held to the end of this transaction: the owner's submits count and insert in turn.
+        session.execute(select(func.pg_advisory_xact_lock(func.hashtext(owner))))
+    active = session.scalar(
+        select(func.count())
+        .select_from(SearchJob)
+        .where(SearchJob.owner == owner, SearchJob.state.in_(ACTIVE_JOB_STATES))
+    )
+    if (active or 0) >= limit:
+        raise errors.QuotaExceeded(
+            f"{owner} has {active} queued or running studies, the most "
+            f"LSTM_HPO_MAX_ACTIVE_STUDIES allows ({limit}): let one end, or cancel one"
+        )

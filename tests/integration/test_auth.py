@@ -9,6 +9,7 @@ import base64
 import re
 import subprocess
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -112,9 +113,7 @@ def test_another_principals_study_is_404_on_every_route(server: InProcessServer)
     assert mine.status_code == 200 and mine.json()["state"] == "queued"
     every = server.http.get("/v1/studies", headers=_bearer(tokens["root"])).json()
     assert {s["id"] for s in every["items"]} == {alices["id"], bobs["id"]}
-    cancel = server.http.post(
-        f"/v1/studies/{alices['id']}/cancel", headers=_bearer(tokens["root"])
-    )
+    cancel = server.http.post(f"/v1/studies/{alices['id']}/cancel", headers=_bearer(tokens["root"]))
     assert cancel.status_code == 200 and cancel.json()["state"] == "cancelled"
 
 
@@ -268,10 +267,32 @@ def test_the_session_cookie_is_secure_behind_https(tmp_path: Path, sqlite_url: s
         assert evil.headers["location"] == "/dashboard"
 
 
-def test_a_principal_over_its_active_studies_quota_gets_429(tmp_path: Path) -> None:
-    settings = Settings(data_dir=tmp_path / "data", max_active_studies_per_principal=2)
+def test_a_principal_over_its_active_studies_quota_gets_429(tmp_path: Path, db_url: str) -> None:
+    settings = Settings(
+        data_dir=tmp_path / "data", database_url=db_url, max_active_studies_per_principal=2
+    )
     with serve_in_thread(settings) as server:
         tokens = _tokens(server)
+        # Parallel submits cannot pass the quota (counted in the insert's transaction).
+        with ThreadPoolExecutor(max_workers=6) as pool:
+            racing = list(
+                pool.map(
+                    lambda _: (
+                        server.http.post(
+                            "/v1/studies", json=SPEC, headers=_bearer(tokens["root"])
+                        ).status_code
+                    ),
+                    range(6),
+                )
+            )
+        assert sorted(racing) == [201, 201, 429, 429, 429, 429], racing
+        names = {
+            s["study_name"]
+            for s in server.http.get("/api/studies", headers=_bearer(tokens["root"])).json()[
+                "study_summaries"
+            ]
+        }
+        assert len(names) == 2  # a refused submit leaves no Optuna study behind
         first, _second = _submit(server, tokens["alice"]), _submit(server, tokens["alice"])
         over = server.http.post("/v1/studies", json=SPEC, headers=_bearer(tokens["alice"]))
         assert over.status_code == 429, over.text
