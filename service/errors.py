@@ -55,6 +55,10 @@ class PayloadTooLarge(LstmHpoError):
     """The request body is too large."""
 
 
+class UnsupportedMediaType(LstmHpoError):
+    """The request body's content type is not accepted here."""
+
+
 class NotFound(LstmHpoError):
     """No such object."""
 

@@ -943,6 +943,10 @@ def _load_yaml(text: str | bytes, error: type[InvalidSpec]) -> Any:
             text = text.decode("utf-8")
         except UnicodeDecodeError as err:
             raise error([FieldError("", f"not UTF-8 text (byte {err.start})")]) from None
+    if _flow_depth(text) > MAX_DEPTH:
+        # Refused before parsing: the parser recurses per level, and a body of brackets
+        # costs it seconds of CPU before Python's recursion limit stops it.
+        raise error([FieldError("", f"nested more than {MAX_DEPTH} levels deep")])
     loader = YAML(typ="safe", pure=True)
     loader.Constructor = _Yaml12Constructor
     try:
@@ -964,6 +968,23 @@ def _load_yaml(text: str | bytes, error: type[InvalidSpec]) -> Any:
         raise error([FieldError("", f"nested more than {MAX_DEPTH} levels deep")]) from None
     except ValueError as err:  # e.g. an integer of more than 4300 digits
         raise error([FieldError("", f"not valid YAML or JSON: {err}")]) from None
+
+
+_BRACKETS = re.compile(r"[\[\]{}]")
+
+
+def _flow_depth(text: str) -> int:
+    """An upper bound of the nesting of ``[`` / ``{`` in ``text`` (quotes are not parsed,
+    so brackets inside strings count too: a bound, never an underestimate). Block nesting
+    by indentation needs a line per level and is bounded by the body size."""
+    depth = deepest = 0
+    for match in _BRACKETS.finditer(text):
+        if match.group() in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        else:
+            depth = max(depth - 1, 0)
+    return deepest
 
 
 def _duplicate_keys(root: Node) -> list[FieldError]:

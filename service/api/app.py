@@ -15,6 +15,7 @@ from fastapi.responses import RedirectResponse
 from service import auth, studies
 from service.api.dashboard import DashboardGuard
 from service.api.errors import install_error_handlers
+from service.api.guards import BodyLimit, OpenModeGuard
 from service.api.routes import health, signin
 from service.api.routes import studies as studies_routes
 from service.config import Settings
@@ -90,6 +91,10 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True) -> Fas
     app.include_router(signin.router)
 
     _document_spec_schema(app)
+    # Outermost first: bodies bounded for every route (the sign-in page and the dashboard's
+    # JSON routes too), then open mode's host and origin checks.
+    app.add_middleware(OpenModeGuard, backend=backend)
+    app.add_middleware(BodyLimit, limit=settings.max_request_bytes)
 
     @app.get("/", include_in_schema=False)
     def root() -> RedirectResponse:

@@ -56,7 +56,7 @@ _REFUSED: list[tuple[str, re.Pattern[str], str]] = [
         "lstm-hpo studies cannot be renamed (a rename copies the study and deletes the "
         f"original, which would cut it off from its trial queue); {_SUBMIT_HINT}",
     ),
-    ("POST", re.compile(r"/api/trials/\d+/.*"), _WORKERS_OWN_TRIALS),
+    ("POST", re.compile(r"/api/trials/\d+(?:/.*)?"), _WORKERS_OWN_TRIALS),
     ("POST", re.compile(r"/api/studies/\d+/\d+/skip"), _WORKERS_OWN_TRIALS),
     (
         "POST",
@@ -64,7 +64,7 @@ _REFUSED: list[tuple[str, re.Pattern[str], str]] = [
         "the schema is upgraded by the lstm-hpo server at start (or `lstm-hpo migrate`)",
     ),
 ]
-_DELETE_STUDY = re.compile(r"/api/studies/(\d+)/?")
+_DELETE_STUDY = re.compile(r"/api/studies/(\d+)")
 #: Routes that name an Optuna study by its id (group 1).
 _STUDY_ROUTES = re.compile(
     r"/(?:api/studies|dashboard/studies|csv|artifacts|api/artifacts)/(\d+)(?:/.*)?"
@@ -88,7 +88,9 @@ class DashboardGuard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        method, path = scope["method"], scope["path"]
+        # optuna-dashboard (bottle) ignores repeated and trailing slashes: match the path it
+        # will route, or "/api/studies/6/rename/" would pass a refusal meant for ".../rename".
+        method, path = scope["method"], _routed_path(scope["path"])
         headers = Headers(scope=scope)
         try:
             principal, by_cookie = await run_in_threadpool(self._principal, headers)
@@ -101,7 +103,7 @@ class DashboardGuard:
         response = await run_in_threadpool(self._intercept, method, path, principal)
         if response is not None:
             await response(scope, receive, send)
-        elif method == "GET" and path.rstrip("/") == _STUDY_LIST and not principal.admin:
+        elif method in ("GET", "HEAD") and path == _STUDY_LIST and not principal.admin:
             await self._filtered_study_list(scope, receive, send, principal)
         else:
             await self.app(scope, receive, send)
@@ -153,7 +155,9 @@ class DashboardGuard:
             elif message["type"] == "http.response.body":
                 body.extend(message.get("body", b""))
 
-        await self.app(scope, receive, collect)
+        # HEAD too is answered from the filtered list (its Content-Length would tell the
+        # size of every principal's); the server sends no body for HEAD.
+        await self.app({**scope, "method": "GET"}, receive, collect)
         if start.get("status") != 200:
             await Response(bytes(body), status_code=int(start.get("status", 500)))(
                 scope, receive, send
@@ -168,6 +172,11 @@ class DashboardGuard:
 
     def _visible_study_names(self, principal: auth.Principal) -> set[str]:
         return studies.optuna_study_names(self.backend, principal=principal)
+
+
+def _routed_path(path: str) -> str:
+    """``path`` with repeated slashes collapsed and the trailing one dropped."""
+    return re.sub(r"/{2,}", "/", path).rstrip("/") or "/"
 
 
 def _reason(status: int, reason: str) -> JSONResponse:

@@ -19,6 +19,7 @@ QUOTA_RETRY_AFTER_S = 60
 _STATUS: list[tuple[type[errors.LstmHpoError], int]] = [
     (errors.Unauthorized, 401),
     (errors.PayloadTooLarge, 413),
+    (errors.UnsupportedMediaType, 415),
     (errors.InvalidSpec, 422),
     (errors.NotFound, 404),
     (errors.QuotaExceeded, 429),  # a Conflict, answered as Too Many Requests
@@ -68,6 +69,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         (404, "No such study, or another principal's"),
         (409, "Conflicts with the study's state"),
         (413, "Request body too large"),
+        (415, "A body type a spec cannot be (JSON or YAML only)"),
         (422, "Invalid input: every bad field, by its dotted path"),
         (429, "A quota of this principal is reached (see Retry-After)"),
         (503, "The database is unreachable; retry (see Retry-After)"),

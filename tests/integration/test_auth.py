@@ -248,6 +248,27 @@ def test_dashboard_needs_a_principal_and_shows_only_its_studies(
     with _signed_in(server, tokens["root"]) as root:
         names = {s["study_name"] for s in root.get("/api/studies").json()["study_summaries"]}
         assert names == {alices["optuna_study_name"], bobs["optuna_study_name"]}
+    # HEAD is filtered too (its Content-Length would tell the size of everyone's list).
+    with _signed_in(server, tokens["bob"]) as bob:
+        head = bob.head("/api/studies")
+        assert head.status_code == 200
+        assert int(head.headers["content-length"]) == len(bob.get("/api/studies").content)
+
+
+def test_slashes_do_not_get_past_the_dashboards_refusals(server: InProcessServer) -> None:
+    """optuna-dashboard ignores repeated and trailing slashes; so does the guard."""
+    tokens = _tokens(server)
+    bearer = _bearer(tokens["bob"])
+    study = _submit(server, tokens["bob"])
+    oid = _optuna_id(study)
+    for path in ("/api/studies//", "/api/studies/", f"/api/studies/{oid}/rename/"):
+        response = server.http.post(path, json={"study_name": "x"}, headers=bearer)
+        assert response.status_code == 403, (path, response.text)
+    assert server.http.post("/incompatible-rdb-schema//", headers=bearer).status_code == 403
+    gone = server.http.delete(f"/api/studies/{oid}//", headers=bearer)
+    assert gone.status_code == 204
+    # Through the service: both records are gone, not just Optuna's.
+    assert server.http.get(f"/v1/studies/{study['id']}", headers=bearer).status_code == 404
 
 
 def test_the_session_cookie_is_secure_behind_https(tmp_path: Path, sqlite_url: str) -> None:

@@ -60,3 +60,36 @@ def test_deeply_nested_json_is_422(server: InProcessServer) -> None:
         "/v1/studies", content=body, headers={"Content-Type": "application/json"}
     )
     assert response.status_code == 422, response.text
+
+
+def test_every_route_bounds_its_body_the_sign_in_page_too(server: InProcessServer) -> None:
+    for path in ("/signin", "/api/studies/1/note", "/v1/studies/estimate"):
+        response = server.http.post(path, content=b"x" * 2_000_000)
+        assert response.status_code == 413, (path, response.status_code)
+
+
+def test_deep_yaml_is_refused_before_parsing(server: InProcessServer) -> None:
+    body = "task: {kind: synthetic}\nname: " + "[" * 200_000 + "\n"
+    response = server.http.post("/v1/studies", content=body, headers=YAML)
+    assert response.status_code == 422 and "nested more than" in response.text
+
+
+def test_open_mode_refuses_other_hosts_and_sites(server: InProcessServer) -> None:
+    """No token yet: DNS rebinding (a foreign Host) and a web page driving the browser (a
+    foreign Origin, or a body type a form or no-cors fetch can send) are refused."""
+    spec = '{"task": {"kind": "synthetic"}, "space": {"max_epochs": 1}, "study": {"n_trials": 1}}'
+    rebound = server.http.get("/v1/studies", headers={"Host": "evil.example:8000"})
+    assert rebound.status_code == 403 and "open mode" in rebound.text
+    assert server.http.get("/dashboard", headers={"Host": "evil.example"}).status_code == 403
+    cross = server.http.post(
+        "/v1/studies",
+        content=spec,
+        headers={"Content-Type": "application/json", "Origin": "http://localhost:9999"},
+    )
+    assert cross.status_code == 403, cross.text
+    for simple in ("text/plain", "application/x-www-form-urlencoded"):
+        form = server.http.post("/v1/studies", content=spec, headers={"Content-Type": simple})
+        assert form.status_code == 415 and "application/json" in form.text, form.text
+    before = server.http.get("/v1/studies").json()["total"]
+    ok = server.http.post("/v1/studies", content=spec, headers={"Content-Type": "application/json"})
+    assert ok.status_code == 201 and server.http.get("/v1/studies").json()["total"] == before + 1

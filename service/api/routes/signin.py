@@ -95,5 +95,7 @@ async def signin(request: Request, backend: BackendDep) -> Response:
 def signout() -> Response:
     """Forget the session cookie."""
     response = RedirectResponse("/signin", status_code=303)
-    response.delete_cookie(auth.SESSION_COOKIE, path="/")
+    # Forgets the cookie in this browser; the signed value stays valid until it expires
+    # (12 h) unless the token is revoked (`lstm-hpo token revoke NAME`).
+    response.delete_cookie(auth.SESSION_COOKIE, path="/", httponly=True, samesite="strict")
     return response

@@ -14,7 +14,7 @@ from starlette.concurrency import run_in_threadpool
 from service import studies
 from service.api.deps import BackendDep, PrincipalDep
 from service.api.errors import ERROR_RESPONSES
-from service.errors import FieldError, InvalidSpec, PayloadTooLarge
+from service.errors import FieldError, InvalidSpec, PayloadTooLarge, UnsupportedMediaType
 from service.estimate import estimate_document
 from service.schemas import BestPublic, EstimatePublic, Page, StudyPublic, TrialPublic
 from service.search_space import dump_yaml, parse_spec
@@ -41,6 +41,12 @@ async def _spec_document(request: Request) -> Any:
     """
     body = await _bounded_body(request, request.app.state.max_request_bytes)
     content_type = request.headers.get("content-type", "application/json").split(";")[0].strip()
+    if content_type in _SIMPLE_FORM_TYPES:
+        # What a cross-site form or a no-cors fetch can send without a CORS preflight.
+        raise UnsupportedMediaType(
+            f"a spec is JSON (Content-Type: application/json) or YAML (application/yaml), "
+            f"not {content_type}"
+        )
     if content_type in _YAML_TYPES:
         return body  # parse_spec decodes it, naming the byte that is not UTF-8
     return _json_document(body)
@@ -61,6 +67,9 @@ async def _bounded_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
+_SIMPLE_FORM_TYPES = frozenset(
+    {"text/plain", "application/x-www-form-urlencoded", "multipart/form-data"}
+)
 _SEND_YAML = " (send YAML with Content-Type: application/yaml)"
 
 

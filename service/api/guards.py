@@ -1,0 +1,125 @@
+"""ASGI middleware in front of everything the server answers (the API, the sign-in page and
+the mounted dashboard alike): request bodies are bounded, and a server in open mode answers
+only requests that name a loopback address and come from no other site.
+
+Why open mode needs more than binding 127.0.0.1: a web page the user visits can make the
+browser send requests to ``http://127.0.0.1:8000`` (a "simple" cross-site POST needs no
+CORS preflight), and DNS rebinding can make another site's name resolve to 127.0.0.1 and
+read the answers. The ``Host`` and ``Origin`` checks stop both; the API also refuses the
+body types a simple request can carry (``service.api.routes.studies``).
+"""
+
+from __future__ import annotations
+
+import time
+from urllib.parse import urlsplit
+
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service import auth, studies
+
+_WITH_BODY = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+_UNSAFE = _WITH_BODY
+#: How long "authentication is off" is believed before it is read again (seconds): a token
+#: created meanwhile turns open mode off within this time. "On" is final (tokens are
+#: never deleted), so it is never read again.
+_OPEN_MODE_RECHECK_S = 1.0
+
+
+def _refuse(status: int, detail: str, error: str) -> JSONResponse:
+    return JSONResponse({"detail": detail, "error": error}, status_code=status)
+
+
+class BodyLimit:
+    """413 for a request body over ``limit`` bytes, declared or streamed, before the app
+    reads it; smaller bodies are buffered (at most ``limit`` bytes) and replayed."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] not in _WITH_BODY:
+            await self.app(scope, receive, send)
+            return
+        too_large = _refuse(
+            413, f"the request body is larger than {self.limit:,} bytes", "PayloadTooLarge"
+        )
+        declared = Headers(scope=scope).get("content-length", "")
+        if declared.isdigit() and int(declared) > self.limit:
+            await too_large(scope, receive, send)
+            return
+        body = bytearray()
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away
+                await self.app(scope, _replay([message]), send)
+                return
+            body.extend(message.get("body", b""))
+            if len(body) > self.limit:
+                await too_large(scope, receive, send)
+                return
+            if not message.get("more_body", False):
+                break
+        await self.app(
+            scope, _replay([{"type": "http.request", "body": bytes(body)}], receive), send
+        )
+
+
+def _replay(messages: list[Message], then: Receive | None = None) -> Receive:
+    pending = list(messages)
+
+    async def receive() -> Message:
+        if pending:
+            return pending.pop(0)
+        if then is not None:
+            return await then()
+        return {"type": "http.disconnect"}
+
+    return receive
+
+
+class OpenModeGuard:
+    """While no API token exists: refuse requests that name a non-loopback host (DNS
+    rebinding) and unsafe requests from another origin (a web page driving the browser)."""
+
+    def __init__(self, app: ASGIApp, backend: studies.Backend) -> None:
+        self.app = app
+        self.backend = backend
+        self._on = False
+        self._checked_at = float("-inf")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or await self._authentication_on():
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        host = headers.get("host", "")
+        if not auth.is_loopback(urlsplit(f"//{host}").hostname or ""):
+            await _refuse(
+                403,
+                f"this server runs in open mode (no API token yet) and answers only requests "
+                f"to a loopback address, not to {host!r}: create a token to share it "
+                "(lstm-hpo token create NAME --admin)",
+                "OpenModeRefused",
+            )(scope, receive, send)
+            return
+        origin = headers.get("origin")
+        if scope["method"] in _UNSAFE and origin and urlsplit(origin).netloc != host:
+            await _refuse(403, "cross-site request refused (open mode)", "OpenModeRefused")(
+                scope, receive, send
+            )
+            return
+        await self.app(scope, receive, send)
+
+    async def _authentication_on(self) -> bool:
+        if self._on:
+            return True
+        now = time.monotonic()
+        if now - self._checked_at >= _OPEN_MODE_RECHECK_S:
+            self._on = await run_in_threadpool(auth.authentication_on, self.backend.sessions)
+            self._checked_at = now
+        return self._on
