@@ -47,7 +47,8 @@ def _fail(err: LstmHpoError, code: int = 1) -> typer.Exit:
     else:
         err_console.print(f"[red]error:[/red] {escape(err.message)}")
         if getattr(err, "status_code", None) == 401:
-            err_console.print("  set LSTM_HPO_TOKEN (or pass --token) to your API token")
+            hint = "check" if os.environ.get("LSTM_HPO_TOKEN") else "set"
+            err_console.print(f"  {hint} LSTM_HPO_TOKEN (or --token): your API token")
     return typer.Exit(code)
 
 

@@ -9,6 +9,7 @@ with Client("http://127.0.0.1:8000") as c:
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -42,7 +43,8 @@ class Client:
         timeout: float = 30.0,
     ) -> None:
         """``token``: an API token (``lstm-hpo token create NAME``), sent as
-        ``Authorization: Bearer``; None for a server in open mode."""
+        ``Authorization: Bearer``; default ``LSTM_HPO_TOKEN``; none for a server in open mode."""
+        token = token or os.environ.get("LSTM_HPO_TOKEN")
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._http = httpx.Client(base_url=base_url.rstrip("/"), timeout=timeout, headers=headers)
 

@@ -380,6 +380,11 @@ def best_configs(
     spec = study_spec(job)
     ranked = _ranked(_trials(backend, job), spec.direction)
     if not ranked:
+        if job.state.is_terminal:
+            raise NoCompletedTrials(
+                f"the study ended ({job.state}) without a completed trial: see its trials' "
+                "failure reasons (GET /v1/studies/{id}/trials)"
+            )
         raise NoCompletedTrials()
     out = []
     for trial in ranked[:k]:
