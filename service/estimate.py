@@ -15,9 +15,10 @@ task kind below (:data:`SHAPES`).
 Parameters (exact; checked against ``sum(p.numel() for p in model.parameters())``):
 
 - embedding (char_lm): ``V * E`` (``torch.nn.Embedding``: one ``E``-vector per token).
-- each LSTM layer and direction, input width ``I``, hidden width ``H``:
-  ``4*H*(I + H) + 8*H`` -- ``weight_ih`` (4H x I), ``weight_hh`` (4H x H), ``bias_ih`` and
-  ``bias_hh`` (4H each), the four gates i, f, g, o stacked (``torch.nn.LSTM`` docs,
+- each recurrent layer and direction, input width ``I``, hidden width ``H``, ``G`` gate
+  blocks (``cell``: lstm 4, gru 3, rnn 1): ``G*H*(I + H) + 2*G*H`` -- ``weight_ih``
+  (GH x I), ``weight_hh`` (GH x H), ``bias_ih`` and ``bias_hh`` (GH each), the gates
+  stacked (LSTM i, f, g, o; GRU r, z, n; the ``torch.nn.LSTM`` / ``GRU`` / ``RNN`` docs,
   "Variables"). A layer's input is the previous layer's output: ``D * H_prev`` wide with
   ``D = 2`` directions when bidirectional.
 - head: ``(D * H_last) * O + O`` (``torch.nn.Linear``: weight and bias).
@@ -66,6 +67,13 @@ Memory of one step, float32 (4 bytes), ``P`` parameters:
   layer's gate gradients (``4H`` per step, one direction at a time), the gradient of its
   output twice (materialised, and the kernel's copy) and that of its input; or the
   head's two gradients (of the logits and of the log-probabilities).
+
+GRU and RNN cells: the parameters (and so weights, gradients, optimizer state and working
+copies) are exact for them too, but the activations are the LSTM figure for the same
+widths, an upper bound: a GRU or RNN cell has fewer gate blocks and no cell state, and
+keeps less per step than an LSTM. Measured the same way (PyTorch runs them per op on CPU),
+the peak is 43-52% of the estimate for GRU and 14-28% for RNN when activations dominate,
+97-99% when the weights do.
 
 ``total = weights + gradients + optimizer state + working copies + activations``.
 Measured against torch on CPU (``tests/unit/test_estimate.py``, torch 2.13, x86-64): with
@@ -306,12 +314,18 @@ def _layer_inputs(params: LSTMConfig, shape: ProblemShape) -> list[tuple[int, in
     return layers
 
 
+#: Gate blocks stacked in each cell's weights (the same as ``training.model.GATES``, which
+#: this module cannot import: it stays torch-free).
+_GATES: Mapping[str, int] = {"lstm": 4, "gru": 3, "rnn": 1}
+
+
 def parameter_count(params: LSTMConfig, shape: ProblemShape) -> int:
-    """The trainable parameters of ``StackedLSTM(problem, params)``, exactly."""
+    """The trainable parameters of ``StackedLSTM(problem, params)``, exactly (any cell)."""
     directions = 2 if params.bidirectional else 1
+    gates = _GATES[params.cell]
     count = shape.input_size * _embedding_dim(params) if shape.input_kind == "tokens" else 0
     for inputs, hidden in _layer_inputs(params, shape):
-        count += directions * (4 * hidden * (inputs + hidden) + 8 * hidden)
+        count += directions * (gates * hidden * (inputs + hidden) + 2 * gates * hidden)
     head_in = directions * params.layer_sizes()[-1]
     return count + head_in * shape.output_size + shape.output_size
 
@@ -344,7 +358,10 @@ def lstm_workspace(batch: int, steps: int, inputs: int, hidden: int) -> int:
 
 def activation_bytes(params: LSTMConfig, shape: ProblemShape) -> int:
     """Bytes of activations of one training step: what the forward pass keeps for the
-    backward pass, plus the largest set of the backward pass's own buffers (module docstring)."""
+    backward pass, plus the largest set of the backward pass's own buffers (module docstring).
+
+    Always the LSTM figure: an upper bound for GRU and RNN cells (fewer gates, no cell state).
+    """
     b, t = params.batch_size, shape.seq_len
     steps = b * t
     directions = 2 if params.bidirectional else 1
@@ -413,6 +430,8 @@ _CHOICE_RANK: Mapping[str, Mapping[Any, float]] = {
     "hidden_mode": {"pyramid": 0, "per_layer": 1, "tied": 1},
     "optimizer": {"sgd": 0, "rmsprop": 1, "adam": 2, "adamw": 2},
     "bidirectional": {False: 0, True: 1},
+    # Gate blocks: 1, 3, 4 (the activations are the LSTM figure for all three).
+    "cell": {"rnn": 0, "gru": 1, "lstm": 2},
 }
 _NUMERIC_COST = ("num_layers", "hidden_size", "batch_size", "bptt", "embedding_dim")
 
@@ -460,7 +479,7 @@ class _CostliestTrial:
 def costliest_config(spec: StudySpec) -> ResolvedConfig:
     """The most expensive config ``spec`` allows: every range at its top end, every
     categorical that changes the cost (width, depth, batch, bptt, directions, embedding,
-    hidden_mode, optimizer) at its costliest choice. Falls back to
+    hidden_mode, optimizer, cell) at its costliest choice. Falls back to
     ``search_space.largest_config`` when those choices do not combine into a valid config."""
     try:
         return sample_config(_CostliestTrial(), spec)

@@ -209,11 +209,14 @@ def task_metric(task: TaskSpec) -> TaskMetric:
 # --------------------------------------------------------------------------------------
 
 HiddenMode: TypeAlias = Literal["tied", "pyramid", "per_layer"]
+#: The recurrent cell of every layer: torch.nn.LSTM, torch.nn.GRU or torch.nn.RNN (tanh).
+CellKind: TypeAlias = Literal["lstm", "gru", "rnn"]
 InitStrategy: TypeAlias = Literal["pytorch_default", "uniform", "xavier_uniform", "orthogonal"]
 OptimizerName: TypeAlias = Literal["adam", "adamw", "sgd", "rmsprop"]
 LRSchedule: TypeAlias = Literal["none", "step", "cosine", "plateau"]
 
 MAX_LAYERS = 8
+FORGET_BIAS_LSTM_ONLY = "the forget-gate bias exists only in LSTM cells (cell: lstm)"
 MAX_HIDDEN = 4096
 #: Pyramid mode halves the width per layer but never goes below this (or the first width).
 PYRAMID_MIN_HIDDEN = 8
@@ -222,6 +225,8 @@ PYRAMID_MIN_HIDDEN = 8
 class LSTMConfig(_Frozen):
     """Every hyperparameter of one trial, fixed. Defaults are the documented defaults."""
 
+    #: The recurrent cell of every layer (lstm, gru, or a tanh rnn).
+    cell: CellKind = "lstm"
     num_layers: int = Field(default=2, ge=1, le=MAX_LAYERS)
     hidden_size: int = Field(default=128, ge=1, le=MAX_HIDDEN)
     #: tied: every layer ``hidden_size``; pyramid: halves per layer; per_layer: ``hidden_sizes``.
@@ -241,6 +246,7 @@ class LSTMConfig(_Frozen):
     #: ``uniform`` init draws every weight from U(-init_range, init_range).
     init_range: float = Field(default=0.05, gt=0.0, le=1.0)
     #: Effective forget-gate bias (b_ih + b_hh on the forget slice); None keeps the init's.
+    #: LSTM cells only.
     forget_bias: float | None = Field(default=None, ge=-10.0, le=10.0)
     optimizer: OptimizerName = "adam"
     lr: float = Field(default=1e-3, gt=0.0, le=100.0)
@@ -283,6 +289,14 @@ class LSTMConfig(_Frozen):
             # Dropout sits between layers: with one layer there is nowhere to put it.
             data["dropout"] = 0.0
         return data
+
+    @field_validator("forget_bias")
+    @classmethod
+    def _forget_bias_needs_lstm(cls, value: float | None, info: ValidationInfo) -> float | None:
+        # A field validator (``cell`` is declared first) so that the error names the field.
+        if value is not None and info.data.get("cell", "lstm") != "lstm":
+            raise ValueError(FORGET_BIAS_LSTM_ONLY)
+        return value
 
     @model_validator(mode="after")
     def _consistent(self) -> LSTMConfig:
@@ -731,6 +745,7 @@ def _check_space(spec: StudySpec) -> list[FieldError]:
         bidi is True or (isinstance(bidi, CategoricalDistribution) and True in bidi.choices)
     ):
         errors.append(FieldError("space.bidirectional", _BIDIRECTIONAL_LM))
+    errors += _forget_bias_errors(spec)
     if spec.study.sampler == "grid":
         mode = spec.space.get("hidden_mode")
         if mode == "per_layer" or (
@@ -762,6 +777,19 @@ def _check_space(spec: StudySpec) -> list[FieldError]:
                 )
                 errors.append(FieldError("study.n_trials", msg))
     return errors
+
+
+def _forget_bias_errors(spec: StudySpec) -> list[FieldError]:
+    """forget_bias (fixed to a number, or searched) needs a space whose cell can be lstm;
+    with cell searched among lstm and others it applies to the lstm trials only."""
+    forget_bias = spec.space.get("forget_bias")
+    if forget_bias is None:  # absent, or fixed to null (no forget-gate bias set)
+        return []
+    cell = spec.space.get("cell", _PARAM_FIELDS["cell"].default)
+    cells = cell.choices if isinstance(cell, CategoricalDistribution) else (cell,)
+    if "lstm" in cells:
+        return []
+    return [FieldError("space.forget_bias", FORGET_BIAS_LSTM_ONLY)]
 
 
 def _check_limits(spec: StudySpec, limits: SpecLimits) -> list[FieldError]:
@@ -1132,7 +1160,11 @@ _ACTIVE_WHEN: Mapping[str, tuple[str, tuple[Any, ...]]] = {
     "momentum": ("optimizer", ("sgd", "rmsprop")),
     "lr_decay": ("lr_schedule", ("step", "plateau")),
     "lr_decay_start": ("lr_schedule", ("step",)),
+    "forget_bias": ("cell", ("lstm",)),
 }
+#: Conditional parameters the resolved config refuses outside their condition: a fixed
+#: value is conditional too (a fixed forget_bias applies to the trials whose cell is lstm).
+_CONDITIONAL_EVEN_WHEN_FIXED = frozenset({"forget_bias"})
 
 
 def _suggest(trial: ParamSuggester, name: str, spec: ParamSpec) -> Any:
@@ -1150,8 +1182,9 @@ def sample_config(trial: ParamSuggester, spec: StudySpec) -> ResolvedConfig:
 
     Parameters are suggested in a fixed order so that conditional ones come after what they
     depend on: per-layer widths only for layers that exist, inter-layer dropout only with
-    two or more layers, ``momentum`` only for sgd/rmsprop, ``init_range`` only for uniform.
-    Fixed (scalar) values are always kept; only searched ones are conditional.
+    two or more layers, ``momentum`` only for sgd/rmsprop, ``init_range`` only for uniform,
+    ``forget_bias`` only for lstm cells. Fixed (scalar) values are always kept, except a
+    fixed ``forget_bias``, which applies only to the trials whose cell is lstm.
     """
     space = dict(spec.space)
     values: dict[str, Any] = {}
@@ -1186,7 +1219,7 @@ def _is_fixed(value: ParamSpec) -> bool:
 
 
 def _is_gated(name: str, value: ParamSpec) -> bool:
-    return name in _ACTIVE_WHEN and not _is_fixed(value)
+    return name in _ACTIVE_WHEN and (not _is_fixed(value) or name in _CONDITIONAL_EVEN_WHEN_FIXED)
 
 
 class _LowestTrial:

@@ -1,6 +1,7 @@
-"""The stacked LSTM every trial trains, and its weight-initialisation strategies.
+"""The stacked recurrent network every trial trains, and its weight-initialisation strategies.
 
-One ``nn.LSTM`` per layer (rather than ``nn.LSTM(num_layers=N)``) so that layers can have
+One ``nn.LSTM`` (or ``nn.GRU``, or tanh ``nn.RNN``: ``params.cell``) per layer (rather than
+``nn.LSTM(num_layers=N)``) so that layers can have
 different widths (pyramid, per_layer) and so that dropout sits exactly where the search
 space says: on the input, between consecutive layers (the non-recurrent connections of
 Zaremba et al. 2014) and on the last layer's output, before the head.
@@ -8,18 +9,24 @@ Zaremba et al. 2014) and on the last layer's output, before the head.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal, cast
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from service.search_space import InitStrategy, LSTMConfig
+from service.search_space import CellKind, InitStrategy, LSTMConfig
 from service.training.data.base import Problem
+
+#: Gate blocks stacked in each cell's weights and biases (torch.nn.LSTM: i, f, g, o;
+#: torch.nn.GRU: r, z, n; torch.nn.RNN: one).
+GATES: dict[CellKind, int] = {"lstm": 4, "gru": 3, "rnn": 1}
+_CELLS: dict[CellKind, Callable[..., nn.RNNBase]] = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
 
 
 class StackedLSTM(nn.Module):
-    """Embedding or features -> N stacked LSTM layers -> linear head.
+    """Embedding or features -> N stacked recurrent layers (LSTM, GRU or RNN) -> linear head.
 
     Shapes (B batch, T time, V vocabulary, F features, O ``problem.output_size``):
 
@@ -33,6 +40,8 @@ class StackedLSTM(nn.Module):
         super().__init__()
         self.readout: Literal["every_step", "last_step"] = problem.readout
         self.bidirectional = params.bidirectional
+        self.cell: CellKind = params.cell
+        cell = _CELLS[params.cell]
         sizes = params.layer_sizes()
         directions = 2 if params.bidirectional else 1
 
@@ -49,7 +58,7 @@ class StackedLSTM(nn.Module):
         self.lstms = nn.ModuleList()
         for hidden in sizes:
             self.lstms.append(
-                nn.LSTM(layer_input, hidden, batch_first=True, bidirectional=params.bidirectional)
+                cell(layer_input, hidden, batch_first=True, bidirectional=params.bidirectional)
             )
             layer_input = directions * hidden
         #: ``layer_dropouts[i]`` sits between ``lstms[i]`` and ``lstms[i + 1]``.
@@ -78,7 +87,8 @@ class StackedLSTM(nn.Module):
         for i, lstm in enumerate(self._lstm_layers()):
             if i > 0:
                 h = self.layer_dropouts[i - 1](h)
-            h, (h_n, _) = lstm(h)
+            h, state = lstm(h)
+            h_n = _hidden_state(state)
         return self._read_out(h, h_n)
 
     def _forward_packed(self, h: Tensor, lengths: Tensor) -> Tensor:
@@ -91,8 +101,9 @@ class StackedLSTM(nn.Module):
                 packed = PackedSequence(
                     dropped, packed.batch_sizes, packed.sorted_indices, packed.unsorted_indices
                 )
-            # With enforce_sorted=False, nn.LSTM returns h_n in the caller's batch order.
-            packed, (h_n, _) = lstm(packed)
+            # With enforce_sorted=False, the RNN modules return h_n in the caller's batch order.
+            packed, state = lstm(packed)
+            h_n = _hidden_state(state)
         if self.readout == "last_step":
             return self._read_out(h, h_n)
         out, _ = pad_packed_sequence(packed, batch_first=True, total_length=total_length)
@@ -105,25 +116,29 @@ class StackedLSTM(nn.Module):
         logits: Tensor = self.head(self.output_dropout(out))
         return logits
 
-    def _lstm_layers(self) -> list[nn.LSTM]:
-        return [cast(nn.LSTM, lstm) for lstm in self.lstms]
+    def _lstm_layers(self) -> list[nn.RNNBase]:
+        return [cast(nn.RNNBase, lstm) for lstm in self.lstms]
 
     def init_weights(
         self, strategy: InitStrategy, init_range: float = 0.05, forget_bias: float | None = None
     ) -> None:
         """Initialise the weights in place (called by ``__init__``).
 
-        - ``pytorch_default``: keep PyTorch's own initialisation (LSTM: U(±1/sqrt(H))).
+        The recurrent weights stack ``G`` gate blocks (:data:`GATES`: LSTM 4 [i, f, g, o],
+        GRU 3 [r, z, n], RNN 1), each ``H`` rows.
+
+        - ``pytorch_default``: keep PyTorch's own initialisation (every cell: U(±1/sqrt(H))).
         - ``uniform``: every parameter of the model (embedding and head included) from
           U(-init_range, init_range), as Zaremba et al. (2014).
-        - ``xavier_uniform``: each LSTM ``weight_ih`` Xavier-uniform as a whole, each
-          ``weight_hh`` (4H x H) orthogonal as a whole, LSTM biases zero.
-        - ``orthogonal``: each gate block [i, f, g, o] of ``weight_hh`` an orthogonal H x H
-          matrix, each gate block of ``weight_ih`` Xavier-uniform, LSTM biases zero.
+        - ``xavier_uniform``: each layer's ``weight_ih`` Xavier-uniform as a whole, each
+          ``weight_hh`` (GH x H) orthogonal as a whole, the recurrent biases zero.
+        - ``orthogonal``: each gate block of ``weight_hh`` an orthogonal H x H matrix, each
+          gate block of ``weight_ih`` Xavier-uniform, the recurrent biases zero.
 
         Embedding and head keep PyTorch's initialisation except under ``uniform``. Then, if
-        ``forget_bias`` is given, the effective forget-gate bias ``b_ih[H:2H] + b_hh[H:2H]``
-        of every layer and direction is set to exactly that value (Jozefowicz et al. 2015).
+        ``forget_bias`` is given (LSTM cells only), the effective forget-gate bias
+        ``b_ih[H:2H] + b_hh[H:2H]`` of every layer and direction is set to exactly that value
+        (Jozefowicz et al. 2015).
         """
         with torch.no_grad():
             if strategy == "uniform":
@@ -133,10 +148,12 @@ class StackedLSTM(nn.Module):
                 per_gate = strategy == "orthogonal"
                 for lstm in self._lstm_layers():
                     for name, param in lstm.named_parameters():
-                        _init_lstm_param(name, param, per_gate=per_gate)
+                        _init_recurrent_param(name, param, GATES[self.cell], per_gate=per_gate)
             elif strategy != "pytorch_default":
                 raise ValueError(f"unknown init strategy {strategy!r}")
             if forget_bias is not None:
+                if self.cell != "lstm":
+                    raise ValueError(f"forget_bias exists only in LSTM cells (cell: {self.cell})")
                 for lstm in self._lstm_layers():
                     hidden = lstm.hidden_size
                     for name, param in lstm.named_parameters():
@@ -146,8 +163,13 @@ class StackedLSTM(nn.Module):
                             param[hidden : 2 * hidden].zero_()
 
 
-def _init_lstm_param(name: str, param: Tensor, *, per_gate: bool) -> None:
-    hidden = param.shape[0] // 4  # every LSTM parameter stacks the 4 gates [i, f, g, o]
+def _hidden_state(state: Tensor | tuple[Tensor, Tensor]) -> Tensor:
+    """The final hidden state ``h_n``: nn.LSTM returns ``(h_n, c_n)``, nn.GRU / nn.RNN ``h_n``."""
+    return state[0] if isinstance(state, tuple) else state
+
+
+def _init_recurrent_param(name: str, param: Tensor, gates: int, *, per_gate: bool) -> None:
+    hidden = param.shape[0] // gates  # every parameter stacks the cell's gates (GATES)
     if name.startswith("bias"):
         nn.init.zeros_(param)
     elif not per_gate:
@@ -157,7 +179,7 @@ def _init_lstm_param(name: str, param: Tensor, *, per_gate: bool) -> None:
             nn.init.orthogonal_(param)
     else:
         # Gate blocks are rows [0:H], [H:2H], ... ; views, so the in-place init lands in param.
-        for gate in range(4):
+        for gate in range(gates):
             block = param[gate * hidden : (gate + 1) * hidden]
             if name.startswith("weight_ih"):
                 nn.init.xavier_uniform_(block)

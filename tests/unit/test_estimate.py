@@ -101,9 +101,10 @@ def _fits_task(kind: str, params: dict[str, Any]) -> bool:
 
 
 CASES = [
-    pytest.param(kind, params, id=f"{kind}-{i}")
+    pytest.param(kind, {**params, "cell": cell}, id=f"{kind}-{i}-{cell}")
     for kind in TASKS
     for i, params in enumerate(PARAMS)
+    for cell in ("lstm", "gru", "rnn")
     if _fits_task(kind, params)
 ]
 
@@ -330,6 +331,26 @@ def test_memory_is_an_upper_bound_close_to_torchs_peak(
     assert lowest <= ratio <= 1.1
     # What autograd keeps for the backward pass never exceeds the activations estimated
     # (which add the backward pass's own buffers).
+    assert saved <= cost.activation_bytes
+
+
+@pytest.mark.parametrize(("cell", "lowest"), [("gru", 0.4), ("rnn", 0.1)])
+@pytest.mark.parametrize(
+    ("params", "shape"),
+    [c for c in MEMORY_CASES if c.id in ("adding-3x32", "classify-per_layer", "weights-dominate")],
+)
+def test_memory_of_gru_and_rnn_is_the_lstm_activation_bound(
+    params: dict[str, Any], shape: est.ProblemShape, cell: str, lowest: float
+) -> None:
+    config = LSTMConfig(**params, cell=cell)
+    cost = est.estimate(ResolvedConfig(task=AddingTask(kind="adding"), params=config), shape)
+    lstm = est.estimate(
+        ResolvedConfig(task=AddingTask(kind="adding"), params=LSTMConfig(**params)), shape
+    )
+    assert cost.activation_bytes == lstm.activation_bytes
+    count, peak, saved = _measure(config, shape)
+    assert cost.params == count
+    assert lowest <= peak / cost.total_bytes <= 1.1
     assert saved <= cost.activation_bytes
 
 

@@ -11,11 +11,14 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
+from pydantic import ValidationError
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from service.search_space import LSTMConfig
+from service.errors import InvalidConfig
+from service.search_space import LSTMConfig, parse_config
 from service.training.data.base import Problem
+from service.training.fit import fit_config
 from service.training.model import StackedLSTM, count_parameters
 from service.training.module import DivergedError, LSTMLightningModule
 
@@ -532,3 +535,131 @@ def test_cosine_and_plateau_schedules() -> None:
 
     module = LSTMLightningModule.from_config(CHAR, LSTMConfig(lr_schedule="plateau", lr_decay=1.0))
     assert isinstance(module.configure_optimizers(), torch.optim.Adam)
+
+
+# --------------------------------------------------------------------------------------
+# Cells: lstm, gru, rnn
+# --------------------------------------------------------------------------------------
+
+_CELL_MODULES = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
+_GATES = {"lstm": 4, "gru": 3, "rnn": 1}
+
+
+def _cell_params(model: StackedLSTM, cell: str) -> Iterator[tuple[str, int, Tensor]]:
+    """(name, hidden size, tensor) of every parameter of every layer and direction."""
+    for i, layer in enumerate(model.lstms):
+        assert type(layer) is _CELL_MODULES[cell] and isinstance(layer, nn.RNNBase)
+        for name, param in layer.named_parameters():
+            yield f"lstms.{i}.{name}", layer.hidden_size, param.detach()
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("problem", [CHAR, CLASSIFY, FORECAST, ADDING])
+@pytest.mark.parametrize("cell", ["gru", "rnn", "lstm"])
+def test_every_cell_gives_every_task_kinds_shapes(
+    cell: str, problem: Problem, bidirectional: bool
+) -> None:
+    params = LSTMConfig(
+        cell=cell, num_layers=2, hidden_mode="per_layer", hidden_sizes=(6, 5),
+        bidirectional=bidirectional,
+    )  # fmt: skip
+    model = StackedLSTM(problem, params)
+    directions = 2 if bidirectional else 1
+    for layer in model.lstms:
+        assert type(layer) is _CELL_MODULES[cell]
+        assert layer.bidirectional == bidirectional and layer.num_layers == 1
+    if cell == "rnn":
+        assert all(layer.nonlinearity == "tanh" for layer in model.lstms)
+    assert model.head.in_features == directions * 5
+    if problem.input_kind == "tokens":
+        x = torch.randint(0, problem.input_size, (4, 7))
+    else:
+        x = torch.randn(4, 7, problem.input_size)
+    if problem.readout == "every_step":
+        assert model(x).shape == (4, 7, problem.output_size)
+    else:
+        assert model(x).shape == (4, problem.output_size)
+        assert model(x, torch.tensor([7, 1, 3, 6])).shape == (4, problem.output_size)
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("cell", ["gru", "rnn"])
+def test_packed_batch_equals_each_sequence_alone_for_every_cell(
+    cell: str, bidirectional: bool
+) -> None:
+    params = LSTMConfig(
+        cell=cell, num_layers=2, hidden_size=12, bidirectional=bidirectional, init="orthogonal"
+    )
+    model = StackedLSTM(CLASSIFY, params).eval()
+    lengths = torch.tensor([5, 2, 7, 1])
+    x = torch.randn(4, 7, 3) * 10
+    for i, n in enumerate(lengths.tolist()):
+        x[i, :n] = torch.randn(n, 3)
+    batched = model(x, lengths)
+    for i, n in enumerate(lengths.tolist()):
+        torch.testing.assert_close(batched[i], model(x[i : i + 1, :n])[0], atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(batched, model(x))
+
+
+@pytest.mark.parametrize("init", ["pytorch_default", "uniform", "xavier_uniform", "orthogonal"])
+@pytest.mark.parametrize("cell", ["gru", "rnn"])
+def test_every_init_strategy_applies_to_each_cells_gate_blocks(cell: str, init: str) -> None:
+    params = LSTMConfig(
+        cell=cell, num_layers=2, hidden_mode="per_layer", hidden_sizes=(16, 8),
+        bidirectional=True, init=init, init_range=0.04,
+    )  # fmt: skip
+    model = StackedLSTM(CLASSIFY, params)
+    gates = _GATES[cell]
+    seen = 0
+    for name, hidden, param in _cell_params(model, cell):
+        seen += 1
+        assert param.shape[0] == gates * hidden, name
+        if init == "uniform":
+            assert param.abs().max() <= 0.04, name
+        elif init == "xavier_uniform":
+            if "weight_hh" in name:
+                torch.testing.assert_close(param.T @ param, torch.eye(hidden), atol=1e-5, rtol=0)
+            elif "weight_ih" in name:
+                bound = math.sqrt(6.0 / (param.shape[1] + gates * hidden))
+                assert param.abs().max() <= bound, name
+            else:
+                assert torch.all(param == 0), name
+        elif init == "orthogonal":
+            for gate in range(gates):
+                block = param[gate * hidden : (gate + 1) * hidden]
+                where = f"{name} gate {gate}"
+                if "weight_hh" in name:
+                    eye = torch.eye(hidden)
+                    torch.testing.assert_close(block @ block.T, eye, atol=1e-5, rtol=0, msg=where)
+                elif "weight_ih" in name:
+                    bound = math.sqrt(6.0 / (block.shape[1] + hidden))
+                    assert block.abs().max() <= bound, where
+                else:
+                    assert torch.all(block == 0), where
+        else:
+            bound = 1 / math.sqrt(hidden)
+            assert param.abs().max() <= bound, name
+    assert seen == 2 * 2 * 4  # layers x directions x (w_ih, w_hh, b_ih, b_hh)
+
+
+@pytest.mark.parametrize("cell", ["gru", "rnn"])
+def test_forget_bias_is_refused_for_gru_and_rnn(cell: str) -> None:
+    with pytest.raises(ValidationError) as err:
+        LSTMConfig(cell=cell, forget_bias=1.0)
+    (error,) = err.value.errors()
+    assert error["loc"] == ("forget_bias",)
+    assert "only in LSTM cells" in error["msg"]
+    assert LSTMConfig(cell=cell, forget_bias=None).forget_bias is None
+    assert LSTMConfig(cell="lstm", forget_bias=1.0).forget_bias == 1.0
+    with pytest.raises(InvalidConfig) as refused:
+        parse_config({"task": {"kind": "adding"}, "params": {"cell": cell, "forget_bias": 1.0}})
+    assert [e.loc for e in refused.value.errors] == ["params.forget_bias"]
+
+
+@pytest.mark.parametrize("cell", ["gru", "rnn"])
+def test_fit_config_trains_gru_and_rnn_cells(cell: str) -> None:
+    task = {"kind": "adding", "seq_len": 10, "n_train": 64, "n_val": 32, "n_test": 32}
+    params = {"cell": cell, "num_layers": 2, "hidden_size": 8, "batch_size": 32,
+              "max_epochs": 1, "init": "orthogonal"}  # fmt: skip
+    result = fit_config(parse_config({"task": task, "params": params}), accelerator="cpu")
+    assert result.value is not None and math.isfinite(result.value)

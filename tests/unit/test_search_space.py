@@ -603,3 +603,83 @@ def test_a_grid_study_may_not_ask_for_more_trials_than_points() -> None:
     assert error.loc == "study.n_trials" and "<= 3" in error.msg
     spec["study"]["n_trials"] = 3  # type: ignore[index]
     assert parse_spec(spec).study.n_trials == 3
+
+
+# --------------------------------------------------------------------------------------
+# cell: lstm | gru | rnn, and the LSTM-only forget_bias
+# --------------------------------------------------------------------------------------
+
+CELLS = {"type": "categorical", "choices": ["lstm", "gru", "rnn"]}
+FORGET_BIAS_ONLY_LSTM = "the forget-gate bias exists only in LSTM cells (cell: lstm)"
+
+
+def test_cell_is_fixed_or_searched_like_any_categorical() -> None:
+    assert LSTMConfig().cell == "lstm"
+    assert (
+        parse_config({"task": {"kind": "adding"}, "params": {"cell": "gru"}}).params.cell == "gru"
+    )
+    assert lowest_config_of({"cell": "rnn"}).cell == "rnn"
+    configs = _tpe_trials(_spec({"cell": CELLS}), 20)
+    assert {c.params.cell for c in configs} == {"lstm", "gru", "rnn"}
+    assert _errors(_spec({"cell": "tree"})) == [
+        ("space.cell", "input should be 'lstm', 'gru' or 'rnn'")
+    ]
+    assert _errors(_spec({"cell": {"type": "categorical", "choices": ["lstm", "lstm"]}})) == [
+        ("space.cell.choices", "must not repeat a choice")
+    ]
+    [(loc, _)] = _errors(_spec({"cell": {"type": "int", "low": 0, "high": 2}}))
+    assert loc == "space.cell.type"
+
+
+def test_a_grid_over_cells_counts_its_points_and_runs_each_once() -> None:
+    space = {"cell": CELLS, "num_layers": {"type": "int", "low": 1, "high": 2}}
+    assert _errors(_spec(space, study={"n_trials": 7, "sampler": "grid"}))[0][0] == "study.n_trials"
+    spec = parse_spec(_spec(space, study={"n_trials": 6, "sampler": "grid"}))
+    sampler = optuna.samplers.GridSampler(grid_search_space(spec), seed=0)
+    study = optuna.create_study(sampler=sampler)
+    seen = set()
+
+    def objective(trial: optuna.Trial) -> float:
+        params = sample_config(trial, spec).params
+        seen.add((params.cell, params.num_layers))
+        return 0.0
+
+    study.optimize(objective, n_trials=6)
+    assert seen == {(c, n) for c in ("lstm", "gru", "rnn") for n in (1, 2)}
+
+
+@pytest.mark.parametrize("cell", ["gru", "rnn", {"type": "categorical", "choices": ["gru", "rnn"]}])
+@pytest.mark.parametrize(
+    "forget_bias", [1.0, 0.0, {"type": "float", "low": 0.0, "high": 2.0},
+                    {"type": "categorical", "choices": [0.0, 1.0]}]
+)  # fmt: skip
+def test_forget_bias_without_an_lstm_cell_is_refused_naming_it(cell: Any, forget_bias: Any) -> None:
+    errors = _errors(_spec({"cell": cell, "forget_bias": forget_bias}))
+    assert errors == [("space.forget_bias", FORGET_BIAS_ONLY_LSTM)]
+
+
+def test_forget_bias_null_is_accepted_with_any_cell() -> None:
+    assert lowest_config_of({"cell": "gru", "forget_bias": None}).forget_bias is None
+
+
+@pytest.mark.parametrize("forget_bias", [1.0, {"type": "float", "low": 0.5, "high": 2.0}])
+def test_forget_bias_applies_to_the_lstm_trials_when_cell_is_searched(forget_bias: Any) -> None:
+    spec = parse_spec(_spec({"cell": CELLS, "forget_bias": forget_bias}))
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    cells = set()
+    for _ in range(20):
+        trial = study.ask()
+        config = sample_config(trial, spec).params
+        cells.add(config.cell)
+        if config.cell == "lstm":
+            assert config.forget_bias is not None and 0.5 <= config.forget_bias <= 2.0
+        else:
+            assert config.forget_bias is None
+            assert "forget_bias" not in trial.params
+        assert sample_config(optuna.trial.FixedTrial(trial.params), spec).params == config
+        study.tell(trial, 0.0)
+    assert cells == {"lstm", "gru", "rnn"}
+
+
+def lowest_config_of(space: dict[str, Any]) -> LSTMConfig:
+    return parse_config(_spec(space)).params
