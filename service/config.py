@@ -120,4 +120,6 @@ class Settings(BaseSettings):
         return path.read_text().strip()
 
     def base_url(self) -> str:
-        return self.public_url or f"http://{self.host}:{self.port}"
+        """``public_url``, else ``http://host:port`` (an IPv6 host in brackets, RFC 3986)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return self.public_url or f"http://{host}:{self.port}"

@@ -11,6 +11,7 @@ import optuna_dashboard
 from a2wsgi import WSGIMiddleware
 from fastapi import FastAPI
 from fastapi.responses import RedirectResponse
+from sqlalchemy.engine import make_url
 
 from service import auth, studies
 from service.api.dashboard import DashboardGuard
@@ -82,7 +83,8 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True) -> Fas
     app.state.session_cookies = cookies
     app.state.secure_cookies = settings.base_url().startswith("https://")
     app.state.max_request_bytes = settings.max_request_bytes
-    app.state.safe_database_url = settings.safe_database_url()
+    # /v1/health is public: it names the kind of database, never its address.
+    app.state.database_kind = make_url(url).get_backend_name()
     revisions = current_revisions(backend.sessions.kw["bind"])
     app.state.schema_revision = next(iter(revisions), None)
     install_error_handlers(app)

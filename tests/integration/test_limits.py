@@ -93,3 +93,14 @@ def test_open_mode_refuses_other_hosts_and_sites(server: InProcessServer) -> Non
     before = server.http.get("/v1/studies").json()["total"]
     ok = server.http.post("/v1/studies", content=spec, headers={"Content-Type": "application/json"})
     assert ok.status_code == 201 and server.http.get("/v1/studies").json()["total"] == before + 1
+
+
+def test_health_is_public_and_names_only_the_kind_of_database(server: InProcessServer) -> None:
+    health = server.http.get("/v1/health").json()
+    assert health["status"] == "ok" and health["database"] == "sqlite"
+    assert "/" not in health["database"]  # no path, host or user
+
+
+def test_an_ipv6_host_is_bracketed_in_links() -> None:
+    assert Settings(host="::1", port=8000).base_url() == "http://[::1]:8000"
+    assert Settings(host="127.0.0.1", port=8000).base_url() == "http://127.0.0.1:8000"

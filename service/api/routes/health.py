@@ -15,11 +15,12 @@ router = APIRouter(tags=["health"])
 
 @router.get("/health")
 def health(backend: BackendDep, request: Request) -> HealthPublic:
-    """Liveness and database reachability."""
+    """Liveness, database reachability and kind (``sqlite`` / ``postgresql``; public, so
+    never the database's address), version and schema revision. No token needed."""
     studies.check_database(backend)
     return HealthPublic(
         status="ok",
         version=version("lstm-hpo"),
-        database=request.app.state.safe_database_url,
+        database=request.app.state.database_kind,
         schema_revision=request.app.state.schema_revision,
     )
