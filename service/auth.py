@@ -19,11 +19,12 @@ import hashlib
 import hmac
 import ipaddress
 import secrets
+import weakref
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from itsdangerous import BadSignature, URLSafeTimedSerializer
-from sqlalchemy import func, select, update
+from sqlalchemy import Engine, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from service import errors
@@ -118,7 +119,7 @@ def ensure_admin_token(sessions: sessionmaker[Session], token: str) -> bool:
                 errors.FieldError(
                     "LSTM_HPO_ADMIN_TOKEN",
                     f"must be at least {MIN_SUPPLIED_TOKEN_CHARS} characters of a random "
-                    "secret (e.g. python3 -c \"import secrets; print(secrets.token_urlsafe(32))\")",
+                    'secret (e.g. python3 -c "import secrets; print(secrets.token_urlsafe(32))")',
                 )
             ]
         )
@@ -153,10 +154,21 @@ def revoke_tokens(sessions: sessionmaker[Session], name: str) -> int:
         return len(revoked)
 
 
+#: Databases (by engine) known to have authentication on. "On" never becomes "off"
+#: (token rows are never deleted), so it is read once per engine, not on every request.
+_AUTHENTICATION_ON: weakref.WeakSet[Engine] = weakref.WeakSet()
+
+
 def authentication_on(sessions: sessionmaker[Session]) -> bool:
     """True once any token was ever created (revoked ones count: see the module docstring)."""
+    engine: Engine = sessions.kw["bind"]
+    if engine in _AUTHENTICATION_ON:
+        return True
     with session_scope(sessions) as session:
-        return bool(session.scalar(select(func.count()).select_from(ApiToken)))
+        on = bool(session.scalar(select(func.count()).select_from(ApiToken)))
+    if on:
+        _AUTHENTICATION_ON.add(engine)
+    return on
 
 
 def authenticate(sessions: sessionmaker[Session], token: str | None) -> Principal:

@@ -11,7 +11,6 @@ body types a simple request can carry (``service.api.routes.studies``).
 
 from __future__ import annotations
 
-import time
 from urllib.parse import urlsplit
 
 from starlette.concurrency import run_in_threadpool
@@ -23,10 +22,6 @@ from service import auth, studies
 
 _WITH_BODY = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 _UNSAFE = _WITH_BODY
-#: How long "authentication is off" is believed before it is read again (seconds): a token
-#: created meanwhile turns open mode off within this time. "On" is final (tokens are
-#: never deleted), so it is never read again.
-_OPEN_MODE_RECHECK_S = 1.0
 
 
 def _refuse(status: int, detail: str, error: str) -> JSONResponse:
@@ -89,11 +84,12 @@ class OpenModeGuard:
     def __init__(self, app: ASGIApp, backend: studies.Backend) -> None:
         self.app = app
         self.backend = backend
-        self._on = False
-        self._checked_at = float("-inf")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or await self._authentication_on():
+        # Read from the database only while off (auth remembers "on", which is final).
+        if scope["type"] != "http" or await run_in_threadpool(
+            auth.authentication_on, self.backend.sessions
+        ):
             await self.app(scope, receive, send)
             return
         headers = Headers(scope=scope)
@@ -114,12 +110,3 @@ class OpenModeGuard:
             )
             return
         await self.app(scope, receive, send)
-
-    async def _authentication_on(self) -> bool:
-        if self._on:
-            return True
-        now = time.monotonic()
-        if now - self._checked_at >= _OPEN_MODE_RECHECK_S:
-            self._on = await run_in_threadpool(auth.authentication_on, self.backend.sessions)
-            self._checked_at = now
-        return self._on
