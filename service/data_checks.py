@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from service.corpora import corpus_length_bound
 from service.errors import DataError, FieldError, InvalidConfig, InvalidSpec
 from service.search_space import (
     CategoricalDistribution,
@@ -52,7 +53,9 @@ __all__ = [
     "char_split_sizes",
     "check_char_splits",
     "check_series_fits",
+    "check_stream_split",
     "check_task_data",
+    "forecast_bounds",
     "needs_datasets_extra",
     "read_csv_column",
     "read_jsonl",
@@ -251,6 +254,37 @@ def check_char_splits(sizes: tuple[int, int, int], bptt: int, *, largest: bool =
             )
 
 
+def check_stream_split(size: int, streams: int, split: str) -> None:
+    """:class:`DataError` unless a split of ``size`` characters cuts into ``streams`` rows of
+    at least 2 characters (``stateful``: a batch is ``batch_size`` parallel streams)."""
+    if size // streams < 2:
+        raise DataError(
+            f"char_lm stateful: the {split} split ({size:,} characters) cannot be cut into "
+            f"batch_size {streams} streams of 2 or more characters; use batch_size <= "
+            f"{max(1, size // 2)} or more data"
+        )
+
+
+def _stream_error(spec: StudySpec, sizes: tuple[int, int, int]) -> FieldError | None:
+    """A ``stateful`` space whose largest batch cannot be cut from every split."""
+    stateful = spec.space.get("stateful")
+    if not (
+        stateful is True
+        or (isinstance(stateful, CategoricalDistribution) and True in stateful.choices)
+    ):
+        return None
+    try:
+        batch_size = largest_config(spec).params.batch_size
+    except InvalidConfig:
+        return None  # the space's top values do not combine: the trial says what is wrong
+    for name, size in zip(("train", "val", "test"), sizes, strict=True):
+        try:
+            check_stream_split(size, batch_size, name)
+        except DataError as err:
+            return FieldError("space.batch_size", err.message)
+    return None
+
+
 # --------------------------------------------------------------------------------------
 # forecast: one column of a CSV file
 # --------------------------------------------------------------------------------------
@@ -349,10 +383,19 @@ def read_csv_column(path: Path, column: str, encoding: str = "utf-8") -> tuple[n
     return np.asarray(values, dtype=np.float64), dropped
 
 
-def split_bounds(n: int, val_fraction: float, test_fraction: float) -> SplitBounds:
-    """Chronological split: train first, then val, then test (the last ``test_fraction``)."""
-    n_val, n_test = int(n * val_fraction), int(n * test_fraction)
-    return SplitBounds(val_start=n - n_val - n_test, test_start=n - n_test, n=n)
+def split_bounds(
+    n: int, val_fraction: float, test_fraction: float, test_size: int | None = None
+) -> SplitBounds:
+    """Chronological split: train first, then val, then test (the last ``test_fraction``
+    of the ``n`` points, or the last ``test_size`` when it is given)."""
+    n_test = min(n, test_size) if test_size is not None else int(n * test_fraction)
+    n_val = int(n * val_fraction)
+    return SplitBounds(val_start=max(0, n - n_val - n_test), test_start=n - n_test, n=n)
+
+
+def forecast_bounds(task: ForecastTask, n: int) -> SplitBounds:
+    """The train / val / test bounds of a forecast task's ``n``-point series."""
+    return split_bounds(n, task.val_fraction, task.test_fraction, task.test_size)
 
 
 def check_series_fits(bounds: SplitBounds, lookback: int, horizon: int) -> None:
@@ -599,7 +642,7 @@ def check_task_data(spec: StudySpec, data_roots: tuple[Path, ...] | None) -> Non
     if task.path is not None:
         error = _encoding_error(task.encoding) or _file_error(spec, task.path, data_roots)
     elif isinstance(task, CharLMTask):
-        error = _stdlib_corpus_error(spec, task)
+        error = _bundled_corpus_error(spec, task)
     else:
         error = _bundled_error(task)
     if error is not None:
@@ -623,10 +666,13 @@ def _file_error(
             sizes = char_split_sizes(len(text), task.val_fraction, task.test_fraction)
             bptt, searched = _largest_bptt(spec)
             check_char_splits(sizes, bptt, largest=searched)
+            stream_error = _stream_error(spec, sizes)
+            if stream_error is not None:
+                return stream_error
         elif isinstance(task, ForecastTask):
             assert task.column is not None  # the spec guarantees it with a path
             series, _ = read_csv_column(path, task.column, task.encoding)
-            bounds = split_bounds(len(series), task.val_fraction, task.test_fraction)
+            bounds = forecast_bounds(task, len(series))
             check_series_fits(bounds, task.lookback, task.horizon)
         elif isinstance(task, ClassifyTask):
             data = read_jsonl(path, task.encoding)
@@ -673,15 +719,17 @@ def _space_top_bptt(spec: StudySpec) -> int:
     return int(LSTMConfig.model_fields["bptt"].default)
 
 
-def _stdlib_corpus_error(spec: StudySpec, task: CharLMTask) -> FieldError | None:
-    """The default corpus is large: only ``max_chars`` and the fractions can be too small."""
-    sizes = char_split_sizes(task.max_chars, task.val_fraction, task.test_fraction)
+def _bundled_corpus_error(spec: StudySpec, task: CharLMTask) -> FieldError | None:
+    """A bundled corpus is large: only ``max_chars`` and the fractions can be too small."""
+    assert task.corpus is not None  # no path
+    length = corpus_length_bound(task.corpus, task.max_chars)
+    sizes = char_split_sizes(length, task.val_fraction, task.test_fraction)
     bptt, searched = _largest_bptt(spec)
     try:
         check_char_splits(sizes, bptt, largest=searched)
     except DataError as err:
         return FieldError("task.max_chars", err.message)
-    return None
+    return _stream_error(spec, sizes)
 
 
 def _bundled_error(task: ForecastTask | ClassifyTask) -> FieldError | None:
@@ -693,7 +741,7 @@ def _bundled_error(task: ForecastTask | ClassifyTask) -> FieldError | None:
         n = BUNDLED_SERIES_LENGTHS[task.dataset]
         try:
             check_series_fits(
-                split_bounds(n, task.val_fraction, task.test_fraction), task.lookback, task.horizon
+                forecast_bounds(task, n), task.lookback, task.horizon
             )
         except DataError as err:
             message = err.message.replace("the series", f"the {task.dataset} series", 1)

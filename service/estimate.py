@@ -94,6 +94,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeAlias
 
+from service.corpora import MOBY_DICK_VOCAB_BOUND
 from service.data_checks import read_jsonl, read_text_file
 from service.errors import DataError, FieldError, InvalidConfig, InvalidSpec
 from service.search_space import (
@@ -228,13 +229,15 @@ def char_lm_shape(
 
     A user's text file is read (its first ``max_chars`` characters, once per file version):
     its distinct characters plus ``<unk>`` bound the training vocabulary from above (which
-    holds the training split's characters only). The default corpus is not read:
-    :data:`STDLIB_VOCAB_BOUND` is its vocabulary.
+    holds the training split's characters only). A bundled corpus is not read: its
+    vocabulary bound is a constant (:data:`STDLIB_VOCAB_BOUND`, ``MOBY_DICK_VOCAB_BOUND``).
     """
-    if task.path is None:
-        vocab = min(STDLIB_VOCAB_BOUND, task.max_chars + 1)
-        source = f"vocabulary at most {vocab} (the standard library corpus, not read)"
+    if task.corpus is not None:
+        bound = MOBY_DICK_VOCAB_BOUND if task.corpus == "moby_dick" else STDLIB_VOCAB_BOUND
+        vocab = min(bound, task.max_chars + 1)
+        source = f"vocabulary at most {vocab} (the bundled {task.corpus} corpus, not read)"
     else:
+        assert task.path is not None  # no bundled corpus: a file
         path = resolve_data_path(task.path, data_roots)
         distinct = _read_data(task.path, path, _distinct_chars, task.encoding, task.max_chars)
         vocab = distinct + 1

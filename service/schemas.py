@@ -55,6 +55,10 @@ class TrialPublic(_Public):
     params: dict[str, Any]
     value: float | None = None
     duration_s: float | None = None
+    #: When a worker started the trial and when it finished (UTC; Optuna's datetime_start /
+    #: datetime_complete): best-so-far against wall time, trials per hour.
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
     #: epoch -> validation metric, as reported to the pruner (null where NaN/inf).
     intermediate_values: dict[int, float | None]
     failure_reason: str | None = None

@@ -47,6 +47,7 @@ from ruamel.yaml.error import MarkedYAMLError, YAMLError
 from ruamel.yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from ruamel.yaml.resolver import VersionedResolver
 
+from service.corpora import CharCorpus
 from service.errors import FieldError, InvalidConfig, InvalidSpec
 
 # --------------------------------------------------------------------------------------
@@ -83,13 +84,29 @@ class CharLMTask(_Frozen):
     """Character language model. Metric: validation loss in nats/char."""
 
     kind: Literal["char_lm"]
-    #: A text file. Default: the Python standard library's own source files.
+    #: A bundled corpus (``service.corpora``): moby_dick (English prose, 1.19 M characters)
+    #: or python_stdlib (the interpreter's own source) ...
+    dataset: CharCorpus | None = None
+    #: ... or a text file. Neither: python_stdlib.
     path: DataPath | None = None
     encoding: Encoding = "utf-8"
     #: The corpus is capped to this many characters (deterministically) before splitting.
     max_chars: int = Field(default=1_000_000, ge=1_000, le=200_000_000)
     val_fraction: float = Field(default=0.05, gt=0.0, lt=0.5)
     test_fraction: float = Field(default=0.05, gt=0.0, lt=0.5)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> CharLMTask:
+        if self.dataset is not None and self.path is not None:
+            raise ValueError("give `dataset` (moby_dick | python_stdlib) or `path`, not both")
+        return self
+
+    @property
+    def corpus(self) -> CharCorpus | None:
+        """The bundled corpus this task reads (None: ``path``)."""
+        if self.path is not None:
+            return None
+        return self.dataset or "python_stdlib"
 
 
 class ForecastTask(_Frozen):
@@ -112,6 +129,9 @@ class ForecastTask(_Frozen):
     season: int | None = Field(default=None, ge=2, le=10_000)
     val_fraction: float = Field(default=0.15, gt=0.0, lt=0.5)
     test_fraction: float = Field(default=0.15, gt=0.0, lt=0.5)
+    #: The last ``test_size`` points are the test split (instead of ``test_fraction``): 12
+    #: is the classic airline hold-out, the year 1960 (Box & Jenkins 1976).
+    test_size: int | None = Field(default=None, ge=1, le=100_000_000)
 
     @model_validator(mode="after")
     def _one_source(self) -> ForecastTask:
@@ -263,6 +283,11 @@ class LSTMConfig(_Frozen):
     batch_size: int = Field(default=64, ge=1, le=65_536)
     #: char_lm only: truncated-BPTT length (characters per training sequence).
     bptt: int = Field(default=100, ge=2, le=100_000)
+    #: char_lm only: batches are consecutive pieces of ``batch_size`` contiguous streams and
+    #: the hidden state is carried from one batch to the next (detached: truncated BPTT, as
+    #: Zaremba et al. 2014 and char-rnn train), in evaluation too; False: every window
+    #: starts from a zero state.
+    stateful: StrictBool = False
     max_epochs: int = Field(default=10, ge=1, le=100_000)
     #: Stop after this many epochs without improvement; 0 turns it off.
     early_stopping_patience: int = Field(default=0, ge=0, le=100_000)
@@ -550,6 +575,7 @@ _PARAM_FIELDS: Mapping[str, FieldInfo] = LSTMConfig.model_fields
 _TASK_ONLY_PARAMS: Mapping[str, tuple[str, ...]] = {
     "bptt": ("char_lm",),
     "embedding_dim": ("char_lm",),
+    "stateful": ("char_lm",),
 }
 
 

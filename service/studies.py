@@ -414,6 +414,11 @@ def _with_data_located(
     return {**config, "task": {**task, "path": str(located)}}
 
 
+def _utc(moment: datetime | None) -> datetime | None:
+    """Optuna's trial times are naive local times (``datetime.now()``): made aware, in UTC."""
+    return moment.astimezone(UTC) if moment is not None else None
+
+
 def _trial_public(trial: FrozenTrial) -> TrialPublic:
     duration = trial.duration.total_seconds() if trial.duration is not None else None
     return TrialPublic(
@@ -422,6 +427,8 @@ def _trial_public(trial: FrozenTrial) -> TrialPublic:
         params=trial.params,
         value=trial.value if _is_finite(trial.value) else None,
         duration_s=duration,
+        started_at=_utc(trial.datetime_start),
+        finished_at=_utc(trial.datetime_complete),
         intermediate_values={
             int(k): float(v) if math.isfinite(v) else None
             for k, v in trial.intermediate_values.items()

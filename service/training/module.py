@@ -22,7 +22,7 @@ from torchmetrics.regression import MeanSquaredError
 
 from service.search_space import TASK_METRICS, LSTMConfig
 from service.training.data.base import Problem
-from service.training.model import StackedLSTM
+from service.training.model import RecurrentState, StackedLSTM, detach_state
 
 STAGES = ("train", "val", "test")
 _LN2 = math.log(2)
@@ -89,6 +89,9 @@ class LSTMLightningModule(L.LightningModule):
         # Training loss accumulated over the epoch, for train_bpc (see _common_step).
         self._train_loss_sum = torch.zeros(())
         self._train_count = 0
+        #: ``stateful``: the recurrent state each stage carries from batch to batch (each
+        #: stage its own: validation runs inside a training epoch), reset at epoch start.
+        self._states: dict[str, RecurrentState | None] = {}
 
     @classmethod
     def from_config(cls, problem: Problem, params: LSTMConfig) -> LSTMLightningModule:
@@ -103,7 +106,12 @@ class LSTMLightningModule(L.LightningModule):
     def _common_step(self, batch: Sequence[Tensor], stage: str) -> Tensor:
         x, y = batch[0], batch[1]
         lengths = batch[2] if len(batch) > 2 else None
-        out = self.model(x, lengths)
+        if self.config.stateful:
+            # Truncated BPTT: start from where the previous batch ended, stop the gradient there.
+            out, state = self.model.forward_stateful(x, self._states.get(stage))
+            self._states[stage] = detach_state(state)
+        else:
+            out = self.model(x, lengths)
         if self.problem.readout == "every_step":
             if lengths is not None:
                 # Padding positions are neither trained on nor scored.
@@ -155,9 +163,18 @@ class LSTMLightningModule(L.LightningModule):
         return metric
 
     def on_train_epoch_start(self) -> None:
-        """Reset the training-epoch accumulators."""
+        """Reset the training-epoch accumulators (and the carried state: a new pass)."""
         self._train_loss_sum = torch.zeros((), device=self.device)
         self._train_count = 0
+        self._states.pop("train", None)
+
+    def on_validation_epoch_start(self) -> None:
+        """Evaluation starts every stream from a zero state."""
+        self._states.pop("val", None)
+
+    def on_test_epoch_start(self) -> None:
+        """Evaluation starts every stream from a zero state."""
+        self._states.pop("test", None)
 
     def on_train_epoch_end(self) -> None:
         """Log the training metrics that are accumulated rather than logged per step."""

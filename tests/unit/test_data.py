@@ -157,7 +157,7 @@ def test_char_lm_relative_path_in_data_root_and_determinism(tmp_path: Path) -> N
 def test_char_lm_stdlib_default_is_capped_and_deterministic() -> None:
     task = CharLMTask(kind="char_lm", max_chars=5000)
     td = build_task_data(task, PARAMS)
-    assert td.description.startswith("char_lm: stdlib corpus")
+    assert td.description.startswith("char_lm: python_stdlib (Python ")
     assert "5,000 chars (train 4,500 / val 250 / test 250)" in td.description
     assert_same_data(td, build_task_data(task, PARAMS))
 

@@ -1,72 +1,81 @@
-"""Character language modelling: a text file, or the Python standard library's own source."""
+"""Character language modelling: a text file or a bundled corpus (``service.corpora``)."""
 
 from __future__ import annotations
 
 import math
-import sys
-import sysconfig
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader, Dataset
 
-from service.data_checks import check_char_splits, read_text_file, split_text
-from service.errors import DataError
+from service.corpora import load_corpus, stdlib_corpus
+from service.data_checks import check_char_splits, check_stream_split, read_text_file, split_text
 from service.search_space import CharLMTask, LSTMConfig, resolve_data_path
 from service.training.data.base import InMemoryDataModule, Problem, TaskData
 
 UNK = "<unk>"
-#: Directories of the standard library that are not "the library's own source".
-_SKIPPED_STDLIB_DIRS = frozenset(
-    {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
-)
+
+__all__ = ["UNK", "CharLMDataModule", "StreamBatches", "build_char_lm", "stdlib_corpus"]
 
 
 class CharLMDataModule(InMemoryDataModule):
-    """Non-overlapping windows of ``bptt`` characters, targets shifted by one, held in memory."""
+    """Non-overlapping windows of ``bptt`` characters, targets shifted by one, held in memory.
+
+    ``stateful``: each split is a :class:`StreamBatches` instead, read in order (never
+    shuffled) so that batch ``i + 1`` continues batch ``i`` row by row.
+    """
 
     def __init__(
         self,
         vocab: list[str],
-        train: tuple[torch.Tensor, torch.Tensor],
-        val: tuple[torch.Tensor, torch.Tensor],
-        test: tuple[torch.Tensor, torch.Tensor],
+        train: tuple[torch.Tensor, torch.Tensor] | StreamBatches,
+        val: tuple[torch.Tensor, torch.Tensor] | StreamBatches,
+        test: tuple[torch.Tensor, torch.Tensor] | StreamBatches,
         batch_size: int,
     ) -> None:
         super().__init__(train, val, test, batch_size)
         #: id -> character; id 0 is ``<unk>`` (a character the train split does not contain).
         self.vocab = vocab
 
+    def _loader(self, dataset: Dataset[Any], shuffle: bool) -> DataLoader[Any]:
+        if isinstance(dataset, StreamBatches):
+            # Each item is already a whole batch, and the order is the point.
+            return DataLoader(dataset, batch_size=None, shuffle=False, num_workers=0)
+        return super()._loader(dataset, shuffle)
 
-def stdlib_corpus(max_chars: int) -> tuple[str, int]:
-    """The first ``max_chars`` characters of the standard library's ``.py`` files.
 
-    Files are taken in order of their path relative to the library root, skipping
-    site-packages, test directories and files that are not UTF-8. Returns the text and
-    the number of files it was drawn from.
+class StreamBatches(Dataset[tuple[torch.Tensor, torch.Tensor]]):
+    """A split cut into ``streams`` contiguous rows, served as consecutive ``bptt`` pieces.
+
+    Item ``i`` is ``(x Long[streams, T], y Long[streams, T])`` with ``T = bptt`` (the last
+    piece may be shorter) and ``y`` shifted by one: row ``r`` of item ``i + 1`` continues
+    row ``r`` of item ``i``, so a hidden state carried between items has seen everything
+    before (the "batchify" of Zaremba et al. 2014 and char-rnn). Every character of a row
+    but its first is a target exactly once; the last ``len(ids) % streams`` characters are
+    dropped.
+
+    Raises :class:`DataError` when a row would hold fewer than 2 characters.
     """
-    root = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(
-        (p.relative_to(root).as_posix(), p)
-        for p in root.rglob("*.py")
-        if not _SKIPPED_STDLIB_DIRS.intersection(p.relative_to(root).parts[:-1])
-    )
-    parts: list[str] = []
-    total = 0
-    used = 0
-    for _, path in files:
-        if total >= max_chars:
-            break
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError):
-            continue
-        parts.append(text)
-        total += len(text)
-        used += 1
-    if not parts:
-        raise DataError(f"char_lm: no readable .py files under the standard library at {root}")
-    return "".join(parts)[:max_chars], used
+
+    def __init__(self, ids: np.ndarray, streams: int, bptt: int, split: str = "split") -> None:
+        check_stream_split(len(ids), streams, split)
+        length = len(ids) // streams
+        self.rows = torch.from_numpy(np.ascontiguousarray(ids[: length * streams])).view(
+            streams, length
+        )
+        self.bptt = bptt
+
+    def __len__(self) -> int:
+        return math.ceil((self.rows.shape[1] - 1) / self.bptt)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        start = i * self.bptt
+        stop = min(start + self.bptt, self.rows.shape[1] - 1)
+        return self.rows[:, start:stop], self.rows[:, start + 1 : stop + 1]
 
 
 def build_vocab(train: str) -> list[str]:
@@ -107,11 +116,10 @@ def build_char_lm(
     task: CharLMTask, params: LSTMConfig, data_roots: tuple[Path, ...] | None = None
 ) -> TaskData:
     """Load, split, encode and window a character corpus; baseline: the train unigram model."""
-    if task.path is None:
-        text, n_files = stdlib_corpus(task.max_chars)
-        source = f"stdlib corpus (Python {sys.version_info.major}.{sys.version_info.minor}, "
-        source += f"{n_files:,} files)"
+    if task.corpus is not None:
+        text, source = load_corpus(task.corpus, task.max_chars)
     else:
+        assert task.path is not None  # no bundled corpus: a file
         path = resolve_data_path(task.path, data_roots)
         text = read_text_file(path, task.max_chars, task.encoding)
         source = path.name
@@ -122,13 +130,13 @@ def build_char_lm(
     train_ids, val_ids, test_ids = (
         encode(s, vocab) for s in (splits.train, splits.val, splits.test)
     )
-    datamodule = CharLMDataModule(
-        vocab,
-        windows(train_ids, bptt),
-        windows(val_ids, bptt),
-        windows(test_ids, bptt),
-        batch_size=params.batch_size,
-    )
+    ids = {"train": train_ids, "val": val_ids, "test": test_ids}
+    parts: list[tuple[torch.Tensor, torch.Tensor] | StreamBatches]
+    if params.stateful:
+        parts = [StreamBatches(a, params.batch_size, bptt, split) for split, a in ids.items()]
+    else:
+        parts = [windows(a, bptt) for a in ids.values()]
+    datamodule = CharLMDataModule(vocab, parts[0], parts[1], parts[2], params.batch_size)
     v = len(vocab)
     return TaskData(
         problem=Problem(

@@ -11,9 +11,9 @@ from numpy.lib.stride_tricks import sliding_window_view
 from service.data_checks import (
     BUNDLED_PACKAGES,
     check_series_fits,
+    forecast_bounds,
     needs_datasets_extra,
     read_csv_column,
-    split_bounds,
 )
 from service.errors import DataError, MissingExtra
 from service.search_space import ForecastTask, LSTMConfig, resolve_data_path
@@ -124,7 +124,7 @@ def build_forecast(
         source = f"{path.name} column {task.column!r}"
         season = task.season
     lookback, horizon = task.lookback, task.horizon
-    bounds = split_bounds(len(series), task.val_fraction, task.test_fraction)
+    bounds = forecast_bounds(task, len(series))
     check_series_fits(bounds, lookback, horizon)
     n_train, n_val, n_test = bounds.sizes
 
