@@ -1,0 +1,1 @@
+"""Benchmarks and the evaluation suite: scripts anyone can run (see BENCHMARKS.md)."""

@@ -1,0 +1,356 @@
+"""The evaluation suite: what the shipped search spaces find, at equal wall-clock budget,
+against other recurrent cells and classical baselines, on each task's TEST split.
+
+For each task (``--tasks``), model family (``--families``) and search seed (``--seeds``) it
+submits one study to a real ``lstm-hpo serve`` (scratch SQLite database, one local worker
+process per core, one torch thread each), with the task's shipped spec
+(``search_spaces/``) changed only as the family needs, and ``study.timeout_s`` =
+``--budget-minutes``. Studies run one after another, so each has the whole machine.
+Each study's best config is then retrained with ``lstm-hpo train`` and scored on the
+test split. Classical baselines (``bench/baselines.py``) are computed on the same splits.
+
+Families (each a study of its own, same budget):
+
+- ``stacked_lstm``: the shipped space with ``num_layers >= 2``;
+- ``lstm_1layer``: the shipped space with one layer (inter-layer dropout off);
+- ``gru`` / ``rnn``: the shipped space with ``cell: gru`` / ``cell: rnn`` (no forget bias).
+
+Written under ``--out`` (default ``bench/results/<quick|full>``): ``results.json`` (every
+study, trial and figure), ``summary.md`` (the tables BENCHMARKS.md gathers) and one
+``<task>_best_so_far.png`` per task (best validation metric against wall time, each seed
+faint and the mean bold).
+
+    python -m bench.evaluate --quick                      # ~2 minutes: the suite's smoke run
+    python -m bench.evaluate --budget-minutes 60 --seeds 3
+    python -m bench.evaluate --tasks adding,forecast --families stacked_lstm,gru --seeds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bench.harness import (
+    REPO,
+    Machine,
+    StudyRun,
+    retrain_all,
+    run_study,
+    running_server,
+    to_jsonable,
+    warm_up,
+)
+from service.search_space import TASK_METRICS, load_spec_file, parse_spec
+
+TASKS: Mapping[str, str] = {
+    "adding": "adding.yaml",
+    "forecast": "forecast_airline.yaml",
+    "classify": "classify_japanese_vowels.yaml",
+    "char_lm": "char_lm.yaml",
+}
+FAMILIES = ("stacked_lstm", "lstm_1layer", "gru", "rnn")
+
+#: --quick: small data and models, so that every part of the suite runs in about 2 minutes.
+QUICK_TASK: Mapping[str, Mapping[str, Any]] = {
+    "adding": {"seq_len": 30, "n_train": 2000, "n_val": 500, "n_test": 500},
+}
+QUICK_SPACE: Mapping[str, Any] = {
+    "hidden_size": {"type": "int", "low": 8, "high": 32, "log": True},
+    "max_epochs": 2,
+}
+QUICK = {
+    "tasks": ("adding",),
+    "families": ("stacked_lstm", "gru"),
+    "seeds": 1,
+    "budget_minutes": 0.25,
+}
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str
+    direction: str
+    #: The test metric ``lstm-hpo train`` reports and what it is.
+    test_label: str
+
+
+def task_metric(kind: str) -> Metric:
+    m = TASK_METRICS[kind]
+    label = {
+        "adding": "test MSE",
+        "forecast": "test RMSE (thousands of passengers)",
+        "classify": "test accuracy",
+        "char_lm": "test cross-entropy (nats/char)",
+    }[kind]
+    return Metric(m.name, m.direction, label)
+
+
+def family_spec(base: Mapping[str, Any], family: str, seed: int, name: str) -> dict[str, Any]:
+    """``base`` (a shipped spec as a mapping) changed as ``family`` needs, seeded ``seed``."""
+    spec: dict[str, Any] = json.loads(json.dumps(base))
+    space: dict[str, Any] = spec["space"]
+    layers = space.get("num_layers", 2)
+    top = layers.get("high", 2) if isinstance(layers, dict) else int(layers)
+    if family == "stacked_lstm":
+        space["cell"] = "lstm"
+        space["num_layers"] = {"type": "int", "low": 2, "high": top} if top > 2 else 2
+    elif family == "lstm_1layer":
+        space["cell"] = "lstm"
+        space["num_layers"] = 1
+        space["dropout"] = 0.0  # between layers: with one there is none
+        space.pop("hidden_mode", None)
+    elif family in ("gru", "rnn"):
+        space["cell"] = family
+        space.pop("forget_bias", None)  # LSTM only
+    else:
+        raise ValueError(f"unknown family {family!r} (known: {', '.join(FAMILIES)})")
+    spec["name"] = name
+    study = spec.setdefault("study", {})
+    study["seed"] = seed
+    study["n_trials"] = 10_000  # the wall-clock budget ends the study
+    return spec
+
+
+def load_base_spec(task: str, quick: bool) -> dict[str, Any]:
+    """The shipped spec of ``task`` as a mapping (validated), shrunk for ``--quick``."""
+    path = REPO / "search_spaces" / TASKS[task]
+    raw: dict[str, Any] = yaml.safe_load(path.read_text(encoding="utf-8"))
+    load_spec_file(path)  # the shipped file itself is valid
+    if quick:
+        raw["task"].update(QUICK_TASK.get(task, {}))
+        raw["space"].update(QUICK_SPACE)
+    parse_spec(raw)  # fail here, not in the server, when a change made it invalid
+    return raw
+
+
+def summarise_family(runs: Sequence[StudyRun], direction: str) -> dict[str, Any]:
+    """Mean and spread (sample standard deviation) over seeds of the test and val scores."""
+    tests = [r.test_value for r in runs if r.test_value is not None]
+    vals = [r.best_value for r in runs if r.best_value is not None]
+
+    def stats(xs: list[float]) -> dict[str, float | int | None]:
+        return {
+            "mean": statistics.fmean(xs) if xs else None,
+            "std": statistics.stdev(xs) if len(xs) > 1 else 0.0 if xs else None,
+            "best": (max(xs) if direction == "maximize" else min(xs)) if xs else None,
+            "n": len(xs),
+        }
+
+    return {
+        "test": stats(tests),
+        "val": stats(vals),
+        "trials_per_hour": statistics.fmean(r.trials_per_hour for r in runs) if runs else 0.0,
+        "trials": sum(sum(r.counts.values()) for r in runs),
+    }
+
+
+def _fmt(x: float | None, digits: int = 4) -> str:
+    return "-" if x is None or not math.isfinite(x) else f"{x:.{digits}g}"
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The tables BENCHMARKS.md gathers: one per task."""
+    m = results["machine"]
+    lines = [
+        f"Command: `{results['command']}`  ",
+        f"Machine: {m['cores']} cores ({m['cpu']}), GPU: {m['gpu'] or 'none'}; Python "
+        f"{m['python']}, torch {m['torch']}; {m['date']}; commit {m['commit']}.  ",
+        f"Budget: {results['budget_minutes']:g} min of search per study, "
+        f"{results['workers']} worker process(es) x 1 thread; seeds {results['seeds']}.",
+        "",
+    ]
+    for task, t in results["tasks"].items():
+        metric = t["metric"]
+        better = "higher" if metric["direction"] == "maximize" else "lower"
+        lines += [
+            f"#### {task} — {metric['test_label']} ({better} is better)",
+            "",
+            "| model | test (mean ± sd over seeds) | best seed | val best (mean) | "
+            "trials/h | trials |",
+            "|---|---|---|---|---|---|",
+        ]
+        for family, s in t["families"].items():
+            test, val = s["test"], s["val"]
+            lines.append(
+                f"| {family} (searched) | {_fmt(test['mean'])} ± {_fmt(test['std'], 2)} "
+                f"(n={test['n']}) | {_fmt(test['best'])} | {_fmt(val['mean'])} | "
+                f"{s['trials_per_hour']:.0f} | {s['trials']} |"
+            )
+        for name, b in t["baselines"].items():
+            lines.append(f"| {name} (baseline) | {_fmt(b['test'])} | | {_fmt(b.get('val'))} | | |")
+        for ref in t["references"]:
+            lines.append(f"| {ref['model']} (published) | {_fmt(ref['value'])} | | | | |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(task: str, runs: Mapping[str, Sequence[StudyRun]], metric: Metric, path: Path) -> None:
+    """Best validation metric so far against wall time, per family (seeds faint)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, (family, family_runs) in enumerate(runs.items()):
+        color = f"C{i}"
+        for j, run in enumerate(family_runs):
+            if not run.best_so_far:
+                continue
+            xs = [t / 60 for t, _ in run.best_so_far] + [run.wall_s / 60]
+            ys = [v for _, v in run.best_so_far] + [run.best_so_far[-1][1]]
+            ax.step(
+                xs,
+                ys,
+                where="post",
+                color=color,
+                alpha=0.35 if len(family_runs) > 1 else 1,
+                label=family if j == 0 else None,
+            )
+    ax.set_xlabel("wall time of the search (minutes)")
+    ax.set_ylabel(f"best {metric.name} so far")
+    ax.set_title(f"{task}: best-so-far by model family")
+    if metric.name in ("val_mse", "val_rmse"):
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def references_for(task: str) -> list[dict[str, Any]]:
+    from bench.baselines import PUBLISHED_REFERENCES
+
+    prefix = {
+        "adding": "adding",
+        "forecast": "airline",
+        "classify": "japanese_vowels",
+        "char_lm": "char",
+    }[task]
+    return [to_jsonable(ref) for key, ref in PUBLISHED_REFERENCES.items() if key.startswith(prefix)]
+
+
+def baselines(task: str, spec: Mapping[str, Any]) -> dict[str, Any]:
+    from bench.baselines import baselines_for
+
+    parsed = parse_spec(spec)
+    return {name: to_jsonable(score) for name, score in baselines_for(parsed.task).items()}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.evaluate", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny tasks, 2 families, 1 seed, 15 s budgets (~2 minutes)",
+    )
+    parser.add_argument("--budget-minutes", type=float, help="search wall time per study")
+    parser.add_argument("--seeds", type=int, help="search seeds per (task, family)")
+    parser.add_argument("--tasks", help=f"comma-separated, of {','.join(TASKS)}")
+    parser.add_argument("--families", help=f"comma-separated, of {','.join(FAMILIES)}")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=len(os.sched_getaffinity(0)),
+        help="worker processes (default: one per core)",
+    )
+    parser.add_argument("--out", type=Path, help="results directory")
+    args = parser.parse_args(argv)
+
+    defaults = (
+        QUICK
+        if args.quick
+        else {
+            "tasks": tuple(TASKS),
+            "families": FAMILIES,
+            "seeds": 3,
+            "budget_minutes": 60.0,
+        }
+    )
+    tasks = args.tasks.split(",") if args.tasks else list(defaults["tasks"])  # type: ignore[call-overload]
+    families = args.families.split(",") if args.families else list(defaults["families"])  # type: ignore[call-overload]
+    seeds = args.seeds or int(defaults["seeds"])  # type: ignore[call-overload]
+    budget_min = args.budget_minutes or float(defaults["budget_minutes"])  # type: ignore[arg-type]
+    for name, known in (("task", TASKS), ("family", FAMILIES)):
+        for value in tasks if name == "task" else families:
+            if value not in known:
+                parser.error(f"unknown {name} {value!r} (known: {', '.join(known)})")
+    out = args.out or REPO / "bench" / "results" / ("quick" if args.quick else "full")
+    out.mkdir(parents=True, exist_ok=True)
+    command = "python -m bench.evaluate " + " ".join(argv if argv is not None else sys.argv[1:])
+    total = len(tasks) * len(families) * seeds * budget_min
+    print(
+        f"evaluate: {len(tasks)} task(s) x {len(families)} famil(ies) x {seeds} seed(s) x "
+        f"{budget_min:g} min = {total:g} min of search, then retraining; -> {out}"
+    )
+
+    results: dict[str, Any] = {
+        "command": command.strip(),
+        "machine": to_jsonable(Machine.describe()),
+        "budget_minutes": budget_min,
+        "workers": args.workers,
+        "seeds": seeds,
+        "tasks": {},
+    }
+    started = time.monotonic()
+    with (
+        tempfile.TemporaryDirectory(prefix="lstm-hpo-eval-") as scratch,
+        running_server(Path(scratch) / "data", args.workers, log=out / "serve.log") as server,
+    ):
+        warm_up(server, args.workers)  # worker start-up is not part of any study's budget
+        for task in tasks:
+            base = load_base_spec(task, args.quick)
+            metric = task_metric(task)
+            runs: dict[str, list[StudyRun]] = {}
+            for family in families:
+                for seed in range(seeds):
+                    name = f"eval-{task}-{family}-s{seed}"
+                    spec = family_spec(base, family, seed, name)
+                    runs.setdefault(family, []).append(
+                        run_study(server, spec, budget_s=budget_min * 60)
+                    )
+            print(f"  retraining {sum(map(len, runs.values()))} finalists of {task} ...")
+            retrain_all(
+                [
+                    (run, Path(scratch) / "runs" / task / family / f"s{i}")
+                    for family, family_runs in runs.items()
+                    for i, run in enumerate(family_runs)
+                ],
+                parallel=args.workers,
+            )
+            plot(task, runs, metric, out / f"{task}_best_so_far.png")
+            results["tasks"][task] = {
+                "metric": to_jsonable(metric),
+                "spec": base,
+                "families": {f: summarise_family(r, metric.direction) for f, r in runs.items()},
+                "baselines": baselines(task, base),
+                "references": references_for(task),
+                "studies": {f: [to_jsonable(run) for run in r] for f, r in runs.items()},
+            }
+            (out / "results.json").write_text(json.dumps(results, indent=1))
+    results["wall_minutes"] = (time.monotonic() - started) / 60
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    summary = markdown(results)
+    (out / "summary.md").write_text(summary + "\n")
+    print(summary)
+    print(f"evaluate: done in {results['wall_minutes']:.1f} min; {out}/results.json")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

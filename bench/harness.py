@@ -1,0 +1,320 @@
+"""The evaluation suite's plumbing: a real ``lstm-hpo serve`` on a scratch database, studies
+submitted and watched over REST, finalists retrained with ``lstm-hpo train``.
+
+Nothing here shortcuts the service: trials are claimed and trained by the server's own
+worker processes, results are read back through ``/v1``, and each finalist's test score
+comes from the CLI users run (``lstm-hpo train best.yaml --json``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from service.client import Client
+from service.schemas import StudyPublic, TrialPublic
+
+REPO = Path(__file__).resolve().parent.parent
+#: The CLI, run by this interpreter (the console script may not be on PATH).
+CLI = [sys.executable, "-m", "service.cli"]
+
+
+def free_port() -> int:
+    """A TCP port free on the loopback interface right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@dataclass(frozen=True)
+class Machine:
+    """Where a benchmark ran: recorded beside every figure."""
+
+    cores: int
+    cpu: str
+    gpu: str | None
+    python: str
+    torch: str
+    date: str
+    commit: str
+
+    @classmethod
+    def describe(cls) -> Machine:
+        import torch
+
+        cpu = platform.processor() or platform.machine()
+        try:
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+        except OSError:
+            pass
+        gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+        return cls(
+            cores=len(os.sched_getaffinity(0)),
+            cpu=cpu,
+            gpu=gpu,
+            python=platform.python_version(),
+            torch=torch.__version__,
+            date=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+            commit=git_commit(),
+        )
+
+
+def git_commit() -> str:
+    """HEAD's short hash, with ``+dirty`` when tracked files differ from it."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "diff", "--quiet", "HEAD", "--", "service", "search_spaces", "bench"],
+            cwd=REPO,
+            check=False,
+        ).returncode
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
+
+
+@dataclass
+class Server:
+    """A running ``lstm-hpo serve`` and a client for it."""
+
+    base_url: str
+    data_dir: Path
+    process: subprocess.Popen[bytes]
+    client: Client
+
+
+@contextmanager
+def running_server(data_dir: Path, workers: int, *, log: Path) -> Iterator[Server]:
+    """``lstm-hpo serve`` on a free loopback port, SQLite under ``data_dir``, ``workers``
+    local worker processes of one torch thread each; stopped with SIGTERM on exit."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    env = {
+        **os.environ,
+        "LSTM_HPO_DATA_DIR": str(data_dir),
+        "LSTM_HPO_DATABASE_URL": f"sqlite:///{data_dir / 'lstm-hpo.db'}",
+        "LSTM_HPO_TOKEN": "",
+    }
+    env.pop("LSTM_HPO_ADMIN_TOKEN", None)
+    command = [*CLI, "serve", "--port", str(port), "--workers", str(workers), "--threads", "1"]
+    with log.open("ab") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+    base_url = f"http://127.0.0.1:{port}"
+    client = Client(base_url, token="", timeout=60)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"lstm-hpo serve exited {process.returncode}: see {log}")
+            try:
+                client.health()
+                break
+            except Exception as err:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"lstm-hpo serve did not answer in 120 s: see {log}"
+                    ) from err
+                time.sleep(0.3)
+        yield Server(base_url, data_dir, process, client)
+    finally:
+        client.close()
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+@dataclass
+class StudyRun:
+    """One finished study, as read back over REST."""
+
+    study: dict[str, Any]
+    trials: list[dict[str, Any]]
+    #: (seconds since the study started, best value so far) at each completed trial.
+    best_so_far: list[tuple[float, float]]
+    best_value: float | None
+    best_config: dict[str, Any] | None
+    wall_s: float
+    trials_per_hour: float
+    counts: dict[str, int]
+    #: Filled in by :func:`retrain`: the finalist's test-split metric.
+    test_value: float | None = None
+    retrain: dict[str, Any] = field(default_factory=dict)
+
+
+def run_study(
+    server: Server, spec: Mapping[str, Any], *, budget_s: float, progress: bool = True
+) -> StudyRun:
+    """Submit ``spec`` with ``study.timeout_s = budget_s``, wait until it ends, read it back.
+
+    The queue starts no trial after the deadline; trials running then finish. Raises
+    RuntimeError when the study fails or has no completed trial.
+    """
+    spec = json.loads(json.dumps(spec))  # a deep copy we may change
+    spec["study"]["timeout_s"] = budget_s
+    study = server.client.submit(spec)
+    started = time.monotonic()
+
+    tty = sys.stdout.isatty()
+    last: list[tuple[str, int]] = []
+
+    def report(s: StudyPublic) -> None:
+        if not progress or (not tty and last and last[-1] == (s.state, s.n_finished)):
+            return  # a log file gets a line per change, a terminal one updating line
+        last.append((s.state, s.n_finished))
+        best = f"{s.best_value:.4g}" if s.best_value is not None else "-"
+        elapsed = time.monotonic() - started
+        line = (
+            f"  {s.name}: {s.state:<9} {elapsed:5.0f}/{budget_s:.0f} s  "
+            f"trials {s.n_finished:3d}  best {best}"
+        )
+        print(f"\r{line}   " if tty else line, end="" if tty else "\n", flush=True)
+
+    final = server.client.wait(study.id, timeout_s=budget_s * 3 + 600, poll_s=2, on_update=report)
+    if progress and tty:
+        print()
+    if final.state != "succeeded":
+        raise RuntimeError(f"study {final.name} ended {final.state}: {final.error}")
+    trials = list_trials(server.client, study.id)
+    return summarise(final, trials, server.client)
+
+
+def warm_up(server: Server, workers: int) -> None:
+    """Run ``workers`` one-epoch trials of a tiny adding problem, so that every worker
+    process has imported torch and Lightning before a timed study starts (seconds each)."""
+    spec = {
+        "name": "warm-up",
+        "task": {"kind": "adding", "seq_len": 10, "n_train": 64, "n_val": 32, "n_test": 32},
+        "space": {"num_layers": 1, "hidden_size": 4, "max_epochs": 1},
+        "study": {"n_trials": max(1, workers) * 2, "sampler": "random", "pruner": "none"},
+    }
+    study = server.client.submit(spec)
+    server.client.wait(study.id, timeout_s=300, poll_s=0.5)
+
+
+def list_trials(client: Client, study_id: str) -> list[TrialPublic]:
+    """Every trial of a study, in number order."""
+    out: list[TrialPublic] = []
+    while True:
+        page = client.trials(study_id, limit=500, offset=len(out))
+        out += page.items
+        if len(out) >= page.total or not page.items:
+            return out
+
+
+def summarise(study: StudyPublic, trials: list[TrialPublic], client: Client) -> StudyRun:
+    """Best-so-far against wall time, trials per hour and the best config of a study."""
+    maximize = study.direction == "maximize"
+    t0 = study.started_at or study.created_at
+    done = sorted(
+        (t for t in trials if t.state == "complete" and t.value is not None and t.finished_at),
+        key=lambda t: t.finished_at or t0,
+    )
+    curve: list[tuple[float, float]] = []
+    best: float | None = None
+    for t in done:
+        assert t.value is not None and t.finished_at is not None
+        if best is None or (t.value > best if maximize else t.value < best):
+            best = t.value
+        curve.append(((t.finished_at - t0).total_seconds(), best))
+    wall = study.elapsed_s or 0.0
+    finished = [t for t in trials if t.state in ("complete", "pruned", "failed")]
+    counts = {state: sum(t.state == state for t in trials) for state in ("complete", "pruned")}
+    counts["failed"] = sum(t.state == "failed" for t in trials)
+    best_config = client.best(study.id).config if done else None
+    return StudyRun(
+        study=study.model_dump(mode="json", exclude={"spec"}),
+        trials=[t.model_dump(mode="json", exclude={"config"}) for t in trials],
+        best_so_far=curve,
+        best_value=best,
+        best_config=best_config,
+        wall_s=wall,
+        trials_per_hour=len(finished) / wall * 3600 if wall > 0 else 0.0,
+        counts=counts,
+    )
+
+
+def retrain(run: StudyRun, out_dir: Path) -> None:
+    """Retrain ``run``'s best config with ``lstm-hpo train --json`` (one torch thread) and
+    record its test-split metric in ``run.test_value`` (None, with the reason, on failure)."""
+    if run.best_config is None:
+        run.retrain = {"error": "no completed trial"}
+        return
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config = out_dir / "best.json"
+    config.write_text(json.dumps(run.best_config, indent=2))
+    started = time.monotonic()
+    done = subprocess.run(
+        [
+            *CLI,
+            "train",
+            str(config),
+            "--out",
+            str(out_dir),
+            "--json",
+            "--threads",
+            "1",
+            "--accelerator",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        check=False,
+    )
+    seconds = time.monotonic() - started
+    if done.returncode != 0:
+        run.retrain = {"error": done.stderr[-2000:], "seconds": seconds}
+        return
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    run.test_value = result.get("test_value")
+    run.retrain = {
+        "seconds": seconds,
+        "val_value": result.get("value"),
+        "test_value": run.test_value,
+        "best_epoch": result.get("best_epoch"),
+        "description": result.get("description"),
+    }
+
+
+def retrain_all(runs: list[tuple[StudyRun, Path]], parallel: int) -> None:
+    """:func:`retrain` each run, ``parallel`` at a time (each trains on one thread)."""
+    with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
+        list(pool.map(lambda pair: retrain(*pair), runs))
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Dataclasses (nested) as dicts, for ``json.dumps``."""
+    if hasattr(obj, "__dataclass_fields__"):
+        return {k: to_jsonable(v) for k, v in asdict(obj).items()}
+    if isinstance(obj, dict):
+        return {k: to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [to_jsonable(v) for v in obj]
+    return obj

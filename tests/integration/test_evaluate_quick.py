@@ -1,0 +1,55 @@
+"""``python -m bench.evaluate --quick`` end to end, so that the evaluation suite cannot rot:
+a real server and workers, studies per model family, finalists retrained on the test split,
+classical baselines, the plot and the Markdown table."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+def test_quick_evaluation_runs_every_part_of_the_suite(tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.evaluate", "--quick", "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=540,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    results = json.loads((out / "results.json").read_text())
+    assert results["machine"]["cores"] >= 1 and results["machine"]["commit"]
+    adding = results["tasks"]["adding"]
+    assert adding["metric"]["name"] == "val_mse"
+    assert set(adding["families"]) == {"stacked_lstm", "gru"}
+    for family, runs in adding["studies"].items():
+        [run] = runs
+        assert run["study"]["state"] == "succeeded", family
+        assert run["counts"]["complete"] >= 1
+        # The finalist was retrained by `lstm-hpo train` and scored on the test split.
+        assert math.isfinite(run["test_value"]) and run["retrain"]["seconds"] > 0
+        assert run["best_config"]["params"]["cell"] == ("gru" if family == "gru" else "lstm")
+        times = [t for t, _ in run["best_so_far"]]
+        values = [v for _, v in run["best_so_far"]]
+        assert times == sorted(times) and values == sorted(values, reverse=True)
+    stacked = adding["studies"]["stacked_lstm"][0]["best_config"]["params"]
+    assert stacked["num_layers"] >= 2
+    # The mean predictor of the adding problem: MSE about 1/6 (Hochreiter & Schmidhuber).
+    assert adding["baselines"]["train_mean"]["test"] == pytest.approx(1 / 6, abs=0.03)
+    assert any("Bai" in ref["source"] for ref in adding["references"])
+
+    assert (out / "adding_best_so_far.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = (out / "summary.md").read_text()
+    assert "| stacked_lstm (searched) |" in summary and "| train_mean (baseline) |" in summary
+    assert "python -m bench.evaluate --quick" in summary
