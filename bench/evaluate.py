@@ -46,6 +46,8 @@ from bench.harness import (
     REPO,
     Machine,
     StudyRun,
+    importances,
+    plot_importances,
     retrain_all,
     run_study,
     running_server,
@@ -334,12 +336,26 @@ def main(argv: Sequence[str] | None = None) -> int:
                 parallel=args.workers,
             )
             plot(task, runs, metric, out / f"{task}_best_so_far.png")
+            found = {
+                family: importances(
+                    server.storage_url, [r.study["optuna_study_name"] for r in family_runs]
+                )
+                for family, family_runs in runs.items()
+            }
+            main_family = next((f for f in ("stacked_lstm", *runs) if found.get(f)), None)
+            if main_family is not None:
+                plot_importances(
+                    found[main_family],
+                    f"{task} ({main_family}): what mattered",
+                    out / f"{task}_importances.png",
+                )
             results["tasks"][task] = {
                 "metric": to_jsonable(metric),
                 "spec": base,
                 "families": {f: summarise_family(r, metric.direction) for f, r in runs.items()},
                 "baselines": baselines(task, base),
                 "references": references_for(task),
+                "importances": found,
                 "studies": {f: [to_jsonable(run) for run in r] for f, r in runs.items()},
             }
             (out / "results.json").write_text(json.dumps(results, indent=1))

@@ -16,13 +16,15 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+import optuna
 
 from service.client import Client
 from service.schemas import StudyPublic, TrialPublic
@@ -104,6 +106,11 @@ class Server:
     data_dir: Path
     process: subprocess.Popen[bytes]
     client: Client
+
+    @property
+    def storage_url(self) -> str:
+        """The scratch database (Optuna's tables too), for analyses the API does not offer."""
+        return f"sqlite:///{self.data_dir / 'lstm-hpo.db'}"
 
 
 @contextmanager
@@ -307,6 +314,45 @@ def retrain_all(runs: list[tuple[StudyRun, Path]], parallel: int) -> None:
     """:func:`retrain` each run, ``parallel`` at a time (each trains on one thread)."""
     with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
         list(pool.map(lambda pair: retrain(*pair), runs))
+
+
+def importances(storage_url: str, study_names: Sequence[str]) -> dict[str, float]:
+    """Mean fANOVA importance (Hutter et al. 2014, Optuna's default evaluator) of each
+    parameter over the given studies' completed trials (each study's importances sum to 1)."""
+    storage = optuna.storages.RDBStorage(storage_url)
+    totals: dict[str, list[float]] = {}
+    for name in study_names:
+        study = optuna.load_study(study_name=name, storage=storage)
+        complete = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+        if len(complete) < 4:
+            continue
+        try:
+            found = optuna.importance.get_param_importances(
+                study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0)
+            )
+        except (ValueError, RuntimeError):
+            continue  # e.g. no parameter common to every completed trial
+        for param, value in found.items():
+            totals.setdefault(param, []).append(value)
+    n = max((len(v) for v in totals.values()), default=1)
+    means = {p: sum(v) / n for p, v in totals.items()}
+    return dict(sorted(means.items(), key=lambda kv: -kv[1]))
+
+
+def plot_importances(found: Mapping[str, float], title: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 0.35 * max(3, len(found)) + 1))
+    names = list(found)[::-1]
+    ax.barh(names, [found[n] for n in names], color="C0")
+    ax.set_xlabel("fANOVA importance (mean over studies)")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def to_jsonable(obj: Any) -> Any:

@@ -33,6 +33,8 @@ def silence_lightning() -> None:
     warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=r".*litlogger.*", category=UserWarning)
     warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
+    # Small data sets have fewer batches than the step-logging interval: nothing is lost.
+    warnings.filterwarnings("ignore", message=r".*smaller than the logging interval.*")
     # We write config.yaml into the run directory before the checkpoint callback looks at it.
     warnings.filterwarnings("ignore", message=r".*exists and is not empty.*")
 

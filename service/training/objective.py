@@ -239,14 +239,17 @@ def grid_search_space(spec: StudySpec) -> dict[str, list[Any]]:
 
 
 def build_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
-    """The pruner ``spec.study.pruner`` names; resources are epochs."""
+    """The pruner ``spec.study.pruner`` names; resources are epochs, the first
+    ``study.pruner_warmup_epochs`` of each trial never pruned."""
     name = spec.study.pruner
+    warmup = spec.study.pruner_warmup_epochs
     max_epochs = spec.space.get("max_epochs")
-    max_resource: int | str = max_epochs if isinstance(max_epochs, int) else "auto"
+    max_resource: int | str = max(max_epochs, warmup) if isinstance(max_epochs, int) else "auto"
     if name == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1)
+        # Optuna's steps are 0-based epochs: step s has trained s + 1 epochs.
+        return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=warmup)
     if name == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max_resource)
+        return optuna.pruners.HyperbandPruner(min_resource=warmup, max_resource=max_resource)
     if name == "successive_halving":
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=1)
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=warmup)
     return optuna.pruners.NopPruner()
