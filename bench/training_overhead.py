@@ -35,6 +35,23 @@ time other processes take the CPU for; on a shared machine it is the figure to t
     python bench/training_overhead.py --mode runs  # whole fits interleaved; fixed cost
     python bench/training_overhead.py --hidden 16 --bptt 10 --steps 100  # overhead in ms
     python bench/training_overhead.py --profile    # cProfile: where Lightning's time goes
+
+A second section (``--only fused`` runs it alone; by default it follows the first) times
+the model itself: :class:`StackedLSTM`'s fused form (one ``nn.LSTM(num_layers=N)``) against
+its per-layer form (one ``nn.LSTM`` per layer, ``nn.Dropout`` between), forward + loss +
+backward of a training step, for 1, 2 and 4 layers of width 64 and 256, on token input
+(char_lm: embedding, every-step cross-entropy over ``--vocab``) and on feature input
+(``FUSED_FEATURES`` features, last-step readout over ``FUSED_CLASSES`` classes), batch
+``--batch``, ``--bptt`` steps, dropout 0.2 between layers. Both forms start from the same
+seed, so from the same weights (checked), and see the same batches; their steps alternate
+(per-layer, fused, fused, per-layer, ...) so that machine noise cancels. The ratio is
+fused / per-layer, the median of per-pair ratios (below 1: the fused form is faster); one
+layer is the control (both forms are the same module there): its spread is the noise.
+Each step is seeded, so both forms draw the same dropout masks, and the gradients of the
+last pair are compared too (0 on CPU: the same kernels in the same order).
+
+    python bench/training_overhead.py --only fused                  # ~45 s CPU on 1 thread
+    python bench/training_overhead.py --only fused --fused-steps 10 # steadier figures
 """
 
 from __future__ import annotations
@@ -66,6 +83,11 @@ from service.training.module import LSTMLightningModule
 
 TARGET_RATIO = 1.03
 GRAD_CLIP = 5.0
+FUSED_LAYERS = (1, 2, 4)
+FUSED_HIDDEN = (64, 256)
+FUSED_FEATURES = 16
+FUSED_CLASSES = 10
+FUSED_DROPOUT = 0.2
 
 Batch: TypeAlias = tuple[Tensor, Tensor]
 Clock: TypeAlias = Literal["wall", "cpu"]
@@ -384,6 +406,141 @@ def _profile_lightning(args: argparse.Namespace, batches: Sequence[Batch]) -> No
     pstats.Stats(profiler).sort_stats("tottime").print_stats(30)
 
 
+# --------------------------------------------------------------------------------------
+# Fused multi-layer module vs per-layer stack
+# --------------------------------------------------------------------------------------
+
+InputKind: TypeAlias = Literal["tokens", "features"]
+
+
+@dataclass
+class FusedCase:
+    """The two forms of one configuration, timed side by side."""
+
+    input_kind: InputKind
+    layers: int
+    hidden: int
+    #: Per timed pair, (wall ms, CPU ms) of the per-layer step and of the fused step.
+    per_layer_ms: list[Stamp]
+    fused_ms: list[Stamp]
+    max_grad_diff: float
+
+    def ratio(self, clock: Clock) -> float:
+        """Fused / per-layer on ``clock``: the median of the per-pair ratios."""
+        c = CLOCKS.index(clock)
+        return statistics.median(
+            f[c] / p[c] for p, f in zip(self.per_layer_ms, self.fused_ms, strict=True)
+        )
+
+    def ms(self, clock: Clock, fused: bool) -> float:
+        """The median ms per step of one form on ``clock``."""
+        steps = self.fused_ms if fused else self.per_layer_ms
+        return statistics.median(step[CLOCKS.index(clock)] for step in steps)
+
+
+def _fused_problem(args: argparse.Namespace, input_kind: InputKind) -> Problem:
+    if input_kind == "tokens":
+        return Problem("tokens", args.vocab, args.vocab, "every_step", "cross_entropy", "val_loss")
+    return Problem(
+        "features", FUSED_FEATURES, FUSED_CLASSES, "last_step", "cross_entropy", "val_acc"
+    )
+
+
+def _fused_batches(args: argparse.Namespace, problem: Problem, count: int) -> list[Batch]:
+    generator = torch.Generator().manual_seed(args.seed + 2)
+    batches = []
+    shape = (args.batch, args.bptt)
+    for _ in range(count):
+        if problem.input_kind == "tokens":
+            seq = torch.randint(0, args.vocab, (args.batch, args.bptt + 1), generator=generator)
+            batches.append((seq[:, :-1].contiguous(), seq[:, 1:].contiguous()))
+        else:
+            x = torch.randn(*shape, FUSED_FEATURES, generator=generator)
+            y = torch.randint(0, FUSED_CLASSES, (args.batch,), generator=generator)
+            batches.append((x, y))
+    return batches
+
+
+def _forward_backward(model: StackedLSTM, batch: Batch) -> Stamp:
+    """Forward, cross-entropy and backward of one step; its (wall, CPU) ms."""
+    x, y = batch
+    start = _stamp()
+    model.zero_grad(set_to_none=True)
+    logits = model(x)
+    loss = F.cross_entropy(logits.flatten(0, -2), y.flatten())
+    torch.autograd.backward(loss)
+    return _ms(start, _stamp())
+
+
+def _gradients(model: StackedLSTM) -> list[Tensor]:
+    return [p.grad if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
+
+
+def run_fused_case(
+    args: argparse.Namespace, input_kind: InputKind, layers: int, hidden: int
+) -> FusedCase:
+    """Time the per-layer and the fused form of one configuration, steps alternating."""
+    problem = _fused_problem(args, input_kind)
+    params = LSTMConfig(num_layers=layers, hidden_size=hidden, dropout=FUSED_DROPOUT)
+    models = []
+    for fused in (False, True):
+        torch.manual_seed(args.seed)
+        models.append(StackedLSTM(problem, params, fused=fused).train())
+    per_layer, fused_model = models
+    assert not per_layer.fused and fused_model.fused
+    # Same seed, same weights: the parameters are created and drawn in the same order.
+    for a, b in zip(per_layer.parameters(), fused_model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    batches = _fused_batches(args, problem, args.fused_warmup + args.fused_steps)
+    per_layer_ms: list[Stamp] = []
+    fused_ms: list[Stamp] = []
+    for step, batch in enumerate(batches):
+        # Alternate which form goes first, so that neither always follows the other.
+        order = (per_layer, fused_model) if step % 2 == 0 else (fused_model, per_layer)
+        times = {}
+        for model in order:
+            # The same dropout masks in both forms (on CPU both draw them from this
+            # generator in the same order), so that their gradients can be compared.
+            torch.manual_seed(args.seed + step)
+            times[id(model)] = _forward_backward(model, batch)
+        if step >= args.fused_warmup:
+            per_layer_ms.append(times[id(per_layer)])
+            fused_ms.append(times[id(fused_model)])
+    grad_diff = max(
+        (a - b).abs().max().item()
+        for a, b in zip(_gradients(per_layer), _gradients(fused_model), strict=True)
+    )
+    return FusedCase(input_kind, layers, hidden, per_layer_ms, fused_ms, grad_diff)
+
+
+def run_fused_section(args: argparse.Namespace) -> list[FusedCase]:
+    """Every configuration of the fused-vs-per-layer section; prints its table."""
+    inputs: tuple[InputKind, ...] = ("tokens", "features")
+    print(
+        f"\nFused nn.LSTM(num_layers=N) vs per-layer stack: forward + backward of a training "
+        f"step, batch {args.batch}, {args.bptt} steps, dropout {FUSED_DROPOUT}; "
+        f"{args.fused_steps} timed pairs after {args.fused_warmup} warm-up; "
+        f"{args.threads} thread(s); torch {torch.__version__}, "
+        f"oneDNN {torch.backends.mkldnn.is_available()}"  # type: ignore[no-untyped-call]
+    )
+    print(
+        f"{'input':>8} {'layers':>6} {'hidden':>6} | {'CPU ms/step':^21} {'ratio':>6} | "
+        f"{'wall ratio':>10} | {'max |grad diff|':>15}"
+    )
+    print(f"{'':>22} | {'per-layer':>10} {'fused':>10} {'':>6} |")
+    cases = []
+    for input_kind, hidden, layers in itertools.product(inputs, FUSED_HIDDEN, FUSED_LAYERS):
+        case = run_fused_case(args, input_kind, layers, hidden)
+        cases.append(case)
+        print(
+            f"{input_kind:>8} {layers:>6} {hidden:>6} | {case.ms('cpu', False):>10.1f} "
+            f"{case.ms('cpu', True):>10.1f} {case.ratio('cpu'):>6.3f} | "
+            f"{case.ratio('wall'):>10.3f} | {case.max_grad_diff:>15.2e}"
+        )
+    print("ratio: fused / per-layer, the median of per-pair ratios (< 1: fused is faster)")
+    return cases
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark and print the table; exit status 1 when the ratio misses the target."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
@@ -402,11 +559,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--stat", choices=["median", "mean"], default="median")
     parser.add_argument("--profile", action="store_true", help="cProfile one Lightning run")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    parser.add_argument(
+        "--only",
+        choices=["overhead", "fused"],
+        default=None,
+        help="run one section: Lightning's overhead, or the fused vs per-layer stack",
+    )
+    parser.add_argument("--fused-steps", type=int, default=5, help="timed pairs per config")
+    parser.add_argument("--fused-warmup", type=int, default=1, help="untimed pairs per config")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 1 or args.reps < 1:
         parser.error("--steps, --warmup and --reps must be >= 1")
+    if args.fused_steps < 1 or args.fused_warmup < 0:
+        parser.error("--fused-steps must be >= 1 and --fused-warmup >= 0")
 
     torch.set_num_threads(args.threads)
+    if args.only == "fused":
+        run_fused_section(args)
+        return 0
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", module="lightning")
     warnings.filterwarnings("ignore", message=".*does not have many workers")
@@ -422,6 +592,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.json.write_text(json.dumps(summary, indent=2))
     if args.profile:
         _profile_lightning(args, batches)
+    if args.only is None:
+        run_fused_section(args)
     return 0 if ratio <= TARGET_RATIO else 1
 
 

@@ -1,16 +1,31 @@
 """The stacked recurrent network every trial trains, and its weight-initialisation strategies.
 
-One ``nn.LSTM`` (or ``nn.GRU``, or tanh ``nn.RNN``: ``params.cell``) per layer (rather than
-``nn.LSTM(num_layers=N)``) so that layers can have
-different widths (pyramid, per_layer) and so that dropout sits exactly where the search
-space says: on the input, between consecutive layers (the non-recurrent connections of
-Zaremba et al. 2014) and on the last layer's output, before the head.
+Two forms of the same function (``params.cell``: ``nn.LSTM``, ``nn.GRU`` or tanh ``nn.RNN``):
+
+- fused, when every layer has the same width (``hidden_mode="tied"``, or ``per_layer`` /
+  ``pyramid`` sizes that happen to be equal): ONE module ``cell(num_layers=N,
+  dropout=params.dropout)``. PyTorch applies that dropout to the output of every layer but
+  the last -- exactly the between-layer dropout of Zaremba et al. (2014) -- and runs the
+  whole stack in one call: cuDNN's fastest path on a GPU. On CPU (oneDNN, one layer at a
+  time inside the call) a training step costs the same as the per-layer stack, within 3%
+  (``bench/training_overhead.py --only fused``, BENCHMARKS.md).
+- per-layer, when widths differ (pyramid, per_layer): one module per layer, with an
+  ``nn.Dropout`` between consecutive layers (``layer_dropouts``).
+
+Both forms draw the same initial weights from the same seed (the parameters are created
+and initialised in the same order: layer 0 forward, layer 0 reverse, layer 1, ...) and
+compute the same outputs and gradients for the same weights; their checkpoints load into
+each other (:func:`_convert_recurrent_keys`). One difference: with ``dropout > 0`` in
+training mode the dropout masks are drawn by the fused kernel; on CPU they come from the
+same generator in the same order (tested: identical), cuDNN draws them from its own
+dropout state, so on a GPU the masks differ (the distribution is the same).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
-from typing import Literal, cast
+from typing import Any, Literal, TypeAlias, cast
 
 import torch
 from torch import Tensor, nn
@@ -24,6 +39,17 @@ from service.training.data.base import Problem
 GATES: dict[CellKind, int] = {"lstm": 4, "gru": 3, "rnn": 1}
 _CELLS: dict[CellKind, Callable[..., nn.RNNBase]] = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
 
+#: The final state of one recurrent module: ``h_n`` (GRU, RNN) or ``(h_n, c_n)`` (LSTM),
+#: each ``[layers_in_module, B, H]``.
+ModuleState: TypeAlias = Tensor | tuple[Tensor, Tensor]
+#: The recurrent state a :class:`StackedLSTM` carries between calls of
+#: :meth:`StackedLSTM.forward_stateful`: one :data:`ModuleState` per module of ``lstms``.
+#: Opaque to callers: pass back what the model returned (after :func:`detach_state`); a
+#: state fits only models of the same form (fused or per-layer) and batch size.
+RecurrentState: TypeAlias = tuple[ModuleState, ...]
+
+_Sequence: TypeAlias = Tensor | PackedSequence
+
 
 class StackedLSTM(nn.Module):
     """Embedding or features -> N stacked recurrent layers (LSTM, GRU or RNN) -> linear head.
@@ -34,9 +60,13 @@ class StackedLSTM(nn.Module):
       ``embedding_dim`` defaults to the first layer's width; ``"features"``: x Float[B, T, F].
     - ``readout="every_step"``: logits Float[B, T, O]; ``"last_step"``: Float[B, O] from the
       last layer's final hidden state (both directions concatenated when bidirectional).
+
+    ``fused``: None (the default) fuses the stack into one module whenever every layer has
+    the same width (module docstring); False forces one module per layer; True requires
+    tied widths (ValueError otherwise). ``self.fused`` says which form was built.
     """
 
-    def __init__(self, problem: Problem, params: LSTMConfig) -> None:
+    def __init__(self, problem: Problem, params: LSTMConfig, *, fused: bool | None = None) -> None:
         super().__init__()
         self.readout: Literal["every_step", "last_step"] = problem.readout
         self.bidirectional = params.bidirectional
@@ -44,6 +74,10 @@ class StackedLSTM(nn.Module):
         cell = _CELLS[params.cell]
         sizes = params.layer_sizes()
         directions = 2 if params.bidirectional else 1
+        tied = len(set(sizes)) == 1
+        if fused and not tied:
+            raise ValueError(f"a fused stack needs layers of one width (widths: {sizes})")
+        self.fused = tied if fused is None else fused
 
         self.embedding: nn.Embedding | None
         if problem.input_kind == "tokens":
@@ -55,20 +89,37 @@ class StackedLSTM(nn.Module):
             layer_input = problem.input_size
         self.input_dropout = nn.Dropout(params.input_dropout)
 
+        #: One module with ``num_layers=N`` when fused; else one module per layer.
         self.lstms = nn.ModuleList()
-        for hidden in sizes:
+        if self.fused:
             self.lstms.append(
-                cell(layer_input, hidden, batch_first=True, bidirectional=params.bidirectional)
+                cell(
+                    layer_input,
+                    sizes[0],
+                    num_layers=len(sizes),
+                    # nn.LSTM warns about a dropout it has nowhere to put (one layer).
+                    dropout=params.dropout if len(sizes) > 1 else 0.0,
+                    batch_first=True,
+                    bidirectional=params.bidirectional,
+                )
             )
-            layer_input = directions * hidden
-        #: ``layer_dropouts[i]`` sits between ``lstms[i]`` and ``lstms[i + 1]``.
-        self.layer_dropouts = nn.ModuleList(
-            nn.Dropout(params.dropout) for _ in range(len(sizes) - 1)
-        )
+            layer_input = directions * sizes[0]
+        else:
+            for hidden in sizes:
+                self.lstms.append(
+                    cell(layer_input, hidden, batch_first=True, bidirectional=params.bidirectional)
+                )
+                layer_input = directions * hidden
+        #: ``layer_dropouts[i]`` sits between ``lstms[i]`` and ``lstms[i + 1]``; empty when
+        #: fused (the fused module applies ``params.dropout`` between its layers itself).
+        between = 0 if self.fused else len(sizes) - 1
+        self.layer_dropouts = nn.ModuleList(nn.Dropout(params.dropout) for _ in range(between))
         self.output_dropout = nn.Dropout(params.output_dropout)
         self.head = nn.Linear(layer_input, problem.output_size)
 
         self.init_weights(params.init, params.init_range, params.forget_bias)
+        # Checkpoints of either form load into either form (the same parameters, renamed).
+        self.register_load_state_dict_pre_hook(_convert_recurrent_keys)  # type: ignore[no-untyped-call]
 
     def forward(self, x: Tensor, lengths: Tensor | None = None) -> Tensor:
         """Logits (or regression outputs) for a batch; ``lengths`` for right-padded batches.
@@ -76,43 +127,67 @@ class StackedLSTM(nn.Module):
         With ``lengths`` the sequences are packed, so the last-step readout is each
         sequence's true last state and padding never reaches the recurrence.
         """
-        h = self.embedding(x) if self.embedding is not None else x
-        h = self.input_dropout(h)
+        h = self._embed(x)
         if lengths is None:
-            return self._forward_padded(h)
+            out, state = self._recur(h, None)
+            return self._read_out(out, state)
         return self._forward_packed(h, lengths)
 
-    def _forward_padded(self, h: Tensor) -> Tensor:
-        h_n = h  # rebound by the loop; the stack has at least one layer
-        for i, lstm in enumerate(self._lstm_layers()):
+    def forward_stateful(
+        self, x: Tensor, state: RecurrentState | None
+    ) -> tuple[Tensor, RecurrentState]:
+        """:meth:`forward` without lengths, starting from ``state`` (None: zeros), and the
+        final state of every layer: ``(logits, state)``.
+
+        For truncated backpropagation through time: feed consecutive chunks of the same
+        streams, passing each call the state the previous one returned, detached
+        (:func:`detach_state`) so that the gradient stops at the chunk boundary. Running
+        a sequence in one call equals running its halves with the state carried.
+        Unidirectional models only (ValueError otherwise: a state carried forward in time
+        has no meaning for the backward direction).
+        """
+        if self.bidirectional:
+            raise ValueError("forward_stateful needs a unidirectional model")
+        if state is not None and len(state) != len(self.lstms):
+            raise ValueError(
+                f"the state has {len(state)} entries, this model {len(self.lstms)} "
+                f"recurrent modules (fused: {self.fused}): a state of another model"
+            )
+        out, final = self._recur(self._embed(x), state)
+        return self._read_out(out, final), final
+
+    def _embed(self, x: Tensor) -> Tensor:
+        h = self.embedding(x) if self.embedding is not None else x
+        dropped: Tensor = self.input_dropout(h)
+        return dropped
+
+    def _recur(self, h: _Sequence, state: RecurrentState | None) -> tuple[Any, RecurrentState]:
+        """The stack on a batch (a tensor or a PackedSequence): its output (of the same kind)
+        and the final state of every module."""
+        final: list[ModuleState] = []
+        for i, lstm in enumerate(self.lstms):
             if i > 0:
-                h = self.layer_dropouts[i - 1](h)
-            h, state = lstm(h)
-            h_n = _hidden_state(state)
-        return self._read_out(h, h_n)
+                h = _apply(self.layer_dropouts[i - 1], h)
+            # With enforce_sorted=False, the RNN modules return states in the caller's order.
+            h, module_state = lstm(h, None if state is None else state[i])
+            final.append(module_state)
+        return h, tuple(final)
 
     def _forward_packed(self, h: Tensor, lengths: Tensor) -> Tensor:
         total_length = h.shape[1]
         packed = pack_padded_sequence(h, lengths.cpu(), batch_first=True, enforce_sorted=False)
-        h_n = h
-        for i, lstm in enumerate(self._lstm_layers()):
-            if i > 0:
-                dropped = self.layer_dropouts[i - 1](packed.data)
-                packed = PackedSequence(
-                    dropped, packed.batch_sizes, packed.sorted_indices, packed.unsorted_indices
-                )
-            # With enforce_sorted=False, the RNN modules return h_n in the caller's batch order.
-            packed, state = lstm(packed)
-            h_n = _hidden_state(state)
+        out, state = self._recur(packed, None)
         if self.readout == "last_step":
-            return self._read_out(h, h_n)
-        out, _ = pad_packed_sequence(packed, batch_first=True, total_length=total_length)
-        return self._read_out(out, h_n)
+            return self._read_out(h, state)
+        padded, _ = pad_packed_sequence(out, batch_first=True, total_length=total_length)
+        return self._read_out(padded, state)
 
-    def _read_out(self, out: Tensor, h_n: Tensor) -> Tensor:
+    def _read_out(self, out: Tensor, state: RecurrentState) -> Tensor:
         if self.readout == "last_step":
-            # h_n: [directions, B, H]; the backward direction's final state is the one at t=0.
-            out = torch.cat(list(h_n), dim=-1) if self.bidirectional else h_n[0]
+            # h_n: [layers * directions, B, H], the last layer's directions last (forward,
+            # then reverse, whose final state is the one at t=0).
+            h_n = _hidden_state(state[-1])
+            out = torch.cat([h_n[-2], h_n[-1]], dim=-1) if self.bidirectional else h_n[-1]
         logits: Tensor = self.head(self.output_dropout(out))
         return logits
 
@@ -139,6 +214,10 @@ class StackedLSTM(nn.Module):
         ``forget_bias`` is given (LSTM cells only), the effective forget-gate bias
         ``b_ih[H:2H] + b_hh[H:2H]`` of every layer and direction is set to exactly that value
         (Jozefowicz et al. 2015).
+
+        Every layer and direction, in either form (its parameters ``weight_ih_l{k}``,
+        ``weight_ih_l{k}_reverse``, ... in the same order), so both forms draw the same
+        weights from the same seed.
         """
         with torch.no_grad():
             if strategy == "uniform":
@@ -163,9 +242,52 @@ class StackedLSTM(nn.Module):
                             param[hidden : 2 * hidden].zero_()
 
 
-def _hidden_state(state: Tensor | tuple[Tensor, Tensor]) -> Tensor:
+def detach_state(state: RecurrentState) -> RecurrentState:
+    """``state`` with every tensor detached from the graph that computed it: the gradient of
+    the next chunk stops at the chunk boundary (truncated BPTT; Zaremba et al. 2014)."""
+    return tuple(
+        (s[0].detach(), s[1].detach()) if isinstance(s, tuple) else s.detach() for s in state
+    )
+
+
+def _apply(module: nn.Module, h: _Sequence) -> _Sequence:
+    """``module`` (an elementwise one: dropout) on a tensor or on a PackedSequence's data."""
+    if isinstance(h, PackedSequence):
+        return PackedSequence(module(h.data), h.batch_sizes, h.sorted_indices, h.unsorted_indices)
+    out: Tensor = module(h)
+    return out
+
+
+def _hidden_state(state: ModuleState) -> Tensor:
     """The final hidden state ``h_n``: nn.LSTM returns ``(h_n, c_n)``, nn.GRU / nn.RNN ``h_n``."""
     return state[0] if isinstance(state, tuple) else state
+
+
+#: A recurrent parameter's name in a state_dict: ``lstms.{module}.{kind}_l{layer}{_reverse}``.
+_RECURRENT_KEY = re.compile(r"lstms\.(\d+)\.((?:weight|bias)_(?:ih|hh))_l(\d+)(_reverse)?")
+
+
+def _convert_recurrent_keys(
+    module: nn.Module, state_dict: dict[str, Any], prefix: str, *_: Any
+) -> None:
+    """Rename, in place, the recurrent parameters of a state_dict saved by the other form of
+    :class:`StackedLSTM`: per-layer ``lstms.{k}.weight_ih_l0`` <-> fused
+    ``lstms.0.weight_ih_l{k}`` (``_reverse`` kept). A load_state_dict pre-hook, so that
+    checkpoints written before the fused form existed (and after) load into either form;
+    mismatched shapes are still reported by ``load_state_dict``."""
+    fused = cast(StackedLSTM, module).fused
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        match = _RECURRENT_KEY.fullmatch(key[len(prefix) :])
+        if match is None:
+            continue
+        index, kind, layer, reverse = match.groups()
+        if fused and layer == "0" and index != "0":
+            new = f"lstms.0.{kind}_l{index}{reverse or ''}"
+        elif not fused and index == "0" and layer != "0":
+            new = f"lstms.{layer}.{kind}_l0{reverse or ''}"
+        else:
+            continue
+        state_dict[prefix + new] = state_dict.pop(key)
 
 
 def _init_recurrent_param(name: str, param: Tensor, gates: int, *, per_gate: bool) -> None:

@@ -65,12 +65,14 @@ def _trainer(**kwargs: Any) -> L.Trainer:
 # --------------------------------------------------------------------------------------
 
 
-def test_uniform_init_bounds_every_parameter_of_the_model() -> None:
+@pytest.mark.parametrize("fused", [False, True])
+def test_uniform_init_bounds_every_parameter_of_the_model(fused: bool) -> None:
     params = LSTMConfig(num_layers=2, hidden_size=32, init="uniform", init_range=0.04)
-    model = StackedLSTM(CHAR, params)
+    model = StackedLSTM(CHAR, params, fused=fused)
 
     names = {name for name, _ in model.named_parameters()}
-    assert {"embedding.weight", "head.weight", "head.bias", "lstms.1.bias_hh_l0"} <= names
+    second_layer = "lstms.0.bias_hh_l1" if fused else "lstms.1.bias_hh_l0"
+    assert {"embedding.weight", "head.weight", "head.bias", second_layer} <= names
     for name, param in model.named_parameters():
         assert param.abs().max() <= 0.04, name
     everything = torch.cat([p.detach().flatten() for p in model.parameters()])
@@ -195,7 +197,7 @@ def test_dropout_sits_between_layers_only(num_layers: int) -> None:
     params = LSTMConfig(
         num_layers=num_layers, hidden_size=8, dropout=0.3, input_dropout=0.1, output_dropout=0.2
     )
-    model = StackedLSTM(CLASSIFY, params)
+    model = StackedLSTM(CLASSIFY, params, fused=False)
 
     between = [m for m in model.layer_dropouts if isinstance(m, nn.Dropout)]
     assert len(between) == num_layers - 1
@@ -215,18 +217,33 @@ def test_dropout_sits_between_layers_only(num_layers: int) -> None:
     assert _call_order(model, x, torch.tensor([5, 2, 4])) == expected
 
 
-def test_embedding_comes_before_input_dropout() -> None:
-    model = StackedLSTM(CHAR, LSTMConfig(num_layers=2, hidden_size=8, dropout=0.5))
+@pytest.mark.parametrize("num_layers", [1, 2, 3])
+def test_the_fused_stack_puts_its_dropout_between_layers(num_layers: int) -> None:
+    params = LSTMConfig(
+        num_layers=num_layers, hidden_size=8, dropout=0.3, input_dropout=0.1, output_dropout=0.2
+    )
+    model = StackedLSTM(CLASSIFY, params)
+
+    assert model.fused
+    (lstm,) = model.lstms
+    assert isinstance(lstm, nn.LSTM) and lstm.num_layers == num_layers
+    # nn.LSTM's dropout acts on the output of every layer but the last.
+    assert lstm.dropout == (0.3 if num_layers > 1 else 0.0)
+    assert len(model.layer_dropouts) == 0
+    dropouts = [m for m in model.modules() if isinstance(m, nn.Dropout)]
+    assert dropouts == [model.input_dropout, model.output_dropout]
+    expected = ["input_dropout", "lstms.0", "output_dropout", "head"]
+    x = torch.randn(3, 5, 3)
+    assert _call_order(model, x) == expected
+    assert _call_order(model, x, torch.tensor([5, 2, 4])) == expected
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_embedding_comes_before_input_dropout(fused: bool) -> None:
+    model = StackedLSTM(CHAR, LSTMConfig(num_layers=2, hidden_size=8, dropout=0.5), fused=fused)
     order = _call_order(model, torch.randint(0, 11, (2, 6)))
-    assert order == [
-        "embedding",
-        "input_dropout",
-        "lstms.0",
-        "layer_dropouts.0",
-        "lstms.1",
-        "output_dropout",
-        "head",
-    ]
+    stack = ["lstms.0"] if fused else ["lstms.0", "layer_dropouts.0", "lstms.1"]
+    assert order == ["embedding", "input_dropout", *stack, "output_dropout", "head"]
 
 
 def test_dropout_is_active_in_train_mode_only() -> None:
@@ -267,14 +284,22 @@ def test_output_shapes(problem: Problem, bidirectional: bool, hidden: dict[str, 
     else:
         assert model.embedding is None
         x = torch.randn(4, 7, problem.input_size)
-    widths = []
-    for i, lstm in enumerate(model.lstms):
+    first_input = sizes[0] if problem.input_kind == "tokens" else problem.input_size
+    # Fused exactly when every layer has the same width (tied; per_layer / pyramid differ).
+    assert model.fused == (hidden == {})
+    if model.fused:
+        (lstm,) = model.lstms
         assert isinstance(lstm, nn.LSTM)
-        assert lstm.bidirectional == bidirectional and lstm.num_layers == 1
-        first_input = sizes[0] if problem.input_kind == "tokens" else problem.input_size
-        assert lstm.input_size == (directions * sizes[i - 1] if i else first_input)
-        widths.append(lstm.hidden_size)
-    assert tuple(widths) == sizes
+        assert lstm.bidirectional == bidirectional and lstm.num_layers == 3
+        assert lstm.input_size == first_input and (lstm.hidden_size,) * 3 == sizes
+    else:
+        widths = []
+        for i, lstm in enumerate(model.lstms):
+            assert isinstance(lstm, nn.LSTM)
+            assert lstm.bidirectional == bidirectional and lstm.num_layers == 1
+            assert lstm.input_size == (directions * sizes[i - 1] if i else first_input)
+            widths.append(lstm.hidden_size)
+        assert tuple(widths) == sizes
     assert model.head.in_features == directions * sizes[-1]
 
     out = model(x)
