@@ -175,6 +175,8 @@ def _worker_options(settings: Settings, accelerator: str) -> WorkerOptions:
         accelerator=accelerator,
         worker_memory_gb=settings.worker_memory_gb,
         max_running_per_owner=settings.max_running_trials_per_principal,
+        artifacts_url=settings.artifacts_url,
+        artifacts_data_dir=settings.data_dir,
     )
 
 

@@ -72,6 +72,10 @@ class Settings(BaseSettings):
         default=None, ge=1, validation_alias="LSTM_HPO_MAX_RUNNING_TRIALS"
     )
 
+    #: Where trials keep their per-epoch checkpoints: ``s3://bucket[/prefix]`` (extra
+    #: ``s3``; boto3's own credentials and ``AWS_ENDPOINT_URL``). None: ``<data_dir>/artifacts``.
+    artifacts_url: str | None = None
+
     #: Worker heartbeat period; a trial whose worker is silent for ``grace`` is reaped.
     heartbeat_interval_s: float = Field(default=10.0, gt=0)
     heartbeat_grace_s: float = Field(default=60.0, gt=0)
@@ -91,6 +95,15 @@ class Settings(BaseSettings):
             raise ValueError(
                 "LSTM_HPO_ENV=production needs a PostgreSQL LSTM_HPO_DATABASE_URL; "
                 "SQLite is for one machine"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _artifacts_url_is_s3(self) -> Settings:
+        if self.artifacts_url is not None and not self.artifacts_url.startswith("s3://"):
+            raise ValueError(
+                f"LSTM_HPO_ARTIFACTS_URL {self.artifacts_url!r}: write s3://bucket or "
+                "s3://bucket/prefix (unset: checkpoints go to <data_dir>/artifacts)"
             )
         return self
 

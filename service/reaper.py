@@ -14,7 +14,9 @@ running, stale                 none attached                reap; retry asks a f
                                (died between claim and ask)
 running, stale                 RUNNING                      FAIL it ("worker stopped
                                                             heartbeating"), enqueue a
-                                                            WAITING copy, reap with its id
+                                                            WAITING copy (it resumes from
+                                                            the chain's checkpoint), reap
+                                                            with its id
 running, stale                 FAIL by the reaper (an       find the WAITING copy (or
                                interrupted earlier round)   enqueue it), reap with its id
 running, stale                 COMPLETE / PRUNED / FAIL     finish the slot with that
@@ -64,7 +66,13 @@ from optuna.trial import FrozenTrial, TrialState
 
 from service import queue, studies
 from service.errors import LeaseLost, LstmHpoError, OptunaStudyDeleted
-from service.states import FAILURE_ATTR, RETRY_OF_ATTR, JobState, TrialOutcome
+from service.states import (
+    FAILURE_ATTR,
+    ORIGINAL_TRIAL_ATTR,
+    RETRY_OF_ATTR,
+    JobState,
+    TrialOutcome,
+)
 
 log = logging.getLogger("lstm_hpo.reaper")
 _T = TypeVar("_T")
@@ -185,11 +193,13 @@ def _retry_trial(backend: studies.Backend, study_id: int, lost: FrozenTrial) -> 
     for waiting in storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.WAITING,)):
         if waiting.user_attrs.get(RETRY_OF_ATTR) == lost.number:
             return waiting._trial_id
-    # What Study.enqueue_trial does, keeping the new trial's id.
+    # What Study.enqueue_trial does, keeping the new trial's id. The chain's first trial
+    # keys its checkpoints: a retry of a retry resumes from what either of them saved.
+    original = lost.user_attrs.get(ORIGINAL_TRIAL_ATTR, lost.number)
     template = optuna.trial.create_trial(
         state=TrialState.WAITING,
         system_attrs={"fixed_params": lost.params},
-        user_attrs={RETRY_OF_ATTR: lost.number},
+        user_attrs={RETRY_OF_ATTR: lost.number, ORIGINAL_TRIAL_ATTR: original},
     )
     return storage.create_new_trial(study_id, template_trial=template)
 

@@ -106,3 +106,8 @@ FAILURE_ATTR = "failure_reason"
 BASELINES_ATTR = "val_baselines"
 #: Trial: set on a retry, the number of the trial (same params) whose worker died.
 RETRY_OF_ATTR = "retry_of"
+#: Trial: set on a retry, the number of the first trial of its retry chain (the trial
+#: whose checkpoints every retry of it resumes from; ``service.artifacts``).
+ORIGINAL_TRIAL_ATTR = "original_trial"
+#: Trial: set on a retry that resumed from a checkpoint, the (0-based) epoch it resumed at.
+RESUMED_FROM_ATTR = "resumed_from_epoch"

@@ -34,6 +34,7 @@ from optuna.trial import TrialState
 from sqlalchemy import exc as sa_exc
 
 from service import queue
+from service.artifacts import CheckpointStore, open_artifact_store
 from service.db import is_sqlite, make_engine, make_session_factory
 from service.errors import (
     DatabaseUnavailable,
@@ -48,8 +49,10 @@ from service.states import FAILURE_ATTR, TrialOutcome
 from service.studies import optuna_storage
 from service.training.objective import (
     NonFiniteMetric,
+    TrialCheckpoints,
     build_pruner,
     build_sampler,
+    original_trial_number,
     run_trial,
     trial_seed,
 )
@@ -81,6 +84,10 @@ class WorkerOptions:
     #: Skip principals that already run this many trials (``LSTM_HPO_MAX_RUNNING_TRIALS``);
     #: None: no quota. Every worker should use the same value: the claim applies it.
     max_running_per_owner: int | None = None
+    #: Where trials keep their per-epoch checkpoints: ``LSTM_HPO_ARTIFACTS_URL`` (s3://...)
+    #: or, when it is None, ``<artifacts_data_dir>/artifacts``. Both None: no checkpoints.
+    artifacts_url: str | None = None
+    artifacts_data_dir: Path | None = None
 
 
 Outcome = Literal["complete", "pruned", "failed"]
@@ -206,6 +213,11 @@ class Worker:
         self.storage: optuna.storages.RDBStorage | None = None
         self.stopping = False
         self._jobs: OrderedDict[str, _JobContext] = OrderedDict()
+        self.checkpoints: CheckpointStore | None = None
+        if options.artifacts_url is not None or options.artifacts_data_dir is not None:
+            self.checkpoints = open_artifact_store(
+                options.artifacts_url, options.artifacts_data_dir or Path(".")
+            )
 
     def start(self) -> None:
         """Wait for the schema (workers never run DDL) and register."""
@@ -393,6 +405,16 @@ class Worker:
         outcome: Outcome
         value: float | None = None
         reason: str | None = None
+        checkpoints: TrialCheckpoints | None = None
+        if self.checkpoints is not None:
+
+            def check_owned() -> None:
+                # A reaped trial stops at its next epoch end: its result would be rejected,
+                # and its checkpoints must not overwrite those of the retry that replaced it.
+                if (lease.id, lease.claimed_at) in beat.lost:
+                    raise LeaseLost("the trial's lease was reaped; it stops")
+
+            checkpoints = TrialCheckpoints(self.checkpoints, lease.job_id, check_owned)
         try:
             value = run_trial(
                 trial,
@@ -400,6 +422,7 @@ class Worker:
                 data_roots=self.options.data_roots,
                 accelerator=self.options.accelerator,
                 worker_memory_gb=self.options.worker_memory_gb,
+                checkpoints=checkpoints,
             )
             if math.isfinite(value):
                 outcome = "complete"
@@ -430,6 +453,8 @@ class Worker:
         if not self._finish_slot(lease, outcome, reason):
             log.warning("trial %d: slot was reaped before the result arrived", trial.number)
             return None
+        if checkpoints is not None:
+            self._drop_resume_checkpoint(lease, trial)
         log.info(
             "trial %d of %s: %s%s",
             trial.number,
@@ -438,6 +463,16 @@ class Worker:
             f" value={value:.6g}" if outcome == "complete" and value is not None else "",
         )
         return outcome
+
+    def _drop_resume_checkpoint(self, lease: queue.Lease, trial: optuna.Trial) -> None:
+        """Remove the trial's ``last`` checkpoint once its result is recorded: nothing will
+        resume it. Its ``best`` stays until the study ends (``study.keep_checkpoints``)."""
+        assert self.checkpoints is not None
+        try:
+            number = original_trial_number(trial)
+            self.checkpoints.remove(lease.job_id, [number], kinds=("last",))
+        except Exception as err:  # a leftover is removed when the study ends
+            log.warning("trial %d: could not remove its resume checkpoint: %s", trial.number, err)
 
     def _finish_slot(self, lease: queue.Lease, outcome: Outcome, reason: str | None) -> bool:
         """Finish the slot; False when it is no longer ours (reaped, cancelled, deleted)."""

@@ -7,14 +7,16 @@ import json
 import logging
 import math
 import os
+import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 
 from service.search_space import Direction, ResolvedConfig, task_metric
@@ -59,6 +61,8 @@ class FitResult:
     best_epoch: int | None = None
     checkpoint: str | None = None
     description: str = ""
+    #: The epoch (0-based) training continued at when it resumed from a checkpoint.
+    resumed_from_epoch: int | None = None
 
     @property
     def beats_baseline(self) -> bool:
@@ -78,7 +82,8 @@ class FitResult:
 
 
 class ValidationHistory(Callback):
-    """Records the monitored validation metric after each epoch."""
+    """Records the monitored validation metric after each epoch; kept in checkpoints, so a
+    resumed fit knows every epoch's value (its best-so-far and the curve for the pruner)."""
 
     def __init__(self, metric: str) -> None:
         self.metric = metric
@@ -90,6 +95,82 @@ class ValidationHistory(Callback):
         value = trainer.callback_metrics.get(self.metric)
         if value is not None:
             self.values.append(float(value))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"metric": self.metric, "values": list(self.values)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.values = [float(v) for v in state_dict["values"]]
+
+
+#: ``save(path, kind)``: store the checkpoint file at ``path`` as the trial's ``kind``
+#: checkpoint (``"last"`` every epoch; ``"best"`` too when the epoch is the best so far).
+SaveCheckpoint = Callable[[Path, str], None]
+
+
+class EpochCheckpoints(Callback):
+    """At the end of every training epoch (after its validation), writes a Lightning
+    checkpoint (model, optimizers, LR schedulers, loops and epoch, callback states: the
+    validation history, early stopping's best score) to a temporary file and hands it to
+    ``save`` as ``"last"`` and, when its metric is the best so far, as ``"best"``.
+
+    Pruned or failed epochs (the pruning and finite-metric callbacks raise in
+    ``on_validation_end``) are never saved.
+    """
+
+    def __init__(self, save: SaveCheckpoint, history: ValidationHistory, direction: Direction):
+        self.save = save
+        self.history = history
+        self.direction = direction
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        values = self.history.values
+        _, best_epoch = _best(values, self.direction)
+        is_best = best_epoch is not None and best_epoch == len(values) - 1
+        with tempfile.TemporaryDirectory(prefix="lstm-hpo-ckpt-") as tmp:
+            path = Path(tmp) / "epoch.ckpt"
+            trainer.save_checkpoint(path)
+            self.save(path, "last")
+            if is_best:
+                self.save(path, "best")
+
+
+
+class RngStates(Callback):
+    """Keeps the global RNG states (torch, numpy, Python; CUDA where present) in every
+    checkpoint, which Lightning does not: a fit resumed from one draws the same shuffles
+    and dropout masks as an uninterrupted fit (in every fit, so any checkpoint resumes)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rng": _collect_rng_states(include_cuda=torch.cuda.is_available())}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # Lightning restores callback states before the first epoch's data loader draws
+        # its shuffle seed: from here on the RNG streams continue as they were.
+        _set_rng_states(state_dict["rng"])
+
+
+@dataclass(frozen=True)
+class CheckpointProgress:
+    """What a trial checkpoint says about the training it holds."""
+
+    #: Epochs trained: the (0-based) epoch a fit resumed from it starts at.
+    epochs_done: int
+    #: The validation metric after each of those epochs.
+    history: list[float]
+
+
+def read_checkpoint_progress(path: Path) -> CheckpointProgress:
+    """The epochs and validation history stored in a checkpoint :class:`EpochCheckpoints`
+    wrote (ValueError when it is not one)."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    states = ckpt.get("callbacks", {}) if isinstance(ckpt, dict) else {}
+    history = next(
+        (s for key, s in states.items() if str(key).startswith("ValidationHistory")), None
+    )
+    if history is None or "epoch" not in ckpt:
+        raise ValueError(f"{path} is not an lstm-hpo trial checkpoint")
+    return CheckpointProgress(epochs_done=int(ckpt["epoch"]) + 1, history=list(history["values"]))
 
 
 def _best(values: Sequence[float], direction: Direction) -> tuple[float | None, int | None]:
@@ -110,6 +191,8 @@ def fit_config(
     evaluate_test: bool | None = None,
     accelerator: str = "auto",
     data_roots: tuple[Path, ...] | None = None,
+    save_checkpoint: SaveCheckpoint | None = None,
+    resume_from: Path | None = None,
 ) -> FitResult:
     """Train ``config`` and return its metrics.
 
@@ -117,6 +200,11 @@ def fit_config(
     ``result.json`` are written there and (by default) the best checkpoint is evaluated on
     the test split. Without it nothing touches the disk (the worker's trial path).
     Divergence (NaN/inf loss) raises ``module.DivergedError``.
+
+    ``save_checkpoint`` (the worker's trial path): called at the end of every epoch with a
+    checkpoint file (see :class:`EpochCheckpoints`). ``resume_from``: such a checkpoint of
+    this same config; training continues at the epoch after it, and the result (history,
+    best value) covers the epochs before it too.
     """
     silence_lightning()
     params = config.params
@@ -127,7 +215,12 @@ def fit_config(
         params=params.model_dump(mode="json"), problem=dataclasses.asdict(data.problem)
     )
     history = ValidationHistory(metric.name)
-    all_callbacks: list[Callback] = [history, *callbacks]
+    all_callbacks: list[Callback] = [history, RngStates(), *callbacks]
+    if save_checkpoint is not None:
+        all_callbacks.append(EpochCheckpoints(save_checkpoint, history, metric.direction))
+    resumed_from_epoch: int | None = None
+    if resume_from is not None:
+        resumed_from_epoch = read_checkpoint_progress(resume_from).epochs_done
     checkpoint: ModelCheckpoint | None = None
     mode = "min" if metric.direction == "minimize" else "max"
     if out_dir is not None:
@@ -166,7 +259,8 @@ def fit_config(
         num_sanity_val_steps=0,
         default_root_dir=out_dir,
     )
-    trainer.fit(model, datamodule=data.datamodule)
+    # weights_only=False: our own checkpoints hold RNG states (numpy arrays, tuples).
+    trainer.fit(model, datamodule=data.datamodule, ckpt_path=resume_from, weights_only=False)
     value, best_epoch = _best(history.values, metric.direction)
     test_value: float | None = None
     if evaluate_test is None:
@@ -193,6 +287,7 @@ def fit_config(
         if checkpoint and checkpoint.best_model_path
         else None,
         description=data.description,
+        resumed_from_epoch=resumed_from_epoch,
     )
     if out_dir is not None:
         (out_dir / "result.json").write_text(json.dumps(result.summary(), indent=2) + "\n")

@@ -8,15 +8,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
+import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import optuna
 
+from service.artifacts import CHECKPOINT_KINDS, CheckpointStore
 from service.errors import InvalidSpec
 from service.estimate import GB, estimate_config, too_large_reason
 from service.search_space import (
@@ -29,7 +33,15 @@ from service.search_space import (
     grid_steps,
     sample_config,
 )
-from service.states import BASELINES_ATTR, CONFIG_ATTR
+from service.states import (
+    BASELINES_ATTR,
+    CONFIG_ATTR,
+    ORIGINAL_TRIAL_ATTR,
+    RESUMED_FROM_ATTR,
+    RETRY_OF_ATTR,
+)
+
+log = logging.getLogger("lstm_hpo.worker")
 
 
 class SyntheticFailure(RuntimeError):
@@ -59,11 +71,15 @@ def run_trial(
     data_roots: tuple[Path, ...] | None = None,
     accelerator: str = "auto",
     worker_memory_gb: float | None = None,
+    checkpoints: TrialCheckpoints | None = None,
 ) -> float:
     """Train the config ``trial`` samples from ``spec``; return its best validation metric.
 
     With ``worker_memory_gb`` (the worker's ``LSTM_HPO_WORKER_MEMORY_GB``), a config whose
     estimated training step needs more is not trained: see :func:`prune_if_too_large`.
+
+    With ``checkpoints``, a real trial saves a checkpoint at the end of every epoch, and a
+    retry resumes from the last one its chain saved (see :func:`_resume_point`).
 
     Raises ``optuna.TrialPruned`` when the pruner stops it, and any training error as is
     (the worker records it as the trial's failure reason).
@@ -82,19 +98,95 @@ def run_trial(
 
     # A worker loads torch here, at its first real trial; its threads: OMP_NUM_THREADS.
     configure_torch_threads()
-    pruning = PyTorchLightningPruningCallback(trial, monitor=spec.metric.name)
-    result = fit_config(
-        config,
-        # The finite check first: the pruner must never see (and prune on) a NaN.
-        callbacks=[_finite_metric_callback(spec.metric.name), pruning],
-        data_roots=data_roots,
-        accelerator=accelerator,
-        evaluate_test=False,
-    )
+    with tempfile.TemporaryDirectory(prefix="lstm-hpo-resume-") as tmp:
+        resume_from = _resume_point(trial, checkpoints, Path(tmp)) if checkpoints else None
+        pruning = PyTorchLightningPruningCallback(trial, monitor=spec.metric.name)
+        result = fit_config(
+            config,
+            # The finite check first: the pruner must never see (and prune on) a NaN.
+            callbacks=[_finite_metric_callback(spec.metric.name), pruning],
+            data_roots=data_roots,
+            accelerator=accelerator,
+            evaluate_test=False,
+            save_checkpoint=checkpoints.saver(original_trial_number(trial))
+            if checkpoints
+            else None,
+            resume_from=resume_from,
+        )
     trial.set_user_attr(BASELINES_ATTR, result.val_baselines)
     if result.value is None:
         raise RuntimeError(f"no finite validation {spec.metric.name} in any epoch")
     return result.value
+
+
+@dataclass(frozen=True)
+class TrialCheckpoints:
+    """Where a worker's trial keeps its checkpoints: the store, the study's job id, and a
+    check the worker runs before each save (it raises once the trial is no longer the
+    worker's: a reaped trial must stop, and must not overwrite its retry's checkpoints)."""
+
+    store: CheckpointStore
+    job_id: str
+    check_owned: Callable[[], None] = lambda: None
+
+    def saver(self, original_number: int) -> Callable[[Path, str], None]:
+        """``fit_config``'s ``save_checkpoint`` hook for the chain of ``original_number``."""
+
+        def save(path: Path, kind: str) -> None:
+            self.check_owned()
+            if kind not in CHECKPOINT_KINDS:
+                raise ValueError(f"unknown checkpoint kind {kind!r}")
+            try:
+                self.store.save(self.job_id, original_number, kind, path)
+            except OSError as err:  # the trial is worth more than its checkpoint: go on
+                log.warning(
+                    "trial %d: could not save its %s checkpoint: %s", original_number, kind, err
+                )
+
+        return save
+
+
+def original_trial_number(trial: optuna.Trial) -> int:
+    """The number of the first trial of ``trial``'s retry chain (its own if not a retry):
+    the key of the chain's checkpoints."""
+    attrs = trial.user_attrs
+    original = attrs.get(ORIGINAL_TRIAL_ATTR, attrs.get(RETRY_OF_ATTR, trial.number))
+    return int(original)
+
+
+def _resume_point(trial: optuna.Trial, checkpoints: TrialCheckpoints, tmp: Path) -> Path | None:
+    """For a retry whose chain saved a checkpoint: fetch it into ``tmp``, report the
+    validation values of the epochs it holds to ``trial`` (the pruner sees the whole
+    curve), record :data:`RESUMED_FROM_ATTR`, and return its path. None for a first
+    attempt, or when there is no readable checkpoint (the retry starts at epoch 0)."""
+    if RETRY_OF_ATTR not in trial.user_attrs:
+        return None  # a fresh trial never resumes (a reused job id could hold stale files)
+    from service.training.fit import read_checkpoint_progress
+
+    original = original_trial_number(trial)
+    path = tmp / "resume.ckpt"
+    try:
+        if not checkpoints.store.fetch(checkpoints.job_id, original, "last", path):
+            return None
+        progress = read_checkpoint_progress(path)
+    except Exception as err:  # a torn or foreign file: start over rather than fail the trial
+        log.warning(
+            "trial %d: checkpoint of trial %d unusable (%s); starting at epoch 0",
+            trial.number,
+            original,
+            err,
+        )
+        return None
+    for step, value in enumerate(progress.history):
+        trial.report(value, step=step)
+    trial.set_user_attr(RESUMED_FROM_ATTR, progress.epochs_done)
+    log.info(
+        "resumed trial %d from epoch %d (checkpoint of trial %d)",
+        trial.number,
+        progress.epochs_done,
+        original,
+    )
+    return path
 
 
 #: The Optuna constraint a worker's memory limit sets on each trial: the estimate minus the
