@@ -64,6 +64,9 @@ class TrialPublic(_Public):
     failure_reason: str | None = None
     #: The trial this one retries (same parameters), when its worker died.
     retry_of: int | None = None
+    #: A retry that resumed from its chain's checkpoint: the (0-based) epoch it started at;
+    #: its ``intermediate_values`` before it come from the checkpoint.
+    resumed_from_epoch: int | None = None
     config: dict[str, Any] | None = None
 
 

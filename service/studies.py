@@ -59,6 +59,7 @@ from service.states import (
     CONFIG_ATTR,
     FAILURE_ATTR,
     JOB_ID_ATTR,
+    RESUMED_FROM_ATTR,
     RETRY_OF_ATTR,
     JobState,
 )
@@ -435,6 +436,7 @@ def _trial_public(trial: FrozenTrial) -> TrialPublic:
         },
         failure_reason=trial.user_attrs.get(FAILURE_ATTR),
         retry_of=trial.user_attrs.get(RETRY_OF_ATTR),
+        resumed_from_epoch=trial.user_attrs.get(RESUMED_FROM_ATTR),
         config=trial.user_attrs.get(CONFIG_ATTR),
     )
 

@@ -100,6 +100,12 @@ def test_kill_during_epoch_3_the_retry_resumes_at_epoch_3_and_ends_identically(
     # ... and it ends bit for bit where the uninterrupted trial ended.
     assert retry.value == uninterrupted.value
 
+    # The trials API shows it.
+    with cluster.http() as http:
+        items = http.get(f"/v1/studies/{job_id}/trials").json()["items"]
+    assert [t.get("resumed_from_epoch") for t in items] == [None, None, 3]
+    assert items[2]["retry_of"] == 1 and items[2]["value"] == uninterrupted.value
+
     # Once recorded, a trial's resume checkpoint is removed; its best-epoch one stays.
     for number in (0, 1):
         assert not store.exists(job_id, number, "last")
