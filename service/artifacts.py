@@ -22,13 +22,15 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, Literal
+from typing import TYPE_CHECKING, Any, BinaryIO, Literal
 from urllib.parse import urlparse
 
 from optuna.artifacts import Boto3ArtifactStore, FileSystemArtifactStore
 from optuna.artifacts.exceptions import ArtifactNotFound
+
+from service.states import ORIGINAL_TRIAL_ATTR, RETRY_OF_ATTR
 
 if TYPE_CHECKING:
     from optuna.artifacts._protocol import ArtifactStore
@@ -91,6 +93,13 @@ def open_artifact_store(url: str | None, data_dir: Path) -> CheckpointStore:
             "pip install 'lstm-hpo[s3]'"
         ) from err
     return CheckpointStore(store, prefix=parsed.path.strip("/"))
+
+
+def original_trial_number(user_attrs: Mapping[str, Any], number: int) -> int:
+    """The number of the first trial of a trial's retry chain (its own when it is not a
+    retry): the key of the chain's checkpoints. ``user_attrs``: the trial's."""
+    original = user_attrs.get(ORIGINAL_TRIAL_ATTR, user_attrs.get(RETRY_OF_ATTR, number))
+    return int(original)
 
 
 class CheckpointNotFound(LookupError):

@@ -104,7 +104,21 @@ def reap_once(
         )
     queue.end_expired_jobs(backend.sessions, now=at)
     sweep_unowned_trials(backend, grace_s=grace_s)
+    prune_ended_checkpoints(backend)
     return reaped
+
+
+def prune_ended_checkpoints(backend: studies.Backend) -> int:
+    """Apply ``study.keep_checkpoints`` to recently ended studies whose last trial has
+    finished (once each: ``studies.prune_checkpoints``); returns how many were deleted."""
+    if backend.checkpoints is None:
+        return 0
+    removed = 0
+    for state in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED):
+        jobs, _total = queue.list_jobs(backend.sessions, state=state, limit=RECENTLY_FINISHED_SWEPT)
+        for job in jobs:
+            removed += _per_job(job.id, partial(studies.prune_checkpoints, backend, job), None) or 0
+    return removed
 
 
 def _per_job(job_id: str, work: Callable[[], _T], default: _T) -> _T:

@@ -515,6 +515,11 @@ class StudySettings(_Frozen):
     #: (``LSTM_HPO_WORKER_MEMORY_GB``): refuse it at submit, or accept it and prune each
     #: trial whose config does not fit, at once and untrained (an Optuna constraint).
     on_too_large: Literal["refuse", "prune"] = "refuse"
+    #: Which trials' checkpoints (each trial's best epoch) stay once the study ends:
+    #: the best trial's, the ``keep_top_k`` best trials', every trial's, or none.
+    keep_checkpoints: Literal["best", "top_k", "all", "none"] = "best"
+    #: How many of the best trials keep their checkpoints with ``keep_checkpoints: top_k``.
+    keep_top_k: int | None = Field(default=None, ge=1, le=1000)
     # The upper bounds of these three come from the deployment: SpecLimits.
 
 
@@ -823,6 +828,16 @@ def _forget_bias_errors(spec: StudySpec) -> list[FieldError]:
     return [FieldError("space.forget_bias", FORGET_BIAS_LSTM_ONLY)]
 
 
+def _check_keep(spec: StudySpec) -> list[FieldError]:
+    study = spec.study
+    if study.keep_checkpoints == "top_k" and study.keep_top_k is None:
+        return [FieldError("study.keep_top_k", "required with keep_checkpoints: top_k (e.g. 3)")]
+    if study.keep_checkpoints != "top_k" and study.keep_top_k is not None:
+        msg = f"only with keep_checkpoints: top_k (it is {study.keep_checkpoints})"
+        return [FieldError("study.keep_top_k", msg)]
+    return []
+
+
 def _check_limits(spec: StudySpec, limits: SpecLimits) -> list[FieldError]:
     errors = []
     if spec.study.n_trials > limits.max_trials:
@@ -882,7 +897,7 @@ def parse_spec(data: Any, limits: SpecLimits = DEFAULT_LIMITS) -> StudySpec:
         spec = StudySpec.model_validate(data)
     except ValidationError as err:
         raise InvalidSpec(_from_validation_error(err)) from None
-    errors = _check_space(spec) + _check_limits(spec, limits)
+    errors = _check_space(spec) + _check_limits(spec, limits) + _check_keep(spec)
     if errors:
         raise InvalidSpec(errors)
     # A full sample at each end of every range proves that the fixed values combine with

@@ -28,6 +28,7 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
 from service import queue
+from service.artifacts import CheckpointStore, original_trial_number
 from service.auth import Principal
 from service.data_checks import check_task_data
 from service.db import (
@@ -82,6 +83,8 @@ class Backend:
     base_url: str
     #: Most queued + running studies one principal may have (None: no quota).
     max_active_studies: int | None = None
+    #: The trials' checkpoints (None: the service keeps none; nothing to delete or serve).
+    checkpoints: CheckpointStore | None = None
 
 
 def optuna_storage(
@@ -119,6 +122,7 @@ def open_backend(
     pool_size: int = 2,
     storage: optuna.storages.BaseStorage | None = None,
     max_active_studies: int | None = None,
+    checkpoints: CheckpointStore | None = None,
 ) -> Backend:
     """Connect to the database (schema must already be migrated)."""
     engine = make_engine(database_url, pool_size=pool_size, max_overflow=0)
@@ -128,6 +132,7 @@ def open_backend(
         limits=limits,
         base_url=base_url.rstrip("/"),
         max_active_studies=max_active_studies,
+        checkpoints=checkpoints,
     )
 
 
@@ -241,7 +246,11 @@ def delete_study(backend: Backend, job_id: str, *, principal: Principal) -> None
             queue.cancel_job(backend.sessions, job_id)
     # Already gone: deleted outside the service, or by an interrupted delete.
     with suppress(OptunaStudyDeleted):
-        backend.storage.delete_study(optuna_study_id(backend, job.optuna_study_name))
+        study_id = optuna_study_id(backend, job.optuna_study_name)
+        if backend.checkpoints is not None:  # first: their keys are the trials' numbers
+            numbers = [t.number for t in backend.storage.get_all_trials(study_id, deepcopy=False)]
+            backend.checkpoints.remove_study(job.id, numbers)
+        backend.storage.delete_study(study_id)
     queue.delete_job(backend.sessions, job_id)
     log.info("deleted study %s (%s)", job_id, job.optuna_study_name)
 
@@ -303,6 +312,48 @@ def _job(backend: Backend, job_id: str, principal: Principal) -> queue.JobRecord
     """The job, if it is the principal's (an admin's: any); ``StudyNotFound`` otherwise,
     exactly as for an id that does not exist."""
     return queue.get_job(backend.sessions, job_id, owner=principal.owner_filter)
+
+
+#: Optuna study system attribute: the study's checkpoints were pruned to what it keeps.
+CHECKPOINTS_PRUNED_ATTR = "lstm_hpo:checkpoints_pruned"
+
+
+def prune_checkpoints(backend: Backend, job: queue.JobRecord) -> int | None:
+    """Once a study has ended and nothing of it runs: delete every trial's resume
+    (``last``) checkpoint and the best-epoch ones ``study.keep_checkpoints`` does not keep
+    (``best``: the best trial's; ``top_k``: the ``keep_top_k`` best; ``all``; ``none``).
+    Done once per study (a mark on its Optuna study); returns how many checkpoints were
+    deleted, None when there was nothing to do (yet).
+    """
+    store = backend.checkpoints
+    if store is None or job.state.is_active or job.n_running:
+        return None
+    try:
+        study_id = optuna_study_id(backend, job.optuna_study_name)
+    except OptunaStudyDeleted:
+        return None
+    if backend.storage.get_study_system_attrs(study_id).get(CHECKPOINTS_PRUNED_ATTR):
+        return None
+    settings = study_spec(job).study
+    trials = backend.storage.get_all_trials(study_id, deepcopy=False)
+    ranked = _ranked(trials, study_spec(job).direction)
+    keys = {original_trial_number(t.user_attrs, t.number) for t in trials}
+    if settings.keep_checkpoints == "all":
+        keep = keys  # pruned and failed trials' best epochs too
+    else:
+        n = {"best": 1, "top_k": settings.keep_top_k or 0, "none": 0}[settings.keep_checkpoints]
+        keep = {original_trial_number(t.user_attrs, t.number) for t in ranked[:n]}
+    removed = store.remove(job.id, sorted(keys), kinds=("last",))
+    removed += store.remove(job.id, sorted(keys - keep), kinds=("best",))
+    backend.storage.set_study_system_attr(study_id, CHECKPOINTS_PRUNED_ATTR, True)
+    log.info(
+        "study %s ended: kept the checkpoints of trials %s (keep_checkpoints: %s), deleted %d",
+        job.id,
+        sorted(keep) or "none",
+        settings.keep_checkpoints,
+        removed,
+    )
+    return removed
 
 
 def _fail_waiting_trials(backend: Backend, job: queue.JobRecord) -> None:

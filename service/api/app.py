@@ -19,6 +19,7 @@ from service.api.errors import install_error_handlers
 from service.api.guards import BodyLimit, OpenModeGuard
 from service.api.routes import health, signin
 from service.api.routes import studies as studies_routes
+from service.artifacts import open_artifact_store
 from service.config import Settings
 from service.migrate import current_revisions, upgrade_schema
 from service.reaper import Reaper
@@ -55,6 +56,7 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True) -> Fas
         pool_size=settings.pool_size,
         storage=storage,
         max_active_studies=settings.max_active_studies_per_principal,
+        checkpoints=open_artifact_store(settings.artifacts_url, settings.data_dir),
     )
     if settings.admin_token is not None:
         auth.ensure_admin_token(backend.sessions, settings.admin_token.get_secret_value())

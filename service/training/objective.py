@@ -21,6 +21,7 @@ import numpy as np
 import optuna
 
 from service.artifacts import CHECKPOINT_KINDS, CheckpointStore
+from service.artifacts import original_trial_number as original_number
 from service.errors import InvalidSpec
 from service.estimate import GB, estimate_config, too_large_reason
 from service.search_space import (
@@ -36,7 +37,6 @@ from service.search_space import (
 from service.states import (
     BASELINES_ATTR,
     CONFIG_ATTR,
-    ORIGINAL_TRIAL_ATTR,
     RESUMED_FROM_ATTR,
     RETRY_OF_ATTR,
 )
@@ -149,9 +149,7 @@ class TrialCheckpoints:
 def original_trial_number(trial: optuna.Trial) -> int:
     """The number of the first trial of ``trial``'s retry chain (its own if not a retry):
     the key of the chain's checkpoints."""
-    attrs = trial.user_attrs
-    original = attrs.get(ORIGINAL_TRIAL_ATTR, attrs.get(RETRY_OF_ATTR, trial.number))
-    return int(original)
+    return original_number(trial.user_attrs, trial.number)
 
 
 def _resume_point(trial: optuna.Trial, checkpoints: TrialCheckpoints, tmp: Path) -> Path | None:
