@@ -586,15 +586,23 @@ def best(
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="Write the config YAML here.")
     ] = None,
+    checkpoint: Annotated[
+        Path | None,
+        typer.Option("--checkpoint", help="Also save the best trial's checkpoint here."),
+    ] = None,
     server: ServerOption = DEFAULT_SERVER,
     token: TokenOption = None,
 ) -> None:
-    """The best config as YAML (for `lstm-hpo train`), to stdout or --output."""
+    """The best config as YAML (for `lstm-hpo train`), to stdout or --output; with
+    --checkpoint, the best trial's checkpoint too."""
     from service.client import Client
 
     with Client(server, token=token) as client:
         try:
             text = client.best_yaml(study_id)
+            if checkpoint is not None:
+                client.best_checkpoint(study_id, checkpoint)
+                err_console.print(f"wrote {checkpoint}")
         except LstmHpoError as err:
             raise _fail(err) from None
     if output is None:

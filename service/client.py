@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -118,6 +119,14 @@ class Client:
         """The best config as YAML, as `lstm-hpo train` takes it."""
         response = self._request("GET", f"/v1/studies/{study_id}/best", params={"format": "yaml"})
         return response.text
+
+    def best_checkpoint(self, study_id: str, dest: Path) -> None:
+        """Save the best trial's checkpoint to ``dest`` (ApiError 409 before a trial has
+        completed, 404 when it has no checkpoint)."""
+        response = self._request("GET", f"/v1/studies/{study_id}/best/checkpoint")
+        tmp = dest.with_name(dest.name + ".part")
+        tmp.write_bytes(response.content)
+        tmp.replace(dest)  # never a torn file at dest
 
     def cancel(self, study_id: str) -> StudyPublic:
         return StudyPublic.model_validate(

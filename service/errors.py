@@ -67,6 +67,11 @@ class StudyNotFound(NotFound):
     """No study with that id."""
 
 
+class CheckpointMissing(NotFound):
+    """The best trial has no stored checkpoint (a synthetic study trains none; or it was
+    deleted: study.keep_checkpoints)."""
+
+
 class Conflict(LstmHpoError):
     """The request conflicts with the current state."""
 

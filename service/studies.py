@@ -20,7 +20,7 @@ from contextlib import suppress
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -28,7 +28,7 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
 from service import queue
-from service.artifacts import CheckpointStore, original_trial_number
+from service.artifacts import CheckpointNotFound, CheckpointStore, original_trial_number
 from service.auth import Principal
 from service.data_checks import check_task_data
 from service.db import (
@@ -39,6 +39,7 @@ from service.db import (
     session_scope,
 )
 from service.errors import (
+    CheckpointMissing,
     Conflict,
     NoCompletedTrials,
     OptunaStudyDeleted,
@@ -449,6 +450,26 @@ def best_configs(
         config = _with_data_located(config, backend.limits.data_roots)
         out.append(BestPublic(value=trial.value, trial_number=trial.number, config=config))
     return out
+
+
+def best_checkpoint(backend: Backend, job_id: str, *, principal: Principal) -> tuple[BinaryIO, int]:
+    """A reader of the best trial's best-epoch checkpoint (close it) and that trial's number.
+
+    ``NoCompletedTrials`` while none has completed; ``CheckpointMissing`` when the best
+    trial has no checkpoint (none kept, a synthetic study, or no store configured).
+    """
+    job = _job(backend, job_id, principal)
+    ranked = _ranked(_trials(backend, job), study_spec(job).direction)
+    if not ranked:
+        raise NoCompletedTrials()
+    best = ranked[0]
+    if backend.checkpoints is None:
+        raise CheckpointMissing()
+    key = original_trial_number(best.user_attrs, best.number)
+    try:
+        return backend.checkpoints.open(job.id, key, "best"), best.number
+    except CheckpointNotFound:
+        raise CheckpointMissing() from None
 
 
 def _with_data_located(

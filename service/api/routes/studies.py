@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
 from functools import partial
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Query, Request, Response
-from fastapi.responses import PlainTextResponse
+from fastapi.responses import PlainTextResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from service import studies
@@ -298,6 +299,29 @@ def best(
         text = "---\n".join(dump_yaml(b.config) for b in (top if k is not None else top[:1]))
         return PlainTextResponse(text, media_type="application/yaml")
     return top if k is not None else top[0]
+
+
+@router.get(
+    "/{study_id}/best/checkpoint",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"application/octet-stream": {}}}},
+)
+def best_checkpoint(study_id: str, backend: BackendDep, principal: PrincipalDep) -> Response:
+    """The best trial's best-epoch Lightning checkpoint, a file `lstm-hpo train --init-from`
+    takes. 409 while no trial has completed; 404 when the best trial has no checkpoint."""
+    reader, number = studies.best_checkpoint(backend, study_id, principal=principal)
+
+    def chunks() -> Iterator[bytes]:
+        with reader:
+            while chunk := reader.read(1 << 20):
+                yield chunk
+
+    filename = f"{study_id}-trial-{number}.ckpt"
+    return StreamingResponse(
+        chunks(),
+        media_type="application/octet-stream",
+        headers={"Content-Disposition": f'attachment; filename="{filename}"'},
+    )
 
 
 @router.post("/{study_id}/cancel")
