@@ -135,7 +135,6 @@ class EpochCheckpoints(Callback):
                 self.save(path, "best")
 
 
-
 class RngStates(Callback):
     """Keeps the global RNG states (torch, numpy, Python; CUDA where present) in every
     checkpoint, which Lightning does not: a fit resumed from one draws the same shuffles
