@@ -133,6 +133,7 @@ def load_base_spec(task: str, quick: bool) -> dict[str, Any]:
     if quick:
         raw["task"].update(QUICK_TASK.get(task, {}))
         raw["space"].update(QUICK_SPACE)
+        raw["study"].pop("pruner_warmup_epochs", None)  # longer than the quick trials
     parse_spec(raw)  # fail here, not in the server, when a change made it invalid
     return raw
 
@@ -185,21 +186,33 @@ def markdown(results: dict[str, Any]) -> str:
         ]
         for family, s in t["families"].items():
             test, val = s["test"], s["val"]
+            spread = f" ± {_fmt(test['std'], 2)}" if test["n"] > 1 else ""
             lines.append(
-                f"| {family} (searched) | {_fmt(test['mean'])} ± {_fmt(test['std'], 2)} "
-                f"(n={test['n']}) | {_fmt(test['best'])} | {_fmt(val['mean'])} | "
+                f"| {family} (searched) | {_fmt(test['mean'])}{spread} (n={test['n']}) | "
+                f"{_fmt(test['best'])} | {_fmt(val['mean'])} | "
                 f"{s['trials_per_hour']:.0f} | {s['trials']} |"
             )
         for name, b in t["baselines"].items():
             lines.append(f"| {name} (baseline) | {_fmt(b['test'])} | | {_fmt(b.get('val'))} | | |")
         for ref in t["references"]:
-            lines.append(f"| {ref['model']} (published) | {_fmt(ref['value'])} | | | | |")
+            lines.append(
+                f"| {ref['model']} (published: {ref['task']}) | {_fmt(ref['value'])} | | | | |"
+            )
         lines.append("")
     return "\n".join(lines)
 
 
-def plot(task: str, runs: Mapping[str, Sequence[StudyRun]], metric: Metric, path: Path) -> None:
-    """Best validation metric so far against wall time, per family (seeds faint)."""
+def plot(
+    task: str,
+    runs: Mapping[str, Sequence[StudyRun]],
+    metric: Metric,
+    path: Path,
+    *,
+    budget_minutes: float,
+    baseline: tuple[str, float] | None = None,
+) -> None:
+    """Best validation metric so far against wall time, per family (seeds faint), with the
+    budget (dotted) and the primary baseline's validation score (dashed) for scale."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -221,6 +234,9 @@ def plot(task: str, runs: Mapping[str, Sequence[StudyRun]], metric: Metric, path
                 alpha=0.35 if len(family_runs) > 1 else 1,
                 label=family if j == 0 else None,
             )
+    ax.axvline(budget_minutes, color="grey", linestyle=":", label="budget")
+    if baseline is not None:
+        ax.axhline(baseline[1], color="black", linestyle="--", label=f"{baseline[0]} (val)")
     ax.set_xlabel("wall time of the search (minutes)")
     ax.set_ylabel(f"best {metric.name} so far")
     ax.set_title(f"{task}: best-so-far by model family")
@@ -245,11 +261,35 @@ def references_for(task: str) -> list[dict[str, Any]]:
     return [to_jsonable(ref) for key, ref in PUBLISHED_REFERENCES.items() if key.startswith(prefix)]
 
 
+def primary_baseline(found: Mapping[str, Any], maximize: bool) -> tuple[str, float] | None:
+    """The classical baseline hardest to beat on the validation split, for the plot."""
+    scored = [(name, b["val"]) for name, b in found.items() if b.get("val") is not None]
+    if not scored:
+        return None
+    return (max if maximize else min)(scored, key=lambda nb: float(nb[1]))
+
+
 def baselines(task: str, spec: Mapping[str, Any]) -> dict[str, Any]:
     from bench.baselines import baselines_for
 
     parsed = parse_spec(spec)
     return {name: to_jsonable(score) for name, score in baselines_for(parsed.task).items()}
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 (got {value})")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    value = float(text)
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a number above 0 (got {text})")
+    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -259,19 +299,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="tiny tasks, 2 families, 1 seed, 15 s budgets (~2 minutes)",
+        help="the tiny adding task (T=30), stacked_lstm and gru, 1 seed, 15 s budgets "
+        "(~2 minutes); other options still apply",
     )
-    parser.add_argument("--budget-minutes", type=float, help="search wall time per study")
-    parser.add_argument("--seeds", type=int, help="search seeds per (task, family)")
-    parser.add_argument("--tasks", help=f"comma-separated, of {','.join(TASKS)}")
-    parser.add_argument("--families", help=f"comma-separated, of {','.join(FAMILIES)}")
+    parser.add_argument(
+        "--budget-minutes", type=positive_float, help="search wall time per study (default 60)"
+    )
+    parser.add_argument(
+        "--seeds", type=positive_int, help="search seeds per (task, family) (default 3)"
+    )
+    parser.add_argument("--tasks", help=f"comma-separated, of {','.join(TASKS)} (default: all)")
+    parser.add_argument(
+        "--families", help=f"comma-separated, of {','.join(FAMILIES)} (default: all)"
+    )
     parser.add_argument(
         "--workers",
-        type=int,
+        type=positive_int,
         default=len(os.sched_getaffinity(0)),
         help="worker processes (default: one per core)",
     )
-    parser.add_argument("--out", type=Path, help="results directory")
+    parser.add_argument(
+        "--out", type=Path, help="results directory (default: bench/results/quick or full)"
+    )
     args = parser.parse_args(argv)
 
     defaults = (
@@ -297,7 +346,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = "python -m bench.evaluate " + " ".join(argv if argv is not None else sys.argv[1:])
     total = len(tasks) * len(families) * seeds * budget_min
     print(
-        f"evaluate: {len(tasks)} task(s) x {len(families)} famil(ies) x {seeds} seed(s) x "
+        f"evaluate: {len(tasks)} task(s) x {len(families)} family(ies) x {seeds} seed(s) x "
         f"{budget_min:g} min = {total:g} min of search, then retraining; -> {out}"
     )
 
@@ -335,7 +384,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 ],
                 parallel=args.workers,
             )
-            plot(task, runs, metric, out / f"{task}_best_so_far.png")
+            found_baselines = baselines(task, base)
+            plot(
+                task,
+                runs,
+                metric,
+                out / f"{task}_best_so_far.png",
+                budget_minutes=budget_min,
+                baseline=primary_baseline(found_baselines, metric.direction == "maximize"),
+            )
             found = {
                 family: importances(
                     server.storage_url, [r.study["optuna_study_name"] for r in family_runs]
@@ -353,7 +410,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "metric": to_jsonable(metric),
                 "spec": base,
                 "families": {f: summarise_family(r, metric.direction) for f, r in runs.items()},
-                "baselines": baselines(task, base),
+                "baselines": found_baselines,
                 "references": references_for(task),
                 "importances": found,
                 "studies": {f: [to_jsonable(run) for run in r] for f, r in runs.items()},

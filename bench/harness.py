@@ -13,6 +13,7 @@ import os
 import platform
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -324,8 +325,9 @@ def importances(storage_url: str, study_names: Sequence[str]) -> dict[str, float
     for name in study_names:
         study = optuna.load_study(study_name=name, storage=storage)
         complete = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
-        if len(complete) < 4:
-            continue
+        values = [t.value for t in complete if t.value is not None]
+        if len(values) < 4 or max(values) - min(values) <= 0.01 * abs(statistics.median(values)):
+            continue  # too few trials, or all on one plateau: importances would be noise
         try:
             found = optuna.importance.get_param_importances(
                 study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0)

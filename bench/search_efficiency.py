@@ -29,7 +29,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.evaluate import TASKS, load_base_spec, task_metric
+from bench.evaluate import TASKS, load_base_spec, positive_float, positive_int, task_metric
 from bench.harness import (
     REPO,
     Machine,
@@ -150,29 +150,44 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench.search_efficiency", description=__doc__.split("\n\n")[0]
     )
-    parser.add_argument("--task", default="forecast", choices=list(TASKS))
+    parser.add_argument(
+        "--task",
+        choices=list(TASKS),
+        help="the task whose shipped spec is searched (default forecast; adding with --quick)",
+    )
     parser.add_argument(
         "--configs",
-        default="tpe_hyperband,tpe,random",
-        help=f"comma-separated, of {','.join(CONFIGS)}",
+        help=f"comma-separated, of {','.join(CONFIGS)} (default: all; "
+        "tpe_hyperband,random with --quick)",
     )
-    parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--budget-minutes", type=float, default=2.0)
-    parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--seeds", type=positive_int, help="seeds per configuration (default 5)")
+    parser.add_argument(
+        "--budget-minutes", type=positive_float, help="search wall time per study (default 2)"
+    )
+    parser.add_argument(
+        "--workers",
+        type=positive_int,
+        default=len(os.sched_getaffinity(0)),
+        help="worker processes (default: one per core)",
+    )
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="the tiny adding task, tpe_hyperband vs random, 2 seeds, 15 s",
+        help="the tiny adding task, tpe_hyperband vs random, 2 seeds, 15 s budgets; "
+        "options given explicitly still apply",
     )
-    parser.add_argument("--out", type=Path)
+    parser.add_argument(
+        "--out", type=Path, help="results directory (default: bench/results/search_<task>)"
+    )
     args = parser.parse_args(argv)
-    if args.quick:
-        args.task, args.configs, args.seeds, args.budget_minutes = (
-            "adding",
-            "tpe_hyperband,random",
-            2,
-            0.25,
-        )
+    defaults = (
+        {"task": "adding", "configs": "tpe_hyperband,random", "seeds": 2, "budget_minutes": 0.25}
+        if args.quick
+        else {"task": "forecast", "configs": ",".join(CONFIGS), "seeds": 5, "budget_minutes": 2.0}
+    )
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     configs = args.configs.split(",")
     for c in configs:
         if c not in CONFIGS:

@@ -64,6 +64,7 @@ __all__ = [
     "split_classify",
     "split_text",
     "stratified_split",
+    "test_size_error",
 ]
 
 Label = str | int
@@ -393,6 +394,23 @@ def split_bounds(
     return SplitBounds(val_start=max(0, n - n_val - n_test), test_start=n - n_test, n=n)
 
 
+def test_size_error(task: ForecastTask, n: int, series: str) -> FieldError | None:
+    """``task.test_size`` that leaves no training data, or holds no whole forecast window."""
+    size = task.test_size
+    if size is None:
+        return None
+    if size >= n:
+        return FieldError(
+            "task.test_size", f"must be below the {n:,} points of {series} (it is {size:,})"
+        )
+    if size < task.horizon:
+        return FieldError(
+            "task.test_size",
+            f"must be at least horizon ({task.horizon}): the test split needs one whole window",
+        )
+    return None
+
+
 def forecast_bounds(task: ForecastTask, n: int) -> SplitBounds:
     """The train / val / test bounds of a forecast task's ``n``-point series."""
     return split_bounds(n, task.val_fraction, task.test_fraction, task.test_size)
@@ -672,6 +690,9 @@ def _file_error(
         elif isinstance(task, ForecastTask):
             assert task.column is not None  # the spec guarantees it with a path
             series, _ = read_csv_column(path, task.column, task.encoding)
+            size_error = test_size_error(task, len(series), f"column {task.column!r}")
+            if size_error is not None:
+                return size_error
             bounds = forecast_bounds(task, len(series))
             check_series_fits(bounds, task.lookback, task.horizon)
         elif isinstance(task, ClassifyTask):
@@ -739,10 +760,11 @@ def _bundled_error(task: ForecastTask | ClassifyTask) -> FieldError | None:
         return FieldError("task.dataset", needs_datasets_extra(task.kind, task.dataset, package))
     if isinstance(task, ForecastTask):
         n = BUNDLED_SERIES_LENGTHS[task.dataset]
+        size_error = test_size_error(task, n, f"the {task.dataset} series")
+        if size_error is not None:
+            return size_error
         try:
-            check_series_fits(
-                forecast_bounds(task, n), task.lookback, task.horizon
-            )
+            check_series_fits(forecast_bounds(task, n), task.lookback, task.horizon)
         except DataError as err:
             message = err.message.replace("the series", f"the {task.dataset} series", 1)
             return FieldError("task.lookback", message)

@@ -19,6 +19,7 @@ import codecs
 import functools
 import math
 import re
+import typing
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +63,22 @@ class _Frozen(BaseModel):
     # allow_inf_nan: NaN and inf are never a hyperparameter, a bound or a budget.
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_bool_numbers(cls, data: Any) -> Any:
+        # Pydantic's lax mode reads true as 1: `test_size: true` is a mistake, never 1. (A
+        # model validator: a field validator on "*" would also sit on the `kind` discriminator.)
+        if not isinstance(data, Mapping):
+            return data
+        for name, value in data.items():
+            field = cls.model_fields.get(name) if isinstance(name, str) else None
+            if field is None or not isinstance(value, bool):
+                continue
+            kinds = {field.annotation, *typing.get_args(field.annotation)}
+            if bool not in kinds and kinds & {int, float}:
+                raise ValueError(f"{name}: must be a number, not true/false")
+        return data
+
 
 def _known_encoding(name: str) -> str:
     try:
@@ -95,6 +112,14 @@ class CharLMTask(_Frozen):
     val_fraction: float = Field(default=0.05, gt=0.0, lt=0.5)
     test_fraction: float = Field(default=0.05, gt=0.0, lt=0.5)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _default_corpus(cls, data: Any) -> Any:
+        # Spelled out, so that a stored spec or best config names the text it was run on.
+        if isinstance(data, Mapping) and data.get("path") is None and data.get("dataset") is None:
+            return {**data, "dataset": "python_stdlib"}
+        return data
+
     @model_validator(mode="after")
     def _one_source(self) -> CharLMTask:
         if self.dataset is not None and self.path is not None:
@@ -104,9 +129,7 @@ class CharLMTask(_Frozen):
     @property
     def corpus(self) -> CharCorpus | None:
         """The bundled corpus this task reads (None: ``path``)."""
-        if self.path is not None:
-            return None
-        return self.dataset or "python_stdlib"
+        return None if self.path is not None else self.dataset
 
 
 class ForecastTask(_Frozen):
@@ -135,6 +158,8 @@ class ForecastTask(_Frozen):
 
     @model_validator(mode="after")
     def _one_source(self) -> ForecastTask:
+        if self.test_size is not None and "test_fraction" in self.model_fields_set:
+            raise ValueError("give `test_size` (points) or `test_fraction`, not both")
         if (self.dataset is None) == (self.path is None):
             raise ValueError("give exactly one of `dataset` (airline | sunspots) or `path`")
         if self.path is not None and self.column is None:
@@ -373,6 +398,8 @@ class ResolvedConfig(_Frozen):
         task = info.data.get("task")
         if params.bidirectional and task is not None and task.kind == "char_lm":
             raise ValueError(f"bidirectional is {_BIDIRECTIONAL_LM}")
+        if params.stateful and task is not None and task.kind not in _TASK_ONLY_PARAMS["stateful"]:
+            raise ValueError("stateful: only for task kind char_lm (a contiguous text stream)")
         return params
 
     def to_yaml(self) -> str:
@@ -500,11 +527,19 @@ class StudySettings(_Frozen):
     direction: Direction | None = None
     sampler: Literal["tpe", "random", "cmaes", "gp", "grid"] = "tpe"
     pruner: Literal["none", "median", "hyperband", "successive_halving"] = "median"
-    #: Epochs every trial trains before the pruner may stop it: Hyperband's and successive
-    #: halving's ``min_resource``, the median pruner's ``n_warmup_steps`` (Optuna). Raise it
-    #: when learning curves cross late: the adding problem sits on a plateau (MSE ~0.167)
-    #: for its first epochs, so an early comparison prunes at random.
-    pruner_warmup_epochs: int = Field(default=1, ge=1, le=100_000)
+    #: The pruner never stops a trial before it has trained MORE than this many epochs (its
+    #: first comparison is at the end of epoch N + 1): the median pruner's
+    #: ``n_warmup_steps``, Hyperband's and successive halving's ``min_resource`` (Optuna;
+    #: at least 1 for those two). Raise it when learning curves cross late: the adding
+    #: problem sits on a plateau (MSE ~0.167) for its first epochs, so an early comparison
+    #: prunes at random.
+    pruner_warmup_epochs: int = Field(default=1, ge=0, le=100_000)
+
+    @model_validator(mode="after")
+    def _warmup_needs_a_pruner(self) -> StudySettings:
+        if "pruner_warmup_epochs" in self.model_fields_set and self.pruner == "none":
+            raise ValueError("pruner_warmup_epochs has no effect with pruner: none")
+        return self
     #: Sampler seed; each trial's sampler is seeded from it and the trial's slot.
     seed: int | None = Field(default=None, ge=0, le=2**32 - 1)
     #: A trial whose worker died is retried with the same parameters this many times.
@@ -782,6 +817,7 @@ def _check_space(spec: StudySpec) -> list[FieldError]:
     ):
         errors.append(FieldError("space.bidirectional", _BIDIRECTIONAL_LM))
     errors += _forget_bias_errors(spec)
+    errors += _pruner_warmup_errors(spec)
     if spec.study.sampler == "grid":
         mode = spec.space.get("hidden_mode")
         if mode == "per_layer" or (
@@ -813,6 +849,22 @@ def _check_space(spec: StudySpec) -> list[FieldError]:
                 )
                 errors.append(FieldError("study.n_trials", msg))
     return errors
+
+
+def _pruner_warmup_errors(spec: StudySpec) -> list[FieldError]:
+    """A warm-up as long as the longest trial turns pruning off without saying so."""
+    warmup = spec.study.pruner_warmup_epochs
+    epochs = spec.space.get("max_epochs", LSTMConfig.model_fields["max_epochs"].default)
+    longest = epochs.high if isinstance(epochs, IntDistribution) else epochs
+    if spec.study.pruner == "none" or not isinstance(longest, int) or warmup < longest:
+        return []
+    return [
+        FieldError(
+            "study.pruner_warmup_epochs",
+            f"must be below max_epochs ({longest}): no trial trains more than {longest} "
+            "epochs, so none could be pruned (use pruner: none to turn pruning off)",
+        )
+    ]
 
 
 def _forget_bias_errors(spec: StudySpec) -> list[FieldError]:

@@ -17,7 +17,7 @@ from service import auth, studies
 from service.api.dashboard import DashboardGuard
 from service.api.errors import install_error_handlers
 from service.api.guards import BodyLimit, OpenModeGuard
-from service.api.routes import health, signin
+from service.api.routes import health, signin, unmatched
 from service.api.routes import studies as studies_routes
 from service.artifacts import open_artifact_store
 from service.config import Settings
@@ -93,6 +93,7 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True) -> Fas
     app.include_router(health.router, prefix="/v1")
     app.include_router(studies_routes.router, prefix="/v1")
     app.include_router(signin.router)
+    app.include_router(unmatched.router, prefix="/v1")  # last of /v1: JSON 404 / 405
 
     _document_spec_schema(app)
     # Outermost first: bodies bounded for every route (the sign-in page and the dashboard's

@@ -329,17 +329,19 @@ def grid_search_space(spec: StudySpec) -> dict[str, list[Any]]:
 
 
 def build_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
-    """The pruner ``spec.study.pruner`` names; resources are epochs, the first
-    ``study.pruner_warmup_epochs`` of each trial never pruned."""
+    """The pruner ``spec.study.pruner`` names; resources are epochs, and no trial is pruned
+    before it has trained more than ``study.pruner_warmup_epochs`` epochs."""
     name = spec.study.pruner
     warmup = spec.study.pruner_warmup_epochs
     max_epochs = spec.space.get("max_epochs")
-    max_resource: int | str = max(max_epochs, warmup) if isinstance(max_epochs, int) else "auto"
+    # Optuna's steps are 0-based epochs (step s has trained s + 1 epochs); Hyperband and
+    # successive halving need a resource of at least 1.
+    resource = max(1, warmup)
+    max_resource: int | str = max(max_epochs, resource) if isinstance(max_epochs, int) else "auto"
     if name == "median":
-        # Optuna's steps are 0-based epochs: step s has trained s + 1 epochs.
         return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=warmup)
     if name == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=warmup, max_resource=max_resource)
+        return optuna.pruners.HyperbandPruner(min_resource=resource, max_resource=max_resource)
     if name == "successive_halving":
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=warmup)
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=resource)
     return optuna.pruners.NopPruner()

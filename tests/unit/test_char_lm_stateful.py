@@ -14,8 +14,8 @@ import torch.nn.functional as F
 
 from service.corpora import MOBY_DICK_CHARS, MOBY_DICK_VOCAB_BOUND, load_corpus
 from service.data_checks import check_task_data
-from service.errors import DataError, InvalidSpec
-from service.search_space import CharLMTask, LSTMConfig, parse_spec
+from service.errors import DataError, InvalidConfig, InvalidSpec
+from service.search_space import CharLMTask, LSTMConfig, parse_config, parse_spec
 from service.training.data import build_task_data
 from service.training.data.char_lm import StreamBatches
 from service.training.fit import silence_lightning
@@ -184,3 +184,89 @@ def test_a_stateful_space_whose_batch_cannot_be_cut_from_a_split_is_refused() ->
     assert error.loc == "space.batch_size"
     assert "val split (5,000 characters)" in error.msg and "batch_size <= 2500" in error.msg
     check_task_data(parse_spec(spec(task, {**space, "stateful": False})), None)
+
+
+def test_stateful_in_a_resolved_config_of_another_task_is_refused() -> None:
+    with pytest.raises(InvalidConfig, match="stateful: only for task kind char_lm"):
+        parse_config({"task": {"kind": "adding", "seq_len": 10}, "params": {"stateful": True}})
+    parse_config({"task": {"kind": "adding", "seq_len": 10}, "params": {"stateful": False}})
+
+
+@pytest.mark.parametrize(
+    ("task", "study", "message"),
+    [
+        (
+            {"kind": "forecast", "dataset": "airline", "test_size": True},
+            {},
+            "test_size: must be a number",
+        ),
+        (
+            {"kind": "forecast", "dataset": "airline", "lookback": False},
+            {},
+            "lookback: must be a number",
+        ),
+        ({"kind": "adding"}, {"n_trials": True}, "n_trials: must be a number"),
+        (
+            {"kind": "adding"},
+            {"pruner_warmup_epochs": True},
+            "pruner_warmup_epochs: must be a number",
+        ),
+    ],
+)
+def test_true_and_false_are_never_numbers(
+    task: dict[str, object], study: dict[str, object], message: str
+) -> None:
+    with pytest.raises(InvalidSpec, match=message):
+        parse_spec({"task": task, "space": {}, "study": {"n_trials": 2, **study}})
+
+
+def test_forecast_test_size_errors_name_it() -> None:
+    pytest.importorskip("aeon")
+
+    def errors(**task: object) -> list[tuple[str, str]]:
+        spec = {
+            "task": {"kind": "forecast", "dataset": "airline", **task},
+            "study": {"n_trials": 1},
+        }
+        try:
+            check_task_data(parse_spec(spec), None)
+        except InvalidSpec as err:
+            return [(e.loc, e.msg) for e in err.errors]
+        return []
+
+    assert errors(test_size=12) == []
+    assert errors(test_size=144) == [
+        ("task.test_size", "must be below the 144 points of the airline series (it is 144)")
+    ]
+    [(loc, msg)] = errors(test_size=12, horizon=13)
+    assert loc == "task.test_size" and "at least horizon (13)" in msg
+    with pytest.raises(InvalidSpec, match="not both"):
+        parse_spec(
+            {
+                "task": {
+                    "kind": "forecast",
+                    "dataset": "airline",
+                    "test_size": 12,
+                    "test_fraction": 0.3,
+                },
+                "study": {"n_trials": 1},
+            }
+        )
+
+
+def test_the_default_corpus_is_named_and_its_real_length_is_checked_at_submit() -> None:
+    task = parse_spec({"task": {"kind": "char_lm"}, "study": {"n_trials": 1}}).task
+    assert task.kind == "char_lm" and task.dataset == "python_stdlib"
+    # max_chars far above what the standard library holds: the splits are checked against
+    # what it really holds, so a bptt that cannot fit is a 422 and never a failed trial.
+    big = {
+        "kind": "char_lm",
+        "max_chars": 200_000_000,
+        "val_fraction": 0.001,
+        "test_fraction": 0.001,
+    }
+    with pytest.raises(InvalidSpec) as err:
+        check_task_data(
+            parse_spec({"task": big, "space": {"bptt": 50_000}, "study": {"n_trials": 1}}), None
+        )
+    assert err.value.errors[0].loc == "task.max_chars"

@@ -48,7 +48,24 @@ def test_no_trial_is_pruned_inside_its_warmup_epochs(pruner: str) -> None:
             assert step == warmup
 
 
-def test_warmup_must_be_a_positive_number_of_epochs() -> None:
+def test_warmup_must_be_a_whole_number_of_epochs() -> None:
+    for bad in (-1, 1.5, True):
+        with pytest.raises(InvalidSpec) as err:
+            parse_spec(spec("median", pruner_warmup_epochs=bad))
+        assert "pruner_warmup_epochs" in str(err.value)
+
+
+def test_zero_warmup_lets_the_median_pruner_compare_after_the_first_epoch() -> None:
+    assert prunes_at("median", 0) == 0
+    assert prunes_at("successive_halving", 0) == 1  # its resource is at least one epoch
+
+
+def test_a_warmup_that_turns_pruning_off_is_refused() -> None:
     with pytest.raises(InvalidSpec) as err:
-        parse_spec(spec("median", pruner_warmup_epochs=0))
-    assert [e.loc for e in err.value.errors] == ["study.pruner_warmup_epochs"]
+        parse_spec(spec("none", pruner_warmup_epochs=2))
+    assert "no effect with pruner: none" in str(err.value)
+    with pytest.raises(InvalidSpec) as err:
+        parse_spec(spec("median", pruner_warmup_epochs=9))  # max_epochs is 9
+    [error] = err.value.errors
+    assert error.loc == "study.pruner_warmup_epochs" and "below max_epochs (9)" in error.msg
+    parse_spec(spec("median", pruner_warmup_epochs=8))

@@ -1,0 +1,32 @@
+"""A ``/v1`` path no route has gets the API's JSON error, never the dashboard's HTML page."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi.testclient import TestClient
+
+from service.api.app import create_app
+from service.config import Settings
+
+
+def test_unknown_v1_paths_are_json_404_and_wrong_methods_json_405(tmp_path: Path) -> None:
+    app = create_app(Settings(data_dir=tmp_path))
+    with TestClient(app, base_url="http://127.0.0.1:8000") as client:
+        missing = client.post("/v1/estimate", json={})
+        assert missing.status_code == 404
+        assert missing.headers["content-type"] == "application/json"
+        assert missing.json() == {
+            "detail": "no such endpoint: POST /v1/estimate (see /docs)",
+            "error": "NotFound",
+        }
+        wrong = client.put("/v1/studies")
+        assert wrong.status_code == 405
+        assert set(wrong.headers["allow"].split(", ")) == {"GET", "POST"}
+        assert wrong.json()["error"] == "MethodNotAllowed"
+        nested = client.put("/v1/studies/some-id/best")  # a path parameter is one segment
+        assert (nested.status_code, nested.headers["allow"]) == (405, "GET")
+        assert client.get("/v1/studies/some-id/best/extra/parts").status_code == 404
+        # The routes themselves and the dashboard are unchanged.
+        assert client.get("/v1/health").status_code == 200
+        assert client.get("/dashboard").status_code == 200
