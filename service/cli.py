@@ -17,7 +17,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from service.config import Settings
-from service.errors import InvalidSpec, LstmHpoError, SingleHostOnly
+from service.errors import CheckpointMismatch, InvalidSpec, LstmHpoError, SingleHostOnly
 
 if TYPE_CHECKING:
     from datetime import datetime
@@ -25,6 +25,8 @@ if TYPE_CHECKING:
     from sqlalchemy.orm import Session, sessionmaker
 
     from service.schemas import StudyPublic
+    from service.search_space import ResolvedConfig
+    from service.training.checkpoints import SavedModel
     from service.worker import ProcessPlan, WorkerOptions
 
 app = typer.Typer(
@@ -41,7 +43,10 @@ err_console = Console(stderr=True, soft_wrap=True)
 
 def _fail(err: LstmHpoError, code: int = 1) -> typer.Exit:
     if isinstance(err, InvalidSpec):
-        err_console.print(f"[red]error:[/red] {escape(err.__doc__ or '')}")
+        headline = err.__doc__ or ""
+        if isinstance(err, CheckpointMismatch):
+            headline = f"{err.path}: {headline}"
+        err_console.print(f"[red]error:[/red] {escape(headline)}")
         for e in err.errors:
             err_console.print(f"  - {escape(str(e))}")
     else:
@@ -55,8 +60,14 @@ def _fail(err: LstmHpoError, code: int = 1) -> typer.Exit:
 @app.command()
 def train(
     config: Annotated[
-        Path, typer.Argument(help="A resolved config (YAML/JSON), e.g. from `lstm-hpo best`.")
-    ],
+        Path | None,
+        typer.Argument(
+            help="A resolved config (YAML/JSON), e.g. from `lstm-hpo best`. Optional with "
+            "--evaluate when the checkpoint records its task.",
+            show_default=False,
+        ),
+    ] = None,
+    *,
     out: Annotated[
         Path | None,
         typer.Option("--out", "-o", help="Output directory (default: runs/<task>-<time>)."),
@@ -70,35 +81,88 @@ def train(
     threads: Annotated[
         int | None, typer.Option(help="torch threads (default: torch's own choice).")
     ] = None,
+    init_from: Annotated[
+        Path | None,
+        typer.Option(
+            "--init-from",
+            metavar="FILE.ckpt",
+            help="Start from the model weights of this checkpoint (a `train --out` best.ckpt, "
+            "`lstm-hpo best ID --checkpoint`). Weights only: the optimizer and LR schedule "
+            "start afresh from the config and epochs count from 0 (fine-tuning; an "
+            "interrupted trial is resumed by the service itself). The network must be the "
+            "config's (task kind, data sizes, cell, layers and widths, direction, "
+            "embedding): else exit 2 naming what differs.",
+            show_default=False,
+        ),
+    ] = None,
+    evaluate: Annotated[
+        Path | None,
+        typer.Option(
+            "--evaluate",
+            metavar="FILE.ckpt",
+            help="Train nothing: score this checkpoint on the validation and test splits "
+            "(the --json line's value and test_value). CONFIG defaults to the config the "
+            "checkpoint was trained with.",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Train one resolved config; write the checkpoint, config and metrics to --out.
 
-    A config that is not valid (or data that do not fit it) exits 2 with the reasons;
-    a training failure exits 1.
+    A config that is not valid (or data that do not fit it), and a checkpoint that cannot
+    be read or does not fit the config, exit 2 with the reasons; a training failure exits 1.
     """
     from service.search_space import load_config_file
 
-    try:
-        resolved = load_config_file(config)
-    except LstmHpoError as err:  # InvalidConfig / InvalidSpec: it never raises anything else
-        raise _fail(err, 2) from None
-    data_roots = _train_data_roots(getattr(resolved.task, "path", None))
-    # torch + Lightning take seconds to import: only once the config is known to be good.
-    from service.training.fit import configure_torch_threads, fit_config
+    if evaluate is not None and init_from is not None:
+        _usage_error("--evaluate and --init-from exclude each other: --evaluate trains nothing")
+    if evaluate is not None and out is not None:
+        _usage_error("--evaluate writes nothing: --out is for training")
+    if config is None and evaluate is None:
+        _usage_error("missing CONFIG (only --evaluate can take it from the checkpoint)")
+    checkpoint_path = evaluate or init_from
+    if checkpoint_path is not None and not checkpoint_path.is_file():
+        # Before torch is imported: a typo costs no seconds.
+        why = "not a file" if checkpoint_path.exists() else "no such file"
+        _usage_error(f"cannot read checkpoint {checkpoint_path}: {why}")
 
-    out_dir = out or Path("runs") / f"{resolved.task.kind}-{time.strftime('%Y%m%d-%H%M%S')}"
+    resolved: ResolvedConfig | None = None
+    if config is not None:
+        try:
+            resolved = load_config_file(config)
+        except LstmHpoError as err:  # InvalidConfig / InvalidSpec: it never raises anything else
+            raise _fail(err, 2) from None
+    # torch + Lightning take seconds to import: only once the config is known to be good.
+    from service.training.fit import configure_torch_threads, evaluate_checkpoint, fit_config
+
+    saved: SavedModel | None = None
+    if checkpoint_path is not None:
+        saved, resolved = _read_checkpoint(checkpoint_path, resolved)
+    assert resolved is not None  # a config, or --evaluate's checkpoint's
+    data_roots = _train_data_roots(getattr(resolved.task, "path", None))
     configure_torch_threads(threads)
+    out_dir: Path | None = None
+    if evaluate is None:
+        out_dir = out or Path("runs") / f"{resolved.task.kind}-{time.strftime('%Y%m%d-%H%M%S')}"
     if not json_output:
-        console.print(f"Training [bold]{resolved.task.kind}[/bold] -> {out_dir}")
+        action = f"Evaluating {evaluate}" if evaluate is not None else f"Training -> {out_dir}"
+        console.print(f"[bold]{resolved.task.kind}[/bold]: {escape(action)}")
     try:
-        result = fit_config(
-            resolved,
-            out_dir=out_dir,
-            progress=sys.stderr.isatty(),
-            accelerator=accelerator,
-            data_roots=data_roots,
-        )
-    except InvalidSpec as err:  # InvalidConfig too: found only once the data are read
+        if evaluate is not None:
+            assert saved is not None
+            result = evaluate_checkpoint(
+                resolved, saved, accelerator=accelerator, data_roots=data_roots
+            )
+        else:
+            result = fit_config(
+                resolved,
+                out_dir=out_dir,
+                progress=sys.stderr.isatty(),
+                accelerator=accelerator,
+                data_roots=data_roots,
+                init_from=saved,
+            )
+    except InvalidSpec as err:  # InvalidConfig and CheckpointMismatch too: once data are read
         raise _fail(err, 2) from None
     except LstmHpoError as err:
         raise _fail(err) from None
@@ -110,12 +174,55 @@ def train(
         return
     table = Table(title=result.description or "result", show_header=False)
     table.add_row("metric", f"{result.metric} ({result.direction})")
-    table.add_row("best validation", _fmt(result.value) + f" (epoch {result.best_epoch})")
+    if result.initial_value is not None:
+        table.add_row("validation before training", _fmt(result.initial_value))
+    if evaluate is not None:
+        table.add_row("validation", _fmt(result.value) + f" (weights of epoch {result.best_epoch})")
+    else:
+        table.add_row("best validation", _fmt(result.value) + f" (epoch {result.best_epoch})")
     table.add_row("test", _fmt(result.test_value))
     table.add_row(f"baseline ({result.baseline_name}, test)", _fmt(result.baseline))
     table.add_row("beats baseline", "yes" if result.beats_baseline else "[red]no[/red]")
     table.add_row("checkpoint", result.checkpoint or "-")
     console.print(table)
+
+
+def _usage_error(message: str) -> typer.Exit:
+    """Print ``message`` as a usage error and exit 2."""
+    err_console.print(f"[red]error:[/red] {escape(message)}")
+    raise typer.Exit(2)
+
+
+def _read_checkpoint(
+    path: Path, config: ResolvedConfig | None
+) -> tuple[SavedModel, ResolvedConfig]:
+    """The model in ``path`` and the config to use with it: ``config``, or (None) the one
+    the checkpoint was trained with. Exits 2 naming the file when it is not usable."""
+    from service.errors import InvalidCheckpoint
+    from service.search_space import parse_config
+    from service.training.checkpoints import read_model_checkpoint, task_differences
+
+    try:
+        saved = read_model_checkpoint(path)
+    except InvalidCheckpoint as err:
+        raise _fail(err, 2) from None
+    if config is not None:
+        task = config.task.model_dump(mode="json", exclude_none=True)
+        for diff in task_differences(saved, task):
+            err_console.print(f"note: {escape(str(path))} was trained on other data: {diff}")
+        return saved, config
+    if saved.task is None:
+        _usage_error(
+            f"{path} does not record the task it was trained on (written by an older "
+            f"lstm-hpo): give the config too: lstm-hpo train CONFIG.yaml --evaluate {path}"
+        )
+    try:
+        params = saved.params.model_dump(mode="json", exclude_none=True)
+        return saved, parse_config({"task": dict(saved.task or {}), "params": params})
+    except InvalidSpec as err:
+        reasons = "; ".join(str(e) for e in err.errors)
+        _usage_error(f"{path}: the config it records is not valid here ({reasons})")
+        raise  # unreachable: _usage_error exits
 
 
 def _train_data_roots(path: str | None) -> tuple[Path, ...] | None:

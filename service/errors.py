@@ -47,6 +47,15 @@ class InvalidConfig(InvalidSpec):
     """The training config is invalid."""
 
 
+class CheckpointMismatch(InvalidConfig):
+    """The checkpoint's model does not fit the config's architecture."""
+
+    def __init__(self, path: str, errors: Sequence[FieldError]) -> None:
+        #: The checkpoint file.
+        self.path = path
+        super().__init__(errors)
+
+
 class InvalidName(InvalidSpec):
     """The principal name is invalid."""
 
@@ -110,6 +119,10 @@ class DataError(LstmHpoError):
 
 class MissingExtra(DataError):
     """An optional dependency is not installed."""
+
+
+class InvalidCheckpoint(LstmHpoError):
+    """The file is not a usable lstm-hpo checkpoint."""
 
 
 class DatabaseUnavailable(LstmHpoError):

@@ -18,9 +18,11 @@ import lightning as L
 import torch
 from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
+from lightning.pytorch.utilities.seed import isolate_rng
 
 from service.search_space import Direction, ResolvedConfig, task_metric
-from service.training.data import build_task_data
+from service.training.checkpoints import SavedModel, load_model_weights
+from service.training.data import TaskData, build_task_data
 from service.training.module import LSTMLightningModule
 
 
@@ -63,6 +65,10 @@ class FitResult:
     description: str = ""
     #: The epoch (0-based) training continued at when it resumed from a checkpoint.
     resumed_from_epoch: int | None = None
+    #: The checkpoint whose weights training started from (``init_from``).
+    init_from: str | None = None
+    #: With ``init_from``: the validation metric of those weights, before any training.
+    initial_value: float | None = None
 
     @property
     def beats_baseline(self) -> bool:
@@ -192,6 +198,7 @@ def fit_config(
     data_roots: tuple[Path, ...] | None = None,
     save_checkpoint: SaveCheckpoint | None = None,
     resume_from: Path | None = None,
+    init_from: SavedModel | None = None,
 ) -> FitResult:
     """Train ``config`` and return its metrics.
 
@@ -204,15 +211,24 @@ def fit_config(
     checkpoint file (see :class:`EpochCheckpoints`). ``resume_from``: such a checkpoint of
     this same config; training continues at the epoch after it, and the result (history,
     best value) covers the epochs before it too.
+
+    ``init_from`` (`lstm-hpo train --init-from`): a checkpoint's model whose weights training
+    starts from, and only its weights: the optimizer and LR schedule start afresh and epochs
+    count from 0 (fine-tuning). Raises :class:`~service.errors.CheckpointMismatch` naming
+    what differs when its network is not the one the config builds. The result's
+    ``initial_value`` is the validation metric of those weights before training.
     """
+    if init_from is not None and resume_from is not None:
+        raise ValueError("init_from starts a new fit; resume_from continues one: not both")
     silence_lightning()
     params = config.params
     metric = task_metric(config.task)
     L.seed_everything(params.seed, workers=True, verbose=False)
     data = build_task_data(config.task, params, data_roots)
-    model = LSTMLightningModule(
-        params=params.model_dump(mode="json"), problem=dataclasses.asdict(data.problem)
-    )
+    model = _build_module(config, data, init_from)
+    initial_value: float | None = None
+    if init_from is not None:
+        initial_value = _score(model, data, "val", metric.name, accelerator)
     history = ValidationHistory(metric.name)
     all_callbacks: list[Callback] = [history, RngStates(), *callbacks]
     if save_checkpoint is not None:
@@ -287,10 +303,93 @@ def fit_config(
         else None,
         description=data.description,
         resumed_from_epoch=resumed_from_epoch,
+        init_from=str(init_from.path) if init_from is not None else None,
+        initial_value=initial_value,
     )
     if out_dir is not None:
         (out_dir / "result.json").write_text(json.dumps(result.summary(), indent=2) + "\n")
     return result
+
+
+def evaluate_checkpoint(
+    config: ResolvedConfig,
+    saved: SavedModel,
+    *,
+    accelerator: str = "auto",
+    data_roots: tuple[Path, ...] | None = None,
+) -> FitResult:
+    """Score a checkpoint's model on the validation and test splits of ``config``'s task,
+    without training (`lstm-hpo train --evaluate`).
+
+    The data are built exactly as :func:`fit_config` builds them (same seed, same splits),
+    so the best checkpoint of a fit scores what that fit reported. ``value`` is the
+    validation metric, ``best_epoch`` the epoch the weights are from, ``history`` empty.
+    Raises :class:`~service.errors.CheckpointMismatch` as :func:`fit_config` does.
+    """
+    silence_lightning()
+    params = config.params
+    metric = task_metric(config.task)
+    L.seed_everything(params.seed, workers=True, verbose=False)
+    data = build_task_data(config.task, params, data_roots)
+    model = _build_module(config, data, saved)
+    value = _score(model, data, "val", metric.name, accelerator)
+    test_value = _score(model, data, "test", metric.name, accelerator)
+    primary = data.primary_baseline
+    return FitResult(
+        metric=metric.name,
+        direction=metric.direction,
+        value=value,
+        test_value=test_value,
+        baseline=data.test_baselines.get(primary),
+        baseline_name=primary,
+        baselines=dict(data.test_baselines),
+        val_baselines=dict(data.val_baselines),
+        best_epoch=saved.epoch,
+        checkpoint=str(saved.path),
+        description=data.description,
+    )
+
+
+def _build_module(
+    config: ResolvedConfig, data: TaskData, weights: SavedModel | None
+) -> LSTMLightningModule:
+    """The LightningModule for ``config`` on ``data``; with ``weights``, theirs (checked)."""
+    model = LSTMLightningModule(
+        params=config.params.model_dump(mode="json"),
+        problem=dataclasses.asdict(data.problem),
+        # Recorded in every checkpoint, so that the file says what it was trained on.
+        task=config.task.model_dump(mode="json", exclude_none=True),
+    )
+    if weights is not None:
+        load_model_weights(model, weights, config.params, data.problem, config.task.kind)
+    return model
+
+
+def _score(
+    model: LSTMLightningModule, data: TaskData, stage: str, metric: str, accelerator: str
+) -> float | None:
+    """``model``'s metric on the ``stage`` ("val" or "test") split, with a Trainer of its own
+    (no logger, checkpoints or callbacks of a fit see it)."""
+    trainer = L.Trainer(
+        accelerator=accelerator,
+        devices=1,
+        # Under inference mode the metrics' states would become inference tensors, which
+        # the fit that follows (init_from) could not update in place.
+        inference_mode=False,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    # Evaluation draws from the global RNGs (each data loader's base seed): a fit that
+    # follows must draw the same shuffles and dropout masks as one without it.
+    with isolate_rng():
+        if stage == "val":
+            results = trainer.validate(model, datamodule=data.datamodule, verbose=False)
+        else:
+            results = trainer.test(model, datamodule=data.datamodule, verbose=False)
+    value = results[0].get(f"{stage}_" + metric.removeprefix("val_")) if results else None
+    return float(value) if value is not None else None
 
 
 def configure_torch_threads(threads: int | None = None) -> None:

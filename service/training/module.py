@@ -60,7 +60,10 @@ class LSTMLightningModule(L.LightningModule):
 
     Takes plain dicts (``LSTMConfig.model_dump()``, ``dataclasses.asdict(Problem)``) so that
     ``save_hyperparameters()`` stores them in checkpoints and ``load_from_checkpoint`` can
-    rebuild the module; :meth:`from_config` builds one from the typed objects.
+    rebuild the module; :meth:`from_config` builds one from the typed objects. ``task`` (the
+    resolved task spec, a dict) is not used here: it is kept in the checkpoint's
+    hyperparameters so that the checkpoint says what it was trained on (`lstm-hpo train
+    --evaluate` needs no config for it); None in checkpoints written before it was kept.
 
     Logged per epoch, for ``stage`` in train / val / test: ``{stage}_loss`` (mean per
     prediction: per character for a language model), ``{stage}_bpc`` (cross-entropy
@@ -69,7 +72,12 @@ class LSTMLightningModule(L.LightningModule):
     / ``train_loss_step``); the other training metrics are logged in ``on_train_epoch_end``.
     """
 
-    def __init__(self, params: Mapping[str, Any], problem: Mapping[str, Any]) -> None:
+    def __init__(
+        self,
+        params: Mapping[str, Any],
+        problem: Mapping[str, Any],
+        task: Mapping[str, Any] | None = None,
+    ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.config = LSTMConfig.model_validate(dict(params))

@@ -200,8 +200,6 @@ def test_spec_that_still_searches_exits_2(tmp_path: Path) -> None:
     assert not (tmp_path / "run").exists()
 
 
-
-
 def test_int_written_as_float_trains_as_an_int(tmp_path: Path) -> None:
     """``num_layers: 2.0`` is 2 (two layers of 16), not a traceback."""
     (tmp_path / "best.yaml").write_text(INT_WRITTEN_AS_FLOAT_BEST_YAML, encoding="utf-8")
@@ -249,3 +247,173 @@ def test_config_file_that_is_not_utf8_is_a_clean_error(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert "not UTF-8 text (byte 14)" in proc.stderr
+
+
+# --------------------------------------------------------------------------------------
+# --init-from and --evaluate: starting from, or only scoring, a checkpoint
+# --------------------------------------------------------------------------------------
+
+#: A tiny adding fit (1,000 sequences of 10: 32 batches an epoch, ~2 s of training).
+TINY_ADDING: dict[str, Any] = {
+    "task": {"kind": "adding", "seq_len": 10, "n_train": 1000, "n_val": 200, "n_test": 200},
+    "params": {"num_layers": 1, "hidden_size": 16, "lr": 0.01, "batch_size": 32, "max_epochs": 3},
+}
+BATCHES_PER_EPOCH = 32
+CPU = ("--threads", "1", "--accelerator", "cpu")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    """A directory holding ``config.yaml`` and the run ``run/`` it trained, and its summary."""
+    root = tmp_path_factory.mktemp("trained")
+    write_config(root / "config.yaml", TINY_ADDING)
+    proc = run_cli("train", "config.yaml", "--out", "run", "--json", *CPU, cwd=root)
+    assert proc.returncode == 0, proc.stderr
+    return root, json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def last_json(proc: subprocess.CompletedProcess[str]) -> dict[str, Any]:
+    summary: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return summary
+
+
+@pytest.mark.parametrize("with_config", [False, True], ids=["from-checkpoint", "config"])
+def test_evaluate_scores_what_training_reported(
+    trained: tuple[Path, dict[str, Any]], with_config: bool, tmp_path: Path
+) -> None:
+    """``--evaluate best.ckpt`` trains nothing and scores the checkpoint exactly as the fit
+    that wrote it did: its validation value, test value and baselines; the checkpoint
+    records its task, so the config may be left out."""
+    root, reported = trained
+    config = [str(root / "config.yaml")] if with_config else []
+
+    proc = run_cli(
+        "train", *config, "--evaluate", root / "run" / "best.ckpt", "--json", *CPU, cwd=tmp_path
+    )
+
+    assert proc.returncode == 0, proc.stderr
+    summary = last_json(proc)
+    assert list(summary)[:4] == list(SUMMARY_KEYS)
+    assert summary.keys() == reported.keys()
+    assert summary["value"] == pytest.approx(reported["value"], rel=1e-6)
+    assert summary["test_value"] == pytest.approx(reported["test_value"], rel=1e-6)
+    for key in ("metric", "direction", "baseline", "baselines", "val_baselines", "best_epoch"):
+        assert summary[key] == reported[key], key
+    assert summary["history"] == []
+    assert summary["checkpoint"] == str(root / "run" / "best.ckpt")
+    assert list(tmp_path.iterdir()) == []  # nothing written: no runs/, no logs
+
+
+def test_init_from_starts_at_the_checkpoint_with_a_fresh_optimizer(
+    trained: tuple[Path, dict[str, Any]], tmp_path: Path
+) -> None:
+    """``--init-from``: before any training the model scores exactly the checkpoint's best
+    validation value (its weights were loaded), and after one epoch its optimizer has taken
+    one epoch of steps, not the checkpoint's three plus one (weights only, fresh Adam)."""
+    import torch
+
+    root, reported = trained
+    ckpt = root / "run" / "best.ckpt"
+    one_epoch = {**TINY_ADDING, "params": {**TINY_ADDING["params"], "max_epochs": 1}}
+    write_config(tmp_path / "finetune.yaml", one_epoch)
+
+    proc = run_cli(
+        "train", "finetune.yaml", "--init-from", ckpt, "--out", "ft", "--json", *CPU, cwd=tmp_path
+    )
+
+    assert proc.returncode == 0, proc.stderr
+    summary = last_json(proc)
+    assert summary["initial_value"] == pytest.approx(reported["value"], rel=1e-6)
+    assert summary["init_from"] == str(ckpt)
+    assert len(summary["history"]) == 1
+    assert reported["initial_value"] is None  # a fit from scratch has none
+    written = torch.load(tmp_path / "ft" / "best.ckpt", map_location="cpu", weights_only=False)
+    assert written["global_step"] == BATCHES_PER_EPOCH
+    adam = written["optimizer_states"][0]["state"][0]
+    assert int(adam["step"]) == BATCHES_PER_EPOCH
+    assert written["hyper_parameters"]["task"] == parse_config(one_epoch).task.model_dump(
+        mode="json", exclude_none=True
+    )
+
+
+def test_init_from_another_architecture_exits_2_naming_the_fields(
+    trained: tuple[Path, dict[str, Any]], tmp_path: Path
+) -> None:
+    root, _ = trained
+    other = {**TINY_ADDING, "params": {**TINY_ADDING["params"], "hidden_size": 8, "cell": "gru"}}
+    write_config(tmp_path / "other.yaml", other)
+    ckpt = root / "run" / "best.ckpt"
+
+    proc = run_cli("train", "other.yaml", "--init-from", ckpt, "--out", "run", *CPU, cwd=tmp_path)
+
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert f"{ckpt}: The checkpoint's model does not fit the config's architecture" in proc.stderr
+    assert "params.cell: checkpoint lstm, config gru" in proc.stderr
+    assert "params.hidden_size: layer widths: checkpoint [16], config [8]" in proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("option", ["--evaluate", "--init-from"])
+@pytest.mark.parametrize(
+    ("content", "says"),
+    [
+        (b"not a checkpoint\n", "is not a PyTorch checkpoint, or it is damaged"),
+        (None, "cannot read checkpoint"),
+    ],
+    ids=["garbage", "missing"],
+)
+def test_unusable_checkpoint_exits_2_naming_the_file(
+    tmp_path: Path, option: str, content: bytes | None, says: str
+) -> None:
+    if content is not None:
+        (tmp_path / "x.ckpt").write_bytes(content)
+    write_config(tmp_path / "config.yaml", TINY_ADDING)
+    out = ("--out", "run") if option == "--init-from" else ()
+
+    proc = run_cli("train", "config.yaml", option, "x.ckpt", *out, *CPU, cwd=tmp_path)
+
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert says in proc.stderr and "x.ckpt" in proc.stderr, proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_evaluate_needs_the_config_when_the_checkpoint_does_not_record_its_task(
+    trained: tuple[Path, dict[str, Any]], tmp_path: Path
+) -> None:
+    """A checkpoint written before checkpoints recorded their task: the config is required."""
+    import torch
+
+    root, _ = trained
+    ckpt = torch.load(root / "run" / "best.ckpt", map_location="cpu", weights_only=False)
+    del ckpt["hyper_parameters"]["task"]
+    torch.save(ckpt, tmp_path / "old.ckpt")
+
+    proc = run_cli("train", "--evaluate", "old.ckpt", "--json", *CPU, cwd=tmp_path)
+
+    assert proc.returncode == 2, proc.stderr
+    assert "old.ckpt does not record the task it was trained on" in proc.stderr
+    assert "lstm-hpo train CONFIG.yaml --evaluate old.ckpt" in proc.stderr
+    assert proc.stdout == ""
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (("config.yaml", "--evaluate", "a.ckpt", "--init-from", "a.ckpt"), "exclude each other"),
+        (("config.yaml", "--evaluate", "a.ckpt", "--out", "run"), "--evaluate writes nothing"),
+        (("--init-from", "a.ckpt"), "missing CONFIG"),
+        ((), "missing CONFIG"),
+    ],
+    ids=["evaluate+init-from", "evaluate+out", "init-from without config", "nothing"],
+)
+def test_misuse_is_a_usage_error(tmp_path: Path, args: tuple[str, ...], says: str) -> None:
+    write_config(tmp_path / "config.yaml", TINY_ADDING)
+    (tmp_path / "a.ckpt").write_bytes(b"")
+
+    proc = run_cli("train", *args, cwd=tmp_path)
+
+    assert proc.returncode == 2, proc.stderr
+    assert says in proc.stderr, proc.stderr
+    assert not (tmp_path / "run").exists()
