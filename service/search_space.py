@@ -158,7 +158,10 @@ class ForecastTask(_Frozen):
 
     @model_validator(mode="after")
     def _one_source(self) -> ForecastTask:
-        if self.test_size is not None and "test_fraction" in self.model_fields_set:
+        # A test_fraction other than its default next to test_size is a contradiction; the
+        # default itself is what a stored config writes back beside test_size (round trip).
+        default = type(self).model_fields["test_fraction"].default
+        if self.test_size is not None and self.test_fraction != default:
             raise ValueError("give `test_size` (points) or `test_fraction`, not both")
         if (self.dataset is None) == (self.path is None):
             raise ValueError("give exactly one of `dataset` (airline | sunspots) or `path`")
@@ -518,6 +521,10 @@ STORED_SPEC_LIMITS = SpecLimits(
 )
 
 
+#: study.pruner_warmup_epochs when a spec does not say: the first epoch is never pruned.
+_DEFAULT_WARMUP = 1
+
+
 class StudySettings(_Frozen):
     """How the search runs."""
 
@@ -533,11 +540,12 @@ class StudySettings(_Frozen):
     #: at least 1 for those two). Raise it when learning curves cross late: the adding
     #: problem sits on a plateau (MSE ~0.167) for its first epochs, so an early comparison
     #: prunes at random.
-    pruner_warmup_epochs: int = Field(default=1, ge=0, le=100_000)
+    pruner_warmup_epochs: int = Field(default=_DEFAULT_WARMUP, ge=0, le=100_000)
 
     @model_validator(mode="after")
     def _warmup_needs_a_pruner(self) -> StudySettings:
-        if "pruner_warmup_epochs" in self.model_fields_set and self.pruner == "none":
+        # Only a value other than the default: a stored spec writes the default back.
+        if self.pruner == "none" and self.pruner_warmup_epochs != _DEFAULT_WARMUP:
             raise ValueError("pruner_warmup_epochs has no effect with pruner: none")
         return self
     #: Sampler seed; each trial's sampler is seeded from it and the trial's slot.
@@ -856,7 +864,12 @@ def _pruner_warmup_errors(spec: StudySpec) -> list[FieldError]:
     warmup = spec.study.pruner_warmup_epochs
     epochs = spec.space.get("max_epochs", LSTMConfig.model_fields["max_epochs"].default)
     longest = epochs.high if isinstance(epochs, IntDistribution) else epochs
-    if spec.study.pruner == "none" or not isinstance(longest, int) or warmup < longest:
+    if (
+        spec.study.pruner == "none"
+        or warmup == _DEFAULT_WARMUP  # the default, also with one-epoch trials
+        or not isinstance(longest, int)
+        or warmup < longest
+    ):
         return []
     return [
         FieldError(

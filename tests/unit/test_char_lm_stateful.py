@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 
 from service.corpora import MOBY_DICK_CHARS, MOBY_DICK_VOCAB_BOUND, load_corpus
 from service.data_checks import check_task_data
@@ -240,6 +241,16 @@ def test_forecast_test_size_errors_name_it() -> None:
     ]
     [(loc, msg)] = errors(test_size=12, horizon=13)
     assert loc == "task.test_size" and "at least horizon (13)" in msg
+    # A stored or best config writes every field back: it must read back (round trip).
+    spec = parse_spec(
+        {
+            "task": {"kind": "forecast", "dataset": "airline", "test_size": 12},
+            "study": {"n_trials": 1},
+        }
+    )
+    config = parse_config({"task": spec.task.model_dump(mode="json"), "params": {}})
+    assert parse_config(yaml.safe_load(config.to_yaml())) == config
+    assert config.task.model_dump()["test_size"] == 12
     with pytest.raises(InvalidSpec, match="not both"):
         parse_spec(
             {

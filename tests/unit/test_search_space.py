@@ -23,6 +23,8 @@ from service.search_space import (
     SpecLimits,
     largest_config,
     load_config_file,
+    load_spec_file,
+    lowest_config,
     parse_config,
     parse_spec,
     sample_config,
@@ -683,3 +685,16 @@ def test_forget_bias_applies_to_the_lstm_trials_when_cell_is_searched(forget_bia
 
 def lowest_config_of(space: dict[str, Any]) -> LSTMConfig:
     return parse_config(_spec(space)).params
+
+
+@pytest.mark.parametrize(
+    "path", sorted((Path(__file__).parents[2] / "search_spaces").glob("*.yaml")), ids=str
+)
+def test_every_shipped_spec_and_its_configs_round_trip(path: Path) -> None:
+    """What is stored (the spec, re-validated by every worker) and served (a trial's config,
+    `/best`, read back by `lstm-hpo train`) must parse to the same thing again."""
+    spec = load_spec_file(path)
+    assert parse_spec(json.loads(json.dumps(spec.model_dump(mode="json")))) == spec
+    for config in (lowest_config(spec), largest_config(spec)):
+        assert parse_config(config.to_yaml()) == config
+        assert parse_config(config.model_dump(mode="json")) == config

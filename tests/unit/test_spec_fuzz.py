@@ -30,6 +30,7 @@ from service.search_space import (
     SyntheticTask,
     largest_config,
     lowest_config,
+    parse_config,
     parse_spec,
 )
 from service.training.objective import grid_search_space
@@ -196,7 +197,9 @@ def spec_documents(draw: st.DrawFn) -> dict[str, Any]:
 def check_accepted_spec(spec: StudySpec) -> None:
     """What must hold of every spec parse_spec accepts."""
     with contextlib.suppress(InvalidConfig):
-        lowest_config(spec)
+        lowest = lowest_config(spec)
+        # A trial's config is stored and served as `/best`; `lstm-hpo train` reads it back.
+        assert parse_config(lowest.to_yaml()) == lowest
     with contextlib.suppress(InvalidConfig):
         largest_config(spec)
     # What is stored is re-validated by every worker: it must parse to the same spec.
