@@ -292,6 +292,74 @@ def positive_float(text: str) -> float:
     return value
 
 
+def report_task(
+    task: str,
+    base: Mapping[str, Any],
+    runs: Mapping[str, Sequence[StudyRun]],
+    found: Mapping[str, Mapping[str, float]],
+    *,
+    out: Path,
+    budget_minutes: float,
+    baselines_found: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """One task's entry of results.json, and its plots under ``out``."""
+    metric = task_metric(task)
+    if baselines_found is None:
+        baselines_found = baselines(task, base)
+    plot(
+        task,
+        runs,
+        metric,
+        out / f"{task}_best_so_far.png",
+        budget_minutes=budget_minutes,
+        baseline=primary_baseline(baselines_found, metric.direction == "maximize"),
+    )
+    main_family = next((f for f in ("stacked_lstm", *runs) if found.get(f)), None)
+    if main_family is not None:
+        plot_importances(
+            found[main_family],
+            f"{task} ({main_family}): what mattered",
+            out / f"{task}_importances.png",
+        )
+    return {
+        "metric": to_jsonable(metric),
+        "spec": base,
+        "families": {f: summarise_family(r, metric.direction) for f, r in runs.items()},
+        "baselines": baselines_found,
+        "references": references_for(task),
+        "importances": found,
+        "studies": {f: [to_jsonable(run) for run in r] for f, r in runs.items()},
+    }
+
+
+def rescore(out: Path, workers: int) -> dict[str, Any]:
+    """Retrain the finalists of ``out/results.json`` that have no test score (a retrain
+    that failed), then rebuild its tables and plots; the searches are not run again."""
+    results: dict[str, Any] = json.loads((out / "results.json").read_text())
+    with tempfile.TemporaryDirectory(prefix="lstm-hpo-rescore-") as scratch:
+        for task, entry in results["tasks"].items():
+            runs = {f: [StudyRun(**d) for d in ds] for f, ds in entry["studies"].items()}
+            todo = [
+                (run, Path(scratch) / task / family / f"s{i}")
+                for family, family_runs in runs.items()
+                for i, run in enumerate(family_runs)
+                if run.test_value is None
+            ]
+            print(f"  {task}: retraining {len(todo)} finalist(s) without a test score ...")
+            retrain_all(todo, parallel=workers)
+            results["tasks"][task] = report_task(
+                task,
+                entry["spec"],
+                runs,
+                entry.get("importances", {}),
+                out=out,
+                budget_minutes=results["budget_minutes"],
+                baselines_found=entry.get("baselines"),
+            )
+    results["rescored"] = Machine.describe().date
+    return results
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench.evaluate", description=__doc__.split("\n\n")[0]
@@ -321,7 +389,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--out", type=Path, help="results directory (default: bench/results/quick or full)"
     )
+    parser.add_argument(
+        "--rescore",
+        type=Path,
+        metavar="DIR",
+        help="no search: retrain the finalists of DIR/results.json that have no test score, "
+        "then rewrite its tables and plots",
+    )
     args = parser.parse_args(argv)
+    if args.rescore is not None:
+        rescored = rescore(args.rescore, args.workers)
+        (args.rescore / "results.json").write_text(json.dumps(rescored, indent=1))
+        summary = markdown(rescored)
+        (args.rescore / "summary.md").write_text(summary + "\n")
+        print(summary)
+        return 0
 
     defaults = (
         QUICK
@@ -366,7 +448,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         warm_up(server, args.workers)  # worker start-up is not part of any study's budget
         for task in tasks:
             base = load_base_spec(task, args.quick)
-            metric = task_metric(task)
             runs: dict[str, list[StudyRun]] = {}
             for family in families:
                 for seed in range(seeds):
@@ -384,37 +465,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 ],
                 parallel=args.workers,
             )
-            found_baselines = baselines(task, base)
-            plot(
-                task,
-                runs,
-                metric,
-                out / f"{task}_best_so_far.png",
-                budget_minutes=budget_min,
-                baseline=primary_baseline(found_baselines, metric.direction == "maximize"),
-            )
             found = {
                 family: importances(
                     server.storage_url, [r.study["optuna_study_name"] for r in family_runs]
                 )
                 for family, family_runs in runs.items()
             }
-            main_family = next((f for f in ("stacked_lstm", *runs) if found.get(f)), None)
-            if main_family is not None:
-                plot_importances(
-                    found[main_family],
-                    f"{task} ({main_family}): what mattered",
-                    out / f"{task}_importances.png",
-                )
-            results["tasks"][task] = {
-                "metric": to_jsonable(metric),
-                "spec": base,
-                "families": {f: summarise_family(r, metric.direction) for f, r in runs.items()},
-                "baselines": found_baselines,
-                "references": references_for(task),
-                "importances": found,
-                "studies": {f: [to_jsonable(run) for run in r] for f, r in runs.items()},
-            }
+            results["tasks"][task] = report_task(
+                task, base, runs, found, out=out, budget_minutes=budget_min
+            )
             (out / "results.json").write_text(json.dumps(results, indent=1))
     results["wall_minutes"] = (time.monotonic() - started) / 60
     (out / "results.json").write_text(json.dumps(results, indent=1))

@@ -53,3 +53,21 @@ def test_quick_evaluation_runs_every_part_of_the_suite(tmp_path: Path) -> None:
     summary = (out / "summary.md").read_text()
     assert "| stacked_lstm (searched) |" in summary and "| train_mean (baseline) |" in summary
     assert "python -m bench.evaluate --quick" in summary
+
+    # --rescore: a finalist whose retrain failed is retrained; the searches are not re-run.
+    results["tasks"]["adding"]["studies"]["gru"][0]["test_value"] = None
+    (out / "results.json").write_text(json.dumps(results))
+    rescored = subprocess.run(
+        [sys.executable, "-m", "bench.evaluate", "--rescore", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert rescored.returncode == 0, rescored.stdout[-3000:] + rescored.stderr[-3000:]
+    again = json.loads((out / "results.json").read_text())
+    gru = again["tasks"]["adding"]["studies"]["gru"][0]
+    assert gru["test_value"] == pytest.approx(adding["studies"]["gru"][0]["test_value"])
+    assert again["tasks"]["adding"]["families"]["gru"]["test"]["n"] == 1
+    assert "retraining 1 finalist(s)" in rescored.stdout
