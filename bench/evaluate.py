@@ -7,7 +7,9 @@ process per core, one torch thread each), with the task's shipped spec
 (``search_spaces/``) changed only as the family needs, and ``study.timeout_s`` =
 ``--budget-minutes``. Studies run one after another, so each has the whole machine.
 Each study's best config is then retrained with ``lstm-hpo train`` and scored on the
-test split. Classical baselines (``bench/baselines.py``) are computed on the same splits.
+test split (``--finalists checkpoint`` scores the best trial's own checkpoint instead, with
+``lstm-hpo train --evaluate``: the same figures on a CPU, checked equal to the digit, and
+no retraining on long tasks). Classical baselines (``bench/baselines.py``) are computed on the same splits.
 
 Families (each a study of its own, same budget):
 
@@ -51,6 +53,7 @@ from bench.harness import (
     retrain_all,
     run_study,
     running_server,
+    score_checkpoint,
     to_jsonable,
     warm_up,
 )
@@ -390,6 +393,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--out", type=Path, help="results directory (default: bench/results/quick or full)"
     )
     parser.add_argument(
+        "--finalists",
+        choices=["retrain", "checkpoint"],
+        default="retrain",
+        help="score each study's best config on the test split by retraining it with "
+        "`lstm-hpo train` (default), or by evaluating its trial's own checkpoint "
+        "(`train --evaluate`: the same weights on a CPU, minutes faster on long tasks)",
+    )
+    parser.add_argument(
         "--rescore",
         type=Path,
         metavar="DIR",
@@ -438,6 +449,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "budget_minutes": budget_min,
         "workers": args.workers,
         "seeds": seeds,
+        "finalists": args.finalists,
         "tasks": {},
     }
     started = time.monotonic()
@@ -456,15 +468,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                     runs.setdefault(family, []).append(
                         run_study(server, spec, budget_s=budget_min * 60)
                     )
-            print(f"  retraining {sum(map(len, runs.values()))} finalists of {task} ...")
-            retrain_all(
-                [
-                    (run, Path(scratch) / "runs" / task / family / f"s{i}")
-                    for family, family_runs in runs.items()
-                    for i, run in enumerate(family_runs)
-                ],
-                parallel=args.workers,
-            )
+            finalists = [
+                (run, Path(scratch) / "runs" / task / family / f"s{i}")
+                for family, family_runs in runs.items()
+                for i, run in enumerate(family_runs)
+            ]
+            if args.finalists == "checkpoint":
+                print(f"  scoring the checkpoints of {len(finalists)} finalists of {task} ...")
+                for run, where in finalists:
+                    score_checkpoint(server, run, where)
+            else:
+                print(f"  retraining {len(finalists)} finalists of {task} ...")
+                retrain_all(finalists, parallel=args.workers)
             found = {
                 family: importances(
                     server.storage_url, [r.study["optuna_study_name"] for r in family_runs]
