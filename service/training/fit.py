@@ -286,16 +286,12 @@ def fit_config(
             model, datamodule=data.datamodule, ckpt_path=ckpt, verbose=False, weights_only=False
         )
         test_value = float(results[0]["test_" + metric.name.removeprefix("val_")])
-    primary = data.primary_baseline
     result = FitResult(
         metric=metric.name,
         direction=metric.direction,
         value=value,
         test_value=test_value,
-        baseline=data.test_baselines.get(primary),
-        baseline_name=primary,
-        baselines=dict(data.test_baselines),
-        val_baselines=dict(data.val_baselines),
+        **_baselines(data),
         history=history.values,
         best_epoch=best_epoch,
         checkpoint=checkpoint.best_model_path
@@ -309,6 +305,17 @@ def fit_config(
     if out_dir is not None:
         (out_dir / "result.json").write_text(json.dumps(result.summary(), indent=2) + "\n")
     return result
+
+
+def _baselines(data: TaskData) -> dict[str, Any]:
+    """The :class:`FitResult` fields that report a task's trivial baselines."""
+    primary = data.primary_baseline
+    return {
+        "baseline": data.test_baselines.get(primary),
+        "baseline_name": primary,
+        "baselines": dict(data.test_baselines),
+        "val_baselines": dict(data.val_baselines),
+    }
 
 
 def evaluate_checkpoint(
@@ -334,16 +341,12 @@ def evaluate_checkpoint(
     model = _build_module(config, data, saved)
     value = _score(model, data, "val", metric.name, accelerator)
     test_value = _score(model, data, "test", metric.name, accelerator)
-    primary = data.primary_baseline
     return FitResult(
         metric=metric.name,
         direction=metric.direction,
         value=value,
         test_value=test_value,
-        baseline=data.test_baselines.get(primary),
-        baseline_name=primary,
-        baselines=dict(data.test_baselines),
-        val_baselines=dict(data.val_baselines),
+        **_baselines(data),
         best_epoch=saved.epoch,
         checkpoint=str(saved.path),
         description=data.description,
