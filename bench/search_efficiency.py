@@ -203,6 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"search_efficiency: {args.task}, {len(configs)} configurations x {args.seeds} seeds x "
         f"{args.budget_minutes:g} min -> {out}"
     )
+    machine = Machine.describe()  # the code the studies run, before anything can change it
     runs: dict[str, list[StudyRun]] = {}
     started = time.monotonic()
     with (
@@ -221,7 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         found = importances(server.storage_url, names)
     results: dict[str, Any] = {
         "command": command.strip(),
-        "machine": to_jsonable(Machine.describe()),
+        "machine": to_jsonable(machine),
         "task": args.task,
         "metric": to_jsonable(metric),
         "budget_minutes": args.budget_minutes,
