@@ -9,7 +9,8 @@ process per core, one torch thread each), with the task's shipped spec
 Each study's best config is then retrained with ``lstm-hpo train`` and scored on the
 test split (``--finalists checkpoint`` scores the best trial's own checkpoint instead, with
 ``lstm-hpo train --evaluate``: the same figures on a CPU, checked equal to the digit, and
-no retraining on long tasks). Classical baselines (``bench/baselines.py``) are computed on the same splits.
+no retraining on long tasks). Classical baselines (``bench/baselines.py``) are computed
+on the same splits.
 
 Families (each a study of its own, same budget):
 
