@@ -57,6 +57,8 @@ def config_spec(base: Mapping[str, Any], config: str, seed: int) -> dict[str, An
     sampler, pruner = CONFIGS[config]
     spec["name"] = f"search-{config}-s{seed}"
     spec["study"].update(sampler=sampler, pruner=pruner, seed=seed, n_trials=10_000)
+    if pruner == "none":
+        spec["study"].pop("pruner_warmup_epochs", None)  # nothing to warm up
     return spec
 
 
