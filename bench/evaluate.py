@@ -49,6 +49,7 @@ from bench.harness import (
     REPO,
     Machine,
     StudyRun,
+    exit_on_sigterm,
     importances,
     plot_importances,
     retrain_all,
@@ -409,6 +410,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "then rewrite its tables and plots",
     )
     args = parser.parse_args(argv)
+    exit_on_sigterm()  # a stopped run leaves no server or worker behind
     if args.rescore is not None:
         rescored = rescore(args.rescore, args.workers)
         (args.rescore / "results.json").write_text(json.dumps(rescored, indent=1))

@@ -114,6 +114,12 @@ class Server:
         return f"sqlite:///{self.data_dir / 'lstm-hpo.db'}"
 
 
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM into SystemExit, so that ``running_server`` stops the server and its
+    workers (Python's default SIGTERM ends the process without running ``finally``)."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
 @contextmanager
 def running_server(data_dir: Path, workers: int, *, log: Path) -> Iterator[Server]:
     """``lstm-hpo serve`` on a free loopback port, SQLite under ``data_dir``, ``workers``

@@ -34,6 +34,7 @@ from bench.harness import (
     REPO,
     Machine,
     StudyRun,
+    exit_on_sigterm,
     importances,
     plot_importances,
     run_study,
@@ -182,6 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--out", type=Path, help="results directory (default: bench/results/search_<task>)"
     )
     args = parser.parse_args(argv)
+    exit_on_sigterm()  # a stopped run leaves no server or worker behind
     defaults = (
         {"task": "adding", "configs": "tpe_hyperband,random", "seeds": 2, "budget_minutes": 0.25}
         if args.quick
