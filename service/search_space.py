@@ -103,7 +103,11 @@ class CharLMTask(_Frozen):
     kind: Literal["char_lm"]
     #: A bundled corpus (``service.corpora``): moby_dick (English prose, 1.19 M characters)
     #: or python_stdlib (the interpreter's own source) ...
-    dataset: CharCorpus | None = None
+    dataset: CharCorpus | None = Field(
+        default=None,
+        description="A bundled corpus: moby_dick (English prose, public domain) or "
+        "python_stdlib (the default when no path is given).",
+    )
     #: ... or a text file. Neither: python_stdlib.
     path: DataPath | None = None
     encoding: Encoding = "utf-8"
@@ -154,7 +158,13 @@ class ForecastTask(_Frozen):
     test_fraction: float = Field(default=0.15, gt=0.0, lt=0.5)
     #: The last ``test_size`` points are the test split (instead of ``test_fraction``): 12
     #: is the classic airline hold-out, the year 1960 (Box & Jenkins 1976).
-    test_size: int | None = Field(default=None, ge=1, le=100_000_000)
+    test_size: int | None = Field(
+        default=None,
+        ge=1,
+        le=100_000_000,
+        description="The last test_size points are the test split (instead of "
+        "test_fraction); 12 is the airline 1960 hold-out.",
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> ForecastTask:
@@ -315,7 +325,11 @@ class LSTMConfig(_Frozen):
     #: the hidden state is carried from one batch to the next (detached: truncated BPTT, as
     #: Zaremba et al. 2014 and char-rnn train), in evaluation too; False: every window
     #: starts from a zero state.
-    stateful: StrictBool = False
+    stateful: StrictBool = Field(
+        default=False,
+        description="char_lm only: carry the hidden state across consecutive batches of "
+        "contiguous streams, detached at each (truncated BPTT), in evaluation too.",
+    )
     max_epochs: int = Field(default=10, ge=1, le=100_000)
     #: Stop after this many epochs without improvement; 0 turns it off.
     early_stopping_patience: int = Field(default=0, ge=0, le=100_000)
@@ -540,7 +554,12 @@ class StudySettings(_Frozen):
     #: at least 1 for those two). Raise it when learning curves cross late: the adding
     #: problem sits on a plateau (MSE ~0.167) for its first epochs, so an early comparison
     #: prunes at random.
-    pruner_warmup_epochs: int = Field(default=_DEFAULT_WARMUP, ge=0, le=100_000)
+    pruner_warmup_epochs: int = Field(
+        default=_DEFAULT_WARMUP,
+        ge=0,
+        le=100_000,
+        description="No trial is pruned before it has trained more than this many epochs.",
+    )
 
     @model_validator(mode="after")
     def _warmup_needs_a_pruner(self) -> StudySettings:
