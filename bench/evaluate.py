@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import statistics
 import sys
 import tempfile
@@ -49,9 +48,12 @@ from bench.harness import (
     REPO,
     Machine,
     StudyRun,
+    add_workers_option,
     exit_on_sigterm,
     importances,
     plot_importances,
+    positive_float,
+    positive_int,
     retrain_all,
     run_study,
     running_server,
@@ -281,22 +283,6 @@ def baselines(task: str, spec: Mapping[str, Any]) -> dict[str, Any]:
     return {name: to_jsonable(score) for name, score in baselines_for(parsed.task).items()}
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1 (got {value})")
-    return value
-
-
-def positive_float(text: str) -> float:
-    """argparse type: a finite number > 0."""
-    value = float(text)
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a number above 0 (got {text})")
-    return value
-
-
 def report_task(
     task: str,
     base: Mapping[str, Any],
@@ -385,12 +371,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--families", help=f"comma-separated, of {','.join(FAMILIES)} (default: all)"
     )
-    parser.add_argument(
-        "--workers",
-        type=positive_int,
-        default=len(os.sched_getaffinity(0)),
-        help="worker processes (default: one per core)",
-    )
+    add_workers_option(parser)
     parser.add_argument(
         "--out", type=Path, help="results directory (default: bench/results/quick or full)"
     )

@@ -8,7 +8,9 @@ comes from the CLI users run (``lstm-hpo train best.yaml --json``).
 
 from __future__ import annotations
 
+import argparse
 import json
+import math
 import os
 import platform
 import signal
@@ -401,6 +403,33 @@ def plot_importances(found: Mapping[str, float], title: str, path: Path) -> None
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 (got {value})")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    value = float(text)
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a number above 0 (got {text})")
+    return value
+
+
+def add_workers_option(parser: argparse.ArgumentParser) -> None:
+    """``--workers``: local worker processes of the scratch server, one per core by default
+    (one torch thread each: more processes than cores would only slow every trial)."""
+    parser.add_argument(
+        "--workers",
+        type=positive_int,
+        default=len(os.sched_getaffinity(0)),
+        help="worker processes (default: one per core)",
+    )
 
 
 def to_jsonable(obj: Any) -> Any:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -29,14 +28,17 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.evaluate import TASKS, load_base_spec, positive_float, positive_int, task_metric
+from bench.evaluate import TASKS, load_base_spec, task_metric
 from bench.harness import (
     REPO,
     Machine,
     StudyRun,
+    add_workers_option,
     exit_on_sigterm,
     importances,
     plot_importances,
+    positive_float,
+    positive_int,
     run_study,
     running_server,
     to_jsonable,
@@ -167,12 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--budget-minutes", type=positive_float, help="search wall time per study (default 2)"
     )
-    parser.add_argument(
-        "--workers",
-        type=positive_int,
-        default=len(os.sched_getaffinity(0)),
-        help="worker processes (default: one per core)",
-    )
+    add_workers_option(parser)
     parser.add_argument(
         "--quick",
         action="store_true",

@@ -74,3 +74,17 @@ def db_engine(migrated_db_url: str) -> Iterator[Engine]:
 def session_factory(db_engine: Engine) -> sessionmaker[Session]:
     """The ``sessionmaker`` that queue and domain functions take."""
     return make_session_factory(db_engine)
+
+
+@pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """One intra-op thread, as a worker runs: bitwise-reproducible CPU kernels, no contention.
+
+    Modules that train use it for every test: ``pytestmark = pytest.mark.usefixtures(...)``.
+    """
+    import torch  # only the tests that train pay for the import
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -20,7 +20,7 @@ from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.utilities.seed import isolate_rng
 
-from service.search_space import Direction, ResolvedConfig, task_metric
+from service.search_space import Direction, ResolvedConfig, TaskMetric, task_metric
 from service.training.checkpoints import SavedModel, load_model_weights
 from service.training.data import TaskData, build_task_data
 from service.training.module import LSTMLightningModule
@@ -220,12 +220,8 @@ def fit_config(
     """
     if init_from is not None and resume_from is not None:
         raise ValueError("init_from starts a new fit; resume_from continues one: not both")
-    silence_lightning()
     params = config.params
-    metric = task_metric(config.task)
-    L.seed_everything(params.seed, workers=True, verbose=False)
-    data = build_task_data(config.task, params, data_roots)
-    model = _build_module(config, data, init_from)
+    metric, data, model = _prepare(config, init_from, data_roots)
     initial_value: float | None = None
     if init_from is not None:
         initial_value = _score(model, data, "val", metric.name, accelerator)
@@ -333,12 +329,7 @@ def evaluate_checkpoint(
     validation metric, ``best_epoch`` the epoch the weights are from, ``history`` empty.
     Raises :class:`~service.errors.CheckpointMismatch` as :func:`fit_config` does.
     """
-    silence_lightning()
-    params = config.params
-    metric = task_metric(config.task)
-    L.seed_everything(params.seed, workers=True, verbose=False)
-    data = build_task_data(config.task, params, data_roots)
-    model = _build_module(config, data, saved)
+    metric, data, model = _prepare(config, saved, data_roots)
     value = _score(model, data, "val", metric.name, accelerator)
     test_value = _score(model, data, "test", metric.name, accelerator)
     return FitResult(
@@ -351,6 +342,17 @@ def evaluate_checkpoint(
         checkpoint=str(saved.path),
         description=data.description,
     )
+
+
+def _prepare(
+    config: ResolvedConfig, weights: SavedModel | None, data_roots: tuple[Path, ...] | None
+) -> tuple[TaskMetric, TaskData, LSTMLightningModule]:
+    """Seed, build the task's data and the module: the same for a fit and an evaluation,
+    so that a checkpoint scores what its fit reported."""
+    silence_lightning()
+    L.seed_everything(config.params.seed, workers=True, verbose=False)
+    data = build_task_data(config.task, config.params, data_roots)
+    return task_metric(config.task), data, _build_module(config, data, weights)
 
 
 def _build_module(

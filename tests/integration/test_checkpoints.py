@@ -17,13 +17,11 @@ from __future__ import annotations
 
 import logging
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import optuna
 import pytest
-import torch
 from lightning.pytorch.callbacks import Callback
 
 from service.artifacts import CheckpointStore, open_artifact_store
@@ -65,12 +63,8 @@ class InterruptAt(Callback):
             raise Interrupted(f"killed during epoch {self.epoch}")
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+#: Every test here trains: one torch thread, as a worker runs (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _config() -> ResolvedConfig:

@@ -7,13 +7,11 @@ Every fit runs on the CPU with one torch thread and takes well under a second.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import pytest
-import torch
 from lightning.pytorch.callbacks import Callback
 
 from service.search_space import ResolvedConfig, parse_config
@@ -25,13 +23,8 @@ ADDING_TASK = {"kind": "adding", "seq_len": 10, "n_train": 200, "n_val": 100, "n
 TINY = {"num_layers": 1, "hidden_size": 16, "batch_size": 32, "lr": 0.01, "max_epochs": 3}
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """One intra-op thread, as a worker runs: bitwise-reproducible CPU kernels, no contention."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+#: Every test here trains: one torch thread, as a worker runs (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def adding_config(task: dict[str, Any] | None = None, **params: Any) -> ResolvedConfig:

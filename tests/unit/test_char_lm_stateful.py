@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
 from pathlib import Path
 
 import lightning as L
@@ -22,13 +21,8 @@ from service.training.data.char_lm import StreamBatches
 from service.training.fit import silence_lightning
 from service.training.module import LSTMLightningModule
 
-
-@pytest.fixture(autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+#: Every test here trains: one torch thread, as a worker runs (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_stream_batches_continue_row_by_row_and_target_every_character_once() -> None:
