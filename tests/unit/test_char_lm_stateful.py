@@ -155,7 +155,6 @@ def test_char_lm_dataset_and_path_are_exclusive_and_splits_are_checked() -> None
 
 
 def test_forecast_test_size_is_the_airline_1960_hold_out() -> None:
-    pytest.importorskip("aeon")
     from service.search_space import ForecastTask
 
     task = ForecastTask(kind="forecast", dataset="airline", test_size=12, val_fraction=0.1)
@@ -216,7 +215,6 @@ def test_true_and_false_are_never_numbers(
 
 
 def test_forecast_test_size_errors_name_it() -> None:
-    pytest.importorskip("aeon")
 
     def errors(**task: object) -> list[tuple[str, str]]:
         spec = {
