@@ -152,3 +152,29 @@ class OpenModeRefused(LstmHpoError):
 
 class LeaseLost(LstmHpoError):
     """This worker no longer owns the trial (it was reaped or the study was cancelled)."""
+
+
+class TrialPreempted(LstmHpoError):
+    """The worker was told to stop (SIGTERM or SIGUSR1): the trial stopped at a step
+    boundary after its last checkpoint, and its slot is requeued without using a retry."""
+
+    def __init__(self, signal_name: str, epochs_done: int | None = None) -> None:
+        self.signal_name = signal_name
+        self.epochs_done = epochs_done
+        at = "" if epochs_done is None else f" after {epochs_done} epoch(s)"
+        super().__init__(f"preempted ({signal_name}){at}; it resumes from its last checkpoint")
+
+
+class TrialTimedOut(LstmHpoError):
+    """A trial ran past ``study.trial_timeout_s``."""
+
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        super().__init__(trial_timeout_reason(timeout_s))
+
+
+def trial_timeout_reason(timeout_s: float) -> str:
+    """The failure reason of a trial stopped by ``study.trial_timeout_s`` (the worker's
+    step check and its supervisor's kill of a hung process record the same words)."""
+    shown = f"{timeout_s:g}"
+    return f"exceeded trial_timeout_s ({shown} s)"

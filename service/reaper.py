@@ -18,7 +18,9 @@ running, stale                 RUNNING                      FAIL it ("worker sto
                                                             the chain's checkpoint), reap
                                                             with its id
 running, stale                 FAIL by the reaper (an       find the WAITING copy (or
-                               interrupted earlier round)   enqueue it), reap with its id
+                               interrupted earlier round),  enqueue it), reap with its id
+                               or by a preempted worker
+                               that died before requeueing
 running, stale                 COMPLETE / PRUNED / FAIL     finish the slot with that
                                told by the worker           outcome (it died between tell
                                                             and finish); no retry
@@ -69,6 +71,7 @@ from service.errors import LeaseLost, LstmHpoError, OptunaStudyDeleted
 from service.states import (
     FAILURE_ATTR,
     ORIGINAL_TRIAL_ATTR,
+    PREEMPTED_ATTR,
     RETRY_OF_ATTR,
     JobState,
     TrialOutcome,
@@ -180,7 +183,7 @@ def _reap_lease(
             _adopt_told_outcome(backend, candidate, trial)
             return None
         if candidate.retry_expected:  # step 2
-            retry_trial_id = _retry_trial(backend, study_id, trial)
+            retry_trial_id = enqueue_retry_copy(backend.storage, study_id, trial)
     stale = queue.reap_stale_lease(  # step 3
         backend.sessions, candidate.id, cutoff=cutoff, retry_trial_id=retry_trial_id, now=at
     )
@@ -200,10 +203,12 @@ def _reap_lease(
     return stale
 
 
-def _retry_trial(backend: studies.Backend, study_id: int, lost: FrozenTrial) -> int:
+def enqueue_retry_copy(
+    storage: optuna.storages.BaseStorage, study_id: int, lost: FrozenTrial
+) -> int:
     """The WAITING copy of ``lost`` (same params, ``retry_of`` = its number): the one an
-    interrupted round enqueued, or a new one. Returns its Optuna trial id."""
-    storage = backend.storage
+    interrupted round enqueued, or a new one. Returns its Optuna trial id. The reaper's
+    step 2, and a preempted worker's (``service.worker``)."""
     for waiting in storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.WAITING,)):
         if waiting.user_attrs.get(RETRY_OF_ATTR) == lost.number:
             return waiting._trial_id
@@ -308,8 +313,11 @@ def _sweep_job(backend: studies.Backend, job: queue.JobRecord, cutoff: datetime)
 
 
 def _failed_by_reaper(trial: FrozenTrial) -> bool:
-    return (
-        trial.state == TrialState.FAIL and trial.user_attrs.get(FAILURE_ATTR) == queue.REAPED_REASON
+    """FAIL by a reaper round, or by a preempted worker that died before it requeued the
+    slot: both are retried (the latter as a reap, which counts as an attempt)."""
+    return trial.state == TrialState.FAIL and (
+        trial.user_attrs.get(FAILURE_ATTR) == queue.REAPED_REASON
+        or PREEMPTED_ATTR in trial.user_attrs
     )
 
 

@@ -67,6 +67,9 @@ class LeaseState(StrEnum):
     FAILED = "failed"
     #: The worker stopped heartbeating; the reaper took the slot back.
     REAPED = "reaped"
+    #: Its worker was told to stop (SIGTERM / SIGUSR1) and gave the slot back: requeued at
+    #: once, and its retry does not count against ``study.max_retries``.
+    PREEMPTED = "preempted"
     CANCELLED = "cancelled"
 
 
@@ -111,3 +114,6 @@ RETRY_OF_ATTR = "retry_of"
 ORIGINAL_TRIAL_ATTR = "original_trial"
 #: Trial: set on a retry that resumed from a checkpoint, the (0-based) epoch it resumed at.
 RESUMED_FROM_ATTR = "resumed_from_epoch"
+#: Trial: set on a trial whose worker was preempted, the signal's name (``SIGTERM``); the
+#: trial is FAIL with the reason, and its retry (same params) resumes from its checkpoint.
+PREEMPTED_ATTR = "preempted"

@@ -6,6 +6,7 @@ such processes and restarts one that crashes hard (bounded).
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import logging
 import math
@@ -42,11 +43,15 @@ from service.errors import (
     LeaseLost,
     LstmHpoError,
     SingleHostOnly,
+    TrialPreempted,
+    trial_timeout_reason,
 )
 from service.migrate import wait_for_schema
+from service.reaper import enqueue_retry_copy
 from service.search_space import STORED_SPEC_LIMITS, StudySpec, parse_spec
-from service.states import FAILURE_ATTR, TrialOutcome
-from service.studies import optuna_storage
+from service.states import FAILURE_ATTR, PREEMPTED_ATTR, TrialOutcome
+from service.studies import NOT_RUN_REASON, fail_waiting_trial, optuna_storage
+from service.training.interrupts import PreemptNotice, TrialGuard
 from service.training.objective import (
     NonFiniteMetric,
     TrialCheckpoints,
@@ -88,9 +93,17 @@ class WorkerOptions:
     #: or, when it is None, ``<artifacts_data_dir>/artifacts``. Both None: no checkpoints.
     artifacts_url: str | None = None
     artifacts_data_dir: Path | None = None
+    #: ``LSTM_HPO_PREEMPT_GRACE_S``: after SIGTERM / SIGUSR1, how long the running trial may
+    #: go on towards its epoch's end before it stops at the next batch.
+    preempt_grace_s: float = 20.0
+    #: ``LSTM_HPO_TRIAL_KILL_GRACE_S``: how long past ``study.trial_timeout_s`` the
+    #: supervisor waits for a trial to reach a step boundary before it kills the process.
+    trial_kill_grace_s: float = 60.0
 
 
 Outcome = Literal["complete", "pruned", "failed"]
+#: What running one slot came to: its outcome, or ``preempted`` (the slot was requeued).
+SlotResult = Outcome | Literal["preempted"]
 #: What a database that is restarting or unreachable raises, through our code or Optuna's.
 _DB_DOWN = (
     DatabaseUnavailable,
@@ -200,11 +213,46 @@ class _Heartbeat(threading.Thread):
         self._stop_event.set()
 
 
+class TrialWatch:
+    """What a worker process tells its supervisor about the trial it runs, in shared memory
+    (``multiprocessing.Array``): lease id, Optuna trial id, start (``time.time()``) and
+    ``study.trial_timeout_s``; all 0 when no time-limited trial runs. The supervisor kills
+    a process whose trial is ``trial_kill_grace_s`` past its limit (hung inside a step,
+    where the trial's own check never runs) and records the failure."""
+
+    FIELDS = 4
+
+    def __init__(self, array: Any) -> None:
+        self.array = array
+
+    def start(self, lease_id: int, trial_id: int, timeout_s: float) -> None:
+        with self.array.get_lock():
+            self.array[:] = [float(lease_id), float(trial_id), time.time(), timeout_s]
+
+    def clear(self) -> None:
+        with self.array.get_lock():
+            self.array[:] = [0.0] * self.FIELDS
+
+    def overdue(self, grace_s: float, now: float) -> tuple[int, int, float] | None:
+        """``(lease_id, trial_id, timeout_s)`` when the trial is ``grace_s`` past its limit."""
+        with self.array.get_lock():
+            lease_id, trial_id, started, timeout_s = self.array[:]
+        if timeout_s <= 0 or now < started + timeout_s + grace_s:
+            return None
+        return int(lease_id), int(trial_id), timeout_s
+
+
 class Worker:
     """One worker process's state: its connections, its id and its stop flag."""
 
-    def __init__(self, options: WorkerOptions, worker_id: str | None = None) -> None:
+    def __init__(
+        self, options: WorkerOptions, worker_id: str | None = None, watch: TrialWatch | None = None
+    ) -> None:
         self.options = options
+        self.watch = watch
+        #: Set by SIGTERM / SIGUSR1 (:func:`worker_main`): the running trial checkpoints and
+        #: gives its slot back; the loop then ends.
+        self.preempt_notice: PreemptNotice | None = None
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         # One connection for our tables and one for Optuna's: two per worker process.
         engine = make_engine(options.database_url, pool_size=1, max_overflow=0)
@@ -323,7 +371,7 @@ class Worker:
         wait_s = min(self.options.poll_interval_s, self.options.heartbeat_interval_s / 2)
         return queue.wait_for_work(self.sessions, wait_s)
 
-    def run_lease(self, lease: queue.Lease, beat: _Heartbeat) -> Outcome | None:
+    def run_lease(self, lease: queue.Lease, beat: _Heartbeat) -> SlotResult | None:
         """Run the trial of one claimed slot and record it. None when the result was rejected.
 
         Whatever the job's spec, data or Optuna state does, this returns (only a database
@@ -400,8 +448,28 @@ class Worker:
         spec: StudySpec,
         study: optuna.Study,
         trial: optuna.Trial,
-    ) -> Outcome | None:
+    ) -> SlotResult | None:
         log.info("trial %d of %s: start", trial.number, lease.optuna_study_name)
+        timeout_s = spec.study.trial_timeout_s
+        guard = TrialGuard(notice=lambda: self.preempt_notice, timeout_s=timeout_s)
+        if self.watch is not None and timeout_s is not None:
+            self.watch.start(lease.id, trial._trial_id, timeout_s)
+        try:
+            return self._run_and_record(lease, beat, spec, study, trial, guard=guard)
+        finally:
+            if self.watch is not None:
+                self.watch.clear()
+
+    def _run_and_record(
+        self,
+        lease: queue.Lease,
+        beat: _Heartbeat,
+        spec: StudySpec,
+        study: optuna.Study,
+        trial: optuna.Trial,
+        *,
+        guard: TrialGuard,
+    ) -> SlotResult | None:
         outcome: Outcome
         value: float | None = None
         reason: str | None = None
@@ -423,6 +491,7 @@ class Worker:
                 accelerator=self.options.accelerator,
                 worker_memory_gb=self.options.worker_memory_gb,
                 checkpoints=checkpoints,
+                guard=guard,
             )
             if math.isfinite(value):
                 outcome = "complete"
@@ -431,6 +500,10 @@ class Worker:
         except optuna.TrialPruned as pruned:
             outcome = "pruned"
             reason = str(pruned) or None
+        except TrialPreempted as preempted:
+            if (lease.id, lease.claimed_at) in beat.lost:
+                return None
+            return self._give_back_preempted(lease, study, trial, preempted)
         except Exception as err:  # any training error: record it, keep the worker alive
             outcome, reason = "failed", _failure_reason(err)
         if (lease.id, lease.claimed_at) in beat.lost:
@@ -463,6 +536,50 @@ class Worker:
             f" value={value:.6g}" if outcome == "complete" and value is not None else "",
         )
         return outcome
+
+    def _give_back_preempted(
+        self, lease: queue.Lease, study: optuna.Study, trial: optuna.Trial, err: TrialPreempted
+    ) -> SlotResult | None:
+        """Preemption is not failure: FAIL the trial with the reason (what the dashboard
+        shows), enqueue its WAITING copy (same params; it resumes from the chain's last
+        checkpoint), and requeue the slot at once without using a retry
+        (:func:`queue.preempt_trial_slot`). The order is the reaper's, so a worker killed
+        half-way is completed by it (see :mod:`service.reaper`)."""
+        assert self.storage is not None
+        storage = self.storage
+        def mark() -> None:
+            trial.set_user_attr(PREEMPTED_ATTR, err.signal_name)
+            trial.set_user_attr(FAILURE_ATTR, err.message)
+
+        self._db("mark the trial preempted", mark)
+        if not self._tell(study, trial, TrialState.FAIL, None):
+            return None  # the reaper took it meanwhile, and retries it
+        lost = self._db("read the trial", lambda: storage.get_trial(trial._trial_id))
+        copy_id = self._db(
+            "enqueue the retry", lambda: enqueue_retry_copy(storage, study._study_id, lost)
+        )
+        try:
+            requeued = self._db(
+                "requeue the slot",
+                lambda: queue.preempt_trial_slot(
+                    self.sessions, lease.id, retry_trial_id=copy_id, reason=err.message
+                ),
+            )
+        except LeaseLost:
+            requeued = False
+        if not requeued:  # the study ended or was cancelled meanwhile: nothing will run it
+            self._db(
+                "fail the unused retry",
+                lambda: fail_waiting_trial(storage, copy_id, NOT_RUN_REASON),
+            )
+        log.info(
+            "trial %d of %s: %s%s",
+            trial.number,
+            lease.optuna_study_name,
+            err.message,
+            "; its slot is requeued" if requeued else "; the study no longer needs it",
+        )
+        return "preempted"
 
     def _drop_resume_checkpoint(self, lease: queue.Lease, trial: optuna.Trial) -> None:
         """Remove the trial's ``last`` checkpoint once its result is recorded: nothing will
@@ -792,24 +909,63 @@ def configure_process(options: WorkerOptions) -> None:
     torch = sys.modules.get("torch")
     if torch is not None:  # already loaded (a worker run in-process): size its pool now
         torch.set_num_threads(options.torch_threads)
-    # `kill -USR1 <pid>` prints every thread's stack to stderr: where a stuck worker waits.
-    if hasattr(signal, "SIGUSR1"):
-        faulthandler.register(signal.SIGUSR1, all_threads=True)
+    # `kill -USR2 <pid>` prints every thread's stack to stderr: where a stuck worker waits.
+    # (SIGUSR1 is Slurm's preemption notice: ``--signal=USR1@120``.)
+    if hasattr(signal, "SIGUSR2"):
+        faulthandler.register(signal.SIGUSR2, all_threads=True)
 
 
-def worker_main(options: WorkerOptions) -> int:
-    """Entry point of one worker process. SIGTERM/SIGINT: finish the current trial, then exit."""
+#: The signals that tell a worker to stop: SIGTERM (Kubernetes eviction, a spot notice,
+#: ``docker stop``, a supervisor), SIGINT (Ctrl-C) and SIGUSR1 (Slurm ``--signal``).
+STOP_SIGNALS: tuple[signal.Signals, ...] = tuple(
+    getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGUSR1") if hasattr(signal, name)
+)
+#: A stop signal this soon after the first is the same notice delivered twice (to the
+#: process group, and forwarded by the supervisor; Slurm signals every process of a
+#: step), not the impatient second one that means "leave now".
+SAME_NOTICE_S = 2.0
+#: After the preemption grace, how long the supervisor gives a worker to FAIL its trial,
+#: enqueue the retry and requeue the slot before its second signal (leave now), and as
+#: long again before SIGKILL.
+STOP_MARGIN_S = 8.0
+
+
+def stop_deadline_s(preempt_grace_s: float) -> float:
+    """Seconds from a stop signal until the supervisor has killed every worker process:
+    the preemption grace, a margin to give the slot back, a second signal, a margin."""
+    return preempt_grace_s + 2 * STOP_MARGIN_S
+
+
+def worker_main(options: WorkerOptions, watch: TrialWatch | None = None) -> int:
+    """Entry point of one worker process.
+
+    A stop signal (:data:`STOP_SIGNALS`) is a preemption notice: the running trial goes on
+    to the end of its epoch (at most ``options.preempt_grace_s``), gives its slot back
+    requeued (``preempted``, not counted as a retry), and the process exits 0; an idle
+    worker exits at once. A second signal (after :data:`SAME_NOTICE_S`) exits at once
+    with status 1: the reaper then retries the trial from its last checkpoint.
+    """
     configure_process(options)
-    worker = Worker(options)
+    worker = Worker(options, watch=watch)
 
     def stop(signum: int, frame: FrameType | None) -> None:
-        if worker.stopping:  # second signal: leave now; the reaper retries the trial
-            raise SystemExit(1)
-        log.info("stopping after the current trial (signal %d)", signum)
+        now = time.monotonic()
+        notice = worker.preempt_notice
+        if notice is not None:
+            if now < notice.received_at + SAME_NOTICE_S:
+                return  # the same notice, delivered again
+            raise SystemExit(1)  # leave now; the reaper retries the trial
+        name = signal.Signals(signum).name
+        worker.preempt_notice = PreemptNotice(name, now, now + options.preempt_grace_s)
         worker.stopping = True
+        log.info(
+            "%s: stopping; a running trial checkpoints and is requeued (within %.0fs)",
+            name,
+            options.preempt_grace_s,
+        )
 
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, stop)
     try:
         return worker.run()
     except SingleHostOnly as err:
@@ -817,7 +973,9 @@ def worker_main(options: WorkerOptions) -> int:
         raise SystemExit(EXIT_REFUSED) from None
 
 
-def _child(options: WorkerOptions, plan: ProcessPlan | None = None) -> None:
+def _child(
+    options: WorkerOptions, plan: ProcessPlan | None = None, watch_array: Any = None
+) -> None:
     """The spawn target: this process's environment first, then the worker loop.
 
     Runs before anything in the child imports torch (``service.worker`` does not), so
@@ -826,12 +984,7 @@ def _child(options: WorkerOptions, plan: ProcessPlan | None = None) -> None:
     if plan is not None:
         os.environ.update(process_environment(plan, plan.torch_threads, os.getpid()))
         options = replace(options, accelerator=plan.accelerator, torch_threads=plan.torch_threads)
-    worker_main(options)
-
-
-#: How long ``serve`` lets its workers finish their trials on shutdown before telling them
-#: to leave at once (a container's stop timeout is usually 10 s).
-STOP_GRACE_S = 8.0
+    worker_main(options, None if watch_array is None else TrialWatch(watch_array))
 
 
 def run_worker_processes(
@@ -848,53 +1001,78 @@ def run_worker_processes(
     the plans :func:`plan_worker_processes` made (device and threads per process).
     Uses the ``spawn`` start method: CUDA and forked torch state do not mix.
 
-    ``stop_event`` (``serve``, which runs this in a thread): once set, the children get
-    SIGTERM (finish the current trial, then exit) and, :data:`STOP_GRACE_S` later, a second
-    one (leave now; the reaper retries the trial), so no worker outlives its server.
+    Stopping: a stop signal (``install_signals``, the ``worker`` command) is forwarded to
+    every child; ``stop_event`` (``serve``, which runs this in a thread) sends them SIGTERM.
+    Each child checkpoints and requeues its trial and exits (:func:`worker_main`). A child
+    still alive ``preempt_grace_s`` + :data:`STOP_MARGIN_S` later gets a second SIGTERM
+    (leave now), and one alive a margin after that SIGKILL: this returns within
+    :func:`stop_deadline_s`, and no worker outlives its supervisor.
+
+    A child whose trial is ``trial_kill_grace_s`` past ``study.trial_timeout_s`` (hung
+    inside a step) is killed, its trial FAILed with the time-limit reason and its slot
+    finished (:func:`fail_hung_trial`), and it is restarted (not counted as a crash).
     """
     plans: list[ProcessPlan | None] = (
         [None] * processes if isinstance(processes, int) else list(processes)
     )
     ctx = mp.get_context("spawn")
     children: dict[int, mp.process.BaseProcess] = {}
+    watches = [TrialWatch(ctx.Array("d", TrialWatch.FIELDS)) for _ in plans]
     restarts = 0
-    stopping = False
+    stop_requested_at: float | None = None
+    escalated = 0  # 1: second SIGTERM sent; 2: SIGKILL sent
 
     def start(slot: int) -> None:
+        watches[slot].clear()
         proc = ctx.Process(
-            target=_child, args=(options, plans[slot]), name=f"worker-{slot}", daemon=False
+            target=_child,
+            args=(options, plans[slot], watches[slot].array),
+            name=f"worker-{slot}",
+            daemon=False,
         )
         proc.start()
         children[slot] = proc
 
-    def stop(signum: int, frame: FrameType | None) -> None:
-        nonlocal stopping
-        stopping = True
+    def signal_children(signum: int) -> None:
         for proc in children.values():
             if proc.is_alive() and proc.pid is not None:
                 os.kill(proc.pid, signum)
 
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        nonlocal stop_requested_at
+        if stop_requested_at is None:
+            stop_requested_at = time.monotonic()
+        signal_children(signum)  # a repeat is the children's "leave now" (SAME_NOTICE_S)
+
     if install_signals:  # only the main thread may; `serve` runs this loop in a thread
-        signal.signal(signal.SIGTERM, stop)
-        signal.signal(signal.SIGINT, stop)
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, on_signal)
     for slot in range(len(plans)):
         start(slot)
-    stop_requested_at: float | None = None
+    margin = options.preempt_grace_s + STOP_MARGIN_S
     while children:
         time.sleep(0.5)
-        if stop_event is not None and stop_event.is_set():
-            now = time.monotonic()
-            if stop_requested_at is None:
-                stop_requested_at = now
-                stop(signal.SIGTERM, None)
-            elif now - stop_requested_at > STOP_GRACE_S:
-                stop_requested_at = float("inf")  # the second signal, once
-                stop(signal.SIGTERM, None)
+        now = time.monotonic()
+        if stop_event is not None and stop_event.is_set() and stop_requested_at is None:
+            stop_requested_at = now
+            signal_children(signal.SIGTERM)
+        if stop_requested_at is not None and escalated < 2:
+            if escalated == 0 and now - stop_requested_at > margin:
+                escalated = 1
+                log.warning("workers still running %.0fs after the stop: leave now", margin)
+                signal_children(signal.SIGTERM)
+            elif escalated == 1 and now - stop_requested_at > margin + STOP_MARGIN_S:
+                escalated = 2
+                signal_children(signal.SIGKILL)
+        hung = _kill_hung_children(options, children, watches) if stop_requested_at is None else ()
         for slot, proc in list(children.items()):
             if proc.is_alive():
                 continue
             del children[slot]
-            if stopping or proc.exitcode == 0:
+            if stop_requested_at is not None or proc.exitcode == 0:
+                continue
+            if slot in hung:
+                start(slot)  # its trial was failed; the process itself was healthy
                 continue
             if proc.exitcode == EXIT_REFUSED:
                 log.error("worker-%d refused to start (see above); not restarting it", slot)
@@ -906,3 +1084,55 @@ def run_worker_processes(
             log.warning("worker-%d died (exit %s); restarting", slot, proc.exitcode)
             time.sleep(min(2.0 * restarts, 30.0))
             start(slot)
+
+
+def _kill_hung_children(
+    options: WorkerOptions,
+    children: Mapping[int, mp.process.BaseProcess],
+    watches: Sequence[TrialWatch],
+) -> set[int]:
+    """Kill each child whose trial is past its time limit plus the grace; returns their
+    slots. The process is killed first, so no late ``tell`` can race the failure."""
+    hung: set[int] = set()
+    now = time.time()
+    for slot, proc in children.items():
+        overdue = watches[slot].overdue(options.trial_kill_grace_s, now)
+        if overdue is None or not proc.is_alive() or proc.pid is None:
+            continue
+        lease_id, trial_id, timeout_s = overdue
+        log.error(
+            "worker-%d: its trial is %.0fs past trial_timeout_s (%g s) without reaching a "
+            "step boundary; killing the process",
+            slot,
+            options.trial_kill_grace_s,
+            timeout_s,
+        )
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.join(timeout=10)
+        watches[slot].clear()
+        hung.add(slot)
+        try:
+            fail_hung_trial(options.database_url, lease_id, trial_id, timeout_s)
+        except Exception:  # the reaper retries a slot left running: still recorded
+            log.exception("worker-%d: could not record the failure of its hung trial", slot)
+    return hung
+
+
+def fail_hung_trial(database_url: str, lease_id: int, trial_id: int, timeout_s: float) -> None:
+    """Record a trial killed for hanging past ``study.trial_timeout_s``: FAIL the Optuna
+    trial with the time-limit reason, then finish its slot failed (the worker's own order:
+    Optuna first). Each step is skipped when something else finished it first."""
+    reason = trial_timeout_reason(timeout_s)
+    engine = make_engine(database_url, pool_size=1, max_overflow=0)
+    storage = optuna_storage(database_url, pool_size=1, worker=True)
+    try:
+        try:
+            storage.set_trial_user_attr(trial_id, FAILURE_ATTR, reason)
+            storage.set_trial_state_values(trial_id, state=TrialState.FAIL)
+        except (optuna.exceptions.UpdateFinishedTrialError, RuntimeError):
+            pass  # told or reaped meanwhile
+        with contextlib.suppress(LeaseLost):
+            queue.finish_trial_slot(make_session_factory(engine), lease_id, "failed", reason)
+    finally:
+        engine.dispose()
+        storage.remove_session()

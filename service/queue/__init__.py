@@ -42,6 +42,12 @@ lease with ``retry_of = <reaped lease id>`` and ``attempt = <reaped attempt> + 1
 (``retry_of`` is unique: a reaped lease is retried at most once), and hands
 ``retry_trial_id`` to the worker, which pops exactly that trial.
 
+Preemption (the worker was told to stop: SIGTERM, SIGUSR1) uses the same path from the
+worker's side: it FAILs its trial, enqueues the WAITING copy, and
+:func:`preempt_trial_slot` requeues the slot at once (no heartbeat grace) as ``preempted``;
+the claim that takes it over keeps its ``attempt``, so preemptions never use up
+``study.max_retries``.
+
 Functions take a ``sessionmaker`` (or an ``Engine``) and plain values and return frozen
 dataclasses, never ORM rows. Pass ``now`` (timezone-aware) to control time in tests.
 
@@ -90,6 +96,7 @@ from service.queue.leases import (
     finish_trial_slot,
     heartbeat,
     list_leases,
+    preempt_trial_slot,
     reap_stale_lease,
     stale_leases,
     wait_for_work,
@@ -132,6 +139,7 @@ __all__ = [
     "list_jobs",
     "list_leases",
     "list_workers",
+    "preempt_trial_slot",
     "reap_stale_lease",
     "register_worker",
     "stale_leases",

@@ -70,6 +70,7 @@ class PostgresBackend:
             "queued": JobState.QUEUED.value,
             "running": JobState.RUNNING.value,
             "lease_running": LeaseState.RUNNING.value,
+            "lease_preempted": LeaseState.PREEMPTED.value,
             "now": at,
             "worker_id": worker_id,
             "max_deadline_s": MAX_DEADLINE_S,

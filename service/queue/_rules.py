@@ -52,3 +52,10 @@ def end_job_if_done(session: Session, job: SearchJob, now: datetime) -> None:
         .where(TrialLease.job_id == job.id, TrialLease.state == LeaseState.PRUNED)
     )
     job.error = NONE_COMPLETED_ERROR if n_pruned else ALL_FAILED_ERROR
+
+
+def next_attempt(attempt: int, state: str) -> int:
+    """The ``attempt`` of the lease that takes over a pending retry of a lease in ``state``:
+    one more, except after a preemption, which uses up no retry (``sql/claim.sql`` says the
+    same in SQL)."""
+    return attempt if state == LeaseState.PREEMPTED else attempt + 1

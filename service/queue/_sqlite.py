@@ -20,7 +20,7 @@ from service import errors
 from service.models import SearchJob, TrialLease
 from service.queue._plumbing import transact
 from service.queue._records import MAX_DEADLINE_S, Lease, SessionSource
-from service.queue._rules import end_job_if_done, lock_job
+from service.queue._rules import end_job_if_done, lock_job, next_attempt
 from service.states import ACTIVE_JOB_STATES, JobState, LeaseState
 
 
@@ -135,7 +135,7 @@ class SqliteBackend:
                 job_id=job.id,
                 worker_id=worker_id,
                 state=LeaseState.RUNNING,
-                attempt=0 if retried is None else retried.attempt + 1,
+                attempt=0 if retried is None else next_attempt(retried.attempt, retried.state),
                 retry_of=None if retried is None else retried.id,
                 retry_pending=False,
                 claimed_at=at,

@@ -193,6 +193,55 @@ def reap_stale_lease(
     return transact(sm, reap)
 
 
+def preempt_trial_slot(
+    sm: SessionSource,
+    lease_id: int,
+    *,
+    retry_trial_id: int | None,
+    reason: str,
+    now: datetime | None = None,
+) -> bool:
+    """Give back a running lease whose worker was preempted (SIGTERM / SIGUSR1), in one
+    short transaction; returns True when the slot was requeued.
+
+    The lease becomes ``preempted`` and its job's ``n_running`` drops. While the job is
+    active and not past its timeout the slot is requeued at once (``retry_pending`` with
+    ``retry_trial_id``, the WAITING copy the caller enqueued BEFORE this call, and a
+    NOTIFY to idle workers, in one commit), and the claim that takes it over keeps the
+    lease's ``attempt``: a preemption never uses up ``study.max_retries``. Otherwise the
+    slot counts as finished-failed (the caller then fails ``retry_trial_id``).
+
+    Raises ``LeaseLost`` when the lease is no longer running (reaped, cancelled, deleted).
+    """
+    at = resolve_now(now)
+
+    def preempt(session: Session) -> bool:
+        job_id = session.scalar(select(TrialLease.job_id).where(TrialLease.id == lease_id))
+        job = None if job_id is None else lock_job(session, job_id)
+        lease = session.get(TrialLease, lease_id, with_for_update=True)
+        if job is None or lease is None or lease.state != LeaseState.RUNNING:
+            raise errors.LeaseLost()
+        lease.state = LeaseState.PREEMPTED
+        lease.finished_at = at
+        lease.failure_reason = reason[:2000]
+        job.n_running -= 1
+        requeue = (
+            JobState(job.state).is_active
+            and not is_past_deadline(job, at)
+            and (lease.optuna_trial_id is None or retry_trial_id is not None)
+        )
+        if requeue:
+            lease.retry_pending = True
+            lease.retry_trial_id = retry_trial_id
+            announce_work(session, job.id)
+        else:
+            job.n_finished += 1
+        end_job_if_done(session, job, at)
+        return requeue
+
+    return transact(sm, preempt)
+
+
 def _retry_allowed(job: SearchJob, lease: TrialLease, at: datetime) -> bool:
     return (
         JobState(job.state).is_active

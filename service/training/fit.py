@@ -199,6 +199,7 @@ def fit_config(
     save_checkpoint: SaveCheckpoint | None = None,
     resume_from: Path | None = None,
     init_from: SavedModel | None = None,
+    late_callbacks: Sequence[Callback] = (),
 ) -> FitResult:
     """Train ``config`` and return its metrics.
 
@@ -211,6 +212,9 @@ def fit_config(
     checkpoint file (see :class:`EpochCheckpoints`). ``resume_from``: such a checkpoint of
     this same config; training continues at the epoch after it, and the result (history,
     best value) covers the epochs before it too.
+
+    ``late_callbacks`` run after every other callback, the epoch checkpoint's included (the
+    worker's step guard: a preempted trial stops only once its epoch is saved).
 
     ``init_from`` (`lstm-hpo train --init-from`): a checkpoint's model whose weights training
     starts from, and only its weights: the optimizer and LR schedule start afresh and epochs
@@ -255,6 +259,7 @@ def fit_config(
                 check_finite=False,
             )
         )
+    all_callbacks += late_callbacks
     trainer = L.Trainer(
         max_epochs=params.max_epochs,
         accelerator=accelerator,

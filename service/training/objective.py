@@ -40,6 +40,7 @@ from service.states import (
     RESUMED_FROM_ATTR,
     RETRY_OF_ATTR,
 )
+from service.training.interrupts import TrialGuard
 
 log = logging.getLogger("lstm_hpo.worker")
 
@@ -72,6 +73,7 @@ def run_trial(
     accelerator: str = "auto",
     worker_memory_gb: float | None = None,
     checkpoints: TrialCheckpoints | None = None,
+    guard: TrialGuard | None = None,
 ) -> float:
     """Train the config ``trial`` samples from ``spec``; return its best validation metric.
 
@@ -81,15 +83,19 @@ def run_trial(
     With ``checkpoints``, a real trial saves a checkpoint at the end of every epoch, and a
     retry resumes from the last one its chain saved (see :func:`_resume_point`).
 
-    Raises ``optuna.TrialPruned`` when the pruner stops it, and any training error as is
-    (the worker records it as the trial's failure reason).
+    With ``guard``, every step boundary checks the worker's preemption notice and the
+    study's ``trial_timeout_s`` (:mod:`service.training.interrupts`).
+
+    Raises ``optuna.TrialPruned`` when the pruner stops it, ``TrialPreempted`` /
+    ``TrialTimedOut`` when the guard stops it, and any training error as is (the worker
+    records it as the trial's failure reason).
     """
     config = sample_config(trial, spec)
     trial.set_user_attr(CONFIG_ATTR, config.model_dump(mode="json", exclude_none=True))
     if worker_memory_gb is not None:
         prune_if_too_large(trial, config, worker_memory_gb, data_roots)
     if isinstance(config.task, SyntheticTask):
-        return _synthetic(trial, config, config.task)
+        return _synthetic(trial, config, config.task, guard or TrialGuard())
 
     # torch + lightning are imported only where training happens: the API server never does.
     from optuna_integration import PyTorchLightningPruningCallback
@@ -112,6 +118,7 @@ def run_trial(
             if checkpoints
             else None,
             resume_from=resume_from,
+            late_callbacks=[guard.lightning_callback()] if guard else (),
         )
     trial.set_user_attr(BASELINES_ATTR, result.val_baselines)
     if result.value is None:
@@ -248,20 +255,27 @@ def synthetic_value(params: Mapping[str, Any]) -> float:
     return value + digest[0] / 2560.0
 
 
-def _synthetic(trial: optuna.Trial, config: ResolvedConfig, task: SyntheticTask) -> float:
+def _synthetic(
+    trial: optuna.Trial, config: ResolvedConfig, task: SyntheticTask, guard: TrialGuard
+) -> float:
     params = config.params.model_dump(mode="json")
     if _matches(params, task.fail_when):
         raise SyntheticFailure(f"synthetic failure for {task.fail_when}")
     epochs = config.params.max_epochs
     final = float("nan") if _matches(params, task.nan_when) else synthetic_value(params)
     for epoch in range(epochs):
+        while _matches(params, task.hang_when):  # stuck inside a step: no guard check
+            time.sleep(1.0)
         if task.sleep_s:
             time.sleep(task.sleep_s / epochs)
+        guard.after_step(epoch)
         # Converges towards the final value like a learning curve.
         value = check_finite(final * (1.0 + 1.0 / (epoch + 1)), "value", epoch)
         trial.report(value, step=epoch)
         if trial.should_prune():
             raise optuna.TrialPruned(f"pruned at epoch {epoch}")
+        if epoch + 1 < epochs:
+            guard.after_epoch(epoch + 1)
     return final
 
 

@@ -453,6 +453,69 @@ def test_retried_slot_can_complete_and_fresh_slots_are_not_retries(
     assert len(_lease_rows(session_factory, job.id)) == 3
 
 
+def test_preempted_slots_are_requeued_at_once_and_never_use_a_retry(
+    session_factory: sessionmaker[Session],
+) -> None:
+    """Three preemptions of one trial with max_retries 1, then a reap (counted), then a
+    completion: the job succeeds with exactly its one slot."""
+    job = _job(session_factory, 1, max_retries=1)
+    previous: queue.Lease | None = None
+    for n in range(3):
+        lease = queue.claim_trial_slot(session_factory, f"w{n}", now=_at(n * 10))
+        assert lease is not None and lease.attempt == 0
+        assert lease.retry_of == (previous.id if previous else None)
+        assert lease.retry_trial_id == (200 + n - 1 if n else None)
+        queue.attach_trial(session_factory, lease.id, optuna_trial_id=10 + n, trial_number=n)
+        # No heartbeat grace: the slot is claimable the moment it is given back.
+        assert queue.preempt_trial_slot(
+            session_factory,
+            lease.id,
+            retry_trial_id=200 + n,
+            reason="preempted (SIGTERM)",
+            now=_at(n * 10 + 1),
+        )
+        row = _job_row(session_factory, job.id)
+        assert (row["n_running"], row["n_finished"]) == (0, 0)
+        with pytest.raises(errors.LeaseLost):  # a late result never lands
+            queue.finish_trial_slot(session_factory, lease.id, "complete", now=_at(n * 10 + 2))
+        previous = lease
+    reaped = queue.claim_trial_slot(session_factory, "w3", now=_at(40))
+    assert reaped is not None and reaped.attempt == 0 and reaped.retry_trial_id == 202
+    [stale] = _reap(session_factory, _at(40 + GRACE_S + 1), retry_trial_id=300)
+    assert stale.retry  # attempt 0 < max_retries 1: a kill still uses a retry ...
+    last = queue.claim_trial_slot(session_factory, "w4", now=_at(200))
+    assert last is not None and last.attempt == 1  # ... and this one counts it
+    assert queue.finish_trial_slot(session_factory, last.id, "complete", now=_at(210)) is (
+        JobState.SUCCEEDED
+    )
+    rows = _lease_rows(session_factory, job.id)
+    assert [(r["state"], r["attempt"]) for r in rows] == [
+        ("preempted", 0),
+        ("preempted", 0),
+        ("preempted", 0),
+        ("reaped", 0),
+        ("complete", 1),
+    ]
+    assert rows[0]["failure_reason"] == "preempted (SIGTERM)"
+
+
+def test_a_preempted_slot_of_an_ended_job_counts_finished(
+    session_factory: sessionmaker[Session],
+) -> None:
+    job = _job(session_factory, 1, max_retries=1, timeout_s=5)
+    lease = queue.claim_trial_slot(session_factory, "w1", now=T0)
+    assert lease is not None
+    queue.attach_trial(session_factory, lease.id, optuna_trial_id=1, trial_number=0)
+    # Past its timeout nothing new starts: the slot is not requeued and the job ends.
+    assert not queue.preempt_trial_slot(
+        session_factory, lease.id, retry_trial_id=9, reason="preempted", now=_at(10)
+    )
+    row = _job_row(session_factory, job.id)
+    assert (row["state"], row["n_running"], row["n_finished"]) == ("failed", 0, 1)
+    with pytest.raises(errors.LeaseLost):
+        queue.preempt_trial_slot(session_factory, lease.id, retry_trial_id=9, reason="again")
+
+
 def test_no_retry_for_a_cancelled_job(session_factory: sessionmaker[Session]) -> None:
     job = _job(session_factory, 2, max_retries=3)
     lease = queue.claim_trial_slot(session_factory, "w1", now=T0)
@@ -854,13 +917,17 @@ def test_a_lost_listen_connection_is_database_unavailable_and_replaced(postgres_
         while time.monotonic() < deadline and not _listening(make_session_factory(admin)):
             time.sleep(0.01)
         with admin.connect() as connection:
-            killed = connection.execute(
-                text(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-                    " WHERE datname = current_database() AND query = :listen"
-                ),
-                {"listen": f"LISTEN {queue.WORK_CHANNEL}"},
-            ).scalars().all()
+            killed = (
+                connection.execute(
+                    text(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                        " WHERE datname = current_database() AND query = :listen"
+                    ),
+                    {"listen": f"LISTEN {queue.WORK_CHANNEL}"},
+                )
+                .scalars()
+                .all()
+            )
         assert killed == [True]
         waiter.join(timeout=60)
         assert len(errors_seen) == 1

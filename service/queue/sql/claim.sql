@@ -60,7 +60,7 @@ WITH candidate AS (
     LIMIT 1
     FOR UPDATE OF search_jobs SKIP LOCKED
 ), retried AS (
-    SELECT lease.id, lease.attempt, lease.trial_number, lease.retry_trial_id
+    SELECT lease.id, lease.attempt, lease.state, lease.trial_number, lease.retry_trial_id
     FROM trial_leases AS lease JOIN job ON lease.job_id = job.id
     WHERE lease.retry_pending
     ORDER BY lease.id
@@ -85,7 +85,9 @@ WITH candidate AS (
 ), lease AS (
     INSERT INTO trial_leases
         (job_id, worker_id, state, attempt, retry_of, retry_pending, claimed_at, heartbeat_at)
-    SELECT claimed.id, :worker_id, :lease_running, COALESCE(retried.attempt + 1, 0),
+    -- A preempted lease's retry keeps its attempt: preemption uses up no retry.
+    SELECT claimed.id, :worker_id, :lease_running,
+           COALESCE(retried.attempt + CASE WHEN retried.state = :lease_preempted THEN 0 ELSE 1 END, 0),
            retried.id, false, :now, :now
     FROM claimed LEFT JOIN retried ON true
     RETURNING id, attempt, retry_of
