@@ -225,13 +225,16 @@ class SyntheticTask(_Frozen):
     """No training: a deterministic function of the params, reported once per "epoch".
 
     For tests and benchmarks of the service path. ``fail_when`` / ``nan_when`` make chosen
-    configurations raise or report NaN, so failure handling can be driven end to end.
+    configurations raise or report NaN, so failure handling can be driven end to end;
+    ``hang_when`` makes them hang inside a step (a stuck data loader: no step boundary is
+    ever reached), so the supervisor's kill of a hung trial can be too.
     """
 
     kind: Literal["synthetic"]
     sleep_s: float = Field(default=0.0, ge=0.0, le=3600.0)
     fail_when: dict[str, Any] | None = None
     nan_when: dict[str, Any] | None = None
+    hang_when: dict[str, Any] | None = None
 
 
 TaskSpec: TypeAlias = Annotated[
@@ -573,6 +576,15 @@ class StudySettings(_Frozen):
     max_retries: int = Field(default=2, ge=0)
     #: Optional wall-clock budget: no new trial starts after this many seconds.
     timeout_s: float | None = Field(default=None, gt=0)
+    #: Optional limit per trial (per attempt: a resumed retry gets its own), in seconds:
+    #: past it the trial stops at its next step boundary and FAILs ("exceeded
+    #: trial_timeout_s (N s)"); a trial hung inside a step is killed by the worker's
+    #: supervisor ``LSTM_HPO_TRIAL_KILL_GRACE_S`` later, with the same reason.
+    trial_timeout_s: float | None = Field(
+        default=None,
+        gt=0,
+        description="Seconds one trial may run before it is stopped and failed.",
+    )
     #: A space whose most expensive config does not fit a worker's memory
     #: (``LSTM_HPO_WORKER_MEMORY_GB``): refuse it at submit, or accept it and prune each
     #: trial whose config does not fit, at once and untrained (an Optuna constraint).
@@ -930,11 +942,14 @@ def _check_limits(spec: StudySpec, limits: SpecLimits) -> list[FieldError]:
     if spec.study.max_retries > limits.max_retries:
         msg = f"must be <= {limits.max_retries} (LSTM_HPO_MAX_RETRIES)"
         errors.append(FieldError("study.max_retries", msg))
-    if spec.study.timeout_s is not None and spec.study.timeout_s > limits.max_timeout_s:
-        limit = limits.max_timeout_s
-        shown = _number(int(limit) if float(limit).is_integer() else limit)
-        msg = f"must be <= {shown} (LSTM_HPO_MAX_TIMEOUT_S)"
-        errors.append(FieldError("study.timeout_s", msg))
+    limit = limits.max_timeout_s
+    for name in ("timeout_s", "trial_timeout_s"):
+        seconds = getattr(spec.study, name)
+        if seconds is not None and seconds > limit:
+            shown = _number(int(limit) if float(limit).is_integer() else limit)
+            errors.append(
+                FieldError(f"study.{name}", f"must be <= {shown} (LSTM_HPO_MAX_TIMEOUT_S)")
+            )
     errors += check_data_paths(spec.task, limits.data_roots)
     return errors
 
