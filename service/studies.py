@@ -606,7 +606,11 @@ def fail_trial_if_waiting(backend: Backend, trial_id: int, reason: str) -> bool:
     It is moved WAITING -> RUNNING first, as a worker's pop does, so when a worker pops it
     at the same moment exactly one of the two wins.
     """
-    storage = backend.storage
+    return fail_waiting_trial(backend.storage, trial_id, reason)
+
+
+def fail_waiting_trial(storage: optuna.storages.BaseStorage, trial_id: int, reason: str) -> bool:
+    """:func:`fail_trial_if_waiting` on a storage (a worker has no :class:`Backend`)."""
     try:
         if not storage.set_trial_state_values(trial_id, TrialState.RUNNING):
             return False  # a worker popped it: it runs
