@@ -28,7 +28,8 @@ reaped, not retried            its WAITING copy             FAIL the copy ("not 
 (job ended meanwhile)
 no running lease               RUNNING, older than grace    FAIL it (an orphan: ask()
                                                             without attach)
-job ended                      WAITING                      FAIL it (nothing will run it)
+job ended                      WAITING (a retry's copy, or  FAIL it (nothing will run it)
+                               an enqueued configuration)
 job active or ended            the study itself is gone     job ``failed`` ("its Optuna
                                                             study was deleted"), its
                                                             stale leases reaped, no retry
@@ -66,7 +67,7 @@ from typing import TypeVar
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from service import queue, studies
+from service import metrics, queue, studies
 from service.errors import LeaseLost, LstmHpoError, OptunaStudyDeleted
 from service.states import (
     FAILURE_ATTR,
@@ -105,8 +106,9 @@ def reap_once(
         reaped += _per_job(
             job_id, partial(_reap_job, backend, candidates, cutoff=cutoff, at=at), []
         )
+    metrics.REAPED_TRIALS.inc(len(reaped))
     queue.end_expired_jobs(backend.sessions, now=at)
-    sweep_unowned_trials(backend, grace_s=grace_s)
+    metrics.ORPHANS_FAILED.inc(sweep_unowned_trials(backend, grace_s=grace_s))
     prune_ended_checkpoints(backend)
     return reaped
 
@@ -215,9 +217,13 @@ def enqueue_retry_copy(
     # What Study.enqueue_trial does, keeping the new trial's id. The chain's first trial
     # keys its checkpoints: a retry of a retry resumes from what either of them saved.
     original = lost.user_attrs.get(ORIGINAL_TRIAL_ATTR, lost.number)
+    # A trial lost before it sampled (killed between attach and its first suggest) holds
+    # no params yet, but a retry's fixed ones are in its system attrs: carry both forward,
+    # or a retry of a retry killed that early would sample new parameters.
+    fixed = {**lost.system_attrs.get("fixed_params", {}), **lost.params}
     template = optuna.trial.create_trial(
         state=TrialState.WAITING,
-        system_attrs={"fixed_params": lost.params},
+        system_attrs={"fixed_params": fixed},
         user_attrs={RETRY_OF_ATTR: lost.number, ORIGINAL_TRIAL_ATTR: original},
     )
     return storage.create_new_trial(study_id, template_trial=template)
@@ -293,7 +299,8 @@ def _sweep_job(backend: studies.Backend, job: queue.JobRecord, cutoff: datetime)
     failed = 0
     for trial in trials:
         if trial.state == TrialState.WAITING:
-            if studies.fail_trial_if_waiting(backend, trial._trial_id, studies.NOT_RUN_REASON):
+            reason = studies.not_run_reason(trial)
+            if studies.fail_trial_if_waiting(backend, trial._trial_id, reason):
                 failed += 1
             continue
         started = trial.datetime_start
@@ -355,10 +362,13 @@ class Reaper(threading.Thread):
             if time.monotonic() < self._amnesty_until:
                 return
             reap_once(self.backend, grace_s=self.grace_s)
+            metrics.REAPER_ROUNDS.labels("ok").inc()
         except LstmHpoError as err:  # database away for a moment: try next round
+            metrics.REAPER_ROUNDS.labels("error").inc()
             self._database_down = self._database_down or err.retryable
             log.warning("reaper: %s", err)
         except Exception:  # never let one bad round end the reaper
+            metrics.REAPER_ROUNDS.labels("error").inc()
             log.exception("reaper round failed")
 
     def stop(self) -> None:
