@@ -284,6 +284,8 @@ def _worker_options(settings: Settings, accelerator: str) -> WorkerOptions:
         max_running_per_owner=settings.max_running_trials_per_principal,
         artifacts_url=settings.artifacts_url,
         artifacts_data_dir=settings.data_dir,
+        preempt_grace_s=settings.preempt_grace_s,
+        trial_kill_grace_s=settings.trial_kill_grace_s,
     )
 
 
@@ -373,7 +375,7 @@ def serve(
     import uvicorn
 
     from service.api.app import create_app
-    from service.worker import run_worker_processes
+    from service.worker import run_worker_processes, stop_deadline_s
 
     settings = _settings()
     updates = {k: v for k, v in {"host": host, "port": port}.items() if v is not None}
@@ -429,7 +431,9 @@ def serve(
         # SIGTERM / Ctrl-C stopped uvicorn: stop the local workers too, never orphan them.
         stop_workers.set()
         if supervisor is not None:
-            supervisor.join(timeout=30)
+            # Each worker checkpoints and requeues its trial (the preemption grace), then
+            # the supervisor escalates (see run_worker_processes): never wait past that.
+            supervisor.join(timeout=stop_deadline_s(settings.preempt_grace_s) + 5)
 
 
 @app.command()

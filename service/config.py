@@ -80,6 +80,14 @@ class Settings(BaseSettings):
     heartbeat_interval_s: float = Field(default=10.0, gt=0)
     heartbeat_grace_s: float = Field(default=60.0, gt=0)
     reaper_interval_s: float = Field(default=15.0, gt=0)
+    #: After SIGTERM / SIGUSR1 (preemption), how long a worker's trial may go on towards
+    #: its epoch's end (whose checkpoint its retry resumes from) before it stops at the
+    #: next batch. A supervisor should allow this plus ~15 s before it kills the worker
+    #: (Kubernetes ``terminationGracePeriodSeconds``, Slurm ``--signal=USR1@120``).
+    preempt_grace_s: float = Field(default=20.0, ge=0, le=3600)
+    #: How long after ``study.trial_timeout_s`` a trial hung inside a step (no step boundary
+    #: reached) is killed with its worker process by the worker's supervisor.
+    trial_kill_grace_s: float = Field(default=60.0, gt=0, le=86400)
     #: How often an idle worker looks for work when nothing wakes it (PostgreSQL: a
     #: submit or a queued retry wakes idle workers at once, via LISTEN / NOTIFY).
     poll_interval_s: float = Field(default=1.0, gt=0)
