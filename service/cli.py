@@ -375,14 +375,16 @@ def serve(
     import uvicorn
 
     from service.api.app import create_app
+    from service.logs import configure_logging
     from service.worker import run_worker_processes, stop_deadline_s
 
     settings = _settings()
     updates = {k: v for k, v in {"host": host, "port": port}.items() if v is not None}
     settings = settings.model_copy(update=updates)
     plans = _check_processes(devices, workers, threads or settings.torch_threads, accelerator)
-    # The reaper's and the worker supervisor's lines, with times (uvicorn logs its own).
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    # The reaper's and the worker supervisor's lines, with times (uvicorn logs its own;
+    # with LSTM_HPO_LOG_FORMAT=json its lines go through ours, as JSON too).
+    configure_logging(settings.log_format)
     logging.getLogger("alembic").setLevel(logging.WARNING)  # "Context impl ..." per start
     # Name the server's connections in pg_stat_activity (workers name theirs by pid).
     os.environ.setdefault("PGAPPNAME", "lstm-hpo-server")
@@ -426,7 +428,13 @@ def serve(
     signal.signal(signal.SIGTERM, stop_on_signal)
     signal.signal(signal.SIGINT, stop_on_signal)
     try:
-        uvicorn.run(api, host=settings.host, port=settings.port, log_level="warning")
+        uvicorn.run(
+            api,
+            host=settings.host,
+            port=settings.port,
+            log_level="warning",
+            log_config=None if settings.log_format == "json" else uvicorn.config.LOGGING_CONFIG,
+        )
     finally:
         # SIGTERM / Ctrl-C stopped uvicorn: stop the local workers too, never orphan them.
         stop_workers.set()

@@ -6,13 +6,14 @@ from __future__ import annotations
 import os
 import secrets
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from sqlalchemy.engine import make_url
 
 from service.search_space import MAX_TIMEOUT_S
+from service.webhooks import parse_prefix
 
 
 def _default_data_dir() -> Path:
@@ -96,6 +97,34 @@ class Settings(BaseSettings):
     #: The server's PostgreSQL pool (ours and Optuna's each). Workers always use one
     #: connection for our tables and one for Optuna's.
     pool_size: int = Field(default=5, ge=2)
+
+    #: The server's and workers' log lines: ``text``, or ``json`` (one object per line,
+    #: with the study id, trial number and worker id where known; ``service.logs``).
+    log_format: Literal["text", "json"] = "text"
+    #: ``GET /metrics`` (Prometheus): ``admin`` needs an admin API token (none in open
+    #: mode, like every route), ``public`` needs none (a scraper on a private network),
+    #: ``off`` answers 404.
+    metrics: Literal["admin", "public", "off"] = "admin"
+    #: URL prefixes a study's webhook (``study.notify.url``) must lie under, comma-separated
+    #: (matched by scheme, host, port and whole path segments; ``service.webhooks``).
+    #: Empty: a spec with a webhook is refused, and the server sends none.
+    webhook_allow: Annotated[tuple[str, ...], NoDecode] = ()
+    #: How often the server looks for study events to send to webhooks, in seconds.
+    notify_interval_s: float = Field(default=5.0, gt=0)
+
+    @field_validator("webhook_allow", mode="before")
+    @classmethod
+    def _split_prefixes(cls, value: Any) -> Any:
+        if isinstance(value, str):  # the environment's comma-separated list
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @field_validator("webhook_allow")
+    @classmethod
+    def _prefixes_are_urls(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for prefix in value:
+            parse_prefix(prefix)  # ValueError naming the bad entry
+        return value
 
     @model_validator(mode="after")
     def _secure_outside_development(self) -> Settings:

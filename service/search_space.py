@@ -50,6 +50,7 @@ from ruamel.yaml.resolver import VersionedResolver
 
 from service.corpora import CharCorpus
 from service.errors import FieldError, InvalidConfig, InvalidSpec
+from service.webhooks import check_webhook_url, url_allowed
 
 # --------------------------------------------------------------------------------------
 # Tasks
@@ -527,6 +528,10 @@ class SpecLimits(BaseModel):
     #: for one training step (``service.estimate``) is refused, unless the study says
     #: ``on_too_large: prune``. None: no check.
     worker_memory_gb: float | None = Field(default=None, gt=0)
+    #: URL prefixes a ``study.notify.url`` must lie under (``LSTM_HPO_WEBHOOK_ALLOW``,
+    #: :mod:`service.webhooks`); empty refuses every webhook. None: not checked (stored
+    #: specs, the CLI: the server checked them at submit, and checks again when it sends).
+    webhook_allow: tuple[str, ...] | None = None
 
 
 DEFAULT_LIMITS = SpecLimits()
@@ -536,6 +541,21 @@ DEFAULT_LIMITS = SpecLimits()
 STORED_SPEC_LIMITS = SpecLimits(
     max_trials=MAX_TRIALS, max_retries=MAX_RETRIES, max_timeout_s=MAX_TIMEOUT_S
 )
+
+
+#: What a study's webhook is told of: the study succeeded, failed or was cancelled, or a
+#: trial beat every earlier one.
+NotifyEvent: TypeAlias = Literal["finished", "failed", "cancelled", "new_best"]
+
+
+class NotifySettings(_Frozen):
+    """A webhook: the server POSTs the study's summary to ``url`` on each event in ``on``
+    (:mod:`service.notify`). The URL must lie under ``LSTM_HPO_WEBHOOK_ALLOW``."""
+
+    url: Annotated[str, AfterValidator(check_webhook_url)] = Field(
+        description="An http(s) URL under one of the server's LSTM_HPO_WEBHOOK_ALLOW prefixes."
+    )
+    on: tuple[NotifyEvent, ...] = Field(default=("finished", "failed"), min_length=1)
 
 
 #: study.pruner_warmup_epochs when a spec does not say: the first epoch is never pruned.
@@ -594,6 +614,8 @@ class StudySettings(_Frozen):
     keep_checkpoints: Literal["best", "top_k", "all", "none"] = "best"
     #: How many of the best trials keep their checkpoints with ``keep_checkpoints: top_k``.
     keep_top_k: int | None = Field(default=None, ge=1, le=1000)
+    #: A webhook told when the study ends or finds a new best (None: none).
+    notify: NotifySettings | None = None
     # The upper bounds of these three come from the deployment: SpecLimits.
 
 
@@ -954,6 +976,18 @@ def _check_limits(spec: StudySpec, limits: SpecLimits) -> list[FieldError]:
     return errors
 
 
+def _check_notify(spec: StudySpec, limits: SpecLimits) -> list[FieldError]:
+    """``study.notify.url`` must lie under one of ``limits.webhook_allow`` (None: unchecked)."""
+    notify, allowed = spec.study.notify, limits.webhook_allow
+    if notify is None or allowed is None or url_allowed(notify.url, allowed):
+        return []
+    if not allowed:
+        msg = "webhooks are off on this server (LSTM_HPO_WEBHOOK_ALLOW is empty)"
+    else:
+        msg = f"must lie under one of {', '.join(allowed)} (LSTM_HPO_WEBHOOK_ALLOW)"
+    return [FieldError("study.notify.url", msg)]
+
+
 def check_data_paths(task: TaskSpec, data_roots: tuple[Path, ...] | None) -> list[FieldError]:
     """A user's ``task.path`` must resolve inside one of ``data_roots`` (None: anywhere)."""
     path = getattr(task, "path", None)
@@ -997,6 +1031,7 @@ def parse_spec(data: Any, limits: SpecLimits = DEFAULT_LIMITS) -> StudySpec:
     except ValidationError as err:
         raise InvalidSpec(_from_validation_error(err)) from None
     errors = _check_space(spec) + _check_limits(spec, limits) + _check_keep(spec)
+    errors += _check_notify(spec, limits)
     if errors:
         raise InvalidSpec(errors)
     # A full sample at each end of every range proves that the fixed values combine with

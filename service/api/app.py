@@ -18,10 +18,13 @@ from service.api.dashboard import DashboardGuard
 from service.api.errors import install_error_handlers
 from service.api.guards import BodyLimit, OpenModeGuard
 from service.api.routes import health, signin, unmatched
+from service.api.routes import metrics as metrics_routes
 from service.api.routes import studies as studies_routes
 from service.artifacts import open_artifact_store
 from service.config import Settings
+from service.metrics import app_collectors, build_registry, request_histogram
 from service.migrate import current_revisions, upgrade_schema
+from service.notify import Notifier
 from service.reaper import Reaper
 from service.search_space import SpecLimits, StudySpec
 
@@ -51,6 +54,7 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True) -> Fas
             max_timeout_s=settings.max_timeout_s,
             data_roots=settings.allowed_data_roots(),
             worker_memory_gb=settings.worker_memory_gb,
+            webhook_allow=settings.webhook_allow,
         ),
         base_url=settings.base_url(),
         pool_size=settings.pool_size,
@@ -65,12 +69,22 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True) -> Fas
     reaper = Reaper(
         backend, grace_s=settings.heartbeat_grace_s, interval_s=settings.reaper_interval_s
     )
+    # Webhooks are sent from the server (never a worker); none without an allow-list.
+    notifier = (
+        Notifier(backend, allow=settings.webhook_allow, interval_s=settings.notify_interval_s)
+        if settings.webhook_allow
+        else None
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         reaper.start()
+        if notifier is not None:
+            notifier.start()
         yield
         reaper.stop()
+        if notifier is not None:
+            notifier.stop()
 
     app = FastAPI(
         title="lstm-hpo",
@@ -89,17 +103,27 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True) -> Fas
     app.state.database_kind = make_url(url).get_backend_name()
     revisions = current_revisions(backend.sessions.kw["bind"])
     app.state.schema_revision = next(iter(revisions), None)
+    requests = request_histogram()
+    app.state.metrics_mode = settings.metrics
+    app.state.metrics_registry = build_registry(
+        app_collectors(
+            backend.sessions, live_within_s=settings.heartbeat_grace_s, requests=requests
+        )
+    )
     install_error_handlers(app)
     app.include_router(health.router, prefix="/v1")
     app.include_router(studies_routes.router, prefix="/v1")
     app.include_router(signin.router)
     app.include_router(unmatched.router, prefix="/v1")  # last of /v1: JSON 404 / 405
+    app.include_router(metrics_routes.router)  # /metrics: before the dashboard's mount
 
     _document_spec_schema(app)
     # Outermost first: bodies bounded for every route (the sign-in page and the dashboard's
     # JSON routes too), then open mode's host and origin checks.
     app.add_middleware(OpenModeGuard, backend=backend)
     app.add_middleware(BodyLimit, limit=settings.max_request_bytes)
+    # Outermost: every answer is timed, a refused one too.
+    app.add_middleware(metrics_routes.RequestLatency, histogram=requests)
 
     @app.get("/", include_in_schema=False)
     def root() -> RedirectResponse:
@@ -110,7 +134,11 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True) -> Fas
     # behind the guard: sign-in, each principal's own studies, and nothing that splits a
     # study's two records (service.api.dashboard).
     dashboard = WSGIMiddleware(optuna_dashboard.wsgi(storage))
-    app.mount("/", DashboardGuard(dashboard, backend, cookies))  # type: ignore[arg-type]
+    app.mount(
+        "/",
+        DashboardGuard(dashboard, backend, cookies),  # type: ignore[arg-type]
+        name="dashboard",  # the route label of its requests in /metrics
+    )
     return app
 
 

@@ -1,0 +1,382 @@
+"""Webhooks (``study.notify``): the server POSTs a study's summary to its URL when the
+study ends (``finished``: succeeded, ``failed``, ``cancelled``) or a trial beats every
+earlier one (``new_best``).
+
+Sent from the server, never from a worker: a :class:`Notifier` thread looks at the
+studies that have a webhook every ``interval_s`` (a few cheap reads: the database is the
+truth, whichever process changed it), and sender threads POST what it found. A slow or
+dead receiver delays only other webhooks, never a trial. Deliveries are not ordered (two
+senders; retries): a receiver orders by ``sent_at`` or by the study's state.
+
+Once per event: what was told is recorded on the study's Optuna record (system attribute
+:data:`NOTIFIED_ATTR`: the best trial told, whether the end was told), read again just
+before and written before the POST. Servers sharing a database therefore rarely both send
+one event, and a restarted server neither repeats what was sent nor misses a study that
+ended while it was down (within :data:`LOOKBACK`). Delivery is at most once; each POST
+carries an ``event_id`` a receiver can drop duplicates by. ``new_best`` is coalesced: one
+POST for the newest best a look finds.
+
+Delivery: a JSON POST (:func:`payload`), 10 s timeout, redirects not followed (a
+redirect could lead anywhere), the URL checked against ``LSTM_HPO_WEBHOOK_ALLOW`` again
+(the list may have changed since the submit). 2xx: delivered. 408, 425, 429, 5xx and
+connection errors: retried after 1, 2, 4, 8 s (:data:`MAX_ATTEMPTS` in all); any other
+answer: given up. Outcomes count in ``lstm_hpo_webhook_deliveries_total``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue as queue_mod
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from importlib.metadata import version
+from typing import Any, Final
+
+import httpx
+from pydantic import ValidationError
+from sqlalchemy import or_, select
+
+from service import studies
+from service.auth import LOCAL
+from service.db import session_scope
+from service.errors import LstmHpoError, NotFound, OptunaStudyDeleted
+from service.logs import log_context
+from service.metrics import WEBHOOK_DELIVERIES
+from service.models import SearchJob
+from service.search_space import NotifyEvent, NotifySettings
+from service.states import ACTIVE_JOB_STATES, JobState
+from service.webhooks import url_allowed
+
+log = logging.getLogger("lstm_hpo.notify")
+
+#: Optuna study system attribute: ``{"best_trial": n | null, "ended": bool}``, what was told.
+NOTIFIED_ATTR: Final = "lstm_hpo:notified"
+#: A study that ended longer ago than this is not looked at (a server down for longer
+#: does not send its end).
+LOOKBACK: Final = timedelta(hours=24)
+MAX_ATTEMPTS: Final = 5
+MAX_BACKOFF_S: Final = 60.0
+TIMEOUT_S: Final = 10.0
+#: Deliveries waiting to be sent; past it new events are dropped (and logged).
+MAX_PENDING: Final = 1000
+_RETRY_STATUSES: Final = frozenset({408, 425, 429})
+_END_EVENTS: Final[dict[str, NotifyEvent]] = {
+    JobState.SUCCEEDED: "finished",
+    JobState.FAILED: "failed",
+    JobState.CANCELLED: "cancelled",
+}
+
+
+@dataclass(order=True)
+class Delivery:
+    """One POST to make: due at ``due`` (``time.monotonic``), ``attempt`` tries made."""
+
+    due: float
+    seq: int
+    url: str = field(compare=False)
+    event_id: str = field(compare=False)
+    body: bytes = field(compare=False, repr=False)
+    attempt: int = field(default=0, compare=False)
+
+
+@dataclass
+class _Seen:
+    """What this server knows was told for one study (a cache of :data:`NOTIFIED_ATTR`)."""
+
+    optuna_id: int
+    best_trial: int | None = None
+    ended: bool = False
+
+
+def payload(
+    backend: studies.Backend,
+    job_id: str,
+    event: NotifyEvent,
+    *,
+    best: tuple[int, float | None, dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """The JSON a webhook receives::
+
+        {"event": "new_best", "event_id": "<study id>:new_best:7", "sent_at": "...Z",
+         "study": {"id", "name", "state", "task", "metric", "direction", "n_trials",
+                   "n_finished", "counts", "best_value", "best_trial_number",
+                   "best_params", "error", "created_at", "started_at", "finished_at",
+                   "elapsed_s", "url" (the API's), "dashboard_url"}}
+
+    ``best``: the trial a ``new_best`` tells of (number, value, params); else the study's
+    best now. Raises ``StudyNotFound`` for a study deleted meanwhile.
+    """
+    study = studies.get_study(backend, job_id, principal=LOCAL)
+    summary = study.model_dump(mode="json", exclude={"spec", "optuna_study_name"})
+    if best is None and study.best_trial_number is not None:
+        number = study.best_trial_number
+        best = (number, study.best_value, _trial_params(backend, study.optuna_study_name, number))
+    summary["best_params"] = None
+    if best is not None:
+        summary["best_trial_number"], summary["best_value"], summary["best_params"] = best
+    summary["url"] = f"{backend.base_url}/v1/studies/{job_id}"
+    event_id = f"{job_id}:{event}"
+    if event == "new_best" and best is not None:
+        event_id += f":{best[0]}"
+    return {
+        "event": event,
+        "event_id": event_id,
+        "sent_at": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+        "study": summary,
+    }
+
+
+def _trial_params(backend: studies.Backend, study_name: str, number: int) -> dict[str, Any]:
+    optuna_id = studies.optuna_study_id(backend, study_name)
+    trial_id = backend.storage.get_trial_id_from_study_id_trial_number(optuna_id, number)
+    return dict(backend.storage.get_trial(trial_id).params)
+
+
+class Notifier:
+    """Finds study events (a thread) and sends them (``senders`` threads).
+
+    ``allow``: the ``LSTM_HPO_WEBHOOK_ALLOW`` prefixes (each URL is checked against them
+    again before it is sent); ``interval_s``: seconds between looks; ``backoff_s``: the
+    first retry's delay (doubled per attempt, at most :data:`MAX_BACKOFF_S`).
+    """
+
+    def __init__(
+        self,
+        backend: studies.Backend,
+        *,
+        allow: Sequence[str],
+        interval_s: float,
+        backoff_s: float = 1.0,
+        senders: int = 2,
+    ) -> None:
+        self.backend = backend
+        self.allow = tuple(allow)
+        self.interval_s = interval_s
+        self.backoff_s = backoff_s
+        self._pending: queue_mod.PriorityQueue[Delivery] = queue_mod.PriorityQueue(MAX_PENDING)
+        self._stop = threading.Event()
+        self._seen: dict[str, _Seen] = {}
+        #: Studies whose end was told (or that are gone): never looked at again.
+        self._done: set[str] = set()
+        self._seq = 0
+        self._threads = [threading.Thread(target=self._watch, name="lstm-hpo-notify", daemon=True)]
+        self._threads += [
+            threading.Thread(target=self._send_loop, name=f"lstm-hpo-webhook-{i}", daemon=True)
+            for i in range(senders)
+        ]
+
+    def start(self) -> None:
+        for thread in self._threads:
+            thread.start()
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Stop looking and sending; deliveries still pending are dropped (and logged)."""
+        self._stop.set()
+        deadline = time.monotonic() + timeout_s
+        for thread in self._threads:
+            if thread.is_alive():
+                thread.join(max(0.0, deadline - time.monotonic()))
+        if dropped := self._pending.qsize():
+            log.warning("webhooks: %d deliveries not sent (the server stopped)", dropped)
+
+    # ----------------------------------------------------------------------------------
+    # Looking
+
+    def _watch(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.scan_once()
+            except LstmHpoError as err:  # the database away for a moment: next look
+                log.warning("webhooks: %s", err.message)
+            except Exception:  # never let one bad look end the thread
+                log.exception("webhooks: looking for study events failed")
+            self._stop.wait(self.interval_s)
+
+    def scan_once(self, now: datetime | None = None) -> int:
+        """One look at every study with a webhook that is active or ended within
+        :data:`LOOKBACK`; queues what is new and returns how many deliveries it queued.
+        One study's error is logged with its id and never stops the others."""
+        at = now or datetime.now(UTC)
+        url = SearchJob.spec[("study", "notify", "url")].as_string()
+        with session_scope(self.backend.sessions) as session:
+            rows = session.execute(
+                select(SearchJob.id, SearchJob.state, SearchJob.optuna_study_name, SearchJob.spec)
+                .where(
+                    url.is_not(None),
+                    or_(
+                        SearchJob.state.in_(ACTIVE_JOB_STATES),
+                        SearchJob.finished_at >= at - LOOKBACK,
+                    ),
+                )
+                .order_by(SearchJob.created_at)
+            ).all()
+        queued = 0
+        for job_id, state, study_name, spec in rows:
+            if job_id in self._done:
+                continue
+            with log_context(study_id=job_id):
+                try:
+                    queued += self._scan_job(job_id, JobState(state), study_name, spec)
+                except LstmHpoError as err:
+                    if err.retryable:
+                        raise
+                    log.error("webhooks: study %s skipped: %s", job_id, err.message)
+                except Exception:
+                    log.exception("webhooks: study %s skipped", job_id)
+        self._done.intersection_update(row[0] for row in rows)  # the rest are out of sight
+        return queued
+
+    def _scan_job(self, job_id: str, state: JobState, study_name: str, spec: Any) -> int:
+        try:
+            notify = NotifySettings.model_validate(spec["study"]["notify"])
+        except (ValidationError, KeyError, TypeError):
+            log.error("webhooks: study %s: its study.notify is not valid; ignored", job_id)
+            self._done.add(job_id)
+            return 0
+        seen = self._seen.get(job_id)
+        try:
+            if seen is None:
+                seen = self._seen[job_id] = self._read_seen(study_name)
+            queued = 0
+            if "new_best" in notify.on:
+                queued += self._check_best(job_id, seen, notify)
+            if state.is_terminal:
+                queued += self._check_end(job_id, seen, notify, state)
+        except (OptunaStudyDeleted, NotFound):  # deleted meanwhile: nothing to tell
+            self._done.add(job_id)
+            self._seen.pop(job_id, None)
+            return 0
+        return queued
+
+    def _read_seen(self, study_name: str) -> _Seen:
+        optuna_id = studies.optuna_study_id(self.backend, study_name)
+        told = self.backend.storage.get_study_system_attrs(optuna_id).get(NOTIFIED_ATTR) or {}
+        return _Seen(optuna_id, told.get("best_trial"), bool(told.get("ended")))
+
+    def _record(self, seen: _Seen) -> None:
+        self.backend.storage.set_study_system_attr(
+            seen.optuna_id, NOTIFIED_ATTR, {"best_trial": seen.best_trial, "ended": seen.ended}
+        )
+
+    def _refresh(self, seen: _Seen) -> None:
+        """Read what was told again (another server may have told it since)."""
+        told = self.backend.storage.get_study_system_attrs(seen.optuna_id).get(NOTIFIED_ATTR)
+        if told:
+            seen.best_trial, seen.ended = told.get("best_trial"), bool(told.get("ended"))
+
+    def _check_best(self, job_id: str, seen: _Seen, notify: NotifySettings) -> int:
+        try:
+            best = self.backend.storage.get_best_trial(seen.optuna_id)
+        except ValueError:  # no trial has completed yet
+            return 0
+        except RuntimeError:  # several objectives: no single best to tell
+            return 0
+        if best.number == seen.best_trial:
+            return 0
+        self._refresh(seen)
+        if best.number == seen.best_trial:
+            return 0
+        seen.best_trial = best.number
+        self._record(seen)  # before the POST: at most once
+        told = (best.number, best.value, dict(best.params))
+        body = payload(self.backend, job_id, "new_best", best=told)
+        return self._queue(notify.url, body)
+
+    def _check_end(self, job_id: str, seen: _Seen, notify: NotifySettings, state: JobState) -> int:
+        queued = 0
+        if not seen.ended:
+            self._refresh(seen)
+        if not seen.ended:
+            seen.ended = True
+            self._record(seen)
+            event = _END_EVENTS[state]
+            if event in notify.on:
+                queued = self._queue(notify.url, payload(self.backend, job_id, event))
+        self._done.add(job_id)
+        self._seen.pop(job_id, None)
+        return queued
+
+    def _queue(self, url: str, body: dict[str, Any]) -> int:
+        self._seq += 1
+        delivery = Delivery(
+            time.monotonic(), self._seq, url, body["event_id"], json.dumps(body).encode()
+        )
+        try:
+            self._pending.put_nowait(delivery)
+        except queue_mod.Full:
+            WEBHOOK_DELIVERIES.labels("dropped").inc()
+            log.warning(
+                "webhooks: %s dropped: %d deliveries pending", body["event_id"], MAX_PENDING
+            )
+            return 0
+        log.info("webhooks: %s queued", body["event_id"])
+        return 1
+
+    # ----------------------------------------------------------------------------------
+    # Sending
+
+    def _send_loop(self) -> None:
+        headers = {
+            "content-type": "application/json",
+            "user-agent": f"lstm-hpo/{version('lstm-hpo')}",
+        }
+        with httpx.Client(timeout=TIMEOUT_S, follow_redirects=False, headers=headers) as http:
+            while not self._stop.is_set():
+                try:
+                    delivery = self._pending.get(timeout=0.2)
+                except queue_mod.Empty:
+                    continue
+                wait_s = delivery.due - time.monotonic()
+                if wait_s > 0:  # the earliest is not due yet: put it back and wait a little
+                    self._pending.put(delivery)
+                    self._stop.wait(min(wait_s, 0.2))
+                    continue
+                self._send(http, delivery)
+
+    def _send(self, http: httpx.Client, delivery: Delivery) -> None:
+        with log_context(study_id=delivery.event_id.split(":", 1)[0]):
+            if not url_allowed(delivery.url, self.allow):
+                WEBHOOK_DELIVERIES.labels("failed").inc()
+                log.warning(
+                    "webhooks: %s not sent: its URL is no longer under LSTM_HPO_WEBHOOK_ALLOW",
+                    delivery.event_id,
+                )
+                return
+            try:
+                status: int | None = http.post(
+                    delivery.url,
+                    content=delivery.body,
+                    headers={"x-lstm-hpo-event-id": delivery.event_id},
+                ).status_code
+                why = f"HTTP {status}"
+            except httpx.HTTPError as err:
+                status, why = None, f"{type(err).__name__}: {err}"
+            if status is not None and 200 <= status < 300:
+                WEBHOOK_DELIVERIES.labels("sent").inc()
+                log.info("webhooks: %s sent (%s)", delivery.event_id, why)
+                return
+            retry = status is None or status in _RETRY_STATUSES or status >= 500
+            delivery.attempt += 1
+            if retry and delivery.attempt < MAX_ATTEMPTS:
+                # Bounded: MAX_ATTEMPTS tries, doubling delays; a receiver down for longer
+                # than their sum misses the event (the log says so).
+                delay = min(self.backoff_s * 2 ** (delivery.attempt - 1), MAX_BACKOFF_S)
+                delivery.due = time.monotonic() + delay
+                WEBHOOK_DELIVERIES.labels("retried").inc()
+                log.warning("webhooks: %s: %s; retrying in %.0fs", delivery.event_id, why, delay)
+                try:
+                    self._pending.put_nowait(delivery)
+                except queue_mod.Full:
+                    WEBHOOK_DELIVERIES.labels("dropped").inc()
+                return
+            WEBHOOK_DELIVERIES.labels("failed").inc()
+            log.warning(
+                "webhooks: %s not delivered after %d attempt(s): %s",
+                delivery.event_id,
+                delivery.attempt,
+                why,
+            )

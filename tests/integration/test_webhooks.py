@@ -1,0 +1,226 @@
+"""study.notify end to end: a real server (uvicorn on loopback) POSTs study summaries to a
+real HTTP receiver (http.server on a loopback port) while a real worker loop runs the
+synthetic task; the allow-list is checked at submit, a 503 is retried, and a restarted
+server does not send again. SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from service.config import Settings
+from service.worker import Worker, WorkerOptions
+from tests.servers import InProcessServer, serve_in_thread
+
+
+@dataclass
+class Receiver:
+    """What the webhook receiver got: (headers, lower-cased, with the request path as
+    ``:path`` and the status it answered as ``:status``; body) per POST, in arrival order."""
+
+    url: str
+    posts: list[tuple[dict[str, str], dict[str, Any]]] = field(default_factory=list)
+    #: Answer 503 to this many POSTs first (the sender must retry them).
+    fail_first: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def delivered(self) -> list[dict[str, Any]]:
+        """One body per event answered 2xx (a retried POST counted once)."""
+        with self.lock:
+            by_id = {b["event_id"]: b for h, b in self.posts if h[":status"] == "204"}
+        return list(by_id.values())
+
+    def wait_for(self, count: int, timeout_s: float = 30) -> list[dict[str, Any]]:
+        deadline = time.monotonic() + timeout_s
+        while len(self.delivered()) < count:
+            assert time.monotonic() < deadline, f"only {self.delivered()} arrived"
+            time.sleep(0.05)
+        return self.delivered()
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    state = Receiver(url="")
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+            with state.lock:
+                status = 503 if state.fail_first > 0 else 204
+                state.fail_first -= 1
+                headers = {k.lower(): v for k, v in self.headers.items()}
+                state.posts.append((headers | {":path": self.path, ":status": str(status)}, body))
+            self.send_response(status)
+            self.end_headers()
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=http.serve_forever, name="receiver", daemon=True)
+    thread.start()
+    state.url = f"http://127.0.0.1:{http.server_address[1]}/hooks"
+    try:
+        yield state
+    finally:
+        http.shutdown()
+        http.server_close()
+
+
+def _spec(n_trials: int, notify: dict[str, Any], **task: Any) -> dict[str, Any]:
+    return {
+        "name": "hooked",
+        "task": {"kind": "synthetic", **task},
+        "space": {
+            "num_layers": {"type": "int", "low": 1, "high": 3},
+            "hidden_size": {"type": "int", "low": 16, "high": 256, "log": True},
+            "lr": {"type": "float", "low": 1e-4, "high": 1e-1, "log": True},
+            "max_epochs": 2,
+        },
+        "study": {
+            "n_trials": n_trials,
+            "sampler": "random",
+            "pruner": "none",
+            "seed": 1,
+            "notify": notify,
+        },
+    }
+
+
+def _run_worker(db_url: str) -> int:
+    worker = Worker(WorkerOptions(database_url=db_url, poll_interval_s=0.05, idle_exit_s=0.0))
+    try:
+        return worker.run()
+    finally:
+        worker.engine.dispose()
+        if worker.storage is not None:
+            worker.storage.engine.dispose()
+
+
+def _refused_loc(server: InProcessServer, spec: dict[str, Any]) -> list[str]:
+    response = server.http.post("/v1/studies", json=spec)
+    assert response.status_code == 422, response.text
+    return [e["loc"] for e in response.json()["errors"]]
+
+
+def test_webhooks_tell_new_bests_and_ends_once(
+    tmp_path: Path, db_url: str, receiver: Receiver
+) -> None:
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        database_url=db_url,
+        webhook_allow=(receiver.url,),
+        notify_interval_s=0.1,
+    )
+    receiver.fail_first = 1
+    with serve_in_thread(settings) as server:
+        # Refused at the door, naming the field: outside the allow-list, other schemes.
+        port = receiver.url.split(":")[2].split("/")[0]
+        for url in (
+            f"http://127.0.0.1:{port}/other",
+            f"http://127.0.0.1:{int(port) + 1}/hooks",
+            f"https://127.0.0.1:{port}/hooks",
+            "http://169.254.169.254/latest/meta-data",
+            "file:///etc/passwd",
+        ):
+            assert _refused_loc(server, _spec(2, {"url": url})) == ["study.notify.url"], url
+
+        everything = {"url": f"{receiver.url}/run-1", "on": ["finished", "failed", "new_best"]}
+        good = server.http.post("/v1/studies", json=_spec(4, everything)).json()
+        # Every configuration fails: the default events are finished and failed.
+        bad = server.http.post(
+            "/v1/studies", json=_spec(2, {"url": receiver.url}, fail_when={"max_epochs": 2})
+        ).json()
+        quiet = server.http.post(
+            "/v1/studies", json=_spec(1, {"url": receiver.url, "on": ["failed"]})
+        ).json()
+        assert _run_worker(db_url) == 7
+
+        final = server.http.get(f"/v1/studies/{good['id']}").json()
+        trials = server.http.get(f"/v1/studies/{good['id']}/trials").json()["items"]
+        # The end events, and at least the newest best, whose trial is the final best.
+        delivered = receiver.wait_for(3)
+        deadline = time.monotonic() + 10
+        while not any(
+            b["event"] == "new_best"
+            and b["study"]["best_trial_number"] == final["best_trial_number"]
+            for b in delivered
+        ):
+            assert time.monotonic() < deadline, delivered
+            time.sleep(0.05)
+            delivered = receiver.delivered()
+        time.sleep(0.5)  # five more looks: nothing else may come
+        delivered = receiver.delivered()
+
+    events = sorted((b["study"]["id"], b["event"]) for b in delivered)
+    assert (quiet["id"], "finished") not in events  # not in its `on`
+    assert events.count((good["id"], "finished")) == 1
+    assert events.count((bad["id"], "failed")) == 1
+    assert {e for e in events if e[0] != good["id"]} == {(bad["id"], "failed")}
+    finished = next(b for b in delivered if b["event"] == "finished")
+    summary = finished["study"]
+    assert summary["state"] == "succeeded"
+    assert (summary["n_trials"], summary["n_finished"], summary["name"]) == (4, 4, "hooked")
+    assert summary["best_value"] == final["best_value"]
+    assert summary["best_trial_number"] == final["best_trial_number"]
+    best_trial = next(t for t in trials if t["number"] == final["best_trial_number"])
+    assert summary["best_params"] == best_trial["params"]
+    assert summary["url"] == f"{server.url}/v1/studies/{good['id']}"
+    assert summary["dashboard_url"] == final["dashboard_url"]
+    assert "spec" not in summary
+
+    bests = sorted(
+        (b for b in delivered if b["event"] == "new_best"),
+        key=lambda b: b["study"]["best_trial_number"],
+    )
+    values = [b["study"]["best_value"] for b in bests]
+    assert values == sorted(values, reverse=True)  # minimised: each beats the one before
+    for body in bests:
+        number = body["study"]["best_trial_number"]
+        trial = next(t for t in trials if t["number"] == number)
+        assert (body["study"]["best_params"], body["study"]["best_value"]) == (
+            trial["params"],
+            trial["value"],
+        )
+        assert body["event_id"] == f"{good['id']}:new_best:{number}"
+
+    failed = next(b for b in delivered if b["event"] == "failed")["study"]
+    assert (failed["state"], failed["best_value"], failed["best_params"]) == ("failed", None, None)
+    assert failed["error"]
+
+    # The first POST was answered 503 and sent again; every other POST once.
+    ids = [headers["x-lstm-hpo-event-id"] for headers, _body in receiver.posts]
+    assert ids == [body["event_id"] for _headers, body in receiver.posts]
+    assert len(ids) == len(set(ids)) + 1
+    assert ids.count(ids[0]) == 2
+    assert all(h["content-type"] == "application/json" for h, _b in receiver.posts)
+    assert all(h["user-agent"].startswith("lstm-hpo/") for h, _b in receiver.posts)
+    assert {h["host"] for h, _b in receiver.posts} == {receiver.url.split("/")[2]}
+    paths = {b["study"]["id"]: h[":path"] for h, b in receiver.posts}
+    assert paths == {good["id"]: "/hooks/run-1", bad["id"]: "/hooks"}
+
+    # A restarted server knows what was told: nothing is sent again.
+    count = len(receiver.posts)
+    with serve_in_thread(settings):
+        time.sleep(1.0)
+    assert len(receiver.posts) == count
+
+
+def test_no_allow_list_refuses_every_webhook(tmp_path: Path, sqlite_url: str) -> None:
+    settings = Settings(data_dir=tmp_path / "data", database_url=sqlite_url)
+    with serve_in_thread(settings) as server:
+        response = server.http.post(
+            "/v1/studies", json=_spec(2, {"url": "https://hooks.example.com/x"})
+        )
+        assert response.status_code == 422
+        (error,) = response.json()["errors"]
+        assert error["loc"] == "study.notify.url"
+        assert "LSTM_HPO_WEBHOOK_ALLOW" in error["msg"]
