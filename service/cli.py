@@ -12,9 +12,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.console import Console
+from rich.console import Console, Group, RenderableType
+from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from service.config import Settings
 from service.errors import CheckpointMismatch, InvalidSpec, LstmHpoError, SingleHostOnly
@@ -24,7 +26,8 @@ if TYPE_CHECKING:
 
     from sqlalchemy.orm import Session, sessionmaker
 
-    from service.schemas import StudyPublic
+    from service.client import Client
+    from service.schemas import ProgressPublic, StudyPublic
     from service.search_space import ResolvedConfig
     from service.training.checkpoints import SavedModel
     from service.worker import ProcessPlan, WorkerOptions
@@ -630,7 +633,13 @@ def status(
     ] = True,
     json_output: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """Show one study (with a live progress bar while it runs) or list the studies."""
+    """Show one study (with a live progress bar while it runs) or list the studies.
+
+    While a study runs: its running trials (epoch, last intermediate value), an ETA
+    ((time the running trials still need + trials not started x the mean finished trial
+    time) / trials running at once) and the ``timeout_s`` left. ``--json`` adds them as
+    ``progress``.
+    """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
     from service.client import TERMINAL_STATES, Client
@@ -656,29 +665,213 @@ def status(
                 return
             study = client.get(study_id)
             if json_output:
-                print(study.model_dump_json())
+                body = json.loads(study.model_dump_json())
+                if (found := _progress_of(client, study_id)) is not None:
+                    body["progress"] = json.loads(found.model_dump_json())  # added key
+                print(json.dumps(body))
                 return
             if watch and study.state not in TERMINAL_STATES and console.is_terminal:
-                with Progress(
+                bar = Progress(
                     "[progress.description]{task.description}",
                     BarColumn(),
                     MofNCompleteColumn(),
                     TimeElapsedColumn(),
                     console=console,
-                ) as bar:
-                    task = bar.add_task(study.name, total=study.n_trials)
+                )
+                task = bar.add_task(escape(study.name), total=study.n_trials)
+                # The bar and, under it, the running trials, the ETA and the timeout left.
+                with Live(bar, console=console, refresh_per_second=4) as live:
 
                     def update(s: StudyPublic) -> None:
                         bar.update(
                             task,
+                            total=s.n_trials,
                             completed=s.n_finished,
-                            description=f"{s.name} [{s.state}] best={_fmt(s.best_value)}",
+                            description=escape(f"{s.name} [{s.state}] best={_fmt(s.best_value)}"),
                         )
+                        found = None if s.state in TERMINAL_STATES else _progress_of(client, s.id)
+                        live.update(Group(bar, _progress_view(found)) if found else bar)
 
                     study = client.wait(study_id, on_update=update)
+            progress = None if study.state in TERMINAL_STATES else _progress_of(client, study_id)
         except LstmHpoError as err:
             raise _fail(err) from None
     _print_study(study)
+    if progress is not None:
+        console.print(_progress_view(progress))
+
+
+def _progress_of(client: Client, study_id: str) -> ProgressPublic | None:
+    """The study's progress; None from a server without ``/progress`` (or a study deleted
+    meanwhile): status shows what it has."""
+    from service.client import ApiError
+
+    try:
+        return client.progress(study_id)
+    except ApiError as err:
+        if err.status_code == 404:
+            return None
+        raise
+
+
+def _progress_view(progress: ProgressPublic) -> Group:
+    """Running trials (epoch, last intermediate value, time), the ETA and its basis, and
+    the timeout left."""
+    parts: list[RenderableType] = []
+    if progress.running:
+        table = Table("trial", "epoch", "last value", "running for", title="running trials")
+        for r in progress.running:
+            of = f"/{r.max_epochs}" if r.max_epochs is not None else ""
+            table.add_row(
+                str(r.number), f"{r.epoch}{of}", _fmt(r.last_value), _duration(r.elapsed_s)
+            )
+        parts.append(table)
+    eta = "-" if progress.eta_s is None else f"~{_duration(progress.eta_s)}"
+    parts.append(Text(f"ETA {eta}: {progress.eta_basis}"))
+    if progress.timeout_s is not None and progress.timeout_left_s is not None:
+        left = f"timeout: {_duration(progress.timeout_left_s)} left of "
+        left += _duration(progress.timeout_s)
+        if progress.timeout_first:
+            left += " (the timeout should stop the study before its trials are done)"
+        parts.append(Text(left))
+    return Group(*parts)
+
+
+def _duration(seconds: float | None) -> str:
+    """``12.3 s``, ``4 min 05 s``, ``2 h 03 min``; ``-`` for none (as the HTML report)."""
+    if seconds is None:
+        return "-"
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(round(seconds), 60)
+    if minutes < 60:
+        return f"{minutes} min {secs:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min"
+
+
+@app.command()
+def watch(
+    server: ServerOption = DEFAULT_SERVER,
+    token: TokenOption = None,
+    interval: Annotated[
+        float, typer.Option("--interval", "-n", min=0.1, help="Seconds between refreshes.")
+    ] = 2.0,
+    once: Annotated[
+        bool, typer.Option("--once", help="Print the table once and exit (for scripts).")
+    ] = False,
+    limit: Annotated[
+        int, typer.Option(min=1, max=500, help="Show at most this many studies, newest first.")
+    ] = 50,
+) -> None:
+    """A live table of every study (yours; an admin's: everyone's): state, trials finished
+    and running, best value, ETA and timeout left. Ctrl-C exits (code 0)."""
+    from service.client import Client
+
+    with Client(server, token=token) as client:
+        if once:
+            try:
+                console.print(_studies_table(client, limit))
+            except LstmHpoError as err:
+                raise _fail(err) from None
+            return
+        try:
+            if console.is_terminal:
+                with Live(console=console, auto_refresh=False) as live:
+                    while True:
+                        live.update(_studies_view(client, limit, interval), refresh=True)
+                        time.sleep(interval)
+            else:
+                while True:  # not a terminal: one table per refresh, one after the other
+                    console.print(_studies_view(client, limit, interval))
+                    time.sleep(interval)
+        except KeyboardInterrupt:
+            pass  # Ctrl-C is how a watch ends
+
+
+def _studies_view(client: Client, limit: int, interval: float) -> RenderableType:
+    """:func:`_studies_table`, or what went wrong (watch tries again at the next refresh)."""
+    try:
+        return _studies_table(client, limit)
+    except LstmHpoError as err:
+        return Text(f"{time.strftime('%H:%M:%S')} {err.message} (again in {interval:g} s)")
+
+
+def _studies_table(client: Client, limit: int) -> Table:
+    """The newest ``limit`` studies, with the ETA and timeout left of the active ones."""
+    from service.client import TERMINAL_STATES
+
+    page = client.studies(limit=limit)
+    table = Table(
+        "id",
+        "name",
+        "state",
+        "finished",
+        "running",
+        "best",
+        "ETA",
+        "timeout left",
+        "elapsed",
+        title=f"{len(page.items)} of {page.total} studies, {time.strftime('%H:%M:%S')}",
+    )
+    for s in page.items:
+        found = None if s.state in TERMINAL_STATES else _progress_of(client, s.id)
+        eta = "-" if found is None or found.eta_s is None else f"~{_duration(found.eta_s)}"
+        left = _duration(found.timeout_left_s) if found is not None else "-"
+        table.add_row(
+            s.id,
+            escape(s.name),
+            str(s.state),
+            f"{s.n_finished}/{s.n_trials}",
+            str(s.counts.running),
+            _fmt(s.best_value),
+            eta,
+            left,
+            _duration(s.elapsed_s),
+        )
+    return table
+
+
+@app.command()
+def report(
+    study_id: Annotated[str, typer.Argument(help="The study id.")],
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output", "-o", help="Directory to write into (made if missing; default: report-ID)."
+        ),
+    ] = None,
+    top_k: Annotated[int, typer.Option(min=1, max=100, help="Rows of the top trials table.")] = 10,
+    server: ServerOption = DEFAULT_SERVER,
+    token: TokenOption = None,
+) -> None:
+    """Write the study's report into a directory: report.html (self-contained, the page
+    GET /v1/studies/ID/report serves), each of its figures as NAME.png, and trials.csv.
+    Works while the study runs (a snapshot)."""
+    from service.client import Client
+    from service.report import extract_pngs
+
+    with Client(server, token=token, timeout=300) as client:
+        try:
+            page = client.report(study_id, top_k=top_k)
+            table = client.trials_csv(study_id)
+        except LstmHpoError as err:
+            raise _fail(err) from None
+    out = output or Path(f"report-{study_id}")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "report.html").write_text(page, encoding="utf-8")
+        figures = extract_pngs(page)
+        for name, png in figures.items():
+            (out / f"{name}.png").write_bytes(png)
+        (out / "trials.csv").write_bytes(table.encode("utf-8"))  # CRLF rows, kept as they are
+    except OSError as err:
+        err_console.print(f"[red]error:[/red] cannot write into {escape(str(out))}: {err}")
+        raise typer.Exit(1) from None
+    err_console.print(
+        f"wrote {escape(str(out))}: report.html, {len(figures)} figure(s), trials.csv"
+    )
+    print(out / "report.html")
 
 
 def _print_study(study: StudyPublic) -> None:

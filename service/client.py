@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 
 from service.errors import FieldError, InvalidSpec, LstmHpoError
-from service.schemas import BestPublic, Page, StudyPublic, TrialPublic
+from service.schemas import BestPublic, Page, ProgressPublic, StudyPublic, TrialPublic
 from service.states import TERMINAL_JOB_STATES
 
 #: Study states after which nothing of a study runs any more (``JobState.is_terminal``).
@@ -104,6 +104,20 @@ class Client:
             "GET", f"/v1/studies/{study_id}/trials", params={"limit": limit, "offset": offset}
         )
         return Page[TrialPublic].model_validate(response.json())
+
+    def trials_csv(self, study_id: str) -> str:
+        """Every trial as CSV text (``GET /v1/studies/{id}/trials.csv``), for spreadsheets."""
+        return self._request("GET", f"/v1/studies/{study_id}/trials.csv").text
+
+    def report(self, study_id: str, *, top_k: int | None = None) -> str:
+        """The study's report: one self-contained HTML page (``GET .../report``)."""
+        params = {"top_k": top_k} if top_k is not None else {}
+        return self._request("GET", f"/v1/studies/{study_id}/report", params=params).text
+
+    def progress(self, study_id: str) -> ProgressPublic:
+        """Running trials (epoch, last intermediate value), ETA and timeout left."""
+        response = self._request("GET", f"/v1/studies/{study_id}/progress")
+        return ProgressPublic.model_validate(response.json())
 
     def best(self, study_id: str) -> BestPublic:
         """The best completed trial and its resolved config (ApiError 409 before one exists)."""

@@ -128,3 +128,45 @@ class ErrorPublic(_Public):
     error: str
     #: With 422: every bad field.
     errors: list[FieldErrorPublic] | None = None
+
+
+class RunningTrialPublic(_Public):
+    """One trial that is training now (``GET /v1/studies/{id}/progress``)."""
+
+    number: int
+    started_at: datetime | None = None
+    #: Seconds since it started (its worker's clock may differ from the server's a little).
+    elapsed_s: float | None = None
+    #: Epochs reported to the pruner so far (the last reported 0-based step + 1); 0 before
+    #: the first.
+    epoch: int
+    #: The trial's ``max_epochs`` when its config records one.
+    max_epochs: int | None = None
+    #: The last intermediate value (null before the first, or where NaN/inf).
+    last_value: float | None = None
+
+
+class ProgressPublic(_Public):
+    """How far a study is and when it should end (``GET /v1/studies/{id}/progress``)."""
+
+    id: str
+    state: JobState
+    n_trials: int
+    n_finished: int
+    running: list[RunningTrialPublic]
+    #: Mean wall time in seconds of the finished trials (complete, pruned, failed) that
+    #: recorded one; null before the first has finished.
+    mean_trial_s: float | None = None
+    #: Seconds until the last trial should finish: see ``eta_basis``. Null when no trial
+    #: has finished yet or the study has ended.
+    eta_s: float | None = None
+    #: How ``eta_s`` was computed, in words.
+    eta_basis: str
+    #: ``study.timeout_s`` of the spec (null: no timeout).
+    timeout_s: float | None = None
+    #: Seconds of ``timeout_s`` left: counts from the first claimed trial (the whole
+    #: timeout while the study is queued); 0 once past; null without a timeout or once the
+    #: study has ended.
+    timeout_left_s: float | None = None
+    #: True when the timeout should stop the study before its trials are done.
+    timeout_first: bool = False

@@ -15,6 +15,7 @@ from starlette.concurrency import run_in_threadpool
 from service import studies
 from service.api.deps import BackendDep, PrincipalDep
 from service.api.errors import ERROR_RESPONSES
+from service.api.routes.report import CSV_CONTENT, trials_csv_response
 from service.errors import FieldError, InvalidSpec, PayloadTooLarge, UnsupportedMediaType
 from service.estimate import estimate_document
 from service.schemas import BestPublic, EstimatePublic, Page, StudyPublic, TrialPublic
@@ -265,7 +266,11 @@ def get(study_id: str, backend: BackendDep, principal: PrincipalDep) -> StudyPub
     return studies.get_study(backend, study_id, principal=principal)
 
 
-@router.get("/{study_id}/trials")
+@router.get(
+    "/{study_id}/trials",
+    response_model=Page[TrialPublic],
+    responses={200: {"content": CSV_CONTENT}},
+)
 def trials(
     study_id: str,
     *,
@@ -274,11 +279,19 @@ def trials(
     state: TrialState | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
-) -> Page[TrialPublic]:
-    """Trials in number order: params, value, duration, intermediate values, failure reason."""
-    return studies.study_trials(
+    format: Annotated[Literal["json", "csv"], Query()] = "json",
+) -> Page[TrialPublic] | Response:
+    """Trials in number order: params, value, duration, intermediate values, failure reason.
+
+    ``?format=csv``: the same page as CSV (``X-Total-Count``: every matching trial; all
+    of them at once: ``GET /v1/studies/{id}/trials.csv``).
+    """
+    page = studies.study_trials(
         backend, study_id, principal=principal, state=state, limit=limit, offset=offset
     )
+    if format == "csv":
+        return trials_csv_response(page.items, study_id, total=page.total)
+    return page
 
 
 @router.get("/{study_id}/best", response_model=None)
