@@ -620,6 +620,8 @@ def submit(
         except LstmHpoError as err:
             raise _fail(err, 2 if isinstance(err, InvalidSpec) else 1) from None
     err_console.print(f"queued {study.name} -> {study.dashboard_url}")
+    for note in study.notes or ():  # e.g. what a warm start dropped
+        err_console.print(f"  note: {escape(note)}")
     print(study.id)
 
 
@@ -939,6 +941,24 @@ def cancel(
         except LstmHpoError as err:
             raise _fail(err) from None
     console.print(f"{study.id}: {study.state}")
+
+
+@app.command()
+def extend(
+    study_id: Annotated[str, typer.Argument(help="The study id.")],
+    n_trials: Annotated[int, typer.Option("--n-trials", "-n", help="Trials to add.", min=1)],
+    server: ServerOption = DEFAULT_SERVER,
+    token: TokenOption = None,
+) -> None:
+    """Add trials to a study (running, succeeded, cancelled): its sampler keeps its history."""
+    from service.client import Client
+
+    with Client(server, token=token) as client:
+        try:
+            study = client.extend(study_id, n_trials)
+        except LstmHpoError as err:
+            raise _fail(err, 2 if isinstance(err, InvalidSpec) else 1) from None
+    console.print(f"{study.id}: {study.state}, {study.n_finished}/{study.n_trials} trials")
 
 
 @app.command()

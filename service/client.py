@@ -147,6 +147,14 @@ class Client:
             self._request("POST", f"/v1/studies/{study_id}/cancel").json()
         )
 
+    def extend(self, study_id: str, n_trials: int) -> StudyPublic:
+        """Add ``n_trials`` trials to a study (queued, running or ended); the study as it
+        is now. ApiError 409 for a failed study, 404 unknown; InvalidSpec past the limit."""
+        response = self._request(
+            "POST", f"/v1/studies/{study_id}/extend", json={"n_trials": n_trials}
+        )
+        return StudyPublic.model_validate(response.json())
+
     def delete(self, study_id: str) -> None:
         """Delete a study and its trials (cancelled first if it runs); ApiError 404 if unknown."""
         self._request("DELETE", f"/v1/studies/{study_id}")

@@ -93,6 +93,11 @@ class StudyNotActive(Conflict):
     """The study is no longer queued or running."""
 
 
+class StudyNotExtendable(Conflict):
+    """The study failed (its spec, data or Optuna study is unusable): it cannot take more
+    trials; fix what its error names and submit a new study."""
+
+
 class QuotaExceeded(Conflict):
     """Quota of active (queued + running) studies reached: let one end, or cancel one."""
 

@@ -47,6 +47,9 @@ class StudyPublic(_Public):
     optuna_study_name: str
     error: str | None = None
     spec: dict[str, Any] | None = None
+    #: What the submit did that the spec alone does not say (e.g. warm start's dropped
+    #: parameters); in the answers about one study, not in lists.
+    notes: list[str] | None = None
 
 
 class TrialPublic(_Public):

@@ -466,6 +466,21 @@ MAX_STEPS = 10**9
 #: The most points a grid (sampler ``grid``: the product of every parameter's points) has.
 MAX_GRID_POINTS = 100_000
 
+#: The most configurations ``study.enqueue`` lists, and studies ``study.warm_start_from``.
+MAX_ENQUEUED = 1_000
+MAX_WARM_START_STUDIES = 20
+_STUDY_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def _study_id(value: str) -> str:
+    if not _STUDY_ID_RE.match(value):
+        raise ValueError("must be a study id (1-64 letters, digits, '-' or '_')")
+    return value
+
+
+#: A study id as ``study.warm_start_from`` names one (ours are 32 hex digits).
+StudyId: TypeAlias = Annotated[str, AfterValidator(_study_id)]
+
 #: Hard caps on the deployment's limits (SpecLimits): a study's slots and retries are
 #: database integers, and ``started_at + timeout_s`` must be a date (datetime ends in 9999).
 MAX_TRIALS = 1_000_000
@@ -590,6 +605,7 @@ class StudySettings(_Frozen):
         if self.pruner == "none" and self.pruner_warmup_epochs != _DEFAULT_WARMUP:
             raise ValueError("pruner_warmup_epochs has no effect with pruner: none")
         return self
+
     #: Sampler seed; each trial's sampler is seeded from it and the trial's slot.
     seed: int | None = Field(default=None, ge=0, le=2**32 - 1)
     #: A trial whose worker died is retried with the same parameters this many times.
@@ -617,6 +633,24 @@ class StudySettings(_Frozen):
     #: A webhook told when the study ends or finds a new best (None: none).
     notify: NotifySettings | None = None
     # The upper bounds of these three come from the deployment: SpecLimits.
+    #: Configurations that run first, in this order: each maps searched parameters (their
+    #: Optuna names: ``hidden_size_l0``... with ``hidden_mode: per_layer``) to values inside
+    #: the space; the parameters an entry leaves out are sampled. Each runs as one of the
+    #: study's ``n_trials`` (:func:`check_enqueue` validates them).
+    enqueue: tuple[dict[str, ScalarValue], ...] | None = Field(
+        default=None,
+        max_length=MAX_ENQUEUED,
+        description="Configurations that run first (searched parameter -> value, inside "
+        "the space; the parameters left out are sampled).",
+    )
+    #: Earlier studies (ids) over the same task kind whose COMPLETE trials seed the
+    #: sampler's history (``service.studies``: owner, task and direction checked at submit).
+    warm_start_from: tuple[StudyId, ...] | None = Field(
+        default=None,
+        max_length=MAX_WARM_START_STUDIES,
+        description="Ids of earlier studies of the same task kind whose completed trials "
+        "seed the sampler (they do not count toward n_trials).",
+    )
 
 
 class StudySpec(_Frozen):
@@ -642,6 +676,18 @@ class StudySpec(_Frozen):
             else:
                 typed[name] = value
         return typed
+
+    @field_validator("study")
+    @classmethod
+    def _typed_enqueue(cls, study: StudySettings) -> StudySettings:
+        # As _typed_space: enqueued values are stored with their parameter's type.
+        if not study.enqueue:
+            return study
+        typed = tuple(
+            {name: _as_param_type(_param_field(name), v) for name, v in entry.items()}
+            for entry in study.enqueue
+        )
+        return study.model_copy(update={"enqueue": typed})
 
     @field_validator("name")
     @classmethod
@@ -956,6 +1002,188 @@ def _check_keep(spec: StudySpec) -> list[FieldError]:
     return []
 
 
+_PER_LAYER_NAME = re.compile(r"^hidden_size_l(\d+)$")
+
+
+def _param_field(name: str) -> str:
+    """The LSTMConfig field an Optuna parameter name sets (``hidden_size_l2``: hidden_size)."""
+    return "hidden_size" if _PER_LAYER_NAME.match(name) else name
+
+
+def searched_distributions(spec: StudySpec) -> dict[str, Distribution]:
+    """Every parameter a trial of ``spec`` may ask the sampler for, by its Optuna name: the
+    searched parameters, and ``hidden_size_l0``, ``hidden_size_l1``... (each with
+    ``hidden_size``'s distribution) when ``hidden_mode`` may be per_layer. What
+    ``study.enqueue`` entries and warm-started trials may set."""
+    dists: dict[str, Distribution] = dict(spec.searched())
+    mode = spec.space.get("hidden_mode", _PARAM_FIELDS["hidden_mode"].default)
+    modes = mode.choices if isinstance(mode, CategoricalDistribution) else [mode]
+    width = spec.space.get("hidden_size", _PARAM_FIELDS["hidden_size"].default)
+    if "per_layer" not in modes or "hidden_sizes" in spec.space:
+        return dists
+    if modes == ["per_layer"]:
+        dists.pop("hidden_size", None)  # only the per-layer widths are asked for
+    if isinstance(width, IntDistribution | FloatDistribution | CategoricalDistribution):
+        layers = spec.space.get("num_layers", _PARAM_FIELDS["num_layers"].default)
+        if isinstance(layers, IntDistribution):
+            counts: list[Any] = [layers.high]
+        elif isinstance(layers, CategoricalDistribution):
+            counts = list(layers.choices)
+        else:
+            counts = [layers]
+        most = max((c for c in counts if isinstance(c, int)), default=0)
+        for i in range(min(most, MAX_LAYERS)):
+            dists[f"hidden_size_l{i}"] = width
+    return dists
+
+
+def grid_points(spec: StudySpec) -> int:
+    """How many points the grid of a (valid) spec's searched parameters has."""
+    return math.prod(_grid_points(d) for d in spec.searched().values())
+
+
+_NO_GRID = "not with sampler grid (it runs each of its points once, in its own order)"
+
+
+def _check_warm_start(spec: StudySpec) -> list[FieldError]:
+    """``study.warm_start_from`` as far as the document tells: no grid, no study twice.
+    Whether each study exists, is the caller's and ran the same task is the submit's."""
+    ids = spec.study.warm_start_from or ()
+    if ids and spec.study.sampler == "grid":
+        return [FieldError("study.warm_start_from", _NO_GRID)]
+    first: dict[str, int] = {}
+    errors = []
+    for i, study_id in enumerate(ids):
+        if study_id in first:
+            msg = f"repeats study.warm_start_from.{first[study_id]}"
+            errors.append(FieldError(f"study.warm_start_from.{i}", msg))
+        first.setdefault(study_id, i)
+    return errors
+
+
+def check_enqueue(spec: StudySpec) -> list[FieldError]:
+    """Why ``study.enqueue`` does not fit the space; empty when it does.
+
+    Each entry (``study.enqueue.<i>``) names searched parameters only (by their Optuna
+    names), each value a point of its distribution (a choice, or within ``[low, high]``
+    on the ``step``), none that the entry's other values switch off (``momentum`` with
+    ``optimizer: adam``) and no conditional one without its searched condition
+    (``momentum`` needs ``optimizer``), together a valid config. At most ``n_trials``
+    entries; not with ``sampler: grid``. Call on a spec whose space is valid.
+    """
+    entries = spec.study.enqueue or ()
+    if not entries:
+        return []
+    if spec.study.sampler == "grid":
+        return [FieldError("study.enqueue", _NO_GRID)]
+    errors = []
+    if len(entries) > spec.study.n_trials:
+        msg = (
+            f"lists {len(entries)} configurations, more than study.n_trials "
+            f"({spec.study.n_trials}): each runs as one of the study's trials"
+        )
+        errors.append(FieldError("study.enqueue", msg))
+    dists = searched_distributions(spec)
+    for i, entry in enumerate(entries):
+        errors += _enqueue_entry_errors(spec, dists, f"study.enqueue.{i}", entry)
+    return errors
+
+
+def _enqueue_entry_errors(
+    spec: StudySpec, dists: Mapping[str, Distribution], where: str, entry: Mapping[str, Any]
+) -> list[FieldError]:
+    if not entry:
+        return [FieldError(where, "empty: give at least one searched parameter")]
+    errors = []
+    for name, value in entry.items():
+        dist = dists.get(name)
+        msg = _not_searched(spec, dists, name) if dist is None else _outside(dist, value)
+        if msg:
+            errors.append(FieldError(f"{where}.{name}", msg))
+    for name in entry:
+        parent = _ACTIVE_WHEN.get(name, ("", ()))[0]
+        if parent in dists and parent not in entry and name in dists:
+            # Else the sampler's pick of the parent could silently switch it off.
+            errors.append(FieldError(f"{where}.{name}", _unused_reason(spec, entry, name)))
+    if errors:
+        return errors
+    # Replayed with the rest at each end of the space: a parameter neither replay asks for
+    # is one that the entry's own values switch off.
+    attempts: list[tuple[set[str], list[FieldError]]] = []
+    for fill in (_LowestTrial(), _HighestTrial()):
+        trial = _EntryTrial(entry, fill)
+        try:
+            sample_config(trial, spec)
+        except InvalidConfig as err:
+            attempts.append((trial.used, err.errors))
+        else:
+            attempts.append((trial.used, []))
+    used = set().union(*(names for names, _ in attempts))
+    errors = [
+        FieldError(f"{where}.{name}", _unused_reason(spec, entry, name))
+        for name in entry
+        if name not in used
+    ]
+    if all(errs for _, errs in attempts):
+        errors += [FieldError(where + e.loc.removeprefix("space"), e.msg) for e in attempts[0][1]]
+    return errors
+
+
+def _not_searched(spec: StudySpec, dists: Mapping[str, Distribution], name: str) -> str:
+    if name in spec.space:
+        return f"fixed in the space (to {_shown(spec.space[name])}): leave it out"
+    if name in _PARAM_FIELDS:
+        return "not searched in this space: search it in `space`, or leave it out"
+    searched = ", ".join(sorted(dists)) or "none"
+    return f"unknown parameter (this space searches: {searched})"
+
+
+def _shown(value: Any) -> str:
+    """A value as YAML writes it (true, null, 0.5, adam)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return _number(value) if isinstance(value, int | float) else str(value)
+
+
+def _outside(dist: Distribution, value: Any) -> str | None:
+    """Why ``value`` is not a point of ``dist``; None when it is (as Optuna tests it)."""
+    if isinstance(dist, CategoricalDistribution):
+        if any(type(value) is type(c) and value == c for c in dist.choices):
+            return None
+        return f"must be one of the space's choices: {', '.join(map(_shown, dist.choices))}"
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return "must be a number"
+    if isinstance(dist, IntDistribution) and not isinstance(value, int):
+        return "must be an integer"
+    if not dist.low <= value <= dist.high:
+        return f"must be within the space's range [{_number(dist.low)}, {_number(dist.high)}]"
+    if dist.step is not None:
+        k = (value - dist.low) / dist.step
+        if abs(k - round(k)) >= 1e-8:  # Optuna's own test (FloatDistribution._contains)
+            return f"must be on the space's step: {_number(dist.low)} + k * {_number(dist.step)}"
+    return None
+
+
+def _unused_reason(spec: StudySpec, entry: Mapping[str, Any], name: str) -> str:
+    layer = _PER_LAYER_NAME.match(name)
+    if layer:
+        return f"only used with hidden_mode: per_layer and num_layers >= {int(layer[1]) + 1}"
+    if name == "hidden_size":
+        return "not used with hidden_mode: per_layer (give hidden_size_l0, hidden_size_l1, ...)"
+    if name == "dropout":
+        parent, reason = "num_layers", "only used with num_layers >= 2 (it sits between layers)"
+    elif name in _ACTIVE_WHEN:
+        parent, active = _ACTIVE_WHEN[name]
+        reason = f"only used with {parent}: {' | '.join(map(_shown, active))}"
+    else:
+        return "not used by this configuration"
+    if parent not in entry and parent in spec.searched():
+        reason += f"; give {parent} in this entry too"
+    return reason
+
+
 def _check_limits(spec: StudySpec, limits: SpecLimits) -> list[FieldError]:
     errors = []
     if spec.study.n_trials > limits.max_trials:
@@ -1042,6 +1270,8 @@ def parse_spec(data: Any, limits: SpecLimits = DEFAULT_LIMITS) -> StudySpec:
     except InvalidConfig as err:
         raise InvalidSpec(err.errors) from None
     if errors := _check_worker_memory(spec, limits):
+        raise InvalidSpec(errors)
+    if errors := _check_warm_start(spec) + check_enqueue(spec):
         raise InvalidSpec(errors)
     return spec
 
@@ -1427,27 +1657,56 @@ def lowest_config(spec: StudySpec) -> ResolvedConfig:
     return sample_config(_LowestTrial(), spec)
 
 
+class _HighestTrial(_LowestTrial):
+    """A stand-in trial that picks the top of every distribution (the last choice)."""
+
+    def suggest_int(
+        self, name: str, low: int, high: int, *, step: int = 1, log: bool = False
+    ) -> int:
+        return low + (high - low) // step * step
+
+    def suggest_float(
+        self, name: str, low: float, high: float, *, step: float | None = None, log: bool = False
+    ) -> float:
+        return high if step is None else min(high, low + grid_steps(low, high, step) * step)
+
+    def suggest_categorical(self, name: str, choices: Sequence[Any]) -> Any:
+        return choices[-1]
+
+
 def largest_config(spec: StudySpec) -> ResolvedConfig:
     """Every searched value at its top end: the most expensive config a space allows."""
+    return sample_config(_HighestTrial(), spec)
 
-    class _Highest(_LowestTrial):
-        def suggest_int(
-            self, name: str, low: int, high: int, *, step: int = 1, log: bool = False
-        ) -> int:
-            return low + (high - low) // step * step
 
-        def suggest_float(
-            self,
-            name: str,
-            low: float,
-            high: float,
-            *,
-            step: float | None = None,
-            log: bool = False,
-        ) -> float:
-            return high if step is None else min(high, low + grid_steps(low, high, step) * step)
+class _EntryTrial:
+    """A stand-in trial that replays one ``study.enqueue`` entry, asking ``fill`` for the
+    parameters the entry leaves out; ``used`` records the entry's parameters it was asked."""
 
-        def suggest_categorical(self, name: str, choices: Sequence[Any]) -> Any:
-            return choices[-1]
+    def __init__(self, entry: Mapping[str, Any], fill: _LowestTrial) -> None:
+        self.entry = entry
+        self.fill = fill
+        self.used: set[str] = set()
 
-    return sample_config(_Highest(), spec)
+    def _given(self, name: str) -> Any:
+        self.used.add(name)
+        return self.entry[name]
+
+    def suggest_int(
+        self, name: str, low: int, high: int, *, step: int = 1, log: bool = False
+    ) -> int:
+        if name in self.entry:
+            return int(self._given(name))
+        return self.fill.suggest_int(name, low, high, step=step, log=log)
+
+    def suggest_float(
+        self, name: str, low: float, high: float, *, step: float | None = None, log: bool = False
+    ) -> float:
+        if name in self.entry:
+            return float(self._given(name))
+        return self.fill.suggest_float(name, low, high, step=step, log=log)
+
+    def suggest_categorical(self, name: str, choices: Sequence[Any]) -> Any:
+        if name in self.entry:
+            return self._given(name)
+        return self.fill.suggest_categorical(name, choices)

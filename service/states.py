@@ -101,6 +101,18 @@ _FROM_OPTUNA = {
 
 #: Study: the id of our job row (the other half of the study).
 JOB_ID_ATTR = "lstm_hpo_job_id"
+#: Study: what the submit did that the user should know (warm start's dropped params...).
+NOTES_ATTR = "lstm_hpo:notes"
+#: Trial: True on a WAITING trial enqueued at submit from ``study.enqueue`` (never on a
+#: retry's copy): a fresh slot runs these first, lowest trial number first.
+ENQUEUED_ATTR = "lstm_hpo:enqueued"
+#: Trial: with ``ENQUEUED_ATTR``, its index in ``study.enqueue``.
+ENQUEUE_INDEX_ATTR = "lstm_hpo:enqueue_index"
+#: Trial: a COMPLETE trial copied at submit from an earlier study (``study.warm_start_from``)
+#: into the sampler's history: that study's id. Never run; not one of the study's trials.
+WARM_START_FROM_ATTR = "lstm_hpo:warm_start_from"
+#: Trial: with ``WARM_START_FROM_ATTR``, its number in that study.
+WARM_START_TRIAL_ATTR = "lstm_hpo:warm_start_trial"
 #: Trial: its resolved config (``{task, params}``), what `lstm-hpo train` takes.
 CONFIG_ATTR = "config"
 #: Trial: why it failed or was pruned, for people.

@@ -48,6 +48,10 @@ worker's side: it FAILs its trial, enqueues the WAITING copy, and
 the claim that takes it over keeps its ``attempt``, so preemptions never use up
 ``study.max_retries``.
 
+Extending a job (:func:`extend_job`) raises ``n_trials`` under the job's lock, so the
+claim's ``n_running + n_finished < n_trials`` sees the new total at once; an ended job
+becomes queued again, with a fresh deadline when it has a timeout.
+
 Functions take a ``sessionmaker`` (or an ``Engine``) and plain values and return frozen
 dataclasses, never ORM rows. Pass ``now`` (timezone-aware) to control time in tests.
 
@@ -85,6 +89,7 @@ from service.queue.jobs import (
     create_job,
     delete_job,
     end_expired_jobs,
+    extend_job,
     fail_job,
     find_job,
     get_job,
@@ -131,6 +136,7 @@ __all__ = [
     "create_job",
     "delete_job",
     "end_expired_jobs",
+    "extend_job",
     "fail_job",
     "find_job",
     "finish_trial_slot",

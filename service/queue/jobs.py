@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from datetime import datetime
+from datetime import datetime, timedelta
 from functools import partial
 from typing import Any
 
@@ -13,7 +13,15 @@ from sqlalchemy.orm import Session
 from service import errors
 from service.models import SearchJob, TrialLease, new_job_id
 from service.queue._plumbing import resolve_now, transact
-from service.queue._records import CreatedJob, JobRecord, SessionSource, job_record
+from service.queue._records import (
+    MAX_DEADLINE_S,
+    NONE_COMPLETED_ERROR,
+    TIMED_OUT_ERROR,
+    CreatedJob,
+    JobRecord,
+    SessionSource,
+    job_record,
+)
 from service.queue._rules import end_job_if_done, lock_job
 from service.queue.listen import announce_work
 from service.states import ACTIVE_JOB_STATES, JobState
@@ -187,6 +195,62 @@ def cancel_job(sm: SessionSource, job_id: str, *, now: datetime | None = None) -
         job.finished_at = at
         _drop_pending_retries(session, job_id)
         return JobState.CANCELLED
+
+    return transact(sm, work)
+
+
+#: A failed job whose error is one of these failed for its budget or its luck, not for its
+#: spec or data: it may be extended (:func:`extend_job`).
+EXTENDABLE_ERRORS = frozenset({TIMED_OUT_ERROR, NONE_COMPLETED_ERROR})
+
+
+def extend_job(
+    sm: SessionSource,
+    job_id: str,
+    n_more: int,
+    *,
+    max_n_trials: int | None = None,
+    now: datetime | None = None,
+) -> JobRecord:
+    """Add ``n_more`` slots to a job: it ends once ``n_trials + n_more`` slots are finished.
+
+    A job that ended (succeeded, cancelled, or failed for its timeout or with every trial
+    pruned) becomes queued again (running while leases of it still run), its error and
+    end cleared; idle workers are NOTIFYed. Slots a cancelled job never ran are claimable
+    again too. A job that has started and has a timeout gets a new deadline, ``timeout_s``
+    from ``now``. One transaction under the job's lock, so a concurrent claim or finish
+    sees the old or the new count, never a mix.
+
+    Raises ``StudyNotFound``; ``StudyNotExtendable`` for a job failed for any other reason
+    (its spec, data or Optuna study is unusable); ``InvalidSpec`` (field ``n_trials``) when
+    the total would pass ``max_n_trials``.
+    """
+    if n_more < 1:
+        raise ValueError("n_more must be at least 1")
+    at = resolve_now(now)
+
+    def work(session: Session) -> JobRecord:
+        job = lock_job(session, job_id)
+        if job is None:
+            raise errors.StudyNotFound()
+        if job.state == JobState.FAILED and job.error not in EXTENDABLE_ERRORS:
+            raise errors.StudyNotExtendable(
+                f"the study failed ({job.error}): it cannot take more trials; fix what the "
+                "error names and submit a new study"
+            )
+        total = job.n_trials + n_more
+        if max_n_trials is not None and total > max_n_trials:
+            msg = f"the study would have {total} trials, more than {max_n_trials}"
+            raise errors.InvalidSpec([errors.FieldError("n_trials", msg)])
+        job.n_trials = total
+        if not JobState(job.state).is_active:
+            job.state = JobState.RUNNING if job.n_running else JobState.QUEUED
+            job.finished_at = None
+            job.error = None
+        if job.started_at is not None and job.timeout_s is not None:
+            job.deadline_at = at + timedelta(seconds=min(job.timeout_s, MAX_DEADLINE_S))
+        announce_work(session, job.id)
+        return job_record(job)
 
     return transact(sm, work)
 

@@ -1,4 +1,5 @@
-"""/v1/studies: submit, list, get, trials, best, cancel, delete. Thin: parse, one call, return."""
+"""/v1/studies: submit, list, get, trials, best, cancel, extend, delete. Thin: parse, one
+call, return."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from service.api.routes.report import CSV_CONTENT, trials_csv_response
 from service.errors import FieldError, InvalidSpec, PayloadTooLarge, UnsupportedMediaType
 from service.estimate import estimate_document
 from service.schemas import BestPublic, EstimatePublic, Page, StudyPublic, TrialPublic
-from service.search_space import dump_yaml, parse_spec
+from service.search_space import MAX_TRIALS, dump_yaml, parse_spec
 from service.states import JobState, TrialState
 
 #: Largest page offset: past it no page exists, and a database cannot take a larger integer.
@@ -341,6 +342,47 @@ def best_checkpoint(study_id: str, backend: BackendDep, principal: PrincipalDep)
 def cancel(study_id: str, backend: BackendDep, principal: PrincipalDep) -> StudyPublic:
     """Stop claiming new trials. Trials already running finish and are recorded."""
     return studies.cancel_study(backend, study_id, principal=principal)
+
+
+@router.post(
+    "/{study_id}/extend",
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {
+                    "schema": {
+                        "type": "object",
+                        "properties": {
+                            "n_trials": {"type": "integer", "minimum": 1, "maximum": MAX_TRIALS}
+                        },
+                        "required": ["n_trials"],
+                        "additionalProperties": False,
+                    },
+                    "example": {"n_trials": 20},
+                }
+            },
+        }
+    },
+)
+async def extend(
+    study_id: str, request: Request, backend: BackendDep, principal: PrincipalDep
+) -> StudyPublic:
+    """Add ``n_trials`` trials to a queued, running or ended study: the same Optuna study
+    goes on (the sampler keeps its history) until it has that many more finished trials;
+    with ``study.timeout_s``, the deadline counts from now. 409 for a study that failed
+    (its spec or data), 422 naming ``n_trials`` past ``LSTM_HPO_MAX_TRIALS``."""
+    body = await _bounded_body(request, request.app.state.max_request_bytes)
+    content_type = request.headers.get("content-type", "application/json").split(";")[0].strip()
+    if content_type != "application/json":
+        raise UnsupportedMediaType(
+            f'send {{"n_trials": N}} as JSON (Content-Type: application/json), not {content_type}'
+        )
+    n_trials = studies.extend_request(_json_document(body))
+    # Writes the database: off the event loop.
+    return await run_in_threadpool(
+        partial(studies.extend_study, principal=principal), backend, study_id, n_trials
+    )
 
 
 @router.delete("/{study_id}", status_code=204)
