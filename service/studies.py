@@ -660,12 +660,13 @@ def _trials(backend: Backend, job: queue.JobRecord) -> list[FrozenTrial]:
     except OptunaStudyDeleted:
         mark_optuna_study_deleted(backend, job.id)
         raise
-    return _own(backend.storage.get_all_trials(study_id, deepcopy=False))
+    return own_trials(backend.storage.get_all_trials(study_id, deepcopy=False))
 
 
-def _own(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
-    """The trials the study ran: not those copied from earlier studies (warm start), which
-    only seed its sampler."""
+def own_trials(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
+    """The trials the study ran: not those copied from earlier studies (warm start,
+    marked ``WARM_START_FROM_ATTR``), which only seed its sampler. Whatever lists, counts
+    or ranks a study's trials reads them through this."""
     return [t for t in trials if WARM_START_FROM_ATTR not in t.user_attrs]
 
 
@@ -676,7 +677,7 @@ def _is_finite(value: float | None) -> bool:
 def _ranked(trials: Sequence[FrozenTrial], direction: str) -> list[FrozenTrial]:
     """The study's own COMPLETE trials with a finite value, best first (NaN/inf never
     win; warm-start copies never either)."""
-    done = [t for t in _own(trials) if t.state == TrialState.COMPLETE and _is_finite(t.value)]
+    done = [t for t in own_trials(trials) if t.state == TrialState.COMPLETE and _is_finite(t.value)]
     return sorted(done, key=lambda t: t.value or 0.0, reverse=direction == "maximize")
 
 
