@@ -246,13 +246,12 @@ def test_trial_timeout_fails_slow_and_hung_trials_and_the_worker_goes_on(
     hung["study"]["trial_timeout_s"] = 1
     slow_id, hung_id = cluster.submit(slow), cluster.submit(hung)
     cluster.start_workers(1)
-    for job_id in (slow_id, hung_id):
-        wait_until(
-            lambda job_id=job_id: fault_db.job(job_id).state == "failed",
-            timeout_s=90,
-            what=f"study {job_id} to end",
-            context=cluster.logs,
-        )
+    wait_until(
+        lambda: {fault_db.job(slow_id).state, fault_db.job(hung_id).state} == {"failed"},
+        timeout_s=120,
+        what="both studies to end",
+        context=cluster.logs,
+    )
     for job_id, seconds in ((slow_id, 1.5), (hung_id, 1.0)):
         job = fault_db.job(job_id)
         assert (job.n_finished, job.n_running) == (job.n_trials, 0)
