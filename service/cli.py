@@ -289,6 +289,7 @@ def _worker_options(settings: Settings, accelerator: str) -> WorkerOptions:
         artifacts_data_dir=settings.data_dir,
         preempt_grace_s=settings.preempt_grace_s,
         trial_kill_grace_s=settings.trial_kill_grace_s,
+        log_format=settings.log_format,
     )
 
 

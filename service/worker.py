@@ -46,10 +46,11 @@ from service.errors import (
     TrialPreempted,
     trial_timeout_reason,
 )
+from service.logs import add_log_fields, configure_logging, log_context
 from service.migrate import wait_for_schema
 from service.reaper import enqueue_retry_copy
 from service.search_space import STORED_SPEC_LIMITS, StudySpec, parse_spec
-from service.states import FAILURE_ATTR, PREEMPTED_ATTR, TrialOutcome
+from service.states import ENQUEUED_ATTR, FAILURE_ATTR, PREEMPTED_ATTR, TrialOutcome
 from service.studies import NOT_RUN_REASON, fail_waiting_trial, optuna_storage
 from service.training.interrupts import PreemptNotice, TrialGuard
 from service.training.objective import (
@@ -99,6 +100,8 @@ class WorkerOptions:
     #: ``LSTM_HPO_TRIAL_KILL_GRACE_S``: how long past ``study.trial_timeout_s`` the
     #: supervisor waits for a trial to reach a step boundary before it kills the process.
     trial_kill_grace_s: float = 60.0
+    #: ``LSTM_HPO_LOG_FORMAT``: ``text`` or ``json`` lines (``service.logs``).
+    log_format: str = "text"
 
 
 Outcome = Literal["complete", "pruned", "failed"]
@@ -150,11 +153,14 @@ class _LeaseStudy(optuna.Study):
 
     #: The WAITING trial the next ``ask()`` must run; None for a new trial.
     pop_trial_id: int | None = None
+    #: The job's spec enqueues configurations (``study.enqueue``) that may still wait: a
+    #: fresh slot runs the first of them before the sampler proposes anything.
+    enqueued_pending: bool = False
 
     def _pop_waiting_trial_id(self) -> int | None:
         trial_id = self.pop_trial_id
         if trial_id is None:
-            return None
+            return self._pop_enqueued() if self.enqueued_pending else None
         # Optuna's own pop reads the WAITING trials first; that read also registers them
         # in the cached storage, which later calls (set_trial_param) look them up in.
         self._storage.get_all_trials(self._study_id, deepcopy=False, states=(TrialState.WAITING,))
@@ -166,6 +172,24 @@ class _LeaseStudy(optuna.Study):
         if not popped:
             raise RetryTrialGone(trial_id)
         return trial_id
+
+    def _pop_enqueued(self) -> int | None:
+        """The first WAITING trial ``study.enqueue`` put in (by number: the spec's order),
+        moved to RUNNING; None once none waits (remembered: only a submit enqueues). Retry
+        copies never carry :data:`ENQUEUED_ATTR`, so a fresh slot never takes a retry's."""
+        waiting = self._storage.get_all_trials(
+            self._study_id, deepcopy=False, states=(TrialState.WAITING,)
+        )
+        for trial in sorted(waiting, key=lambda t: t.number):
+            if trial.user_attrs.get(ENQUEUED_ATTR) is not True:
+                continue
+            try:  # WAITING -> RUNNING, atomically: False when another worker took it first
+                if self._storage.set_trial_state_values(trial._trial_id, state=TrialState.RUNNING):
+                    return trial._trial_id
+            except optuna.exceptions.UpdateFinishedTrialError:
+                continue  # failed "not run" by the reaper's sweep meanwhile
+        self.enqueued_pending = False
+        return None
 
 
 class RetryTrialGone(LstmHpoError):
@@ -337,7 +361,8 @@ class Worker:
                     continue
                 beat.lease = (lease.id, lease.claimed_at)
                 try:
-                    self.run_lease(lease, beat)
+                    with log_context(study_id=lease.job_id, worker_id=self.worker_id):
+                        self.run_lease(lease, beat)
                 finally:
                     beat.lease = None
                     beat.lost.clear()  # only the lease that just ended can be in it
@@ -449,6 +474,7 @@ class Worker:
         study: optuna.Study,
         trial: optuna.Trial,
     ) -> SlotResult | None:
+        add_log_fields(trial_number=trial.number)
         log.info("trial %d of %s: start", trial.number, lease.optuna_study_name)
         timeout_s = spec.study.trial_timeout_s
         guard = TrialGuard(notice=lambda: self.preempt_notice, timeout_s=timeout_s)
@@ -547,6 +573,7 @@ class Worker:
         half-way is completed by it (see :mod:`service.reaper`)."""
         assert self.storage is not None
         storage = self.storage
+
         def mark() -> None:
             trial.set_user_attr(PREEMPTED_ATTR, err.signal_name)
             trial.set_user_attr(FAILURE_ATTR, err.message)
@@ -657,6 +684,7 @@ class Worker:
         if context is None or context.raw_spec != lease.spec:
             study = _LeaseStudy(study_name=lease.optuna_study_name, storage=self.storage)
             spec = parse_spec(lease.spec, STORED_SPEC_LIMITS)
+            study.enqueued_pending = bool(spec.study.enqueue)
             context = _JobContext(dict(lease.spec), spec, study)
         self._jobs[lease.job_id] = context
         while len(self._jobs) > JOB_CACHE_SIZE:
@@ -900,8 +928,8 @@ def configure_process(options: WorkerOptions) -> None:
     (``service.training.objective``), which then applies ``OMP_NUM_THREADS``; a worker that
     runs only synthetic trials never loads it. Lightning is quietened by ``fit_config``.
     """
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(processName)s %(name)s: %(message)s"
+    configure_logging(
+        options.log_format, text_format="%(asctime)s %(processName)s %(name)s: %(message)s"
     )
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)  # the schema check's chatter

@@ -120,6 +120,24 @@ def test_enqueued_configurations_wait_marked_and_bad_ones_are_refused(
     assert server.http.get("/v1/studies").json()["total"] == 1  # nothing else was created
 
 
+def test_a_worker_runs_the_enqueued_configurations_first_then_samples(
+    server: InProcessServer, db_url: str
+) -> None:
+    enqueue = [
+        {"num_layers": 3, "hidden_size": 32, "optimizer": "sgd", "momentum": 0.5, "lr": 0.5},
+        {"lr": 0.01},
+    ]
+    client = Client(server.url)
+    study = client.submit(_spec(4, enqueue=enqueue))
+    _run_worker(db_url)
+    assert client.get(study.id).state == JobState.SUCCEEDED
+    trials = _optuna_trials(server, study.optuna_study_name)
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 4  # exactly n_trials, none left
+    assert trials[0].params == enqueue[0]  # in the spec's order, with exactly its values
+    assert trials[1].params["lr"] == 0.01 and trials[1].user_attrs[ENQUEUE_INDEX_ATTR] == 1
+    assert [ENQUEUED_ATTR in t.user_attrs for t in trials] == [True, True, False, False]
+
+
 def test_enqueued_configurations_a_study_ends_without_are_failed_as_not_run(
     server: InProcessServer,
 ) -> None:
