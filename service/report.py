@@ -80,7 +80,8 @@ def load_snapshot(
     job = queue.get_job(backend.sessions, job_id, owner=principal.owner_filter)
     try:
         optuna_id = studies.optuna_study_id(backend, job.optuna_study_name)
-        trials = backend.storage.get_all_trials(optuna_id, deepcopy=False)
+        # Only what this study ran: warm-start copies seed its sampler, nothing more.
+        trials = studies.own_trials(backend.storage.get_all_trials(optuna_id, deepcopy=False))
     except OptunaStudyDeleted:
         trials = []
     best_yaml = best_note = None

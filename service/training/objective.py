@@ -353,7 +353,11 @@ def build_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
     resource = max(1, warmup)
     max_resource: int | str = max(max_epochs, resource) if isinstance(max_epochs, int) else "auto"
     if name == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=warmup)
+        # n_min_trials: the median at a step needs 5 curves that reached it; warm-start
+        # copies (study.warm_start_from) count as complete trials but carry no curve.
+        return optuna.pruners.MedianPruner(
+            n_startup_trials=5, n_warmup_steps=warmup, n_min_trials=5
+        )
     if name == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=resource, max_resource=max_resource)
     if name == "successive_halving":
