@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from sqlalchemy.orm import Session, sessionmaker
 
     from service.client import Client
-    from service.schemas import ProgressPublic, StudyPublic
+    from service.schemas import ConfirmationPublic, ProgressPublic, StudyPublic
     from service.search_space import ResolvedConfig
     from service.training.checkpoints import SavedModel
     from service.worker import ProcessPlan, WorkerOptions
@@ -918,8 +918,11 @@ def best(
             if checkpoint is not None:
                 client.best_checkpoint(study_id, checkpoint)
                 err_console.print(f"wrote {checkpoint}")
+            found = _best_confirmation(client, study_id)
         except LstmHpoError as err:
             raise _fail(err) from None
+    if found is not None:  # on stderr: stdout is the YAML
+        err_console.print(found)
     if output is None:
         print(text, end="")
         return
@@ -960,6 +963,96 @@ def extend(
         except LstmHpoError as err:
             raise _fail(err, 2 if isinstance(err, InvalidSpec) else 1) from None
     console.print(f"{study.id}: {study.state}, {study.n_finished}/{study.n_trials} trials")
+
+
+@app.command()
+def confirm(
+    study_id: Annotated[str, typer.Argument(help="The study id.")],
+    *,
+    top_k: Annotated[int, typer.Option("--top-k", help="How many of its best configs (1-20).")] = 3,
+    seeds: Annotated[int, typer.Option("--seeds", help="New seeds per config (2-20).")] = 5,
+    wait: Annotated[
+        bool, typer.Option("--wait", help="Wait until it ends, then show what it found.")
+    ] = False,
+    json_output: Annotated[
+        bool, typer.Option("--json", help="Print JSON (with --wait: the confirmation's).")
+    ] = False,
+    server: ServerOption = DEFAULT_SERVER,
+    token: TokenOption = None,
+) -> None:
+    """Confirm the winner: re-train the study's top-k configs, each with new seeds, as their
+    own study (its id is printed; every study command takes it), each trial scored on the
+    validation and the test split. --wait: until it ends, then per config the mean, sd and
+    95% interval, and whether the best beats the runner-up beyond noise (a paired t-test
+    over seeds). `lstm-hpo best ID` then names the winner."""
+    from service.client import Client
+
+    with Client(server, token=token) as client:
+        try:
+            study = client.confirm(study_id, top_k=top_k, seeds=seeds)
+            err_console.print(
+                f"queued {study.name}: {study.n_trials} trials -> {study.dashboard_url}"
+            )
+            if json_output and not wait:
+                print(study.model_dump_json())
+                return
+            if not json_output:
+                print(study.id)
+            if not wait:
+                return
+            client.wait(study.id)
+            result = client.confirmation(study.id)
+        except LstmHpoError as err:
+            raise _fail(err, 2 if isinstance(err, InvalidSpec) else 1) from None
+    if json_output:
+        print(result.model_dump_json())
+    else:
+        console.print(_confirmation_view(result))
+
+
+def _confirmation_view(result: ConfirmationPublic) -> Group:
+    """A confirmation's configs (best first) and its verdict."""
+    title = (
+        f"confirmation {result.id} of study {result.confirms} "
+        f"({result.state}, {result.n_finished}/{result.n_trials} trials, seeds "
+        f"{', '.join(map(str, result.seeds))})"
+    )
+    metric = escape(result.metric)
+    table = Table(
+        "rank",
+        "trial",
+        "search",
+        f"val {metric} mean +- sd",
+        "val 95% CI",
+        "test mean +- sd",
+        "test 95% CI",
+        "seeds",
+        title=escape(title),
+    )
+    for c in result.configs:
+        table.add_row(
+            str(c.rank),
+            "-" if c.trial_number is None else str(c.trial_number),
+            _fmt(c.search_value),
+            f"{_fmt(c.validation.mean)} +- {_fmt(c.validation.sd)}",
+            f"[{_fmt(c.validation.ci95_low)}, {_fmt(c.validation.ci95_high)}]",
+            f"{_fmt(c.test.mean)} +- {_fmt(c.test.sd)}",
+            f"[{_fmt(c.test.ci95_low)}, {_fmt(c.test.ci95_high)}]",
+            f"{c.validation.n}/{len(result.seeds)}",
+        )
+    return Group(table, Text(result.verdict))
+
+
+def _best_confirmation(client: Client, study_id: str) -> RenderableType | None:
+    """What ``best`` adds about a confirmation: on a confirmation study its table, on a
+    confirmed study its newest confirmation's verdict; None when there is none."""
+    top = client.top(study_id, 1)
+    found = top[0].confirmation if top else None
+    if found is None:
+        return None
+    if found.study_id == study_id:
+        return _confirmation_view(client.confirmation(study_id))
+    return Text(f"confirmation {found.study_id} ({found.state}): {found.verdict}")
 
 
 @app.command()

@@ -18,7 +18,14 @@ from typing import Any
 import httpx
 
 from service.errors import FieldError, InvalidSpec, LstmHpoError
-from service.schemas import BestPublic, Page, ProgressPublic, StudyPublic, TrialPublic
+from service.schemas import (
+    BestPublic,
+    ConfirmationPublic,
+    Page,
+    ProgressPublic,
+    StudyPublic,
+    TrialPublic,
+)
 from service.states import TERMINAL_JOB_STATES
 
 #: Study states after which nothing of a study runs any more (``JobState.is_terminal``).
@@ -154,6 +161,23 @@ class Client:
             "POST", f"/v1/studies/{study_id}/extend", json={"n_trials": n_trials}
         )
         return StudyPublic.model_validate(response.json())
+
+    def confirm(self, study_id: str, *, top_k: int = 3, seeds: int = 5) -> StudyPublic:
+        """Re-train the study's ``top_k`` best configs with ``seeds`` new seeds each, as
+        their own study: that study (``n_trials`` = top_k x seeds; wait on its id, then
+        :meth:`confirmation`). ApiError 409 with fewer completed configs than ``top_k``,
+        404 unknown; InvalidSpec for top_k outside 1..20 or seeds outside 2..20."""
+        response = self._request(
+            "POST", f"/v1/studies/{study_id}/confirm", json={"top_k": top_k, "seeds": seeds}
+        )
+        return StudyPublic.model_validate(response.json())
+
+    def confirmation(self, study_id: str) -> ConfirmationPublic:
+        """A confirmation study's statistics (or a confirmed study's newest confirmation's):
+        per config mean, sd and 95% interval of the validation and test metric, and the
+        paired test of the best against the runner-up. ApiError 404 if never confirmed."""
+        response = self._request("GET", f"/v1/studies/{study_id}/confirmation")
+        return ConfirmationPublic.model_validate(response.json())
 
     def delete(self, study_id: str) -> None:
         """Delete a study and its trials (cancelled first if it runs); ApiError 404 if unknown."""

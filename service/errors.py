@@ -183,3 +183,11 @@ def trial_timeout_reason(timeout_s: float) -> str:
     step check and its supervisor's kill of a hung process record the same words)."""
     shown = f"{timeout_s:g}"
     return f"exceeded trial_timeout_s ({shown} s)"
+
+
+class NotConfirmable(Conflict):
+    """The study cannot be confirmed as asked."""
+
+
+class ConfirmationNotFound(NotFound):
+    """The study has no confirmation: POST /v1/studies/{id}/confirm makes one."""

@@ -78,6 +78,9 @@ class BestPublic(_Public):
     trial_number: int
     #: The resolved config: `lstm-hpo train` takes it as it is.
     config: dict[str, Any]
+    #: The study's newest confirmation (``POST /v1/studies/{id}/confirm``), or on a
+    #: confirmation study its own: which config won it, by how much, and this one's rank.
+    confirmation: BestConfirmationPublic | None = None
 
 
 class Page(_Public, Generic[T]):
@@ -173,3 +176,127 @@ class ProgressPublic(_Public):
     timeout_left_s: float | None = None
     #: True when the timeout should stop the study before its trials are done.
     timeout_first: bool = False
+
+
+# --------------------------------------------------------------------------------------
+# Confirm the winner (service.confirm)
+
+
+class MetricSummaryPublic(_Public):
+    """One metric of one config over the confirmation's seeds (those with a finite value)."""
+
+    n: int
+    mean: float | None = None
+    #: Sample standard deviation (n - 1 in the denominator); null below 2 seeds.
+    sd: float | None = None
+    #: 95% interval of the mean: mean +- t(0.975, n - 1) * sd / sqrt(n) (Student t); null
+    #: below 2 seeds.
+    ci95_low: float | None = None
+    ci95_high: float | None = None
+    #: seed -> value.
+    values: dict[int, float]
+
+
+class ConfirmedConfigPublic(_Public):
+    """One confirmed config: its search result and its statistics over the new seeds."""
+
+    #: 1: the best mean validation metric.
+    rank: int
+    #: The confirmed study's trial whose config this is (null if unknown).
+    trial_number: int | None = None
+    #: That trial's value in the search.
+    search_value: float | None = None
+    #: Its parameters (Optuna's names), without ``seed``.
+    params: dict[str, Any]
+    validation: MetricSummaryPublic
+    test: MetricSummaryPublic
+    #: Seeds with no completed trial (yet): failed, or not run yet.
+    missing_seeds: list[int]
+
+
+class PairedTestPublic(_Public):
+    """The paired t-test over seeds of best minus runner-up on one split."""
+
+    split: Literal["validation", "test"]
+    #: Seeds both configs completed (the pairs).
+    n: int
+    #: Mean over those seeds of best minus runner-up (negative favours the best when
+    #: minimising).
+    mean_difference: float | None = None
+    #: 95% interval of that mean difference (Student t, n - 1 degrees of freedom).
+    ci95_low: float | None = None
+    ci95_high: float | None = None
+    #: The t statistic (null when the differences do not vary, or below 2 pairs).
+    t: float | None = None
+    df: int | None = None
+    #: Two-sided p-value; null below 2 pairs.
+    p_value: float | None = None
+    #: p < 0.05 and the difference favours the best.
+    significant: bool = False
+
+
+class ComparisonPublic(_Public):
+    """The best config against the runner-up."""
+
+    best_trial_number: int | None = None
+    runner_up_trial_number: int | None = None
+    #: How much better the best's mean validation metric is than the runner-up's, in the
+    #: metric's units (>= 0, the study's direction's way).
+    margin: float | None = None
+    #: The same on the test split (negative: the test split disagrees).
+    test_margin: float | None = None
+    validation: PairedTestPublic
+    test: PairedTestPublic
+    #: The validation split's paired test says the best is better (p < 0.05).
+    better_beyond_noise: bool
+
+
+class ConfirmationPublic(_Public):
+    """A confirmation study's result (``GET /v1/studies/{id}/confirmation``)."""
+
+    #: The confirmation study (every study route takes it).
+    id: str
+    #: The study whose top configs it re-trains.
+    confirms: str
+    state: JobState
+    n_trials: int
+    n_finished: int
+    metric: str
+    direction: Literal["minimize", "maximize"]
+    top_k: int
+    #: The seeds every config trained with (none of them used by the confirmed study).
+    seeds: list[int]
+    #: Best mean validation metric first.
+    configs: list[ConfirmedConfigPublic]
+    #: The best against the runner-up; null with one config, or before both have a seed.
+    comparison: ComparisonPublic | None = None
+    #: What it found, in words.
+    verdict: str
+    #: The test, named.
+    method: str
+
+
+class BestConfirmationPublic(_Public):
+    """What a study's confirmation found, as ``best`` tells it."""
+
+    #: The confirmation study.
+    study_id: str
+    state: JobState
+    n_trials: int
+    n_finished: int
+    #: The confirmed study's trial whose config won (best mean validation metric).
+    winner_trial_number: int | None = None
+    runner_up_trial_number: int | None = None
+    #: By how much the winner's mean validation metric beats the runner-up's (>= 0).
+    margin: float | None = None
+    test_margin: float | None = None
+    #: The paired t-test's two-sided p-value over seeds (validation split).
+    p_value: float | None = None
+    #: Null: no comparison (one config, or too few seeds completed yet).
+    better_beyond_noise: bool | None = None
+    #: This config's rank in the confirmation (1: it won); null when it was not confirmed.
+    rank: int | None = None
+    verdict: str
+
+
+BestPublic.model_rebuild()

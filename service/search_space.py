@@ -651,6 +651,14 @@ class StudySettings(_Frozen):
         description="Ids of earlier studies of the same task kind whose completed trials "
         "seed the sampler (they do not count toward n_trials).",
     )
+    #: Set by the service only (``POST /v1/studies/{id}/confirm``, :mod:`service.confirm`;
+    #: refused in a submitted spec): the study this one confirms. Its trials are scored on
+    #: the test split too (the trial user attribute ``test_value``).
+    confirm_of: StudyId | None = Field(
+        default=None,
+        description="Set by POST /v1/studies/{id}/confirm (the confirmed study's id); "
+        "not allowed in a submitted spec.",
+    )
 
 
 class StudySpec(_Frozen):

@@ -129,3 +129,12 @@ RESUMED_FROM_ATTR = "resumed_from_epoch"
 #: Trial: set on a trial whose worker was preempted, the signal's name (``SIGTERM``); the
 #: trial is FAIL with the reason, and its retry (same params) resumes from its checkpoint.
 PREEMPTED_ATTR = "preempted"
+#: Trial of a confirmation study (``study.confirm_of``, :mod:`service.confirm`): its metric
+#: on the test split (its value stays the validation metric).
+TEST_VALUE_ATTR = "test_value"
+#: Study: on a confirmation study, what it confirms (the original study's id, the seeds,
+#: and each confirmed config's trial number, search value and params).
+CONFIRMATION_ATTR = "lstm_hpo:confirmation"
+#: Study: on a confirmed study, one attribute per confirmation (this prefix + its id), the
+#: time it was made (ISO 8601, UTC): ``best`` reports the newest.
+CONFIRMED_BY_PREFIX = "lstm_hpo:confirmed_by:"

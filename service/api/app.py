@@ -17,6 +17,7 @@ from service import auth, studies
 from service.api.dashboard import DashboardGuard
 from service.api.errors import install_error_handlers
 from service.api.guards import BodyLimit, OpenModeGuard
+from service.api.routes import confirm as confirm_routes
 from service.api.routes import health, signin, unmatched
 from service.api.routes import metrics as metrics_routes
 from service.api.routes import report as report_routes
@@ -115,6 +116,7 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True) -> Fas
     app.include_router(health.router, prefix="/v1")
     app.include_router(studies_routes.router, prefix="/v1")
     app.include_router(report_routes.router, prefix="/v1")  # report, trials.csv, progress
+    app.include_router(confirm_routes.router, prefix="/v1")  # confirm, confirmation
     app.include_router(signin.router)
     app.include_router(unmatched.router, prefix="/v1")  # last of /v1: JSON 404 / 405
     app.include_router(metrics_routes.router)  # /metrics: before the dashboard's mount

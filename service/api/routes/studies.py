@@ -13,7 +13,7 @@ from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import PlainTextResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from service import studies
+from service import confirm, studies
 from service.api.deps import BackendDep, PrincipalDep
 from service.api.errors import ERROR_RESPONSES
 from service.api.routes.report import CSV_CONTENT, trials_csv_response
@@ -199,6 +199,7 @@ async def submit(
     document = await _spec_document(request)
     # Parsing may read the task's data file (the cost estimate): off the event loop too.
     spec = await run_in_threadpool(parse_spec, document, backend.limits)
+    confirm.refuse_confirm_marker(spec)
     # Reads the task's data and writes two databases: off the event loop.
     study, created = await run_in_threadpool(
         partial(studies.submit_study, principal=principal, idempotency_key=idempotency_key),
@@ -312,6 +313,7 @@ def best(
         # Quoted where a YAML 1.2 reader (`lstm-hpo train`) would take text for a number.
         text = "---\n".join(dump_yaml(b.config) for b in (top if k is not None else top[:1]))
         return PlainTextResponse(text, media_type="application/yaml")
+    top = confirm.with_confirmation(backend, study_id, top, principal=principal)
     return top if k is not None else top[0]
 
 
