@@ -17,6 +17,8 @@ against a database upgraded to the current head, then review the generated file.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -113,6 +115,42 @@ def upgrade_schema(url: str | URL, revision: str = "head") -> None:
         if translated is None:
             raise
         raise translated from error
+    finally:
+        engine.dispose()
+
+
+#: The session advisory lock held while Optuna creates its own tables (see
+#: :func:`optuna_tables_lock`); distinct from :data:`ADVISORY_LOCK_KEY`, which the upgrade
+#: takes in its own transaction.
+OPTUNA_TABLES_LOCK_KEY = ADVISORY_LOCK_KEY + 1
+
+
+@contextmanager
+def optuna_tables_lock(url: str | URL) -> Iterator[None]:
+    """Serialise the creation of Optuna's tables between servers starting together.
+
+    Optuna's ``RDBStorage`` runs ``create_all`` outside any lock: two servers starting on an
+    empty PostgreSQL database race, and one fails with a UniqueViolation on its enum type
+    ``studydirection``. Held on PostgreSQL (a session advisory lock on its own connection,
+    released on exit); SQLite serialises writers already.
+    """
+    if not is_postgresql(url):
+        yield
+        return
+    engine = make_engine(url, pool_size=1)
+    try:
+        with engine.connect() as connection:
+            connection.execute(
+                text("SELECT pg_advisory_lock(:key)"), {"key": OPTUNA_TABLES_LOCK_KEY}
+            )
+            connection.commit()
+            try:
+                yield
+            finally:
+                connection.execute(
+                    text("SELECT pg_advisory_unlock(:key)"), {"key": OPTUNA_TABLES_LOCK_KEY}
+                )
+                connection.commit()
     finally:
         engine.dispose()
 

@@ -45,6 +45,8 @@ class StudyPublic(_Public):
     elapsed_s: float | None = None
     dashboard_url: str
     optuna_study_name: str
+    #: A multi-objective study's objectives (``study.objectives``); None: the metric alone.
+    objectives: list[str] | None = None
     error: str | None = None
     spec: dict[str, Any] | None = None
     #: What the submit did that the spec alone does not say (e.g. warm start's dropped
@@ -56,7 +58,10 @@ class TrialPublic(_Public):
     number: int
     state: TrialState
     params: dict[str, Any]
+    #: The task metric's value (in a multi-objective study too).
     value: float | None = None
+    #: A multi-objective study's values, in ``study.objectives`` order.
+    values: list[float] | None = None
     duration_s: float | None = None
     #: When a worker started the trial and when it finished (UTC; Optuna's datetime_start /
     #: datetime_complete): best-so-far against wall time, trials per hour.
@@ -74,10 +79,13 @@ class TrialPublic(_Public):
 
 
 class BestPublic(_Public):
+    #: The task metric's value.
     value: float
     trial_number: int
     #: The resolved config: `lstm-hpo train` takes it as it is.
     config: dict[str, Any]
+    #: A multi-objective study (``best`` is then its Pareto front): objective -> value.
+    values: dict[str, float] | None = None
     #: The study's newest confirmation (``POST /v1/studies/{id}/confirm``), or on a
     #: confirmation study its own: which config won it, by how much, and this one's rank.
     confirmation: BestConfirmationPublic | None = None

@@ -16,6 +16,7 @@ finished trial's parameters into the same resolved config.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import functools
 import math
 import re
@@ -577,6 +578,37 @@ class NotifySettings(_Frozen):
 _DEFAULT_WARMUP = 1
 
 
+#: What ``study.constraints`` may bound: both are known before a trial trains.
+ConstraintName: TypeAlias = Literal["params", "latency_ms"]
+#: The objectives besides the task's metric, all minimised (see ``study.objectives``).
+EXTRA_OBJECTIVES: Mapping[str, str] = {
+    "params": "trainable parameters",
+    "latency_ms": "latency of one forward pass at batch 1 on the worker's device, ms",
+}
+_BOUND_RE = re.compile(r"^\s*(<=|>=)\s*([0-9.eE+-]+)\s*$")
+
+
+def parse_bound(text: str) -> tuple[str, float]:
+    """``"<= 1e6"`` -> ``("<=", 1e6)``; ValueError naming the form otherwise."""
+    match = _BOUND_RE.match(text)
+    value = float("nan")
+    if match:
+        with contextlib.suppress(ValueError):  # "1e" matches the pattern, not a float
+            value = float(match.group(2))
+    if not match or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{text!r}: write '<= N' or '>= N' with a number N >= 0 (e.g. '<= 1e6')")
+    return match.group(1), value
+
+
+def _bound(value: Any) -> Any:
+    if isinstance(value, str):
+        parse_bound(value)
+    return value
+
+
+ConstraintBound: TypeAlias = Annotated[str, AfterValidator(_bound), Field(max_length=40)]
+
+
 class StudySettings(_Frozen):
     """How the search runs."""
 
@@ -659,6 +691,31 @@ class StudySettings(_Frozen):
         description="Set by POST /v1/studies/{id}/confirm (the confirmed study's id); "
         "not allowed in a submitted spec.",
     )
+    #: Several objectives (Optuna's multi-objective samplers; ``best`` is the Pareto
+    #: front): the task's metric and any of ``params`` (trainable parameters) and
+    #: ``latency_ms`` (one forward pass at batch 1 on the worker's device, ms), each
+    #: minimised but the metric (its task's direction). None or one: the metric alone.
+    objectives: tuple[str, ...] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=3,
+        description="Objectives: the task's metric and any of params, latency_ms.",
+    )
+    #: Upper or lower bounds on ``params`` / ``latency_ms``, e.g. ``{params: "<= 1e6"}``:
+    #: a configuration that breaks one is infeasible (an Optuna constraint, which the
+    #: samplers learn to avoid) and is pruned untrained.
+    constraints: dict[ConstraintName, ConstraintBound] | None = Field(
+        default=None,
+        description='Bounds on params / latency_ms, e.g. {"params": "<= 1e6"}.',
+    )
+
+    @model_validator(mode="after")
+    def _several_objectives_need_no_pruner(self) -> StudySettings:
+        if len(self.objectives or ()) < 2:
+            return self
+        if "pruner" not in self.model_fields_set:  # the default pruner cannot rank them
+            object.__setattr__(self, "pruner", "none")
+        return self  # what else several objectives rule out: _check_objectives
 
 
 class StudySpec(_Frozen):
@@ -713,6 +770,29 @@ class StudySpec(_Frozen):
     @property
     def metric(self) -> TaskMetric:
         return task_metric(self.task)
+
+    @property
+    def objectives(self) -> tuple[str, ...]:
+        """The objective names, in order: ``study.objectives``, else the metric alone."""
+        return self.study.objectives or (self.metric.name,)
+
+    @property
+    def directions(self) -> list[Direction]:
+        """One Optuna direction per objective: the metric's (or ``study.direction``), and
+        ``minimize`` for ``params`` and ``latency_ms``."""
+        return [
+            self.direction if name == self.metric.name else "minimize" for name in self.objectives
+        ]
+
+    @property
+    def is_multi_objective(self) -> bool:
+        return len(self.objectives) > 1
+
+    def objective_labels(self) -> list[str]:
+        """Each objective's name with its meaning and unit, as the dashboard shows it
+        (Optuna's ``set_metric_names``): ``val_loss (validation cross-entropy, nats/char)``."""
+        meaning = {self.metric.name: self.metric.description, **EXTRA_OBJECTIVES}
+        return [f"{name} ({meaning[name]})" for name in self.objectives]
 
     def searched(self) -> dict[str, Distribution]:
         """The parameters that are searched (not fixed), by name."""
@@ -1267,7 +1347,7 @@ def parse_spec(data: Any, limits: SpecLimits = DEFAULT_LIMITS) -> StudySpec:
     except ValidationError as err:
         raise InvalidSpec(_from_validation_error(err)) from None
     errors = _check_space(spec) + _check_limits(spec, limits) + _check_keep(spec)
-    errors += _check_notify(spec, limits)
+    errors += _check_notify(spec, limits) + _check_objectives(spec)
     if errors:
         raise InvalidSpec(errors)
     # A full sample at each end of every range proves that the fixed values combine with
@@ -1282,6 +1362,45 @@ def parse_spec(data: Any, limits: SpecLimits = DEFAULT_LIMITS) -> StudySpec:
     if errors := _check_warm_start(spec) + check_enqueue(spec):
         raise InvalidSpec(errors)
     return spec
+
+
+def _check_objectives(spec: StudySpec) -> list[FieldError]:
+    """``study.objectives`` name the task's metric once and only known extras, each once;
+    a multi-objective study cannot be warm-started (its copies carry one value)."""
+    names = spec.study.objectives
+    if names is None:
+        return []
+    metric = spec.metric.name
+    known = [metric, *EXTRA_OBJECTIVES]
+    errors = [
+        FieldError(f"study.objectives.{i}", f"unknown objective {name!r}; use {', '.join(known)}")
+        for i, name in enumerate(names)
+        if name not in known
+    ]
+    if len(set(names)) != len(names):
+        errors.append(FieldError("study.objectives", "an objective is listed twice"))
+    if metric not in names:
+        msg = f"must include the task's metric {metric!r} (with params and/or latency_ms)"
+        errors.append(FieldError("study.objectives", msg))
+    if not spec.is_multi_objective:
+        return errors
+    study = spec.study
+    if study.pruner != "none":
+        msg = (
+            f"{study.pruner!r} ranks one objective; with several objectives use none "
+            "(Optuna's pruners do not support multi-objective studies)"
+        )
+        errors.append(FieldError("study.pruner", msg))
+    if study.sampler == "cmaes":
+        msg = "cmaes optimises one objective; use tpe, gp, random or grid"
+        errors.append(FieldError("study.sampler", msg))
+    if study.direction is not None:
+        msg = "for one objective; each of several objectives has its own direction"
+        errors.append(FieldError("study.direction", msg))
+    if study.warm_start_from:
+        msg = "a multi-objective study cannot be warm-started (earlier trials carry one value)"
+        errors.append(FieldError("study.warm_start_from", msg))
+    return errors
 
 
 def _check_worker_memory(spec: StudySpec, limits: SpecLimits) -> list[FieldError]:

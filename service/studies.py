@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import uuid
+import warnings
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from contextlib import suppress
@@ -191,9 +192,14 @@ def submit_study(
     study = optuna.create_study(
         storage=backend.storage,
         study_name=study_name,
-        direction=spec.direction,
+        directions=spec.directions,
         load_if_exists=True,
     )
+    # The dashboard's axes and legends: "val_loss (validation cross-entropy, nats/char)",
+    # not "Objective 0".
+    with warnings.catch_warnings():  # experimental since Optuna 3.2, and what we need
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names(spec.objective_labels())
     study.set_user_attr(JOB_ID_ATTR, job_id)
     study.set_user_attr("metric", spec.metric.name)
     study.set_user_attr("spec", spec_json)
@@ -674,11 +680,42 @@ def _is_finite(value: float | None) -> bool:
     return value is not None and math.isfinite(value)
 
 
-def _ranked(trials: Sequence[FrozenTrial], direction: str) -> list[FrozenTrial]:
-    """The study's own COMPLETE trials with a finite value, best first (NaN/inf never
-    win; warm-start copies never either)."""
-    done = [t for t in own_trials(trials) if t.state == TrialState.COMPLETE and _is_finite(t.value)]
-    return sorted(done, key=lambda t: t.value or 0.0, reverse=direction == "maximize")
+def _ranked(
+    trials: Sequence[FrozenTrial], direction: str, metric_index: int = 0
+) -> list[FrozenTrial]:
+    """The study's own COMPLETE trials with finite values, best metric first (NaN/inf
+    never win; warm-start copies never either). ``metric_index``: the metric's place
+    among a multi-objective study's values."""
+    done = [
+        t
+        for t in own_trials(trials)
+        if t.state == TrialState.COMPLETE and t.values and all(map(_is_finite, t.values))
+    ]
+    return sorted(done, key=lambda t: t.values[metric_index], reverse=direction == "maximize")
+
+
+def pareto_front(trials: Sequence[FrozenTrial], spec: StudySpec) -> list[FrozenTrial]:
+    """A multi-objective study's Pareto front: its feasible COMPLETE trials with finite
+    values that no other such trial dominates (Optuna's own computation, constraints
+    considered), best metric first."""
+    from optuna.study._multi_objective import _get_pareto_front_trials_by_trials
+
+    directions = [optuna.study.StudyDirection[d.upper()] for d in spec.directions]
+    index = spec.objectives.index(spec.metric.name)
+    candidates = _ranked(trials, spec.direction, index)
+    front = _get_pareto_front_trials_by_trials(candidates, directions, consider_constraint=True)
+    on_front = {t.number for t in front}
+    return [t for t in candidates if t.number in on_front]
+
+
+def _metric_value(trial: FrozenTrial, spec_json: Mapping[str, Any]) -> float | None:
+    """The task metric's value of a trial (a multi-objective trial holds several)."""
+    if not trial.values:
+        return None
+    objectives = spec_json.get("study", {}).get("objectives") or ()
+    metric = TASK_METRICS[spec_json["task"]["kind"]].name
+    value = trial.values[list(objectives).index(metric)] if len(objectives) > 1 else trial.values[0]
+    return value if _is_finite(value) else None
 
 
 def study_trials(
@@ -700,17 +737,26 @@ def study_trials(
         trials = [t for t in trials if _api_state(t) == state]
     page = trials[offset : offset + limit]
     return Page[TrialPublic](
-        items=[_trial_public(t) for t in page], total=len(trials), limit=limit, offset=offset
+        items=[_trial_public(t, job.spec) for t in page],
+        total=len(trials),
+        limit=limit,
+        offset=offset,
     )
 
 
 def best_configs(
-    backend: Backend, job_id: str, *, principal: Principal, k: int = 1
+    backend: Backend, job_id: str, *, principal: Principal, k: int | None = 1
 ) -> list[BestPublic]:
-    """The top ``k`` completed trials and their resolved configs, best first."""
+    """The top ``k`` completed trials and their resolved configs, best first. A
+    multi-objective study's are its Pareto front (:func:`pareto_front`; ``k`` None: all
+    of it; one otherwise), each with its ``values``. Raises ``NoCompletedTrials``."""
     job = _job(backend, job_id, principal)
     spec = study_spec(job)
-    ranked = _ranked(_trials(backend, job), spec.direction)
+    trials = _trials(backend, job)
+    if spec.is_multi_objective:
+        ranked = pareto_front(trials, spec)
+    else:
+        ranked = _ranked(trials, spec.direction)
     if not ranked:
         if job.state.is_terminal:
             raise NoCompletedTrials(
@@ -719,15 +765,24 @@ def best_configs(
             )
         raise NoCompletedTrials()
     out = []
+    if k is None:  # the best one; a multi-objective study's whole front
+        k = len(ranked) if spec.is_multi_objective else 1
     for trial in ranked[:k]:
         config = trial.user_attrs.get(CONFIG_ATTR)
         if config is None:  # replay the sampler's mapping on the recorded params
             config = sample_config(optuna.trial.FixedTrial(trial.params), spec).model_dump(
                 mode="json", exclude_none=True
             )
-        assert trial.value is not None
         config = _with_data_located(config, backend.limits.data_roots)
-        out.append(BestPublic(value=trial.value, trial_number=trial.number, config=config))
+        values = dict(zip(spec.objectives, trial.values, strict=True))
+        out.append(
+            BestPublic(
+                value=values[spec.metric.name],
+                trial_number=trial.number,
+                config=config,
+                values=values if spec.is_multi_objective else None,
+            )
+        )
     return out
 
 
@@ -771,13 +826,14 @@ def _utc(moment: datetime | None) -> datetime | None:
     return moment.astimezone(UTC) if moment is not None else None
 
 
-def _trial_public(trial: FrozenTrial) -> TrialPublic:
+def _trial_public(trial: FrozenTrial, spec_json: Mapping[str, Any]) -> TrialPublic:
     duration = trial.duration.total_seconds() if trial.duration is not None else None
     return TrialPublic(
         number=trial.number,
         state=_api_state(trial),
         params=trial.params,
-        value=trial.value if _is_finite(trial.value) else None,
+        value=_metric_value(trial, spec_json),
+        values=list(trial.values) if trial.values and len(trial.values) > 1 else None,
         duration_s=duration,
         started_at=_utc(trial.datetime_start),
         finished_at=_utc(trial.datetime_complete),
@@ -810,7 +866,8 @@ def _study_public(
     task = spec["task"]["kind"]
     metric = TASK_METRICS[task]
     direction = spec.get("study", {}).get("direction") or metric.direction
-    ranked = _ranked(trials, direction)
+    objectives = spec.get("study", {}).get("objectives") or [metric.name]
+    ranked = _ranked(trials, direction, list(objectives).index(metric.name))
     end = job.finished_at or (datetime.now(UTC) if job.started_at else None)
     return StudyPublic(
         id=job.id,
@@ -822,7 +879,7 @@ def _study_public(
         n_trials=job.n_trials,
         n_finished=job.n_finished,
         counts=TrialCounts(**counts),
-        best_value=ranked[0].value if ranked else None,
+        best_value=ranked[0].values[list(objectives).index(metric.name)] if ranked else None,
         best_trial_number=ranked[0].number if ranked else None,
         created_at=job.created_at,
         started_at=job.started_at,
@@ -830,6 +887,7 @@ def _study_public(
         elapsed_s=(end - job.started_at).total_seconds() if end and job.started_at else None,
         dashboard_url=dashboard_url,
         optuna_study_name=job.optuna_study_name,
+        objectives=list(objectives) if len(objectives) > 1 else None,
         error=job.error,
         spec=spec if include_spec else None,
         notes=_notes(backend, job) if include_spec else None,

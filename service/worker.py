@@ -58,6 +58,7 @@ from service.training.objective import (
     TrialCheckpoints,
     build_pruner,
     build_sampler,
+    objective_values,
     original_trial_number,
     run_trial,
     trial_seed,
@@ -498,6 +499,7 @@ class Worker:
     ) -> SlotResult | None:
         outcome: Outcome
         value: float | None = None
+        values: list[float] | None = None
         reason: str | None = None
         checkpoints: TrialCheckpoints | None = None
         if self.checkpoints is not None:
@@ -519,7 +521,8 @@ class Worker:
                 checkpoints=checkpoints,
                 guard=guard,
             )
-            if math.isfinite(value):
+            values = objective_values(spec, value, trial)
+            if all(map(math.isfinite, values)):
                 outcome = "complete"
             else:
                 outcome, reason = "failed", f"metric is {value}"
@@ -546,7 +549,7 @@ class Worker:
                 lambda: trial.set_user_attr(FAILURE_ATTR, reason[:2000]),
             )
         state = TrialState[TrialOutcome(outcome).optuna_name]
-        if not self._tell(study, trial, state, value):
+        if not self._tell(study, trial, state, values):
             log.warning("trial %d: result rejected, the reaper failed it meanwhile", trial.number)
             return None
         if not self._finish_slot(lease, outcome, reason):
@@ -643,7 +646,11 @@ class Worker:
         self._finish_slot(lease, "failed", reason)
 
     def _tell(
-        self, study: optuna.Study, trial: optuna.Trial, state: TrialState, value: float | None
+        self,
+        study: optuna.Study,
+        trial: optuna.Trial,
+        state: TrialState,
+        values: Sequence[float] | None,
     ) -> bool:
         """Tell Optuna the result, retrying while the database is away; idempotent.
 
@@ -666,7 +673,7 @@ class Worker:
                     return recorded == state
             try:
                 if state == TrialState.COMPLETE:
-                    study.tell(trial, value)
+                    study.tell(trial, values)
                 else:
                     study.tell(trial, state=state)
             except (RuntimeError, ValueError):

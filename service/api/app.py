@@ -25,7 +25,7 @@ from service.api.routes import studies as studies_routes
 from service.artifacts import open_artifact_store
 from service.config import Settings
 from service.metrics import app_collectors, build_registry, request_histogram
-from service.migrate import current_revisions, upgrade_schema
+from service.migrate import current_revisions, optuna_tables_lock, upgrade_schema
 from service.notify import Notifier
 from service.reaper import Reaper
 from service.search_space import SpecLimits, StudySpec
@@ -45,7 +45,8 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True) -> Fas
     (settings.data_dir / "datasets").mkdir(parents=True, exist_ok=True)
     # Optuna's tables first (its storage creates them), then ours: workers wait for ours,
     # so by the time they connect neither needs DDL.
-    storage = studies.optuna_storage(url, pool_size=max(settings.pool_size, 2))
+    with optuna_tables_lock(url):
+        storage = studies.optuna_storage(url, pool_size=max(settings.pool_size, 2))
     if migrate:
         upgrade_schema(url)
     backend = studies.open_backend(

@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import tempfile
+import threading
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from lightning.pytorch.utilities.seed import isolate_rng
 from service.search_space import Direction, ResolvedConfig, TaskMetric, task_metric
 from service.training.checkpoints import SavedModel, load_model_weights
 from service.training.data import TaskData, build_task_data
+from service.training.model import count_parameters
 from service.training.module import LSTMLightningModule
 
 
@@ -260,7 +262,7 @@ def fit_config(
             )
         )
     all_callbacks += late_callbacks
-    trainer = L.Trainer(
+    trainer = _trainer(
         max_epochs=params.max_epochs,
         accelerator=accelerator,
         devices=1,
@@ -375,12 +377,64 @@ def _build_module(
     return model
 
 
+@dataclass(frozen=True)
+class ModelCost:
+    """What a config's network costs to keep and to run, measured on the real module."""
+
+    #: Trainable parameters.
+    params: int
+    #: Median wall time of one forward pass at batch 1 (one sample of the validation
+    #: split), in milliseconds, on the device the worker trains on.
+    latency_ms: float
+
+
+def measure_model_cost(
+    config: ResolvedConfig,
+    *,
+    accelerator: str = "auto",
+    data_roots: tuple[Path, ...] | None = None,
+    repeats: int = 30,
+) -> ModelCost:
+    """Build ``config``'s module (untrained: latency does not depend on the weights) and
+    time ``repeats`` forward passes at batch 1 after 5 warm-up passes, under
+    ``torch.inference_mode``; CUDA is synchronised around each pass. Deterministic only in
+    ``params``: the latency is a measurement of this machine, as users deploy it.
+    """
+    import time
+
+    _metric, data, module = _prepare(config, None, data_roots)
+    device = torch.device(
+        "cuda" if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available() else "cpu"
+    )
+    module = module.to(device).eval()
+    data.datamodule.setup("fit")
+    batch = next(iter(data.datamodule.val_dataloader()))
+    x = batch[0][:1].to(device)
+    lengths = batch[2][:1] if len(batch) > 2 else None
+    times = []
+    with torch.inference_mode():
+        for i in range(5 + repeats):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            module(x, lengths)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if i >= 5:
+                times.append((time.perf_counter() - start) * 1000.0)
+    times.sort()
+    return ModelCost(
+        params=count_parameters(module.model, trainable_only=True),
+        latency_ms=times[len(times) // 2],
+    )
+
+
 def _score(
     model: LSTMLightningModule, data: TaskData, stage: str, metric: str, accelerator: str
 ) -> float | None:
     """``model``'s metric on the ``stage`` ("val" or "test") split, with a Trainer of its own
     (no logger, checkpoints or callbacks of a fit see it)."""
-    trainer = L.Trainer(
+    trainer = _trainer(
         accelerator=accelerator,
         devices=1,
         # Under inference mode the metrics' states would become inference tensors, which
@@ -400,6 +454,37 @@ def _score(
             results = trainer.test(model, datamodule=data.datamodule, verbose=False)
     value = results[0].get(f"{stage}_" + metric.removeprefix("val_")) if results else None
     return float(value) if value is not None else None
+
+
+#: Set by :func:`leave_signals_to_the_worker`: every Trainer of this process keeps out of
+#: SIGTERM / SIGUSR1 and of Slurm's environment.
+_WORKER_OWNS_SIGNALS = threading.Event()
+
+
+def leave_signals_to_the_worker() -> None:
+    """Make every Trainer of this process leave SIGTERM and SIGUSR1 to the worker.
+
+    Lightning's own handler ends ``fit()`` at the next batch on SIGTERM (a
+    ``SIGTERMException``, which is a ``SystemExit``: the process would die without giving
+    its trial back) and, when it detects Slurm, requeues the whole Slurm job on SIGUSR1.
+    A worker handles both itself (:mod:`service.training.interrupts`: checkpoint at the
+    epoch's end, requeue the trial), and runs one device per process whatever Slurm says.
+    """
+    _WORKER_OWNS_SIGNALS.set()
+
+
+def _trainer(**kwargs: Any) -> L.Trainer:
+    """``L.Trainer(**kwargs)``; in a worker (:func:`leave_signals_to_the_worker`), one that
+    registers no signal handler and ignores Slurm (Lightning's signal connector is private:
+    ``register_signal_handlers`` is what ``Trainer._run`` calls; tests/fault/
+    test_preemption.py checks that a SIGTERM during a fit is the worker's)."""
+    if not _WORKER_OWNS_SIGNALS.is_set():
+        return L.Trainer(**kwargs)
+    from lightning.fabric.plugins.environments.lightning import LightningEnvironment
+
+    trainer = L.Trainer(plugins=[LightningEnvironment()], **kwargs)
+    trainer._signal_connector.register_signal_handlers = lambda: None  # type: ignore[method-assign]
+    return trainer
 
 
 def configure_torch_threads(threads: int | None = None) -> None:

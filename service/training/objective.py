@@ -32,6 +32,7 @@ from service.search_space import (
     StudySpec,
     SyntheticTask,
     grid_steps,
+    parse_bound,
     sample_config,
 )
 from service.states import (
@@ -95,25 +96,39 @@ def run_trial(
     trial.set_user_attr(CONFIG_ATTR, config.model_dump(mode="json", exclude_none=True))
     if worker_memory_gb is not None:
         prune_if_too_large(trial, config, worker_memory_gb, data_roots)
+    record_model_cost(trial, spec, config, accelerator, data_roots)
     if spec.study.confirm_of is not None and isinstance(config.task, SyntheticTask):
         trial.set_user_attr(TEST_VALUE_ATTR, synthetic_test_value(config))
     if isinstance(config.task, SyntheticTask):
-        return _synthetic(trial, config, config.task, guard or TrialGuard())
+        return _synthetic(trial, config, config.task, guard or TrialGuard(), spec)
 
     # torch + lightning are imported only where training happens: the API server never does.
     from optuna_integration import PyTorchLightningPruningCallback
 
-    from service.training.fit import configure_torch_threads, fit_config
+    from service.training.fit import (
+        configure_torch_threads,
+        fit_config,
+        leave_signals_to_the_worker,
+    )
 
     # A worker loads torch here, at its first real trial; its threads: OMP_NUM_THREADS.
     configure_torch_threads()
+    if guard is not None:  # a worker's trial: SIGTERM / SIGUSR1 are the worker's
+        leave_signals_to_the_worker()
     with tempfile.TemporaryDirectory(prefix="lstm-hpo-resume-") as tmp:
-        resume_from = _resume_point(trial, checkpoints, Path(tmp)) if checkpoints else None
-        pruning = PyTorchLightningPruningCallback(trial, monitor=spec.metric.name)
+        resume_from = (
+            _resume_point(trial, checkpoints, Path(tmp), report=not spec.is_multi_objective)
+            if checkpoints
+            else None
+        )
+        # The finite check first: the pruner must never see (and prune on) a NaN. Optuna
+        # cannot report (nor prune) a multi-objective trial's curve.
+        callbacks = [_finite_metric_callback(spec.metric.name)]
+        if not spec.is_multi_objective:
+            callbacks.append(PyTorchLightningPruningCallback(trial, monitor=spec.metric.name))
         result = fit_config(
             config,
-            # The finite check first: the pruner must never see (and prune on) a NaN.
-            callbacks=[_finite_metric_callback(spec.metric.name), pruning],
+            callbacks=callbacks,
             data_roots=data_roots,
             accelerator=accelerator,
             evaluate_test=spec.study.confirm_of is not None,  # a confirmation's trial
@@ -164,7 +179,9 @@ def original_trial_number(trial: optuna.Trial) -> int:
     return original_number(trial.user_attrs, trial.number)
 
 
-def _resume_point(trial: optuna.Trial, checkpoints: TrialCheckpoints, tmp: Path) -> Path | None:
+def _resume_point(
+    trial: optuna.Trial, checkpoints: TrialCheckpoints, tmp: Path, *, report: bool = True
+) -> Path | None:
     """For a retry whose chain saved a checkpoint: fetch it into ``tmp``, report the
     validation values of the epochs it holds to ``trial`` (the pruner sees the whole
     curve), record :data:`RESUMED_FROM_ATTR`, and return its path. None for a first
@@ -187,7 +204,7 @@ def _resume_point(trial: optuna.Trial, checkpoints: TrialCheckpoints, tmp: Path)
             err,
         )
         return None
-    for step, value in enumerate(progress.history):
+    for step, value in enumerate(progress.history if report else ()):
         trial.report(value, step=step)
     trial.set_user_attr(RESUMED_FROM_ATTR, progress.epochs_done)
     log.info(
@@ -197,6 +214,66 @@ def _resume_point(trial: optuna.Trial, checkpoints: TrialCheckpoints, tmp: Path)
         original,
     )
     return path
+
+
+#: Trial user attributes holding the model's cost (``record_model_cost``).
+PARAMS_ATTR = "params"
+LATENCY_ATTR = "latency_ms"
+
+
+def record_model_cost(
+    trial: optuna.Trial,
+    spec: StudySpec,
+    config: ResolvedConfig,
+    accelerator: str = "auto",
+    data_roots: tuple[Path, ...] | None = None,
+) -> None:
+    """Record the trial's ``params`` (every trial that trains a model: the dashboard shows
+    it) and, when ``study.objectives`` or ``study.constraints`` names it, ``latency_ms``
+    (:func:`~service.training.fit.measure_model_cost`), as user attributes; then apply
+    ``study.constraints``: each is an Optuna constraint (``trial.set_constraint``: the
+    amount by which it is broken; <= 0 is feasible), and a configuration that breaks one
+    raises ``optuna.TrialPruned`` untrained, with the reason.
+
+    The synthetic task trains no model: its "cost" is a deterministic function of the
+    params (``hidden_size**2 * num_layers * 4`` parameters), so tests can drive this.
+    """
+    constraints = spec.study.constraints or {}
+    wanted = {*spec.objectives, *constraints} & {PARAMS_ATTR, LATENCY_ATTR}
+    if isinstance(config.task, SyntheticTask):
+        n = int(config.params.hidden_size or 1) ** 2 * config.params.num_layers * 4
+        costs = {PARAMS_ATTR: float(n), LATENCY_ATTR: round(0.01 * math.sqrt(n), 6)}
+    elif LATENCY_ATTR in wanted:
+        from service.training.fit import measure_model_cost
+
+        cost = measure_model_cost(config, accelerator=accelerator, data_roots=data_roots)
+        costs = {PARAMS_ATTR: float(cost.params), LATENCY_ATTR: round(cost.latency_ms, 6)}
+    else:
+        try:
+            costs = {PARAMS_ATTR: float(estimate_config(config, data_roots).params)}
+        except InvalidSpec:
+            return  # the data cannot be read: training fails on it, with the reason
+    for name, value in costs.items():
+        if name in wanted or name == PARAMS_ATTR:
+            trial.set_user_attr(name, int(value) if name == PARAMS_ATTR else value)
+    broken = []
+    for name, bound_text in constraints.items():
+        op, bound = parse_bound(bound_text)
+        excess = costs[name] - bound if op == "<=" else bound - costs[name]
+        trial.set_constraint(name, excess)
+        if excess > 0:
+            broken.append(f"{name} {costs[name]:.6g} breaks {op} {bound:g}")
+    if broken:
+        raise optuna.TrialPruned(f"infeasible (study.constraints): {'; '.join(broken)}")
+
+
+def objective_values(spec: StudySpec, metric_value: float, trial: optuna.Trial) -> list[float]:
+    """The values a trial tells, in ``study.objectives`` order: the metric's and the
+    recorded costs (:func:`record_model_cost`)."""
+    return [
+        metric_value if name == spec.metric.name else float(trial.user_attrs[name])
+        for name in spec.objectives
+    ]
 
 
 #: The Optuna constraint a worker's memory limit sets on each trial: the estimate minus the
@@ -261,7 +338,11 @@ def synthetic_value(params: Mapping[str, Any]) -> float:
 
 
 def _synthetic(
-    trial: optuna.Trial, config: ResolvedConfig, task: SyntheticTask, guard: TrialGuard
+    trial: optuna.Trial,
+    config: ResolvedConfig,
+    task: SyntheticTask,
+    guard: TrialGuard,
+    spec: StudySpec,
 ) -> float:
     params = config.params.model_dump(mode="json")
     if _matches(params, task.fail_when):
@@ -276,9 +357,10 @@ def _synthetic(
         guard.after_step(epoch)
         # Converges towards the final value like a learning curve.
         value = check_finite(final * (1.0 + 1.0 / (epoch + 1)), "value", epoch)
-        trial.report(value, step=epoch)
-        if trial.should_prune():
-            raise optuna.TrialPruned(f"pruned at epoch {epoch}")
+        if not spec.is_multi_objective:
+            trial.report(value, step=epoch)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"pruned at epoch {epoch}")
         if epoch + 1 < epochs:
             guard.after_epoch(epoch + 1)
     return final

@@ -21,9 +21,11 @@ from service.migrate import (
     include_name,
     include_object,
     make_alembic_config,
+    optuna_tables_lock,
     schema_is_current,
     upgrade_schema,
 )
+from service.studies import optuna_storage
 
 OUR_TABLES = {"api_tokens", "search_jobs", "trial_leases", "workers"}
 
@@ -165,3 +167,19 @@ def test_servers_starting_together_upgrade_once(db_url: str) -> None:
         assert _schema_diff(engine) == []
     finally:
         engine.dispose()
+
+
+def _create_optuna_tables(db_url: str) -> None:
+    """What a server does first at start: Optuna's tables, under the lock."""
+    with optuna_tables_lock(db_url):
+        optuna_storage(db_url).engine.dispose()
+
+
+def test_servers_starting_together_create_optuna_tables_once(db_url: str) -> None:
+    # Without the lock, Optuna's create_all races on PostgreSQL (UniqueViolation on its
+    # enum type studydirection) and one server of a fresh deployment fails to start.
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(3) as pool:
+        pool.map(_create_optuna_tables, [db_url] * 3)  # re-raises any process's exception
+    study = optuna.create_study(storage=optuna_storage(db_url))
+    assert study.direction == optuna.study.StudyDirection.MINIMIZE

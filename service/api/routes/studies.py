@@ -306,15 +306,25 @@ def best(
 ) -> BestPublic | list[BestPublic] | PlainTextResponse:
     """The best config (``?k=N``: the top N). ``?format=yaml``: a file `lstm-hpo train` takes.
 
-    409 while no trial has completed.
+    A multi-objective study answers its Pareto front (a list, at most N with ``?k=N``),
+    each with its ``values``; as YAML, one document per config, each headed by a comment
+    with its trial and values. 409 while no trial has completed.
     """
-    top = studies.best_configs(backend, study_id, k=k or 1, principal=principal)
+    top = studies.best_configs(backend, study_id, k=k, principal=principal)
+    front = top[0].values is not None
     if format == "yaml":
         # Quoted where a YAML 1.2 reader (`lstm-hpo train`) would take text for a number.
-        text = "---\n".join(dump_yaml(b.config) for b in (top if k is not None else top[:1]))
+        text = "---\n".join(_front_comment(b) + dump_yaml(b.config) for b in top)
         return PlainTextResponse(text, media_type="application/yaml")
     top = confirm.with_confirmation(backend, study_id, top, principal=principal)
-    return top if k is not None else top[0]
+    return top if k is not None or front else top[0]
+
+
+def _front_comment(best: BestPublic) -> str:
+    if best.values is None:
+        return ""
+    values = ", ".join(f"{name}={value:.6g}" for name, value in best.values.items())
+    return f"# trial {best.trial_number}: {values}\n"
 
 
 @router.get(
