@@ -5,7 +5,8 @@ workers, resuming from per-epoch checkpoints, against restarting from scratch.
 
 A real ``lstm-hpo serve`` (no local workers) on a scratch SQLite database and two
 ``lstm-hpo worker --processes 1`` groups train a study of small adding-problem LSTMs.
-Every ``--interval`` seconds one worker group that is running a trial is interrupted,
+Once one trial has run uninterrupted (it times an epoch), every ``--interval`` seconds one
+worker group that is running a trial is interrupted,
 alternately with SIGTERM (a preemption notice: the trial stops at its epoch's end, or
 ``--grace`` seconds later at the next batch, and is requeued at once) and with SIGKILL (the
 reaper retries it after the heartbeat grace), and a new worker group takes its place.
@@ -48,6 +49,7 @@ from bench.harness import (
     CLI,
     REPO,
     Machine,
+    Server,
     exit_on_sigterm,
     git_commit,
     positive_float,
@@ -115,18 +117,19 @@ def _worker_group(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
 
 
 def _mean_epoch_s(trials: list[FrozenTrial]) -> float:
-    """Median seconds per epoch trained, over the attempts that completed: each one's wall
-    time over the epochs it trained itself (a resumed attempt's start-up counts, so this
-    errs long, and the lost epochs below err short by as much)."""
-    rates = []
-    for t in trials:
-        if t.state != TrialState.COMPLETE or not (t.datetime_start and t.datetime_complete):
-            continue
-        trained = len(t.intermediate_values) - int(t.user_attrs.get(RESUMED_FROM_ATTR, 0))
-        if trained > 0:
-            rates.append((t.datetime_complete - t.datetime_start).total_seconds() / trained)
+    """Median seconds per epoch of the trials that ran start to end uninterrupted (the
+    bench interrupts nothing until one has)."""
+    rates = [
+        (t.datetime_complete - t.datetime_start).total_seconds() / len(t.intermediate_values)
+        for t in trials
+        if t.state == TrialState.COMPLETE
+        and RETRY_OF_ATTR not in t.user_attrs
+        and t.datetime_start
+        and t.datetime_complete
+        and t.intermediate_values
+    ]
     if not rates:
-        raise RuntimeError("no attempt completed to time an epoch by; use a longer --interval")
+        raise RuntimeError("no uninterrupted trial to time an epoch by")
     return statistics.median(rates)
 
 
@@ -139,12 +142,22 @@ def analyse(
     """Fill each interruption's figures in; returns the mean epoch time used (s)."""
     epoch_s = _mean_epoch_s(trials)
     by_number = {t.number: t for t in trials}
-    retry_of = {
-        int(t.user_attrs[RETRY_OF_ATTR]): t for t in trials if RETRY_OF_ATTR in t.user_attrs
-    }
+    retry_of: dict[int, FrozenTrial] = {}
+    for t in sorted(trials, key=lambda t: t.number):  # a lost trial's first retry
+        if RETRY_OF_ATTR in t.user_attrs:
+            retry_of.setdefault(int(t.user_attrs[RETRY_OF_ATTR]), t)
     for cut in cuts:
         attempt = by_number[cut.trial_number]
         retry = retry_of.get(cut.trial_number)
+        # A retry itself interrupted while it started (before it resumed or trained an
+        # epoch) passes the same checkpoint on: the chain's next attempt shows what it kept.
+        while (
+            retry is not None
+            and RESUMED_FROM_ATTR not in retry.user_attrs
+            and not retry.intermediate_values
+            and retry.number in retry_of
+        ):
+            retry = retry_of[retry.number]
         if retry is None:
             continue  # interrupted as the study ended: nothing retried it
         completed = len(attempt.intermediate_values)  # the chain's epochs, inherited included
@@ -203,10 +216,13 @@ def main(argv: list[str] | None = None) -> int:
             sessions = make_session_factory(engine)
             store = open_artifact_store(None, data_dir)
             cuts: list[Interruption] = []
-            next_cut = time.monotonic() + args.interval
+            # Nothing is interrupted until one trial has run uninterrupted: it times an epoch.
+            next_cut = float("inf")
             try:
                 while server.client.get(study.id).state in ("queued", "running"):
                     time.sleep(0.2)
+                    if next_cut == float("inf") and _one_complete(server, study.optuna_study_name):
+                        next_cut = time.monotonic()
                     if time.monotonic() < next_cut:
                         continue
                     running = [
@@ -262,6 +278,11 @@ def main(argv: list[str] | None = None) -> int:
             epoch_s = analyse(cuts, trials, claimed, given_back)
     _report(cuts, epoch_s, args)
     return 0
+
+
+def _one_complete(server: Server, study_name: str) -> bool:
+    study = optuna.load_study(study_name=study_name, storage=server.storage_url)
+    return any(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False))
 
 
 def _original(storage_url: str, study_name: str, number: int) -> int:

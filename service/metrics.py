@@ -78,7 +78,8 @@ DATABASE_METRICS: Final[dict[str, tuple[str, str]]] = {
     ),
     f"{PREFIX}_workers_live": (
         "gauge",
-        "Worker processes that heartbeated within the grace period, by host.",
+        "Worker processes that heartbeated within the grace period, by host and device "
+        "(gpu 0, cpu, ...).",
     ),
 }
 
@@ -137,7 +138,7 @@ class Snapshot:
     #: task -> (cumulative bucket counts, count, sum of seconds)
     durations: dict[str, tuple[list[int], int, float]] = field(default_factory=dict)
     claimable_slots: int = 0
-    workers: dict[str, int] = field(default_factory=dict)
+    workers: dict[tuple[str, str], int] = field(default_factory=dict)
 
 
 def _task_kind() -> ColumnElement[str]:
@@ -200,12 +201,12 @@ def read_snapshot(
             or 0
         )
         cutoff = at - timedelta(seconds=live_within_s)
-        for host, n in session.execute(
-            select(Worker.hostname, func.count())
+        for host, device, n in session.execute(
+            select(Worker.hostname, Worker.device, func.count())
             .where(Worker.heartbeat_at >= cutoff)
-            .group_by(Worker.hostname)
+            .group_by(Worker.hostname, Worker.device)
         ):
-            snap.workers[host] = n
+            snap.workers[(host, device or "unknown")] = n
     return snap
 
 
@@ -308,9 +309,11 @@ class DatabaseCollector(Collector):
         slots.add_metric([], snap.claimable_slots)
         yield slots
 
-        workers = GaugeMetricFamily(f"{PREFIX}_workers_live", doc("workers_live"), labels=["host"])
-        for host, n in sorted(snap.workers.items()):
-            workers.add_metric([host], n)
+        workers = GaugeMetricFamily(
+            f"{PREFIX}_workers_live", doc("workers_live"), labels=["host", "device"]
+        )
+        for (host, device), n in sorted(snap.workers.items()):
+            workers.add_metric([host, device], n)
         yield workers
 
 

@@ -197,6 +197,8 @@ class Worker(Base):
     id: Mapped[str] = mapped_column(String(200), primary_key=True)
     hostname: Mapped[str] = mapped_column(String(255))
     pid: Mapped[int] = mapped_column(Integer)
+    #: What it trains on, as ``ProcessPlan.device`` says it: ``gpu 0``, ``cpu``, ``auto``.
+    device: Mapped[str | None] = mapped_column(String(64))
     started_at: Mapped[datetime] = mapped_column(default=utcnow)
     heartbeat_at: Mapped[datetime] = mapped_column(default=utcnow)
 

@@ -101,6 +101,9 @@ class WorkerOptions:
     #: ``LSTM_HPO_TRIAL_KILL_GRACE_S``: how long past ``study.trial_timeout_s`` the
     #: supervisor waits for a trial to reach a step boundary before it kills the process.
     trial_kill_grace_s: float = 60.0
+    #: What this process trains on, for the worker registry and ``/metrics`` (``gpu 0``,
+    #: ``cpu``; ``ProcessPlan.device``).
+    device: str | None = None
     #: ``LSTM_HPO_LOG_FORMAT``: ``text`` or ``json`` lines (``service.logs``).
     log_format: str = "text"
 
@@ -307,6 +310,7 @@ class Worker:
                 worker_id=self.worker_id,
                 hostname=socket.gethostname(),
                 pid=os.getpid(),
+                device=self.options.device,
             ),
         )
 
@@ -1018,7 +1022,12 @@ def _child(
     """
     if plan is not None:
         os.environ.update(process_environment(plan, plan.torch_threads, os.getpid()))
-        options = replace(options, accelerator=plan.accelerator, torch_threads=plan.torch_threads)
+        options = replace(
+            options,
+            accelerator=plan.accelerator,
+            torch_threads=plan.torch_threads,
+            device=plan.device,
+        )
     worker_main(options, None if watch_array is None else TrialWatch(watch_array))
 
 

@@ -169,6 +169,7 @@ class WorkerRecord:
     pid: int
     started_at: datetime
     heartbeat_at: datetime
+    device: str | None = None
 
 
 def job_record(job: SearchJob) -> JobRecord:
@@ -224,4 +225,5 @@ def worker_record(worker: Worker) -> WorkerRecord:
         pid=worker.pid,
         started_at=worker.started_at,
         heartbeat_at=worker.heartbeat_at,
+        device=worker.device,
     )

@@ -18,18 +18,21 @@ def register_worker(
     worker_id: str,
     hostname: str,
     pid: int,
+    device: str | None = None,
     now: datetime | None = None,
 ) -> WorkerRecord:
-    """Insert (or refresh) the row of a starting worker process."""
+    """Insert (or refresh) the row of a starting worker process (``device``: what it trains
+    on, e.g. ``gpu 0`` or ``cpu``)."""
     at = resolve_now(now)
 
     def work(session: Session) -> WorkerRecord:
         worker = session.get(Worker, worker_id)
         if worker is None:
-            worker = Worker(id=worker_id, hostname=hostname, pid=pid, started_at=at)
+            worker = Worker(id=worker_id, hostname=hostname, pid=pid, device=device, started_at=at)
             session.add(worker)
         else:
             worker.hostname, worker.pid, worker.started_at = hostname, pid, at
+            worker.device = device
         worker.heartbeat_at = at
         session.flush()
         return worker_record(worker)

@@ -46,7 +46,9 @@ def _submit(server: InProcessServer, spec: dict[str, Any]) -> str:
 
 
 def _run_worker(db_url: str) -> int:
-    worker = Worker(WorkerOptions(database_url=db_url, poll_interval_s=0.05, idle_exit_s=0.0))
+    worker = Worker(
+        WorkerOptions(database_url=db_url, poll_interval_s=0.05, idle_exit_s=0.0, device="gpu 3")
+    )
     try:
         return worker.run()
     finally:
@@ -99,7 +101,8 @@ def test_metrics_match_the_studies_on_every_server(tmp_path: Path, db_url: str) 
         )
         assert not [key for key in samples if key[0] == "lstm_hpo_trials_running"]
         assert _value(samples, "lstm_hpo_queue_claimable_slots") == 3
-        assert _value(samples, "lstm_hpo_workers_live", host=socket.gethostname()) == 1
+        live = "lstm_hpo_workers_live"
+        assert _value(samples, live, host=socket.gethostname(), device="gpu 3") == 1
 
         histogram = "lstm_hpo_trial_duration_seconds"
         assert _value(samples, f"{histogram}_count", task="synthetic") == 6

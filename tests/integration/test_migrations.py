@@ -63,7 +63,7 @@ def test_upgrade_produces_exactly_the_orm_schema(db_url: str) -> None:
 
         assert _table_names(engine) == {*OUR_TABLES, VERSION_TABLE}
         assert _schema_diff(engine) == []
-        head = "0005_owner_last_claimed_index"
+        head = "0006_worker_device"
         assert _versions(engine, VERSION_TABLE) == [head_revision()] == [head]
         assert schema_is_current(engine)
     finally:
