@@ -191,3 +191,70 @@ class NotConfirmable(Conflict):
 
 class ConfirmationNotFound(NotFound):
     """The study has no confirmation: POST /v1/studies/{id}/confirm makes one."""
+
+
+# --------------------------------------------------------------------------------------
+# What the Python client (service.client) raises for the server's answers.
+
+
+class ApiError(LstmHpoError):
+    """The server answered with an error."""
+
+    def __init__(
+        self,
+        status_code: int,
+        message: str,
+        *,
+        errors: Sequence[FieldError] = (),
+        error: str | None = None,
+        retry_after_s: float | None = None,
+    ) -> None:
+        #: The HTTP status; 0 when no answer came (:class:`ServerUnreachable`).
+        self.status_code = status_code
+        #: The server's message (its ``detail``), or the body's text from something else
+        #: on the way (a proxy).
+        self.detail = message
+        #: The server's error class (``StudyNotFound``, ``NoCompletedTrials``, ...); None
+        #: when the answer did not name one.
+        self.error = error
+        #: With 422: every bad field, by its dotted path (also on other statuses when the
+        #: answer carried some; empty otherwise).
+        self.errors = list(errors)
+        #: ``Retry-After`` in seconds, when the answer said (429, 503).
+        self.retry_after_s = retry_after_s
+        self.retryable = status_code in RETRYABLE_STATUSES
+        # Not super(): in InvalidRequest the next class is InvalidSpec, which takes errors.
+        LstmHpoError.__init__(self, f"HTTP {status_code}: {message}")
+
+
+#: Statuses after which the same request may succeed later: no answer at all (0), a
+#: gateway's 502 / 504 and a server that cannot serve now (503). Whether sending it again
+#: is safe is another matter: a 502, 504 or lost answer may come after the server did it.
+RETRYABLE_STATUSES = frozenset({0, 502, 503, 504})
+
+
+class InvalidRequest(ApiError, InvalidSpec):
+    """The server refused the input as invalid."""
+
+    # HTTP 422; ``errors`` names every bad field (at least one: a 422 without field errors,
+    # such as a task's unreadable data, has its message as the one error).
+
+
+class ServerUnreachable(ApiError):
+    """The server could not be reached (refused, timed out, connection lost)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(0, message)
+
+
+class WaitTimeout(LstmHpoError, TimeoutError):
+    """The study did not end within the time waited."""
+
+    def __init__(self, study_id: str, state: str, timeout_s: float, progress: str) -> None:
+        self.study_id = study_id
+        #: The study's state when the wait gave up.
+        self.state = state
+        super().__init__(
+            f"study {study_id} is still {state} after {timeout_s:g} s ({progress}): "
+            "wait again, or cancel it"
+        )

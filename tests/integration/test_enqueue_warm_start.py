@@ -27,8 +27,8 @@ from service.states import (
     WARM_START_TRIAL_ATTR,
     JobState,
 )
-from service.worker import Worker, WorkerOptions
 from tests.servers import InProcessServer, serve_in_thread
+from tests.workers import run_worker_until_idle as _run_worker
 
 SPACE: dict[str, Any] = {
     "num_layers": {"type": "int", "low": 1, "high": 3},
@@ -53,16 +53,6 @@ def _spec(n_trials: int = 4, space: dict[str, Any] | None = None, **study: Any) 
 def server(tmp_path: Path, db_url: str) -> Iterator[InProcessServer]:
     with serve_in_thread(Settings(data_dir=tmp_path / "data", database_url=db_url)) as s:
         yield s
-
-
-def _run_worker(db_url: str) -> None:
-    worker = Worker(WorkerOptions(database_url=db_url, poll_interval_s=0.05, idle_exit_s=0.0))
-    try:
-        worker.run()
-    finally:
-        worker.engine.dispose()
-        if worker.storage is not None:
-            worker.storage.engine.dispose()
 
 
 def _optuna_trials(server: InProcessServer, study_name: str) -> list[optuna.trial.FrozenTrial]:

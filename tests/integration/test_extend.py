@@ -21,9 +21,9 @@ from service.client import ApiError, Client
 from service.config import Settings
 from service.errors import InvalidSpec
 from service.states import JobState
-from service.worker import Worker, WorkerOptions
 from tests.acceptance.conftest import CLI
 from tests.servers import InProcessServer, serve_in_thread
+from tests.workers import run_worker_until_idle as _run_worker
 
 
 def _spec(n_trials: int = 3, **study: Any) -> dict[str, Any]:
@@ -44,16 +44,6 @@ def server(tmp_path: Path, db_url: str) -> Iterator[InProcessServer]:
     settings = Settings(data_dir=tmp_path / "data", database_url=db_url, max_trials=50)
     with serve_in_thread(settings) as s:
         yield s
-
-
-def _run_worker(db_url: str) -> None:
-    worker = Worker(WorkerOptions(database_url=db_url, poll_interval_s=0.05, idle_exit_s=0.0))
-    try:
-        worker.run()
-    finally:
-        worker.engine.dispose()
-        if worker.storage is not None:
-            worker.storage.engine.dispose()
 
 
 def _optuna_trials(server: InProcessServer, study_name: str) -> list[optuna.trial.FrozenTrial]:

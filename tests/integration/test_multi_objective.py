@@ -19,8 +19,8 @@ from optuna.trial import TrialState
 
 from service.config import Settings
 from service.states import FAILURE_ATTR
-from service.worker import Worker, WorkerOptions
 from tests.servers import InProcessServer, serve_in_thread
+from tests.workers import run_worker_until_idle as _run_worker
 
 SPACE: dict[str, Any] = {
     "num_layers": {"type": "int", "low": 1, "high": 3},
@@ -36,16 +36,6 @@ BOUND = 64**2 * 3 * 4
 def server(tmp_path: Path, db_url: str) -> Iterator[InProcessServer]:
     with serve_in_thread(Settings(data_dir=tmp_path / "data", database_url=db_url)) as s:
         yield s
-
-
-def _run_worker(db_url: str) -> None:
-    worker = Worker(WorkerOptions(database_url=db_url, poll_interval_s=0.05, idle_exit_s=0.0))
-    try:
-        worker.run()
-    finally:
-        worker.engine.dispose()
-        if worker.storage is not None:
-            worker.storage.engine.dispose()
 
 
 def _spec(**study: Any) -> dict[str, Any]:
