@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build the Dockerfile for real and run a study inside the image (issue 13). Too slow for
-# every CI run (~15-30 minutes on 2 cores); it must pass before a release. DEPLOY.md records
+# every CI run (~8-15 minutes on 2 cores); it must pass before a release. DEPLOY.md records
 # its runs.
 #
 #   bash deploy/check-image.sh [--keep] [--work DIR] [--storage-driver overlay|vfs]
@@ -94,6 +94,43 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+ADDED_WHEEL=""
+CONTAINER=""
+NS_PID=""
+RUNNER_PID=""
+cleanup() {
+  local status=$?
+  set +e
+  if [ -n "$NS_PID" ] && kill -0 "$NS_PID" 2>/dev/null; then kill -KILL "$NS_PID"; fi
+  if [ -n "$RUNNER_PID" ]; then wait "$RUNNER_PID" 2>/dev/null; fi
+  [ -n "$ADDED_WHEEL" ] && rm -f "$ADDED_WHEEL"
+  if [ "$KEEP" = 1 ] && [ -n "$WORK" ]; then
+    log "kept (--keep): $WORK; inspect with"
+    log "  CONTAINERS_STORAGE_CONF=$WORK/storage.conf CONTAINERS_CONF=$WORK/containers.conf podman images"
+    [ -n "$CONTAINER" ] && log "  container $CONTAINER is mounted at $(podman mount "$CONTAINER" 2>/dev/null)"
+  elif [ -n "$WORK" ]; then
+    if [ "${CONTAINERS_STORAGE_CONF:-}" = "$WORK/storage.conf" ]; then # never the global storage
+      if [ -n "$CONTAINER" ]; then
+        podman umount "$CONTAINER" >/dev/null 2>&1
+        podman rm -f -v "$CONTAINER" >/dev/null 2>&1
+      fi
+      podman rmi -f "$IMAGE" "$BASE_IMAGE" >/dev/null 2>&1
+      podman rmi -a -f >/dev/null 2>&1 # the build's intermediate images, in our storage only
+    fi
+    # Never delete through a mount: refuse while anything is still mounted under WORK.
+    if findmnt -rn -o TARGET | grep -qF "$WORK"; then
+      log "still mounted under $WORK, not removed:"
+      findmnt -rn -o TARGET | grep -F "$WORK" | sed 's/^/    /'
+    else
+      rm -rf --one-file-system "$WORK"
+      log "removed $WORK (images, containers, storage)"
+    fi
+  fi
+  exit "$status"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
 # --- work directory, podman's own configuration ------------------------------------------------
 log "free disk:"
 df -h "$REPO" /var /tmp | sed 's/^/    /'
@@ -120,7 +157,9 @@ if [ -z "$DRIVER" ]; then
   rm -rf "$probe"
 fi
 echo "$DRIVER" >"$WORK/driver"
+# vfs copies the whole tree per layer: build without intermediate layers there.
 need_gb=$([ "$DRIVER" = vfs ] && echo 25 || echo 12)
+LAYERS=$([ "$DRIVER" = vfs ] && echo --layers=false || echo --layers)
 free_gb=$(df -Pk "$WORK" | awk 'NR == 2 { print int($4 / 1048576) }')
 [ "$free_gb" -ge "$need_gb" ] || die "$WORK has ${free_gb} GB free; the $DRIVER build needs ~${need_gb} GB"
 log "work directory $WORK (storage driver $DRIVER, ${free_gb} GB free)"
@@ -140,40 +179,6 @@ tmp_dir = "$WORK/libpod-tmp"
 EOF
 export CONTAINERS_STORAGE_CONF=$WORK/storage.conf CONTAINERS_CONF=$WORK/containers.conf
 
-ADDED_WHEEL=""
-CONTAINER=""
-NS_PID=""
-RUNNER_PID=""
-cleanup() {
-  local status=$?
-  set +e
-  if [ -n "$NS_PID" ] && kill -0 "$NS_PID" 2>/dev/null; then kill -KILL "$NS_PID"; fi
-  if [ -n "$RUNNER_PID" ]; then wait "$RUNNER_PID" 2>/dev/null; fi
-  [ -n "$ADDED_WHEEL" ] && rm -f "$ADDED_WHEEL"
-  if [ "$KEEP" = 1 ]; then
-    log "kept (--keep): $WORK; inspect with"
-    log "  CONTAINERS_STORAGE_CONF=$WORK/storage.conf CONTAINERS_CONF=$WORK/containers.conf podman images"
-    [ -n "$CONTAINER" ] && log "  container $CONTAINER is mounted at $(podman mount "$CONTAINER" 2>/dev/null)"
-  elif [ "${CONTAINERS_STORAGE_CONF:-}" = "$WORK/storage.conf" ]; then # never the global storage
-    if [ -n "$CONTAINER" ]; then
-      podman umount "$CONTAINER" >/dev/null 2>&1
-      podman rm -f -v "$CONTAINER" >/dev/null 2>&1
-    fi
-    podman rmi -f "$IMAGE" "$BASE_IMAGE" >/dev/null 2>&1
-    podman rmi -a -f >/dev/null 2>&1 # the build's intermediate images, in our storage only
-    # Never delete through a mount: refuse while anything is still mounted under WORK.
-    if findmnt -rn -o TARGET | grep -qF "$WORK"; then
-      log "still mounted under $WORK, not removed:"
-      findmnt -rn -o TARGET | grep -F "$WORK" | sed 's/^/    /'
-    else
-      rm -rf --one-file-system "$WORK"
-      log "removed $WORK (images, containers, storage)"
-    fi
-  fi
-  exit "$status"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
 
 # --- the build context: the working tree, or a commit ----------------------------------------
 if [ -n "$REF" ]; then
@@ -259,7 +264,7 @@ if [ "$CA_BUNDLE" != none ] && [ -f "$CA_BUNDLE" ]; then
   CA_MOUNT=(-v "$CA_BUNDLE:/etc/ssl/certs/ca-certificates.crt:ro")
 fi
 build() {
-  "${NICE[@]}" podman build --isolation=chroot --format docker --pull=never --layers "${CA_MOUNT[@]}" \
+  "${NICE[@]}" podman build --isolation=chroot --format docker --pull=never "$LAYERS" "${CA_MOUNT[@]}" \
     --build-arg "BASE=$BASE_IMAGE" --build-arg "TORCH=$WHEEL_IN_CONTEXT" \
     -t "$IMAGE" -f "$CONTEXT/Dockerfile" "$CONTEXT" >"$WORK/build.log" 2>&1 ||
     { tail -n 40 "$WORK/build.log"; die "podman build failed (log above; whole: $WORK/build.log with --keep)"; }

@@ -16,6 +16,7 @@ import json
 import os
 import re
 import shlex
+import subprocess
 import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -308,6 +309,17 @@ def test_interpolation_takes_defaults_and_fills_required_values() -> None:
     assert interpolate("${A:-http://localhost:8000}/x") == "http://localhost:8000/x"
     assert interpolate("${A:?set A}").startswith("placeholder-")
     assert len(interpolate("${LSTM_HPO_ADMIN_TOKEN}")) >= 32
+
+
+def test_the_release_check_script_parses_and_explains_itself() -> None:
+    """deploy/check-image.sh runs before a release only (root, podman, minutes): here at
+    least it parses, and --help answers without root or podman."""
+    script = ROOT / "deploy" / "check-image.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    shown = subprocess.run(
+        ["bash", str(script), "--help"], check=True, capture_output=True, text=True
+    ).stdout
+    assert "--keep" in shown and "podman build" in shown
 
 
 def main(argv: list[str]) -> int:
