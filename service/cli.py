@@ -19,6 +19,7 @@ from rich.table import Table
 from rich.text import Text
 
 from service.config import Settings
+from service.durations import fmt_duration
 from service.errors import CheckpointMismatch, InvalidSpec, LstmHpoError, SingleHostOnly
 
 if TYPE_CHECKING:
@@ -726,31 +727,18 @@ def _progress_view(progress: ProgressPublic) -> Group:
         for r in progress.running:
             of = f"/{r.max_epochs}" if r.max_epochs is not None else ""
             table.add_row(
-                str(r.number), f"{r.epoch}{of}", _fmt(r.last_value), _duration(r.elapsed_s)
+                str(r.number), f"{r.epoch}{of}", _fmt(r.last_value), fmt_duration(r.elapsed_s)
             )
         parts.append(table)
-    eta = "-" if progress.eta_s is None else f"~{_duration(progress.eta_s)}"
+    eta = "-" if progress.eta_s is None else f"~{fmt_duration(progress.eta_s)}"
     parts.append(Text(f"ETA {eta}: {progress.eta_basis}"))
     if progress.timeout_s is not None and progress.timeout_left_s is not None:
-        left = f"timeout: {_duration(progress.timeout_left_s)} left of "
-        left += _duration(progress.timeout_s)
+        left = f"timeout: {fmt_duration(progress.timeout_left_s)} left of "
+        left += fmt_duration(progress.timeout_s)
         if progress.timeout_first:
             left += " (the timeout should stop the study before its trials are done)"
         parts.append(Text(left))
     return Group(*parts)
-
-
-def _duration(seconds: float | None) -> str:
-    """``12.3 s``, ``4 min 05 s``, ``2 h 03 min``; ``-`` for none (as the HTML report)."""
-    if seconds is None:
-        return "-"
-    if seconds < 60:
-        return f"{seconds:.1f} s"
-    minutes, secs = divmod(round(seconds), 60)
-    if minutes < 60:
-        return f"{minutes} min {secs:02d} s"
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours} h {minutes:02d} min"
 
 
 @app.command()
@@ -819,8 +807,8 @@ def _studies_table(client: Client, limit: int) -> Table:
     )
     for s in page.items:
         found = None if s.state in TERMINAL_STATES else _progress_of(client, s.id)
-        eta = "-" if found is None or found.eta_s is None else f"~{_duration(found.eta_s)}"
-        left = _duration(found.timeout_left_s) if found is not None else "-"
+        eta = "-" if found is None or found.eta_s is None else f"~{fmt_duration(found.eta_s)}"
+        left = fmt_duration(found.timeout_left_s) if found is not None else "-"
         table.add_row(
             s.id,
             escape(s.name),
@@ -830,7 +818,7 @@ def _studies_table(client: Client, limit: int) -> Table:
             _fmt(s.best_value),
             eta,
             left,
-            _duration(s.elapsed_s),
+            fmt_duration(s.elapsed_s),
         )
     return table
 

@@ -34,6 +34,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from service import queue, studies
 from service.auth import Principal
+from service.durations import fmt_duration
 from service.errors import LstmHpoError, OptunaStudyDeleted
 from service.schemas import ProgressPublic, RunningTrialPublic, StudyPublic, TrialPublic
 from service.search_space import dump_yaml
@@ -539,19 +540,6 @@ def fmt_param(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)
-
-
-def fmt_duration(seconds: float | None) -> str:
-    """``12.3 s``, ``4 min 05 s``, ``2 h 03 min``; ``-`` for none."""
-    if seconds is None:
-        return "-"
-    if seconds < 60:
-        return f"{seconds:.1f} s"
-    minutes, secs = divmod(round(seconds), 60)
-    if minutes < 60:
-        return f"{minutes} min {secs:02d} s"
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours} h {minutes:02d} min"
 
 
 _CSS = """

@@ -5,10 +5,13 @@ from __future__ import annotations
 from service.worker import Worker, WorkerOptions
 
 
-def run_worker_until_idle(database_url: str) -> None:
-    """Claim and run trials until none is left to claim, then close the worker's
-    connections (its database and its Optuna storage)."""
-    worker = Worker(WorkerOptions(database_url=database_url, poll_interval_s=0.05, idle_exit_s=0.0))
+def run_worker_until_idle(database_url: str, idle_exit_s: float = 0.0) -> None:
+    """Claim and run trials until none was left to claim for ``idle_exit_s``, then close
+    the worker's connections (its database and its Optuna storage)."""
+    options = WorkerOptions(
+        database_url=database_url, poll_interval_s=0.05, idle_exit_s=idle_exit_s
+    )
+    worker = Worker(options)
     try:
         worker.run()
     finally:

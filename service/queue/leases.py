@@ -163,20 +163,16 @@ def reap_stale_lease(
             return None
         if lease.state != LeaseState.RUNNING or lease.heartbeat_at >= cutoff:
             return None  # finished or heartbeated since we looked
-        lease.state = LeaseState.REAPED
-        lease.finished_at = at
-        lease.failure_reason = REAPED_REASON
-        job.n_running -= 1
-        retry = _retry_allowed(job, lease, at) and (
-            lease.optuna_trial_id is None or retry_trial_id is not None
+        retry = _give_back(
+            session,
+            job,
+            lease,
+            state=LeaseState.REAPED,
+            reason=REAPED_REASON,
+            retry_trial_id=retry_trial_id,
+            may_retry=_retry_allowed(job, lease, at),
+            at=at,
         )
-        if retry:
-            lease.retry_pending = True
-            lease.retry_trial_id = retry_trial_id
-            announce_work(session, job.id)
-        else:
-            job.n_finished += 1
-        end_job_if_done(session, job, at)
         return StaleLease(
             id=lease.id,
             job_id=job.id,
@@ -221,25 +217,49 @@ def preempt_trial_slot(
         lease = session.get(TrialLease, lease_id, with_for_update=True)
         if job is None or lease is None or lease.state != LeaseState.RUNNING:
             raise errors.LeaseLost()
-        lease.state = LeaseState.PREEMPTED
-        lease.finished_at = at
-        lease.failure_reason = reason[:2000]
-        job.n_running -= 1
-        requeue = (
-            JobState(job.state).is_active
-            and not is_past_deadline(job, at)
-            and (lease.optuna_trial_id is None or retry_trial_id is not None)
+        return _give_back(
+            session,
+            job,
+            lease,
+            state=LeaseState.PREEMPTED,
+            reason=reason[:2000],
+            retry_trial_id=retry_trial_id,
+            # No attempt limit: the claim keeps a preempted lease's attempt.
+            may_retry=JobState(job.state).is_active and not is_past_deadline(job, at),
+            at=at,
         )
-        if requeue:
-            lease.retry_pending = True
-            lease.retry_trial_id = retry_trial_id
-            announce_work(session, job.id)
-        else:
-            job.n_finished += 1
-        end_job_if_done(session, job, at)
-        return requeue
 
     return transact(sm, preempt)
+
+
+def _give_back(
+    session: Session,
+    job: SearchJob,
+    lease: TrialLease,
+    *,
+    state: LeaseState,
+    reason: str,
+    retry_trial_id: int | None,
+    may_retry: bool,
+    at: datetime,
+) -> bool:
+    """End a running lease (reaped or preempted; both rows locked by the caller) and either
+    requeue its slot, with the trial to run and a NOTIFY in the same commit, or count it
+    finished. Requeued only when ``may_retry`` and there is something to run: the WAITING
+    copy ``retry_trial_id``, or no Optuna trial at all (lost between claim and ask)."""
+    lease.state = state
+    lease.finished_at = at
+    lease.failure_reason = reason
+    job.n_running -= 1
+    requeue = may_retry and (lease.optuna_trial_id is None or retry_trial_id is not None)
+    if requeue:
+        lease.retry_pending = True
+        lease.retry_trial_id = retry_trial_id
+        announce_work(session, job.id)
+    else:
+        job.n_finished += 1
+    end_job_if_done(session, job, at)
+    return requeue
 
 
 def _retry_allowed(job: SearchJob, lease: TrialLease, at: datetime) -> bool:

@@ -41,7 +41,15 @@ SPEC: dict[str, Any] = {
         "max_epochs": 5,
         "seed": 11,
     },
-    "study": {"n_trials": 2, "sampler": "random", "pruner": "none", "seed": 0},
+    # Every trial keeps its best-epoch checkpoint once the study ends (the default, "best",
+    # would have the reaper delete all but the best trial's, at a moment of its choosing).
+    "study": {
+        "n_trials": 2,
+        "sampler": "random",
+        "pruner": "none",
+        "seed": 0,
+        "keep_checkpoints": "all",
+    },
 }
 
 

@@ -32,6 +32,7 @@ from service.states import CONFIRMED_BY_PREFIX, JOB_ID_ATTR, TEST_VALUE_ATTR
 from service.training.objective import run_trial
 from service.worker import Worker, WorkerOptions
 from tests.servers import InProcessServer, serve_in_thread
+from tests.workers import run_worker_until_idle
 
 PARENT: dict[str, Any] = {
     "name": "parent",
@@ -66,13 +67,7 @@ def _worker(server: InProcessServer, idle_exit_s: float = 0.0) -> Worker:
 
 
 def _run_worker(server: InProcessServer) -> None:
-    worker = _worker(server)
-    try:
-        worker.run()
-    finally:
-        worker.engine.dispose()
-        if worker.storage is not None:
-            worker.storage.engine.dispose()
+    run_worker_until_idle(_url(server))
 
 
 def _finished_parent(server: InProcessServer, **study: Any) -> str:

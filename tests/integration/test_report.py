@@ -35,9 +35,9 @@ from service.cli import app as cli_app
 from service.client import Client
 from service.config import Settings
 from service.errors import InvalidSpec
-from service.worker import Worker, WorkerOptions
 from tests.acceptance.conftest import CLI
 from tests.servers import InProcessServer, serve_in_thread
+from tests.workers import run_worker_until_idle
 
 EVIL = "<script>alert('pwned')</script>"
 #: A grid of 3 x 3 points, each run once; num_layers 1 fails: 3 failures, 6 complete. The
@@ -83,17 +83,9 @@ class Setup:
 
 
 def _run_worker(database_url: str) -> threading.Thread:
-    worker = Worker(WorkerOptions(database_url=database_url, poll_interval_s=0.05, idle_exit_s=1))
-
-    def run() -> None:
-        try:
-            worker.run()
-        finally:
-            worker.engine.dispose()
-            if worker.storage is not None:
-                worker.storage.engine.dispose()
-
-    thread = threading.Thread(target=run, name="worker", daemon=True)
+    thread = threading.Thread(
+        target=run_worker_until_idle, args=(database_url, 1.0), name="worker", daemon=True
+    )
     thread.start()
     return thread
 

@@ -15,6 +15,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from optuna.trial import FrozenTrial, TrialState
 
 from service import report
+from service.durations import fmt_duration
 from service.queue import JobRecord
 from service.schemas import StudyPublic, TrialCounts, TrialPublic
 from service.states import CONFIG_ATTR, FAILURE_ATTR, JobState
@@ -358,7 +359,7 @@ def test_the_page_of_a_study_without_trials() -> None:
 
 
 def test_fmt_duration() -> None:
-    assert report.fmt_duration(None) == "-"
-    assert report.fmt_duration(12.34) == "12.3 s"
-    assert report.fmt_duration(245) == "4 min 05 s"
-    assert report.fmt_duration(7380) == "2 h 03 min"
+    assert fmt_duration(None) == "-"
+    assert fmt_duration(12.34) == "12.3 s"
+    assert fmt_duration(245) == "4 min 05 s"
+    assert fmt_duration(7380) == "2 h 03 min"
