@@ -175,11 +175,12 @@ def _create_optuna_tables(db_url: str) -> None:
         optuna_storage(db_url).engine.dispose()
 
 
-def test_servers_starting_together_create_optuna_tables_once(db_url: str) -> None:
+def test_servers_starting_together_create_optuna_tables_once(postgres_url: str) -> None:
     # Without the lock, Optuna's create_all races on PostgreSQL (UniqueViolation on its
-    # enum type studydirection) and one server of a fresh deployment fails to start.
+    # enum type studydirection) and one server of a fresh deployment fails to start; on
+    # SQLite writers are serialised already (the lock is a no-op there).
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(3) as pool:
-        pool.map(_create_optuna_tables, [db_url] * 3)  # re-raises any process's exception
-    study = optuna.create_study(storage=optuna_storage(db_url))
+        pool.map(_create_optuna_tables, [postgres_url] * 3)  # re-raises any exception
+    study = optuna.create_study(storage=optuna_storage(postgres_url))
     assert study.direction == optuna.study.StudyDirection.MINIMIZE

@@ -383,7 +383,9 @@ async def extend(
     """Add ``n_trials`` trials to a queued, running or ended study: the same Optuna study
     goes on (the sampler keeps its history) until it has that many more finished trials;
     with ``study.timeout_s``, the deadline counts from now. 409 for a study that failed
-    (its spec or data), 422 naming ``n_trials`` past ``LSTM_HPO_MAX_TRIALS``."""
+    (its spec or data), 422 naming ``n_trials`` past ``LSTM_HPO_MAX_TRIALS``; 404 for
+    another principal's study, whatever the body (it must not learn that the id exists)."""
+    await run_in_threadpool(partial(studies.get_study, principal=principal), backend, study_id)
     body = await _bounded_body(request, request.app.state.max_request_bytes)
     content_type = request.headers.get("content-type", "application/json").split(";")[0].strip()
     if content_type != "application/json":
