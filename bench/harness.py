@@ -109,11 +109,12 @@ class Server:
     data_dir: Path
     process: subprocess.Popen[bytes]
     client: Client
+    database_url: str | None = None
 
     @property
     def storage_url(self) -> str:
         """The scratch database (Optuna's tables too), for analyses the API does not offer."""
-        return f"sqlite:///{self.data_dir / 'lstm-hpo.db'}"
+        return self.database_url or f"sqlite:///{self.data_dir / 'lstm-hpo.db'}"
 
 
 def exit_on_sigterm() -> None:
@@ -123,15 +124,18 @@ def exit_on_sigterm() -> None:
 
 
 @contextmanager
-def running_server(data_dir: Path, workers: int, *, log: Path) -> Iterator[Server]:
-    """``lstm-hpo serve`` on a free loopback port, SQLite under ``data_dir``, ``workers``
-    local worker processes of one torch thread each; stopped with SIGTERM on exit."""
+def running_server(
+    data_dir: Path, workers: int, *, log: Path, database_url: str | None = None
+) -> Iterator[Server]:
+    """``lstm-hpo serve`` on a free loopback port, SQLite under ``data_dir`` (or
+    ``database_url``), ``workers`` local worker processes of one torch thread each; stopped
+    with SIGTERM on exit."""
     data_dir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     env = {
         **os.environ,
         "LSTM_HPO_DATA_DIR": str(data_dir),
-        "LSTM_HPO_DATABASE_URL": f"sqlite:///{data_dir / 'lstm-hpo.db'}",
+        "LSTM_HPO_DATABASE_URL": database_url or f"sqlite:///{data_dir / 'lstm-hpo.db'}",
         "LSTM_HPO_TOKEN": "",
     }
     env.pop("LSTM_HPO_ADMIN_TOKEN", None)
@@ -154,7 +158,7 @@ def running_server(data_dir: Path, workers: int, *, log: Path) -> Iterator[Serve
                         f"lstm-hpo serve did not answer in 120 s: see {log}"
                     ) from err
                 time.sleep(0.3)
-        yield Server(base_url, data_dir, process, client)
+        yield Server(base_url, data_dir, process, client, database_url)
     finally:
         client.close()
         if process.poll() is None:

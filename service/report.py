@@ -95,6 +95,17 @@ def load_snapshot(
     return StudySnapshot(study, job, list(trials), best_yaml, best_note)
 
 
+def load_progress(
+    backend: studies.Backend, job_id: str, *, principal: Principal, now: datetime
+) -> ProgressPublic:
+    """:func:`progress` of a study, read without building every trial of it: its running
+    trials, and its finished trials' mean duration computed in SQL
+    (:func:`service.studies.progress_inputs`). Raises ``StudyNotFound`` as
+    :func:`load_snapshot` does."""
+    job, running, n_timed, mean_s = studies.progress_inputs(backend, job_id, principal=principal)
+    return progress_of(job, running, n_timed=n_timed, mean_s=mean_s, now=now)
+
+
 # --------------------------------------------------------------------------------------
 # Trials: values, epochs, ranking, failures
 # --------------------------------------------------------------------------------------
@@ -259,11 +270,25 @@ def progress(
     """A study's progress at ``now`` (aware): its running trials (epoch, last intermediate
     value), an ETA (:data:`ETA_METHOD`) and the ``timeout_s`` left."""
     running = [t for t in trials if t.state == TrialState.RUNNING]
-    running_public = [_running_trial(t, now) for t in sorted(running, key=lambda t: t.number)]
     durations = [
         d for t in trials if t.state.is_finished() and (d := trial_duration_s(t)) is not None
     ]
     mean = sum(durations) / len(durations) if durations else None
+    return progress_of(job, running, n_timed=len(durations), mean_s=mean, now=now)
+
+
+def progress_of(
+    job: queue.JobRecord,
+    running: Sequence[FrozenTrial],
+    *,
+    n_timed: int,
+    mean_s: float | None,
+    now: datetime,
+) -> ProgressPublic:
+    """:func:`progress` from what it needs: the running trials, and how many finished
+    trials have a duration and their mean (None for none)."""
+    running_public = [_running_trial(t, now) for t in sorted(running, key=lambda t: t.number)]
+    mean = mean_s
     eta: float | None = None
     if job.state.is_terminal:
         basis = f"the study has ended ({job.state})"
@@ -276,7 +301,7 @@ def progress(
         eta = (still + not_started * mean) / max(in_flight, 1)
         basis = (
             f"({still:.0f} s the {len(running)} running trial(s) still need + {not_started} "
-            f"not started x {mean:.1f} s, the mean of {len(durations)} finished trial(s)) "
+            f"not started x {mean:.1f} s, the mean of {n_timed} finished trial(s)) "
             f"/ {max(in_flight, 1)} running at once"
         )
     timeout_left: float | None = None

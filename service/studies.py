@@ -29,7 +29,7 @@ from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
-from service import queue
+from service import queue, trial_queries
 from service.artifacts import CheckpointNotFound, CheckpointStore, original_trial_number
 from service.auth import Principal
 from service.data_checks import check_task_data
@@ -659,13 +659,20 @@ def _api_state(trial: FrozenTrial) -> ApiTrialState:
     return ApiTrialState.from_optuna(trial.state.name)
 
 
-def _trials(backend: Backend, job: queue.JobRecord) -> list[FrozenTrial]:
-    """The job's Optuna trials; ``OptunaStudyDeleted`` (and the job marked failed) when gone."""
+def _optuna_id(backend: Backend, job: queue.JobRecord) -> int:
+    """The job's Optuna study id; ``OptunaStudyDeleted`` (and the job marked failed) when gone."""
     try:
-        study_id = optuna_study_id(backend, job.optuna_study_name)
+        return optuna_study_id(backend, job.optuna_study_name)
     except OptunaStudyDeleted:
         mark_optuna_study_deleted(backend, job.id)
         raise
+
+
+def _trials(backend: Backend, job: queue.JobRecord) -> list[FrozenTrial]:
+    """Every trial the job's Optuna study ran (:func:`own_trials`); ``OptunaStudyDeleted``
+    (and the job marked failed) when it is gone. Reads and builds them all: what answers
+    about one study use :mod:`service.trial_queries` instead (counts, best, pages)."""
+    study_id = _optuna_id(backend, job)
     return own_trials(backend.storage.get_all_trials(study_id, deepcopy=False))
 
 
@@ -727,21 +734,31 @@ def study_trials(
     limit: int = 100,
     offset: int = 0,
 ) -> Page[TrialPublic]:
-    """A study's trials in trial-number order."""
+    """A study's trials in trial-number order (``state``: only those in that API state).
+
+    Reads only the page (and a count) from Optuna's tables: :mod:`service.trial_queries`.
+    """
     job = _job(backend, job_id, principal)
     try:
-        trials = _trials(backend, job)
+        study_id = _optuna_id(backend, job)
     except OptunaStudyDeleted:
-        trials = []
-    if state is not None:
-        trials = [t for t in trials if _api_state(t) == state]
-    page = trials[offset : offset + limit]
-    return Page[TrialPublic](
-        items=[_trial_public(t, job.spec) for t in page],
-        total=len(trials),
+        return Page[TrialPublic](items=[], total=0, limit=limit, offset=offset)
+    states = None if state is None else _optuna_states(ApiTrialState(state))
+    page, total = trial_queries.page_of_trials(
+        trial_queries.rdb_storage(backend.storage),
+        study_id,
+        states=states,
         limit=limit,
         offset=offset,
     )
+    return Page[TrialPublic](
+        items=[_trial_public(t, job.spec) for t in page], total=total, limit=limit, offset=offset
+    )
+
+
+def _optuna_states(state: ApiTrialState) -> list[TrialState]:
+    """The Optuna trial states the API shows as ``state``."""
+    return [s for s in TrialState if ApiTrialState.from_optuna(s.name) == state]
 
 
 def best_configs(
@@ -752,12 +769,24 @@ def best_configs(
     of it; one otherwise), each with its ``values``. Raises ``NoCompletedTrials``."""
     job = _job(backend, job_id, principal)
     spec = study_spec(job)
-    trials = _trials(backend, job)
+    study_id = _optuna_id(backend, job)
+    storage = trial_queries.rdb_storage(backend.storage)
+    # Ranked in SQL (a front from each trial's values only); only the answer's trials are
+    # then read in full.
     if spec.is_multi_objective:
-        ranked = pareto_front(trials, spec)
+        front = pareto_front(trial_queries.complete_finite_trials(storage, study_id), spec)
+        ids = [t._trial_id for t in front[: len(front) if k is None else k]]
     else:
-        ranked = _ranked(trials, spec.direction)
-    if not ranked:
+        top = trial_queries.ranked_trials(
+            storage,
+            study_id,
+            objective=0,
+            objectives=1,
+            maximize=spec.direction == "maximize",
+            limit=k or 1,
+        )
+        ids = [t.trial_id for t in top]
+    if not ids:
         if job.state.is_terminal:
             raise NoCompletedTrials(
                 f"the study ended ({job.state}) without a completed trial: see its trials' "
@@ -765,9 +794,8 @@ def best_configs(
             )
         raise NoCompletedTrials()
     out = []
-    if k is None:  # the best one; a multi-objective study's whole front
-        k = len(ranked) if spec.is_multi_objective else 1
-    for trial in ranked[:k]:
+    # k None: the best one; a multi-objective study's whole front.
+    for trial in trial_queries.trials_by_id(storage, ids):
         config = trial.user_attrs.get(CONFIG_ATTR)
         if config is None:  # replay the sampler's mapping on the recorded params
             config = sample_config(optuna.trial.FixedTrial(trial.params), spec).model_dump(
@@ -786,6 +814,26 @@ def best_configs(
     return out
 
 
+def progress_inputs(
+    backend: Backend, job_id: str, *, principal: Principal
+) -> tuple[queue.JobRecord, list[FrozenTrial], int, float | None]:
+    """What a study's progress is made of, read in SQL rather than from every trial: its
+    job row, its own RUNNING trials, and how many of its finished trials have a duration
+    and their mean in seconds (None for none). A study whose Optuna half is gone has none
+    of them, and its job reads as failed (as ``get`` shows it)."""
+    job = _job(backend, job_id, principal)
+    try:
+        study_id = _optuna_id(backend, job)
+    except OptunaStudyDeleted:
+        return _job(backend, job_id, principal), [], 0, None
+    storage = trial_queries.rdb_storage(backend.storage)
+    running, _ = trial_queries.page_of_trials(
+        storage, study_id, states=[TrialState.RUNNING], limit=MAX_TRIALS, offset=0
+    )
+    n_timed, mean_s = trial_queries.finished_durations(storage, study_id)
+    return job, running, n_timed, mean_s
+
+
 def best_checkpoint(backend: Backend, job_id: str, *, principal: Principal) -> tuple[BinaryIO, int]:
     """A reader of the best trial's best-epoch checkpoint (close it) and that trial's number.
 
@@ -793,10 +841,20 @@ def best_checkpoint(backend: Backend, job_id: str, *, principal: Principal) -> t
     trial has no checkpoint (none kept, a synthetic study, or no store configured).
     """
     job = _job(backend, job_id, principal)
-    ranked = _ranked(_trials(backend, job), study_spec(job).direction)
-    if not ranked:
+    storage = trial_queries.rdb_storage(backend.storage)
+    study_id = _optuna_id(backend, job)
+    spec = study_spec(job)
+    top = trial_queries.ranked_trials(
+        storage,
+        study_id,
+        objective=0,
+        objectives=len(spec.objectives),
+        maximize=spec.direction == "maximize",
+        limit=1,
+    )
+    if not top:
         raise NoCompletedTrials()
-    best = ranked[0]
+    (best,) = trial_queries.trials_by_id(storage, [top[0].trial_id])
     if backend.checkpoints is None:
         raise CheckpointMissing()
     key = original_trial_number(best.user_attrs, best.number)
@@ -851,23 +909,33 @@ def _trial_public(trial: FrozenTrial, spec_json: Mapping[str, Any]) -> TrialPubl
 def _study_public(
     backend: Backend, job: queue.JobRecord, *, include_spec: bool = True
 ) -> StudyPublic:
-    try:
-        trials = _trials(backend, job)
-        dashboard_url = f"{backend.base_url}/dashboard/studies/"
-        dashboard_url += str(optuna_study_id(backend, job.optuna_study_name))
-    except OptunaStudyDeleted as gone:
-        trials, dashboard_url = [], f"{backend.base_url}/dashboard"
-        job = replace(job, state=JobState.FAILED, error=gone.message)
-    counts: dict[str, int] = {}
-    for t in trials:
-        name = _api_state(t).value
-        counts[name] = counts.get(name, 0) + 1
     spec = job.spec
     task = spec["task"]["kind"]
     metric = TASK_METRICS[task]
     direction = spec.get("study", {}).get("direction") or metric.direction
     objectives = spec.get("study", {}).get("objectives") or [metric.name]
-    ranked = _ranked(trials, direction, list(objectives).index(metric.name))
+    # Counts, the best value and the notes in SQL, one transaction: a large study's trials
+    # are never all read here.
+    summary = trial_queries.study_summary(
+        trial_queries.rdb_storage(backend.storage),
+        job.optuna_study_name,
+        objective=list(objectives).index(metric.name),
+        objectives=len(objectives),
+        maximize=direction == "maximize",
+        user_attr=NOTES_ATTR if include_spec else None,
+    )
+    if summary is None:
+        mark_optuna_study_deleted(backend, job.id)
+        job = replace(job, state=JobState.FAILED, error=OptunaStudyDeleted().message)
+        dashboard_url = f"{backend.base_url}/dashboard"
+    else:
+        dashboard_url = f"{backend.base_url}/dashboard/studies/{summary.study_id}"
+    counts: dict[str, int] = {}
+    for optuna_state, n in (summary.counts if summary else {}).items():
+        name = ApiTrialState.from_optuna(optuna_state.name).value
+        counts[name] = counts.get(name, 0) + n
+    best = summary.best if summary else None
+    notes = summary.user_attr if summary else None
     end = job.finished_at or (datetime.now(UTC) if job.started_at else None)
     return StudyPublic(
         id=job.id,
@@ -879,8 +947,8 @@ def _study_public(
         n_trials=job.n_trials,
         n_finished=job.n_finished,
         counts=TrialCounts(**counts),
-        best_value=ranked[0].values[list(objectives).index(metric.name)] if ranked else None,
-        best_trial_number=ranked[0].number if ranked else None,
+        best_value=best.value if best is not None else None,
+        best_trial_number=best.number if best is not None else None,
         created_at=job.created_at,
         started_at=job.started_at,
         finished_at=job.finished_at,
@@ -890,18 +958,9 @@ def _study_public(
         objectives=list(objectives) if len(objectives) > 1 else None,
         error=job.error,
         spec=spec if include_spec else None,
-        notes=_notes(backend, job) if include_spec else None,
+        # What the submit noted on the study (``NOTES_ATTR``), None when nothing.
+        notes=[str(n) for n in notes] if isinstance(notes, list) and notes else None,
     )
-
-
-def _notes(backend: Backend, job: queue.JobRecord) -> list[str] | None:
-    """What the submit noted on the study (``NOTES_ATTR``), None when nothing."""
-    try:
-        study_id = optuna_study_id(backend, job.optuna_study_name)
-    except OptunaStudyDeleted:
-        return None
-    notes = backend.storage.get_study_user_attrs(study_id).get(NOTES_ATTR)
-    return [str(n) for n in notes] if isinstance(notes, list) and notes else None
 
 
 # --------------------------------------------------------------------------------------

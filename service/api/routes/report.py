@@ -22,7 +22,7 @@ router = APIRouter(prefix="/studies", tags=["studies"], responses=ERROR_RESPONSE
 #: The report is served from the dashboard's origin (its sign-in cookie): even if an
 #: escape were missed, the page may run no script and load nothing from elsewhere.
 _REPORT_CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
-#: ``study_trials``'s limit that means every trial (it slices a list in memory).
+#: ``study_trials``'s limit that means every trial (past a SQL INTEGER: no LIMIT at all).
 _EVERY_TRIAL = 2**62
 #: What the OpenAPI schema says a CSV answer is.
 CSV_CONTENT = {"text/csv": {"schema": {"type": "string"}}}
@@ -90,5 +90,4 @@ def trials_csv(
 def progress(study_id: str, backend: BackendDep, principal: PrincipalDep) -> ProgressPublic:
     """How far the study is: its running trials (epoch, last intermediate value), an ETA
     from finished trials' durations (``eta_basis`` says how) and the ``timeout_s`` left."""
-    snapshot = report.load_snapshot(backend, study_id, principal=principal, with_best=False)
-    return report.progress(snapshot.job, snapshot.trials, now=datetime.now(UTC))
+    return report.load_progress(backend, study_id, principal=principal, now=datetime.now(UTC))
