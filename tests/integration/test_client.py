@@ -157,14 +157,19 @@ def test_the_servers_errors_are_exceptions_with_its_words(server: InProcessServe
         locs = {e.loc for e in err.errors}
         assert "study.n_trials" in locs and any(loc.startswith("space.dropout") for loc in locs)
         assert all(str(e) in err.detail for e in err.errors)
-        with pytest.raises(InvalidRequest) as zero:
-            client.extend("no-such-study", 0)  # the body is refused before the id is read
-        assert [(e.loc, e.msg) for e in zero.value.errors] == [("n_trials", "must be >= 1")]
-        with pytest.raises(InvalidRequest, match="top_k"):
-            client.confirm("no-such-study", top_k=0)
+        with pytest.raises(ApiError) as unknown:  # the study is looked up first: 404
+            client.extend("no-such-study", 0)
+        assert unknown.value.status_code == 404
         with pytest.raises(FileNotFoundError):
             client.submit("no/such/spec.yaml")
         assert client.list().total == 0  # nothing was made
+        study = client.submit(_spec(2))
+        with pytest.raises(InvalidRequest) as zero:
+            client.extend(study.id, 0)
+        assert [(e.loc, e.msg) for e in zero.value.errors] == [("n_trials", "must be >= 1")]
+        with pytest.raises(InvalidRequest, match="top_k"):
+            client.confirm(study.id, top_k=0)
+        client.delete(study.id)  # the server is the module's: leave nothing behind
 
 
 def test_a_pareto_front(server: InProcessServer) -> None:
