@@ -19,7 +19,7 @@ import warnings
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from contextlib import suppress
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -108,6 +108,11 @@ class Backend:
     max_active_studies: int | None = None
     #: The trials' checkpoints (None: the service keeps none; nothing to delete or serve).
     checkpoints: CheckpointStore | None = None
+    #: Each study's counts and best trial, kept up to date from its new and unfinished
+    #: trials (``GET /v1/studies/{id}``, ``/best``).
+    summaries: trial_queries.StudySummaries = field(
+        default_factory=trial_queries.StudySummaries, compare=False
+    )
 
 
 def optuna_storage(
@@ -769,21 +774,26 @@ def best_configs(
     of it; one otherwise), each with its ``values``. Raises ``NoCompletedTrials``."""
     job = _job(backend, job_id, principal)
     spec = study_spec(job)
-    study_id = _optuna_id(backend, job)
     storage = trial_queries.rdb_storage(backend.storage)
-    # Ranked in SQL (a front from each trial's values only); only the answer's trials are
-    # then read in full.
+    maximize = spec.direction == "maximize"
+    # Ranked in SQL (a front from each trial's values only; the best one from the study's
+    # summary); only the answer's trials are then read in full.
     if spec.is_multi_objective:
+        study_id = _optuna_id(backend, job)
         front = pareto_front(trial_queries.complete_finite_trials(storage, study_id), spec)
         ids = [t._trial_id for t in front[: len(front) if k is None else k]]
+    elif k is None or k == 1:
+        summary = backend.summaries.get(
+            storage, job.optuna_study_name, objective=0, objectives=1, maximize=maximize
+        )
+        if summary is None:
+            mark_optuna_study_deleted(backend, job.id)
+            raise OptunaStudyDeleted()
+        ids = [summary.best.trial_id] if summary.best is not None else []
     else:
+        study_id = _optuna_id(backend, job)
         top = trial_queries.ranked_trials(
-            storage,
-            study_id,
-            objective=0,
-            objectives=1,
-            maximize=spec.direction == "maximize",
-            limit=k or 1,
+            storage, study_id, objective=0, objectives=1, maximize=maximize, limit=k
         )
         ids = [t.trial_id for t in top]
     if not ids:
@@ -916,7 +926,7 @@ def _study_public(
     objectives = spec.get("study", {}).get("objectives") or [metric.name]
     # Counts, the best value and the notes in SQL, one transaction: a large study's trials
     # are never all read here.
-    summary = trial_queries.study_summary(
+    summary = backend.summaries.get(
         trial_queries.rdb_storage(backend.storage),
         job.optuna_study_name,
         objective=list(objectives).index(metric.name),

@@ -16,30 +16,34 @@ Every query leaves out the trials copied into a study by warm start (user attrib
 from __future__ import annotations
 
 import json
+import math
 import sys
+import threading
+from collections import Counter
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from itertools import groupby
 from typing import Any
 
 import optuna
 from optuna.distributions import BaseDistribution, json_to_distribution
 from optuna.storages._rdb import models
 from optuna.trial import FrozenTrial, TrialState
-from sqlalchemy import ColumnElement, Row, Select, and_, func, select
+from sqlalchemy import ColumnElement, Row, Select, and_, func, or_, select
 from sqlalchemy.orm import Session, aliased
 
 from service.states import WARM_START_FROM_ATTR
 
 __all__ = [
     "RankedTrial",
+    "StudySummaries",
     "StudySummary",
     "complete_finite_trials",
     "finished_durations",
     "page_of_trials",
     "ranked_trials",
     "rdb_storage",
-    "study_summary",
     "trials_by_id",
 ]
 
@@ -158,38 +162,141 @@ class StudySummary:
     user_attr: Any
 
 
-def study_summary(
-    storage: optuna.storages.RDBStorage,
-    study_name: str,
-    *,
-    objective: int,
-    objectives: int,
-    maximize: bool,
-    user_attr: str | None = None,
-) -> StudySummary | None:
-    """The Optuna study ``study_name``'s id, trial counts by state, best trial and (when
-    named) one of its user attributes; None when there is no such study."""
-    study = models.StudyModel
-    attr = models.StudyUserAttributeModel
-    with Session(storage.engine) as session:
-        found = session.execute(
-            select(study.study_id).where(study.study_name == study_name)
-        ).scalar_one_or_none()
-        if found is None:
-            return None
-        study_id = int(found)
-        counts = (
-            select(_T.state, func.count()).where(_T.study_id == study_id, _own()).group_by(_T.state)
-        )
-        by_state = {TrialState(state): int(n) for state, n in session.execute(counts).all()}
-        top = session.execute(_ranking(study_id, objective, objectives, maximize, 1)).first()
-        text = None
-        if user_attr is not None:
-            text = session.execute(
-                select(attr.value_json).where(attr.study_id == study_id, attr.key == user_attr)
+class StudySummaries:
+    """Each study's summary (:class:`StudySummary`), kept up to date incrementally: what a
+    study's finished trials contribute (counts by state, the best of them) is remembered,
+    and each read fetches only the trials that are new or were unfinished, the way Optuna's
+    ``_CachedStorage`` rereads a study (a finished trial never changes in Optuna). A large
+    study's summary then costs what its running trials cost, not a scan of all its trials.
+
+    Sound because a study's trials become visible in id order: Optuna creates each trial
+    under a lock on its study row, so no trial with an id below one already seen appears
+    later. Kept per process (each server has its own; each read checks the database) and
+    per study name, which is unique for the study's life; a study found under another id
+    (deleted, and another made under its name) is read afresh.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._tallies: dict[str, _Tally] = {}
+
+    def get(
+        self,
+        storage: optuna.storages.RDBStorage,
+        study_name: str,
+        *,
+        objective: int,
+        objectives: int,
+        maximize: bool,
+        user_attr: str | None = None,
+    ) -> StudySummary | None:
+        """The Optuna study ``study_name``'s id, trial counts by state, best trial by
+        ``objective`` (:func:`ranked_trials`' first; ``objectives``: how many the study
+        has) and (when named) one of its user attributes; None when there is no such
+        study. One transaction."""
+        study = models.StudyModel
+        attr = models.StudyUserAttributeModel
+        key = (objective, objectives, maximize)
+        with Session(storage.engine) as session:
+            found = session.execute(
+                select(study.study_id).where(study.study_name == study_name)
             ).scalar_one_or_none()
-    best = None if top is None else RankedTrial(int(top[0]), int(top[1]), float(top[2]))
-    return StudySummary(study_id, by_state, best, None if text is None else json.loads(text))
+            if found is None:
+                with self._lock:
+                    self._tallies.pop(study_name, None)
+                return None
+            study_id = int(found)
+            with self._lock:
+                tally = self._tallies.get(study_name)
+                if tally is None or (tally.study_id, tally.key) != (study_id, key):
+                    tally = self._tallies[study_name] = _Tally(study_id, key)
+            with tally.lock:  # one reader updates a study's tally at a time
+                tally.read(session, objective=objective, maximize=maximize)
+                counts, best = tally.counts(), tally.best
+            text = None
+            if user_attr is not None:
+                text = session.execute(
+                    select(attr.value_json).where(attr.study_id == study_id, attr.key == user_attr)
+                ).scalar_one_or_none()
+        return StudySummary(study_id, counts, best, None if text is None else json.loads(text))
+
+
+class _Tally:
+    """One study's finished trials, summed: see :class:`StudySummaries`."""
+
+    def __init__(self, study_id: int, key: tuple[int, int, bool]) -> None:
+        self.study_id = study_id
+        self.key = key
+        self.lock = threading.Lock()
+        #: Own finished trials by state, and the best COMPLETE one with finite values.
+        self.finished: Counter[TrialState] = Counter()
+        self.best: RankedTrial | None = None
+        #: The largest id of a finished trial seen; every trial up to it has been seen.
+        self.last_finished_id = -1
+        #: Trials seen unfinished (RUNNING, WAITING): id -> (state, own), read again each time.
+        self.unfinished: dict[int, tuple[TrialState, bool]] = {}
+
+    def read(self, session: Session, *, objective: int, maximize: bool) -> None:
+        """Fetch the trials that are new or were unfinished, and fold the finished ones in."""
+        copied = (
+            select(models.TrialUserAttributeModel.trial_id)
+            .where(
+                models.TrialUserAttributeModel.trial_id == _T.trial_id,
+                models.TrialUserAttributeModel.key == WARM_START_FROM_ATTR,
+            )
+            .exists()
+        )
+        seen_up_to = self.last_finished_id
+        fresh = _T.trial_id > seen_up_to
+        if self.unfinished:
+            # Few in practice (running and waiting trials); past a chunk, every trial from
+            # the oldest of them on (those already counted are skipped below).
+            ids = sorted(self.unfinished)
+            again = _T.trial_id.in_(ids) if len(ids) <= _IN_CHUNK else _T.trial_id >= ids[0]
+            fresh = or_(fresh, again)
+        rows = session.execute(
+            select(_T.trial_id, _T.number, _T.state, copied, _VALUE.objective, _VALUE.value)
+            .add_columns(_VALUE.value_type)
+            .outerjoin(_VALUE, _VALUE.trial_id == _T.trial_id)
+            .where(_T.study_id == self.study_id, fresh)
+            .order_by(_T.trial_id)
+        ).all()
+        for trial_id, group in groupby(rows, key=lambda row: int(row[0])):
+            trial_rows = list(group)
+            _, number, state, is_copy, _, _, _ = trial_rows[0]
+            state, own = TrialState(state), not is_copy
+            if not state.is_finished():
+                self.unfinished[trial_id] = (state, own)
+                continue
+            if self.unfinished.pop(trial_id, None) is None and trial_id <= seen_up_to:
+                continue  # counted in an earlier read
+            self.last_finished_id = max(self.last_finished_id, trial_id)
+            if not own:
+                continue
+            self.finished[state] += 1
+            values = {int(row[4]): row[5] for row in trial_rows if row[4] is not None}
+            finite = all(
+                row[6] == _FINITE and row[5] is not None and math.isfinite(row[5])
+                for row in trial_rows
+                if row[4] is not None
+            )
+            if state != TrialState.COMPLETE or objective not in values or not finite:
+                continue
+            candidate = RankedTrial(trial_id, int(number), float(values[objective]))
+            if self.best is None or _better(candidate, self.best, maximize):
+                self.best = candidate
+
+    def counts(self) -> dict[TrialState, int]:
+        counts = Counter(self.finished)
+        counts.update(state for state, own in self.unfinished.values() if own)
+        return {state: n for state, n in counts.items() if n}
+
+
+def _better(a: RankedTrial, b: RankedTrial, maximize: bool) -> bool:
+    """``a`` ranks before ``b``: a better value, or the same and the earlier trial."""
+    if a.value != b.value:
+        return a.value > b.value if maximize else a.value < b.value
+    return a.trial_id < b.trial_id
 
 
 def complete_finite_trials(storage: optuna.storages.RDBStorage, study_id: int) -> list[FrozenTrial]:

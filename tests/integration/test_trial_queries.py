@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -311,3 +312,62 @@ def test_progress_reads_running_trials_and_the_mean_duration(backend: studies.Ba
     got_basis, want_basis = got.pop("eta_basis"), want.pop("eta_basis")
     assert got == want
     assert "the mean of 5 finished trial(s)" in got_basis and got_basis[:40] == want_basis[:40]
+
+
+def test_summaries_follow_a_running_study(
+    backend: studies.Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The counts and the best trial are kept from a study's new and unfinished trials
+    (``StudySummaries``); after every change a study goes through they match the
+    computation over every trial, and a server that never saw the study before."""
+    monkeypatch.setattr(trial_queries, "_IN_CHUNK", 2)  # the many-unfinished path too
+    public, study = _submit(backend)
+
+    def check() -> None:
+        every = _oracle(backend, public)
+        expected = Counter(ApiTrialState.from_optuna(t.state.name).value for t in every)
+        ranked = studies._ranked(every, "minimize")
+        # Twice on one server (the second read must not count anything again), and once on
+        # a server that never saw the study.
+        fresh = replace(backend, summaries=trial_queries.StudySummaries())
+        for seen_by in (backend, backend, fresh):
+            got = studies.get_study(seen_by, public.id, principal=LOCAL)
+            assert {k: v for k, v in got.counts.model_dump().items() if v} == dict(expected)
+            if ranked:
+                assert (got.best_trial_number, got.best_value) == (
+                    ranked[0].number,
+                    ranked[0].value,
+                )
+                best = studies.best_configs(seen_by, public.id, principal=LOCAL)
+                assert [b.trial_number for b in best] == [ranked[0].number]
+            else:
+                assert (got.best_trial_number, got.best_value) == (None, None)
+
+    def ask() -> optuna.Trial:  # as a worker asks: the trial samples its params
+        trial = study.ask()
+        trial.suggest_int("num_layers", 1, 3)
+        trial.suggest_float("lr", 1e-4, 1e-1, log=True)
+        return trial
+
+    check()
+    study.add_trials([_trial(0, TrialState.COMPLETE, [0.5]), _trial(1, TrialState.PRUNED)])
+    check()
+    first, second, third, fourth = ask(), ask(), ask(), ask()
+    check()
+    study.tell(second, 0.2)  # a new best, finished between running ones
+    check()
+    study.tell(first, state=TrialState.FAIL)
+    check()
+    study.enqueue_trial({"num_layers": 2, "lr": 0.01})
+    study.enqueue_trial({"num_layers": 3, "lr": 0.01})
+    check()
+    popped = ask()  # the first waiting trial, now running
+    check()
+    study.tell(popped, 0.2)  # ties with the best: the earlier trial stays best
+    study.tell(third, math.inf)  # inf: complete, never best
+    study.tell(fourth, state=TrialState.PRUNED)
+    study.add_trials([_trial(9, TrialState.COMPLETE, [-1.0], copy=True)])  # a copy: nothing
+    check()
+    study.tell(ask(), math.nan)  # Optuna fails a NaN
+    study.tell(ask(), 0.1)
+    check()
