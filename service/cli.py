@@ -45,6 +45,16 @@ console = Console()
 err_console = Console(stderr=True, soft_wrap=True)
 
 
+@app.callback()
+def _fit_output_to_the_terminal() -> None:
+    # Rich reads COLUMNS when a Console is made: remake both per invocation, so that a
+    # command run in-process (typer's CliRunner, a notebook) sizes its tables to the
+    # terminal it runs in now, not the one this module was imported under.
+    global console, err_console  # noqa: PLW0603 (the reason above)
+    console = Console()
+    err_console = Console(stderr=True, soft_wrap=True)
+
+
 def _fail(err: LstmHpoError, code: int = 1) -> typer.Exit:
     if isinstance(err, InvalidSpec):
         headline = err.__doc__ or ""

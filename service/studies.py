@@ -116,7 +116,11 @@ class Backend:
 
 
 def optuna_storage(
-    database_url: str, *, pool_size: int = 2, worker: bool = False
+    database_url: str,
+    *,
+    pool_size: int = 2,
+    worker: bool = False,
+    storage_class: type[optuna.storages.RDBStorage] = optuna.storages.RDBStorage,
 ) -> optuna.storages.RDBStorage:
     """Optuna's RDB storage on the same database, with its own small pool.
 
@@ -124,13 +128,16 @@ def optuna_storage(
     (the server created Optuna's tables before ours, and workers wait for ours), and
     skipping the check lets one pooled connection suffice: one for Optuna plus one for our
     tables keeps a worker within its budget of two database connections.
+
+    ``storage_class``: a subclass of ``RDBStorage`` (the worker's trial loop passes
+    :class:`service.worker_storage.WorkerStorage`).
     """
     if is_sqlite(database_url):
         # Same lock patience as our own engine: busy workers must wait, not fail.
         engine_kwargs: dict[str, Any] = {"connect_args": {"timeout": 30}}
     else:
         engine_kwargs = {"pool_size": pool_size, "max_overflow": 0, "pool_pre_ping": True}
-    storage = optuna.storages.RDBStorage(
+    storage = storage_class(
         database_url,
         engine_kwargs=engine_kwargs,
         skip_table_creation=worker,

@@ -63,6 +63,7 @@ from service.training.objective import (
     run_trial,
     trial_seed,
 )
+from service.worker_storage import WorkerStorage
 
 log = logging.getLogger("lstm_hpo.worker")
 
@@ -286,7 +287,7 @@ class Worker:
         engine = make_engine(options.database_url, pool_size=1, max_overflow=0)
         self.sessions = make_session_factory(engine)
         self.engine = engine
-        self.storage: optuna.storages.RDBStorage | None = None
+        self.storage: WorkerStorage | None = None
         self.stopping = False
         self._jobs: OrderedDict[str, _JobContext] = OrderedDict()
         self.checkpoints: CheckpointStore | None = None
@@ -299,10 +300,14 @@ class Worker:
         """Wait for the schema (workers never run DDL) and register."""
         wait_for_schema(self.engine, timeout_s=self.options.schema_timeout_s)
         check_single_host(self.sessions, self.options)
-        self.storage = self._db(
+        storage = self._db(
             "connect to Optuna's storage",
-            lambda: optuna_storage(self.options.database_url, pool_size=1, worker=True),
+            lambda: optuna_storage(
+                self.options.database_url, pool_size=1, worker=True, storage_class=WorkerStorage
+            ),
         )
+        assert isinstance(storage, WorkerStorage)
+        self.storage = storage
         self._db(
             "register",
             lambda: queue.register_worker(
@@ -524,6 +529,7 @@ class Worker:
                 worker_memory_gb=self.options.worker_memory_gb,
                 checkpoints=checkpoints,
                 guard=guard,
+                on_configured=lambda: self._publish_setup(trial),
             )
             values = objective_values(spec, value, trial)
             if all(map(math.isfinite, values)):
@@ -569,6 +575,12 @@ class Worker:
             f" value={value:.6g}" if outcome == "complete" and value is not None else "",
         )
         return outcome
+
+    def _publish_setup(self, trial: optuna.Trial) -> None:
+        """Store the trial's parameters and set-up attributes in one transaction, before
+        it trains: from here the dashboard and other workers' samplers see them."""
+        assert isinstance(self.storage, WorkerStorage)
+        self.storage.publish_setup(trial._trial_id)
 
     def _give_back_preempted(
         self, lease: queue.Lease, study: optuna.Study, trial: optuna.Trial, err: TrialPreempted

@@ -76,8 +76,13 @@ def run_trial(
     worker_memory_gb: float | None = None,
     checkpoints: TrialCheckpoints | None = None,
     guard: TrialGuard | None = None,
+    on_configured: Callable[[], None] | None = None,
 ) -> float:
     """Train the config ``trial`` samples from ``spec``; return its best validation metric.
+
+    ``on_configured`` is called once the config is sampled and recorded on the trial,
+    before it trains (the worker publishes the trial's set-up there in one transaction:
+    :meth:`service.worker_storage.WorkerStorage.publish_setup`).
 
     With ``worker_memory_gb`` (the worker's ``LSTM_HPO_WORKER_MEMORY_GB``), a config whose
     estimated training step needs more is not trained: see :func:`prune_if_too_large`.
@@ -99,6 +104,8 @@ def run_trial(
     record_model_cost(trial, spec, config, accelerator, data_roots)
     if spec.study.confirm_of is not None and isinstance(config.task, SyntheticTask):
         trial.set_user_attr(TEST_VALUE_ATTR, synthetic_test_value(config))
+    if on_configured is not None:
+        on_configured()
     if isinstance(config.task, SyntheticTask):
         return _synthetic(trial, config, config.task, guard or TrialGuard(), spec)
 

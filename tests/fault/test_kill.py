@@ -235,6 +235,18 @@ def test_kill_all_workers_server_reaper_fails_their_trials_and_new_workers_finis
 # 2b. kill -9 a worker and the server; idle workers are woken by the retry's NOTIFY
 
 
+def _published_params(fault_db: Database, trial_id: int, cluster: Cluster) -> dict[str, Any]:
+    """The running trial's parameters, once its worker has published its set-up (the
+    lease is attached a few ms before: the worker samples in between)."""
+    params: dict[str, Any] = wait_until(
+        lambda: fault_db.trial(trial_id).params or None,
+        timeout_s=30,
+        what=f"trial {trial_id}'s parameters",
+        context=cluster.logs,
+    )
+    return params
+
+
 def test_idle_workers_woken_by_a_retry_run_the_lost_trial_and_nothing_else(
     cluster: Cluster, fault_db: Database
 ) -> None:
@@ -255,7 +267,7 @@ def test_idle_workers_woken_by_a_retry_run_the_lost_trial_and_nothing_else(
     )
     victim = fault_db.running_leases(job_id)[0]
     assert victim.optuna_trial_id is not None and victim.trial_number is not None
-    victim_params = fault_db.trial(victim.optuna_trial_id).params
+    victim_params = _published_params(fault_db, victim.optuna_trial_id, cluster)
     cluster.kill_worker_process(worker_pid(victim.worker_id))
     cluster.kill_server()
     cluster.start_workers(1)  # idle: nothing claimable until the retry is queued

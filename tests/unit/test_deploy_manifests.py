@@ -20,6 +20,7 @@ import os
 import re
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NoReturn
@@ -446,6 +447,11 @@ def _checkov() -> str:
     if found is not None:
         assert Path(found).is_file(), f"LSTM_HPO_CHECKOV={found}: no such file"
     else:
+        # .ci/run installs checkov in the background: wait while its marker is there.
+        installing = ROOT / ".venv" / "checkov.installing"
+        deadline = time.monotonic() + 900
+        while installing.exists() and time.monotonic() < deadline:
+            time.sleep(1)
         local = ROOT / ".venv" / "checkov" / "bin" / "checkov"
         found = str(local) if local.exists() else shutil.which("checkov")
     if found is None:

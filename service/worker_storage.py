@@ -1,0 +1,370 @@
+"""Optuna's RDB storage as a worker uses it: fewer statements per trial, same schema.
+
+At 64 workers the service's own CPU per trial bounds throughput (BENCHMARKS.md, "Scaling"),
+and most of it was Optuna's ~50 ORM statements per trial: a full trial load (5 queries) at
+``ask``, two more at ``tell``, and a transaction of three statements for each parameter and
+user attribute. :class:`WorkerStorage` keeps Optuna's tables and what every reader sees of
+them (optuna-dashboard, ``optuna`` itself, the API), and changes only how the trials *this
+process runs* are written and read back:
+
+- **created** in one transaction of two statements (lock the study row, insert the trial
+  numbered by a count in the same statement), as Optuna numbers it;
+- **set up in one transaction**: its parameters and user and system attributes are held
+  until :meth:`WorkerStorage.publish_setup` (the worker calls it through ``run_trial``'s
+  ``on_configured``, once the config is sampled and recorded, before training starts: the
+  dashboard and other workers' constant-liar sampling see a running trial's parameters
+  from then on, as before), or until its first report or its end, whichever comes first;
+- **told in one transaction**: what is held, the values and the state, checked against the
+  stored state under a row lock (a trial the reaper finished meanwhile raises Optuna's
+  ``UpdateFinishedTrialError``, as Optuna's own ``tell`` does);
+- **read back from memory**: ``get_trial`` of such a trial answers the copy this process
+  keeps of it (every write to it went through here) instead of five queries.
+
+Anything else (enqueued and retry trials popped from WAITING, templates, other processes'
+trials, every read of the study) is Optuna's code, unchanged. Written on SQLAlchemy Core
+against Optuna's own table definitions (``optuna.storages._rdb.models``; Optuna is pinned to
+5.x and tests/integration/test_worker_storage.py checks the rows equal Optuna's).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import optuna
+from optuna.distributions import (
+    BaseDistribution,
+    check_distribution_compatibility,
+    distribution_to_json,
+    json_to_distribution,
+)
+from optuna.exceptions import UpdateFinishedTrialError
+from optuna.storages._rdb import models
+from optuna.trial import FrozenTrial, TrialState
+from sqlalchemy import Connection, Table, func, select
+from sqlalchemy.dialects import postgresql, sqlite
+
+_TRIALS: Table = models.TrialModel.__table__
+_STUDIES: Table = models.StudyModel.__table__
+_PARAMS: Table = models.TrialParamModel.__table__
+_VALUES: Table = models.TrialValueModel.__table__
+_USER_ATTRS: Table = models.TrialUserAttributeModel.__table__
+_SYSTEM_ATTRS: Table = models.TrialSystemAttributeModel.__table__
+_INTERMEDIATE: Table = models.TrialIntermediateValueModel.__table__
+
+#: Finished trials kept after their tell (``Study.tell`` reads the trial back once).
+_FINISHED_KEPT = 4
+
+
+@dataclass
+class _OwnTrial:
+    """A trial this process created: its full state, and the writes not yet stored."""
+
+    study_id: int
+    frozen: FrozenTrial
+    params: list[dict[str, Any]] = field(default_factory=list)
+    user_attrs: dict[str, Any] = field(default_factory=dict)
+    system_attrs: dict[str, Any] = field(default_factory=dict)
+    #: False once its set-up was published: later writes go straight to the database.
+    holding: bool = True
+
+    @property
+    def pending(self) -> bool:
+        return bool(self.params or self.user_attrs or self.system_attrs)
+
+
+class WorkerStorage(optuna.storages.RDBStorage):
+    """``RDBStorage`` with the trials this process creates written in few transactions and
+    read back from memory (see the module docstring). Single-threaded use per process, as a
+    worker's trial loop is; the methods keep Optuna's signatures, return values and errors
+    (``KeyError`` for an unknown study, ``UpdateFinishedTrialError`` for a finished trial).
+    """
+
+    def __init__(self, url: str, **kwargs: Any) -> None:
+        super().__init__(url, **kwargs)
+        self._own: dict[int, _OwnTrial] = {}
+        #: A study's distribution of each parameter name (Optuna refuses incompatible ones).
+        self._distributions: dict[tuple[int, str], BaseDistribution] = {}
+        self._postgres = self.engine.dialect.name == "postgresql"
+
+    # --- creation -------------------------------------------------------------------------
+
+    def _create_new_trial(
+        self, study_id: int, template_trial: FrozenTrial | None = None
+    ) -> FrozenTrial:
+        if template_trial is not None:  # enqueue / retry copies: Optuna's own code
+            return super()._create_new_trial(study_id, template_trial)
+        now = datetime.now()  # naive local time, as Optuna stores it
+        with self.engine.begin() as conn:
+            # Optuna's lock: trial numbers are a count of the study's earlier trials. The
+            # count runs inside the INSERT, after the lock is held (PostgreSQL: a statement
+            # later than the lock's, so its snapshot sees every earlier holder's trial;
+            # SQLite: the INSERT holds the database's write lock).
+            lock = select(_STUDIES.c.study_id).where(_STUDIES.c.study_id == study_id)
+            if conn.execute(lock.with_for_update() if self._postgres else lock).first() is None:
+                raise KeyError(f"No study with study_id {study_id} exists.")
+            count = (
+                select(func.count())
+                .select_from(_TRIALS)
+                .where(_TRIALS.c.study_id == study_id)
+                .scalar_subquery()
+            )
+            trial_id, number = conn.execute(
+                _TRIALS.insert()
+                .values(
+                    number=count,
+                    study_id=study_id,
+                    state=TrialState.RUNNING,
+                    datetime_start=now,
+                )
+                .returning(_TRIALS.c.trial_id, _TRIALS.c.number)
+            ).one()
+        frozen = FrozenTrial(
+            number=number,
+            state=TrialState.RUNNING,
+            value=None,
+            values=None,
+            datetime_start=now,
+            datetime_complete=None,
+            params={},
+            distributions={},
+            user_attrs={},
+            system_attrs={},
+            intermediate_values={},
+            trial_id=trial_id,
+        )
+        self._forget_finished()
+        self._own[trial_id] = _OwnTrial(study_id, frozen)
+        return _copy_trial(frozen)
+
+    def _forget_finished(self) -> None:
+        finished = [tid for tid, own in self._own.items() if own.frozen.state.is_finished()]
+        for trial_id in finished[:-_FINISHED_KEPT] if len(finished) > _FINISHED_KEPT else ():
+            del self._own[trial_id]
+
+    # --- reads ----------------------------------------------------------------------------
+
+    def get_trial(self, trial_id: int) -> FrozenTrial:
+        own = self._own.get(trial_id)
+        if own is not None:
+            return _copy_trial(own.frozen)
+        return super().get_trial(trial_id)
+
+    # --- writes held until the set-up is published ------------------------------------------
+
+    def _set_trial_param(
+        self,
+        trial_id: int,
+        param_name: str,
+        param_value_internal: float,
+        distribution: BaseDistribution,
+        previous_distribution: BaseDistribution | None,
+    ) -> None:
+        own = self._running(trial_id)
+        if own is None or not own.holding:
+            super()._set_trial_param(
+                trial_id, param_name, param_value_internal, distribution, previous_distribution
+            )
+            if own is not None:
+                own.frozen.params[param_name] = distribution.to_external_repr(param_value_internal)
+                own.frozen.distributions[param_name] = distribution
+            return
+        key = (own.study_id, param_name)
+        previous = previous_distribution or self._distributions.get(key)
+        if previous is None:
+            previous = self._stored_distribution(own.study_id, param_name)
+        if previous is not None:
+            check_distribution_compatibility(previous, distribution)
+        self._distributions.setdefault(key, previous or distribution)
+        own.params.append(
+            {
+                "trial_id": trial_id,
+                "param_name": param_name,
+                "param_value": param_value_internal,
+                "distribution_json": distribution_to_json(distribution),
+            }
+        )
+        own.frozen.params[param_name] = distribution.to_external_repr(param_value_internal)
+        own.frozen.distributions[param_name] = distribution
+
+    def _stored_distribution(self, study_id: int, param_name: str) -> BaseDistribution | None:
+        """The distribution an earlier trial of the study stored for ``param_name`` (what
+        Optuna checks a new one against), or None."""
+        with self.engine.connect() as conn:
+            found = conn.execute(
+                select(_PARAMS.c.distribution_json)
+                .join(_TRIALS, _TRIALS.c.trial_id == _PARAMS.c.trial_id)
+                .where(_TRIALS.c.study_id == study_id, _PARAMS.c.param_name == param_name)
+                .limit(1)
+            ).scalar()
+        return None if found is None else json_to_distribution(found)
+
+    def set_trial_user_attr(self, trial_id: int, key: str, value: Any) -> None:
+        self._set_attr(trial_id, key, value, system=False)
+
+    def set_trial_system_attr(self, trial_id: int, key: str, value: Any) -> None:
+        self._set_attr(trial_id, key, value, system=True)
+
+    def _set_attr(self, trial_id: int, key: str, value: Any, *, system: bool) -> None:
+        own = self._running(trial_id)
+        if own is None or not own.holding:
+            if system:
+                super().set_trial_system_attr(trial_id, key, value)
+            else:
+                super().set_trial_user_attr(trial_id, key, value)
+        else:
+            json.dumps(value)  # fail here, as Optuna would, on what JSON cannot hold
+            (own.system_attrs if system else own.user_attrs)[key] = value
+        if own is not None:
+            (own.frozen.system_attrs if system else own.frozen.user_attrs)[key] = value
+
+    def publish_setup(self, trial_id: int) -> None:
+        """Store what was held for ``trial_id`` in one transaction; later writes to it go
+        straight to the database. A no-op for a trial this process does not hold.
+
+        Raises ``UpdateFinishedTrialError`` when the trial was finished meanwhile (the
+        reaper), as Optuna's own write would."""
+        own = self._own.get(trial_id)
+        if own is None or not own.holding:
+            return
+        if own.pending:
+            with self.engine.begin() as conn:
+                self._check_running(conn, own, lock=False)
+                self._write_held(conn, own)
+        own.holding = False
+
+    # --- writes that publish first ----------------------------------------------------------
+
+    def set_trial_intermediate_value(
+        self, trial_id: int, step: int, intermediate_value: float
+    ) -> None:
+        own = self._running(trial_id)
+        if own is None:
+            super().set_trial_intermediate_value(trial_id, step, intermediate_value)
+            return
+        stored, kind = models.TrialIntermediateValueModel.intermediate_value_to_stored_repr(
+            intermediate_value
+        )
+        row = {
+            "trial_id": trial_id,
+            "step": step,
+            "intermediate_value": stored,
+            "intermediate_value_type": kind,
+        }
+        insert = (postgresql if self._postgres else sqlite).insert(_INTERMEDIATE)
+        upsert = insert.on_conflict_do_update(
+            index_elements=[_INTERMEDIATE.c.trial_id, _INTERMEDIATE.c.step],
+            set_={
+                "intermediate_value": insert.excluded.intermediate_value,
+                "intermediate_value_type": insert.excluded.intermediate_value_type,
+            },
+        )
+        with self.engine.begin() as conn:
+            self._check_running(conn, own, lock=False)
+            self._write_held(conn, own)
+            conn.execute(upsert, [row])
+        own.holding = False
+        own.frozen.intermediate_values[step] = intermediate_value
+
+    def set_trial_state_values(
+        self, trial_id: int, state: TrialState, values: Sequence[float] | None = None
+    ) -> bool:
+        own = self._own.get(trial_id)
+        if own is None or own.frozen.state.is_finished() or state == TrialState.RUNNING:
+            return super().set_trial_state_values(trial_id, state, values)
+        now = datetime.now()
+        with self.engine.begin() as conn:
+            self._check_running(conn, own)
+            self._write_held(conn, own)
+            for objective, value in enumerate(values or ()):
+                stored, kind = models.TrialValueModel.value_to_stored_repr(value)
+                conn.execute(
+                    _VALUES.insert().values(
+                        trial_id=trial_id, objective=objective, value=stored, value_type=kind
+                    )
+                )
+            finished = {"datetime_complete": now} if state.is_finished() else {}
+            conn.execute(
+                _TRIALS.update()
+                .where(_TRIALS.c.trial_id == trial_id)
+                .values(state=state, **finished)
+            )
+        own.holding = False
+        own.frozen.state = state
+        if values is not None:
+            own.frozen.values = list(values)
+        if state.is_finished():
+            own.frozen.datetime_complete = now
+        return True
+
+    # --- helpers ----------------------------------------------------------------------------
+
+    def _running(self, trial_id: int) -> _OwnTrial | None:
+        """The own trial ``trial_id`` if it is still running here; raises
+        ``UpdateFinishedTrialError`` for one this process finished (Optuna's check)."""
+        own = self._own.get(trial_id)
+        if own is not None and own.frozen.state.is_finished():
+            raise _finished(own)
+        return own
+
+    def _check_running(self, conn: Connection, own: _OwnTrial, *, lock: bool = True) -> None:
+        """Check the trial is still RUNNING in the database (``lock``: and lock its row
+        until the transaction ends, as Optuna's ``set_trial_state_values`` does; its other
+        writes only read the state). A trial finished elsewhere (the reaper, the dashboard)
+        is forgotten here, so that the caller's next read sees the stored trial, and
+        Optuna's error is raised."""
+        trial_id = own.frozen._trial_id
+        query = select(_TRIALS.c.state).where(_TRIALS.c.trial_id == trial_id)
+        locked = lock and self._postgres
+        stored = conn.execute(query.with_for_update() if locked else query).scalar()
+        if stored is None:
+            self._own.pop(trial_id, None)
+            raise KeyError(f"No trial with trial_id {trial_id} exists.")
+        if stored != TrialState.RUNNING:
+            self._own.pop(trial_id, None)
+            raise _finished(own)
+
+    def _write_held(self, conn: Connection, own: _OwnTrial) -> None:
+        trial_id = own.frozen._trial_id
+        if own.params:
+            conn.execute(_PARAMS.insert(), own.params)
+        for table, attrs in ((_USER_ATTRS, own.user_attrs), (_SYSTEM_ATTRS, own.system_attrs)):
+            if attrs:
+                rows = [
+                    {"trial_id": trial_id, "key": k, "value_json": json.dumps(v)}
+                    for k, v in attrs.items()
+                ]
+                insert = (postgresql if self._postgres else sqlite).insert(table)
+                conn.execute(
+                    insert.on_conflict_do_update(
+                        index_elements=[table.c.trial_id, table.c.key],
+                        set_={"value_json": insert.excluded.value_json},
+                    ),
+                    rows,
+                )
+        own.params, own.user_attrs, own.system_attrs = [], {}, {}
+
+
+def _finished(own: _OwnTrial) -> UpdateFinishedTrialError:
+    # Optuna's message (BaseStorage.check_trial_is_updatable), built without reading the
+    # trial: on SQLite a read here would wait for the write lock this transaction holds.
+    return UpdateFinishedTrialError(
+        f"Trial#{own.frozen.number} has already finished and can not be updated."
+    )
+
+
+def _copy_trial(trial: FrozenTrial) -> FrozenTrial:
+    """A copy whose dicts the caller may change (``optuna.Trial`` adds to them as it
+    writes); the values themselves are shared, as nothing changes them in place. A
+    ``deepcopy`` of a trial holding its config cost ~0.3 ms, five times per trial."""
+    copied = copy.copy(trial)
+    copied.params = dict(trial.params)
+    copied.distributions = dict(trial.distributions)
+    copied.user_attrs = dict(trial.user_attrs)
+    copied.system_attrs = dict(trial.system_attrs)
+    copied.intermediate_values = dict(trial.intermediate_values)
+    return copied
