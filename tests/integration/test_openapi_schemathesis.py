@@ -63,6 +63,9 @@ def _fuzz(operation: Any, base_url: str, headers: dict[str, str], executed: Coun
             base_url=base_url,
             headers=headers,
             excluded_checks=ACCEPTED.get(operation.label, []),
+            # Beside the other test process on 2 cores, a write can wait seconds for
+            # SQLite's lock; the 10 s default made a slow 404 a failure.
+            timeout=60,
         )
 
     run()
