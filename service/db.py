@@ -7,6 +7,7 @@ and pass a ``sessionmaker`` (or the engine) down.
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -25,6 +26,11 @@ SQLITE_BUSY_TIMEOUT_S = 30.0
 #: PostgreSQL: seconds to establish a connection, and to wait for a free pooled one.
 PG_CONNECT_TIMEOUT_S = 10
 PG_POOL_TIMEOUT_S = 30.0
+#: PostgreSQL: a pooled connection idle for longer than this is pinged before it is used.
+#: A busy worker checks a connection out several times per trial, and SQLAlchemy's
+#: ``pool_pre_ping`` pinged on every checkout: a round trip and a server statement each,
+#: a third of a worker's statements (BENCHMARKS.md, "Scaling").
+PG_PING_AFTER_IDLE_S = 5.0
 
 
 def is_sqlite(url: str | URL) -> bool:
@@ -46,21 +52,54 @@ def make_engine(url: str | URL, *, pool_size: int = 2, max_overflow: int = 0) ->
     write lock before it reads. Read-only transactions take it too (for milliseconds).
     The parent directory of the database file is created.
 
-    PostgreSQL: ``pool_pre_ping`` and a bounded pool (``pool_size`` + ``max_overflow``
-    connections, waiting at most ``PG_POOL_TIMEOUT_S`` for one) and a connect timeout.
+    PostgreSQL: a bounded pool (``pool_size`` + ``max_overflow`` connections, waiting at
+    most ``PG_POOL_TIMEOUT_S`` for one), a connect timeout, and connections pinged when
+    they were idle (:func:`ping_after_idle`).
     """
     sa_url = make_url(url)
     if sa_url.get_backend_name() == "sqlite":
         return _make_sqlite_engine(sa_url)
     kwargs: dict[str, Any] = {
-        "pool_pre_ping": True,
         "pool_size": pool_size,
         "max_overflow": max_overflow,
         "pool_timeout": PG_POOL_TIMEOUT_S,
     }
     if sa_url.get_backend_name() == "postgresql":
         kwargs["connect_args"] = {"connect_timeout": PG_CONNECT_TIMEOUT_S}
-    return create_engine(sa_url, **kwargs)
+    engine = create_engine(sa_url, **kwargs)
+    ping_after_idle(engine)
+    return engine
+
+
+def ping_after_idle(engine: Engine, idle_s: float = PG_PING_AFTER_IDLE_S) -> None:
+    """Ping a pooled connection at checkout only when it sat idle for more than ``idle_s``.
+
+    SQLAlchemy's pessimistic disconnect handling (``pool_pre_ping``, its pooling docs),
+    limited to connections that may have gone stale: one that failed to answer is replaced
+    (``DisconnectionError``: the pool connects again). A connection used within ``idle_s``
+    is trusted; should the server have gone meanwhile, the statement fails, SQLAlchemy
+    invalidates the pool (its optimistic handling) and the caller sees
+    ``DatabaseUnavailable``: workers retry (``Worker._db``), the API answers 503.
+    """
+
+    @event.listens_for(engine, "checkin")
+    def _on_checkin(dbapi_connection: Any, connection_record: Any) -> None:
+        connection_record.info[_IDLE_SINCE] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _on_checkout(dbapi_connection: Any, connection_record: Any, proxy: Any) -> None:
+        since = connection_record.info.get(_IDLE_SINCE)
+        if since is None or time.monotonic() - since <= idle_s:
+            return  # new, or used moments ago
+        try:
+            alive = engine.dialect.do_ping(dbapi_connection)
+        except Exception as error:
+            raise exc.DisconnectionError(f"stale pooled connection: {error}") from error
+        if not alive:
+            raise exc.DisconnectionError("stale pooled connection")
+
+
+_IDLE_SINCE = "lstm_hpo_idle_since"
 
 
 def _make_sqlite_engine(url: URL) -> Engine:
@@ -164,6 +203,26 @@ def session_scope(session_factory: sessionmaker[Session]) -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+@contextmanager
+def connection_scope(engine: Engine, *, autocommit: bool = False) -> Iterator[Connection]:
+    """One connection, one transaction (committed on success), without an ORM session:
+    for single Core statements on hot paths, where a ``Session`` costs as much client CPU
+    as the statement. ``autocommit``: no transaction, each statement commits as it ends.
+    Errors are translated as in :func:`session_scope`."""
+    try:
+        if autocommit:
+            with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+                yield conn
+        else:
+            with engine.begin() as conn:
+                yield conn
+    except exc.SQLAlchemyError as error:
+        translated = translate_db_error(error)
+        if translated is None:
+            raise
+        raise translated from error
 
 
 def _rollback_quietly(session: Session) -> None:

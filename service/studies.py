@@ -38,6 +38,7 @@ from service.db import (
     is_sqlite,
     make_engine,
     make_session_factory,
+    ping_after_idle,
     session_scope,
 )
 from service.errors import (
@@ -136,7 +137,7 @@ def optuna_storage(
         # Same lock patience as our own engine: busy workers must wait, not fail.
         engine_kwargs: dict[str, Any] = {"connect_args": {"timeout": 30}}
     else:
-        engine_kwargs = {"pool_size": pool_size, "max_overflow": 0, "pool_pre_ping": True}
+        engine_kwargs = {"pool_size": pool_size, "max_overflow": 0}
     storage = storage_class(
         database_url,
         engine_kwargs=engine_kwargs,
@@ -146,6 +147,8 @@ def optuna_storage(
     if is_sqlite(database_url):
         configure_sqlite_engine(storage.engine)
         storage.engine.dispose()  # connections opened during __init__ lack the set-up
+    else:
+        ping_after_idle(storage.engine)
     return storage
 
 

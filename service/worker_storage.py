@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -45,7 +45,7 @@ from optuna.distributions import (
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages._rdb import models
 from optuna.trial import FrozenTrial, TrialState
-from sqlalchemy import Connection, Table, func, select
+from sqlalchemy import Connection, Executable, Table, bindparam, cast, exists, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 
 _TRIALS: Table = models.TrialModel.__table__
@@ -58,6 +58,76 @@ _INTERMEDIATE: Table = models.TrialIntermediateValueModel.__table__
 
 #: Finished trials kept after their tell (``Study.tell`` reads the trial back once).
 _FINISHED_KEPT = 4
+
+# Statements built once, with bound parameters: building a statement and computing its
+# cache key cost more client CPU than running it (a profile of one worker).
+_LOCK_STUDY = select(_STUDIES.c.study_id).where(_STUDIES.c.study_id == bindparam("study_id"))
+_INSERT_TRIAL = (
+    _TRIALS.insert()
+    .values(
+        # Optuna numbers a trial by counting the study's earlier trials.
+        number=select(func.count())
+        .select_from(_TRIALS)
+        .where(_TRIALS.c.study_id == bindparam("of_study"))
+        .scalar_subquery(),
+        study_id=bindparam("of_study"),
+        state=TrialState.RUNNING,
+        datetime_start=bindparam("now"),
+    )
+    .returning(_TRIALS.c.trial_id, _TRIALS.c.number)
+)
+_LOCK_STUDY_FOR_UPDATE = _LOCK_STUDY.with_for_update()
+_STATE = select(_TRIALS.c.state).where(_TRIALS.c.trial_id == bindparam("trial_id"))
+_STATE_FOR_UPDATE = _STATE.with_for_update()
+#: Finish a running trial: the row lock and the state check in one statement.
+_FINISH = (
+    _TRIALS.update()
+    .where(_TRIALS.c.trial_id == bindparam("finished_id"), _TRIALS.c.state == TrialState.RUNNING)
+    .values(state=bindparam("new_state"), datetime_complete=bindparam("completed"))
+    .returning(_TRIALS.c.trial_id)
+)
+_INSERT_VALUES = _VALUES.insert()
+_STORED_DISTRIBUTION = (
+    select(_PARAMS.c.distribution_json)
+    .join(_TRIALS, _TRIALS.c.trial_id == _PARAMS.c.trial_id)
+    .where(_TRIALS.c.study_id == bindparam("study_id"), _PARAMS.c.param_name == bindparam("name"))
+    .limit(1)
+)
+
+
+def _report_statement(dialect: Any) -> Executable:
+    """The dialect's upsert of one intermediate value (Optuna's unique key: trial, step),
+    stored only while the trial is RUNNING: it returns no row otherwise."""
+    running = exists().where(
+        _TRIALS.c.trial_id == bindparam("trial_id"), _TRIALS.c.state == TrialState.RUNNING
+    )
+    report = dialect.insert(_INTERMEDIATE).from_select(
+        ["trial_id", "step", "intermediate_value", "intermediate_value_type"],
+        select(
+            *(
+                # Typed (and the enum cast): PostgreSQL infers no type for a selected
+                # parameter, and would insert text into the enum column.
+                cast(bindparam(name, type_=column.type), column.type)
+                for name, column in (
+                    ("trial_id", _INTERMEDIATE.c.trial_id),
+                    ("step", _INTERMEDIATE.c.step),
+                    ("value", _INTERMEDIATE.c.intermediate_value),
+                    ("kind", _INTERMEDIATE.c.intermediate_value_type),
+                )
+            )
+        ).where(running),
+    )
+    upsert: Executable = report.on_conflict_do_update(
+        index_elements=[_INTERMEDIATE.c.trial_id, _INTERMEDIATE.c.step],
+        set_={
+            "intermediate_value": report.excluded.intermediate_value,
+            "intermediate_value_type": report.excluded.intermediate_value_type,
+        },
+    ).returning(_INTERMEDIATE.c.trial_id)
+    return upsert
+
+
+_REPORT = {"postgresql": _report_statement(postgresql), "sqlite": _report_statement(sqlite)}
 
 
 @dataclass
@@ -90,6 +160,12 @@ class WorkerStorage(optuna.storages.RDBStorage):
         #: A study's distribution of each parameter name (Optuna refuses incompatible ones).
         self._distributions: dict[tuple[int, str], BaseDistribution] = {}
         self._postgres = self.engine.dialect.name == "postgresql"
+        self._report = _REPORT["postgresql" if self._postgres else "sqlite"]
+        #: Called inside the transaction that creates the next fresh trial, with its
+        #: connection, trial id and number; an error it raises rolls the creation back.
+        #: The worker attaches the trial to its lease there (``queue.attach_trial_on``), so
+        #: no trial it creates is ever RUNNING without a lease.
+        self.on_create: Callable[[Connection, int, int], None] | None = None
 
     # --- creation -------------------------------------------------------------------------
 
@@ -104,25 +180,12 @@ class WorkerStorage(optuna.storages.RDBStorage):
             # count runs inside the INSERT, after the lock is held (PostgreSQL: a statement
             # later than the lock's, so its snapshot sees every earlier holder's trial;
             # SQLite: the INSERT holds the database's write lock).
-            lock = select(_STUDIES.c.study_id).where(_STUDIES.c.study_id == study_id)
-            if conn.execute(lock.with_for_update() if self._postgres else lock).first() is None:
+            lock = _LOCK_STUDY_FOR_UPDATE if self._postgres else _LOCK_STUDY
+            if conn.execute(lock, {"study_id": study_id}).first() is None:
                 raise KeyError(f"No study with study_id {study_id} exists.")
-            count = (
-                select(func.count())
-                .select_from(_TRIALS)
-                .where(_TRIALS.c.study_id == study_id)
-                .scalar_subquery()
-            )
-            trial_id, number = conn.execute(
-                _TRIALS.insert()
-                .values(
-                    number=count,
-                    study_id=study_id,
-                    state=TrialState.RUNNING,
-                    datetime_start=now,
-                )
-                .returning(_TRIALS.c.trial_id, _TRIALS.c.number)
-            ).one()
+            trial_id, number = conn.execute(_INSERT_TRIAL, {"of_study": study_id, "now": now}).one()
+            if self.on_create is not None:
+                self.on_create(conn, trial_id, number)
         frozen = FrozenTrial(
             number=number,
             state=TrialState.RUNNING,
@@ -196,10 +259,7 @@ class WorkerStorage(optuna.storages.RDBStorage):
         Optuna checks a new one against), or None."""
         with self.engine.connect() as conn:
             found = conn.execute(
-                select(_PARAMS.c.distribution_json)
-                .join(_TRIALS, _TRIALS.c.trial_id == _PARAMS.c.trial_id)
-                .where(_TRIALS.c.study_id == study_id, _PARAMS.c.param_name == param_name)
-                .limit(1)
+                _STORED_DISTRIBUTION, {"study_id": study_id, "name": param_name}
             ).scalar()
         return None if found is None else json_to_distribution(found)
 
@@ -249,24 +309,21 @@ class WorkerStorage(optuna.storages.RDBStorage):
         stored, kind = models.TrialIntermediateValueModel.intermediate_value_to_stored_repr(
             intermediate_value
         )
-        row = {
-            "trial_id": trial_id,
-            "step": step,
-            "intermediate_value": stored,
-            "intermediate_value_type": kind,
-        }
-        insert = (postgresql if self._postgres else sqlite).insert(_INTERMEDIATE)
-        upsert = insert.on_conflict_do_update(
-            index_elements=[_INTERMEDIATE.c.trial_id, _INTERMEDIATE.c.step],
-            set_={
-                "intermediate_value": insert.excluded.intermediate_value,
-                "intermediate_value_type": insert.excluded.intermediate_value_type,
-            },
-        )
-        with self.engine.begin() as conn:
-            self._check_running(conn, own, lock=False)
-            self._write_held(conn, own)
-            conn.execute(upsert, [row])
+        row = {"trial_id": trial_id, "step": step, "value": stored, "kind": kind}
+        if own.pending:  # the set-up was not published yet: with it, in one transaction
+            with self.engine.begin() as conn:
+                self._check_running(conn, own, lock=False)
+                self._write_held(conn, own)
+                conn.execute(self._report, row)
+        else:
+            # One statement, stored only if the trial is RUNNING, committed as it ends
+            # (PostgreSQL: no BEGIN and COMMIT round trips).
+            with self._one_statement() as conn:
+                stored_row = conn.execute(self._report, row).first()
+            if stored_row is None:  # not RUNNING: missing, or finished elsewhere
+                with self.engine.connect() as conn:
+                    self._check_running(conn, own, lock=False)
+                raise _finished(own)  # not reached: it was not RUNNING, and never is again
         own.holding = False
         own.frozen.intermediate_values[step] = intermediate_value
 
@@ -277,22 +334,22 @@ class WorkerStorage(optuna.storages.RDBStorage):
         if own is None or own.frozen.state.is_finished() or state == TrialState.RUNNING:
             return super().set_trial_state_values(trial_id, state, values)
         now = datetime.now()
-        with self.engine.begin() as conn:
-            self._check_running(conn, own)
-            self._write_held(conn, own)
-            for objective, value in enumerate(values or ()):
-                stored, kind = models.TrialValueModel.value_to_stored_repr(value)
-                conn.execute(
-                    _VALUES.insert().values(
-                        trial_id=trial_id, objective=objective, value=stored, value_type=kind
-                    )
-                )
-            finished = {"datetime_complete": now} if state.is_finished() else {}
-            conn.execute(
-                _TRIALS.update()
-                .where(_TRIALS.c.trial_id == trial_id)
-                .values(state=state, **finished)
+        rows = []
+        for objective, value in enumerate(values or ()):
+            stored, kind = models.TrialValueModel.value_to_stored_repr(value)
+            rows.append(
+                {"trial_id": trial_id, "objective": objective, "value": stored, "value_type": kind}
             )
+        with self.engine.begin() as conn:
+            # The state check and the row lock in the UPDATE itself (Optuna's tell locks
+            # the row, reads the state, then writes): RUNNING -> state, or no row at all.
+            finish = {"finished_id": trial_id, "new_state": state, "completed": now}
+            if conn.execute(_FINISH, finish).first() is None:
+                self._check_running(conn, own)  # raises: missing, or finished elsewhere
+                raise _finished(own)  # not reached: a RUNNING trial matches the UPDATE
+            self._write_held(conn, own)
+            if rows:
+                conn.execute(_INSERT_VALUES, rows)
         own.holding = False
         own.frozen.state = state
         if values is not None:
@@ -302,6 +359,13 @@ class WorkerStorage(optuna.storages.RDBStorage):
         return True
 
     # --- helpers ----------------------------------------------------------------------------
+
+    def _one_statement(self) -> Any:
+        """A connection whose statements commit as they end (PostgreSQL: autocommit, no
+        BEGIN / COMMIT round trips); SQLite: a transaction (``BEGIN IMMEDIATE``)."""
+        if self._postgres:
+            return self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+        return self.engine.begin()
 
     def _running(self, trial_id: int) -> _OwnTrial | None:
         """The own trial ``trial_id`` if it is still running here; raises
@@ -318,9 +382,10 @@ class WorkerStorage(optuna.storages.RDBStorage):
         is forgotten here, so that the caller's next read sees the stored trial, and
         Optuna's error is raised."""
         trial_id = own.frozen._trial_id
-        query = select(_TRIALS.c.state).where(_TRIALS.c.trial_id == trial_id)
         locked = lock and self._postgres
-        stored = conn.execute(query.with_for_update() if locked else query).scalar()
+        stored = conn.execute(
+            _STATE_FOR_UPDATE if locked else _STATE, {"trial_id": trial_id}
+        ).scalar()
         if stored is None:
             self._own.pop(trial_id, None)
             raise KeyError(f"No trial with trial_id {trial_id} exists.")
@@ -330,21 +395,23 @@ class WorkerStorage(optuna.storages.RDBStorage):
 
     def _write_held(self, conn: Connection, own: _OwnTrial) -> None:
         trial_id = own.frozen._trial_id
+        # One multi-row INSERT per table: psycopg's executemany sends a statement per row,
+        # and the database server's CPU goes to statements and messages, not to rows.
         if own.params:
-            conn.execute(_PARAMS.insert(), own.params)
+            conn.execute(_PARAMS.insert().values(own.params))
+        dialect = postgresql if self._postgres else sqlite
         for table, attrs in ((_USER_ATTRS, own.user_attrs), (_SYSTEM_ATTRS, own.system_attrs)):
             if attrs:
                 rows = [
                     {"trial_id": trial_id, "key": k, "value_json": json.dumps(v)}
                     for k, v in attrs.items()
                 ]
-                insert = (postgresql if self._postgres else sqlite).insert(table)
+                insert = dialect.insert(table).values(rows)
                 conn.execute(
                     insert.on_conflict_do_update(
                         index_elements=[table.c.trial_id, table.c.key],
                         set_={"value_json": insert.excluded.value_json},
-                    ),
-                    rows,
+                    )
                 )
         own.params, own.user_attrs, own.system_attrs = [], {}, {}
 

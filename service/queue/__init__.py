@@ -97,6 +97,7 @@ from service.queue.jobs import (
 )
 from service.queue.leases import (
     attach_trial,
+    attach_trial_on,
     claim_trial_slot,
     finish_trial_slot,
     heartbeat,
@@ -130,6 +131,7 @@ __all__ = [
     "StaleLease",
     "WorkerRecord",
     "attach_trial",
+    "attach_trial_on",
     "cancel_job",
     "claim_trial_slot",
     "count_active_jobs",

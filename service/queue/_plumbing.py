@@ -10,11 +10,11 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import TypeVar
 
-from sqlalchemy import Engine, exc
+from sqlalchemy import Connection, Engine, exc
 from sqlalchemy.orm import Session, sessionmaker
 
 from service import errors
-from service.db import session_scope
+from service.db import connection_scope, session_scope
 from service.models import utcnow
 from service.queue._records import SessionSource
 
@@ -59,24 +59,41 @@ def _rolled_back_by_server(error: errors.DatabaseUnavailable) -> bool:
     return str(getattr(cause.orig, "sqlstate", "") or "").startswith("40")
 
 
-def transact(
-    source: SessionSource, work: Callable[[Session], _T], *, one_statement: bool = False
-) -> _T:
-    """Run ``work`` in one transaction (commit / rollback / close via ``session_scope``).
-
-    ``one_statement``: ``work`` runs a single statement. On PostgreSQL it then runs in
-    autocommit mode: the server commits it as it ends, so the row locks it takes are held
-    for the statement alone, never across a client round trip (BEGIN and COMMIT cost two
-    more). With many workers on few cores, a lock holder waiting to be scheduled to send
-    its COMMIT is what queued every other claim behind it.
-    """
+def transact(source: SessionSource, work: Callable[[Session], _T]) -> _T:
+    """Run ``work`` in one transaction (commit / rollback / close via ``session_scope``)."""
     factory = session_factory(source)
+    return _retried(lambda: _in_session(factory, work))
+
+
+def _in_session(factory: sessionmaker[Session], work: Callable[[Session], _T]) -> _T:
+    with session_scope(factory) as session:
+        return work(session)
+
+
+def one_statement(source: SessionSource, work: Callable[[Connection], _T]) -> _T:
+    """Run ``work``, which executes a single Core statement, on a connection of its own.
+
+    On PostgreSQL in autocommit mode: the server commits the statement as it ends, so the
+    row locks it takes are held for the statement alone, never across a client round trip
+    (BEGIN and COMMIT cost two more). With many workers on few cores, a lock holder waiting
+    to be scheduled to send its COMMIT is what queued every other claim behind it. On
+    SQLite in a transaction (``BEGIN IMMEDIATE``). No ORM session: on the worker's path
+    (claim, attach, heartbeat, finish) it cost as much client CPU as the statement.
+    """
+    engine = engine_of(source)
+    autocommit = engine.dialect.name == "postgresql"
+
+    def run() -> _T:
+        with connection_scope(engine, autocommit=autocommit) as connection:
+            return work(connection)
+
+    return _retried(run)
+
+
+def _retried(attempt_once: Callable[[], _T]) -> _T:
     for attempt in range(1, MAX_TRANSACTION_ATTEMPTS + 1):
         try:
-            with session_scope(factory) as session:
-                if one_statement and is_postgresql(session):
-                    session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
-                return work(session)
+            return attempt_once()
         except errors.DatabaseUnavailable as error:
             # Deadlock / serialization failure: the server rolled everything back, so a
             # bounded re-run is safe. Locks, lost connections: surface to the caller.

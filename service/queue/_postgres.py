@@ -12,12 +12,12 @@ from datetime import datetime
 from importlib import resources
 from typing import Any
 
-from sqlalchemy import JSON, Engine, Integer, Row, String, text
+from sqlalchemy import JSON, Connection, Engine, Integer, Row, String, text
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.selectable import TextualSelect
 
 from service.queue import _sqlite
-from service.queue._plumbing import transact
+from service.queue._plumbing import one_statement, transact
 from service.queue._records import (
     ALL_FAILED_ERROR,
     MAX_DEADLINE_S,
@@ -77,8 +77,8 @@ class PostgresBackend:
             "max_running_per_owner": max_running_per_owner,
         }
 
-        def claim(session: Session) -> Row[Any] | None:
-            return session.execute(CLAIM, params).first()
+        def claim(connection: Connection) -> Row[Any] | None:
+            return connection.execute(CLAIM, params).first()
 
         def wait_and_claim(session: Session) -> Row[Any] | None:
             # Every candidate row may be locked by a concurrent claim or finish (for well
@@ -98,7 +98,7 @@ class PostgresBackend:
             # (each takes about a millisecond; trials take seconds to hours).
             row = transact(sm, wait_and_claim)
         else:
-            row = transact(sm, claim, one_statement=True) or transact(sm, wait_and_claim)
+            row = one_statement(sm, claim) or transact(sm, wait_and_claim)
         if row is None:
             return None
         return Lease(
@@ -144,11 +144,11 @@ class PostgresBackend:
             "all_failed_error": ALL_FAILED_ERROR,
         }
 
-        def work(session: Session) -> str | None:
-            job_state = session.scalar(FINISH, params)
+        def work(connection: Connection) -> str | None:
+            job_state = connection.scalar(FINISH, params)
             return None if job_state is None else str(job_state)
 
-        job_state = transact(sm, work, one_statement=True)
+        job_state = one_statement(sm, work)
         if job_state is not None:
             return JobState(job_state)
         # The lease no longer runs (or is not this job's). The ORM transaction, correct on

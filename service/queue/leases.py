@@ -8,14 +8,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from datetime import datetime
+from typing import cast
 
-from sqlalchemy import select, update
+from sqlalchemy import Connection, Table, bindparam, select, update
 from sqlalchemy.orm import Session
 
 from service import errors
 from service.models import SearchJob, TrialLease
 from service.queue._backend import backend_for
-from service.queue._plumbing import engine_of, resolve_now, transact
+from service.queue._plumbing import engine_of, one_statement, resolve_now, transact
 from service.queue._records import (
     REAPED_REASON,
     FinishOutcome,
@@ -62,25 +63,39 @@ def claim_trial_slot(
     return backend_for(sm).claim(sm, worker_id, at=at, max_running_per_owner=max_running_per_owner)
 
 
+#: One conditional UPDATE: it takes the lease row's lock and checks that it is still running
+#: in the same statement (a reaped or finished lease matches no row).
+_LEASES = cast(Table, TrialLease.__table__)
+_ATTACH = (
+    update(_LEASES)
+    .where(_LEASES.c.id == bindparam("lease_id"), _LEASES.c.state == LeaseState.RUNNING)
+    .values(optuna_trial_id=bindparam("trial_id"), trial_number=bindparam("number"))
+    .returning(_LEASES.c.id)
+)
+
+
 def attach_trial(
     sm: SessionSource, lease_id: int, *, optuna_trial_id: int, trial_number: int
 ) -> None:
     """Record which Optuna trial runs in this slot. ``LeaseLost`` if it is no longer running."""
 
-    def work(session: Session) -> None:
-        # One conditional UPDATE: it takes the lease row's lock and checks that it is still
-        # running in the same statement (a reaped or finished lease matches no row).
-        attached = session.scalars(
-            update(TrialLease)
-            .where(TrialLease.id == lease_id, TrialLease.state == LeaseState.RUNNING)
-            .values(optuna_trial_id=optuna_trial_id, trial_number=trial_number)
-            .returning(TrialLease.id)
-            .execution_options(synchronize_session=False)
-        ).all()
-        if not attached:
-            raise errors.LeaseLost()
+    def work(connection: Connection) -> None:
+        attach_trial_on(
+            connection, lease_id, optuna_trial_id=optuna_trial_id, trial_number=trial_number
+        )
 
-    transact(sm, work, one_statement=True)
+    one_statement(sm, work)
+
+
+def attach_trial_on(
+    connection: Connection, lease_id: int, *, optuna_trial_id: int, trial_number: int
+) -> None:
+    """:func:`attach_trial` as part of the caller's transaction on ``connection``: the
+    worker's Optuna storage creates a trial and attaches it in one
+    (``WorkerStorage.on_create``). ``LeaseLost`` if the lease is no longer running."""
+    params = {"lease_id": lease_id, "trial_id": optuna_trial_id, "number": trial_number}
+    if connection.execute(_ATTACH, params).first() is None:
+        raise errors.LeaseLost()
 
 
 def heartbeat(sm: SessionSource, lease_ids: Iterable[int], now: datetime | None = None) -> set[int]:
@@ -91,17 +106,16 @@ def heartbeat(sm: SessionSource, lease_ids: Iterable[int], now: datetime | None 
         return set()
     at = resolve_now(now)
 
-    def work(session: Session) -> set[int]:
-        alive = session.scalars(
-            update(TrialLease)
-            .where(TrialLease.id.in_(ids), TrialLease.state == LeaseState.RUNNING)
+    def work(connection: Connection) -> set[int]:
+        alive = connection.scalars(
+            update(_LEASES)
+            .where(_LEASES.c.id.in_(ids), _LEASES.c.state == LeaseState.RUNNING)
             .values(heartbeat_at=at)
-            .returning(TrialLease.id)
-            .execution_options(synchronize_session=False)
+            .returning(_LEASES.c.id)
         ).all()
         return ids - set(alive)
 
-    return transact(sm, work, one_statement=True)
+    return one_statement(sm, work)
 
 
 def finish_trial_slot(

@@ -12,7 +12,7 @@ from service import queue
 from service.auth import LOCAL
 from service.search_space import DEFAULT_LIMITS, parse_spec
 from service.studies import open_backend, optuna_storage, submit_study
-from service.worker import RetryTrialGone, Worker, WorkerOptions, _LeaseStudy
+from service.worker import RetryTrialGone, Worker, WorkerOptions, _Heartbeat, _LeaseStudy
 
 
 def _spec(n_trials: int) -> dict[str, object]:
@@ -94,3 +94,35 @@ def test_worker_leaves_a_pending_retrys_trial_to_the_retry(migrated_db_url: str)
     assert queue.get_job(backend.sessions, study.id).state == queue.JobState.SUCCEEDED
     assert isinstance(backend.storage, optuna.storages.RDBStorage)
     backend.storage.engine.dispose()
+
+
+def test_a_fresh_trial_is_attached_as_it_is_created_and_a_lost_slot_creates_none(
+    migrated_db_url: str,
+) -> None:
+    """The worker attaches a fresh trial to its lease in the transaction that creates it:
+    right after the ask the lease names it, and a slot cancelled or reaped between its
+    claim and the ask leaves no trial behind (nothing for the reaper to clean up)."""
+    backend = open_backend(migrated_db_url, limits=DEFAULT_LIMITS, base_url="http://t.invalid")
+    study, _ = submit_study(backend, parse_spec(_spec(n_trials=3)), principal=LOCAL)
+    optuna_study = optuna.load_study(study_name=study.optuna_study_name, storage=backend.storage)
+    worker = Worker(WorkerOptions(database_url=migrated_db_url, poll_interval_s=0.01))
+    try:
+        worker.start()
+        lost = queue.claim_trial_slot(worker.sessions, worker.worker_id)
+        assert lost is not None
+        queue.finish_trial_slot(worker.sessions, lost.id, "failed", "taken back")
+        assert worker.run_lease(lost, _Heartbeat(worker.sessions, worker.worker_id, 60.0)) is None
+        assert optuna_study.get_trials() == []  # no trial, not even a failed one
+
+        lease = queue.claim_trial_slot(worker.sessions, worker.worker_id)
+        assert lease is not None
+        _, _, trial = worker._start_trial(lease)
+        assert trial is not None and trial.number == 0  # numbering has no gap
+        [row] = [r for r in queue.list_leases(backend.sessions, study.id) if r.id == lease.id]
+        assert (row.optuna_trial_id, row.trial_number) == (trial._trial_id, trial.number)
+    finally:
+        worker.engine.dispose()
+        if worker.storage is not None:
+            worker.storage.engine.dispose()
+        assert isinstance(backend.storage, optuna.storages.RDBStorage)
+        backend.storage.engine.dispose()

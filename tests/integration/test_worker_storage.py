@@ -188,3 +188,57 @@ def test_trials_created_at_once_by_several_workers_are_numbered_once_each(
     trials = optuna.load_study(study_name="s", storage=reader).get_trials()
     assert sorted(t.number for t in trials) == list(range(per_worker * workers))
     assert all(t.state == TrialState.COMPLETE and "x" in t.params for t in trials)
+
+
+def test_reports_are_stored_as_made_and_refused_once_the_trial_finished_elsewhere(
+    storages: Storages,
+) -> None:
+    reader = storages(optuna.storages.RDBStorage)
+    optuna.create_study(study_name="s", storage=reader)
+    study = optuna.load_study(study_name="s", storage=storages(WorkerStorage))
+    trial = study.ask()
+    trial.suggest_float("lr", 0.1, 1.0)
+    trial.report(0.5, step=0)  # the first report publishes the held set-up with it
+    stored = reader.get_trial(trial._trial_id)
+    assert stored.params == trial.params and stored.intermediate_values == {0: 0.5}
+    trial.report(0.25, step=1)  # then one statement each, visible at once (live curves)
+    assert reader.get_trial(trial._trial_id).intermediate_values == {0: 0.5, 1: 0.25}
+
+    reader.set_trial_state_values(trial._trial_id, TrialState.FAIL)  # the reaper
+    with pytest.raises(UpdateFinishedTrialError):
+        trial.report(0.0, step=2)
+    assert reader.get_trial(trial._trial_id).intermediate_values == {0: 0.5, 1: 0.25}
+    # The refusal made the worker forget its copy: it now reads the stored FAIL, and tell
+    # refuses as Optuna's does for a trial it knows is finished.
+    with pytest.raises(ValueError, match="Cannot tell a FAIL trial"):
+        study.tell(trial, 1.0)
+    assert reader.get_trial(trial._trial_id).state == TrialState.FAIL
+
+
+class _Refused(Exception):
+    pass
+
+
+def test_the_create_hook_runs_in_the_transaction_that_creates_the_trial(
+    storages: Storages,
+) -> None:
+    """``on_create`` (the worker attaches the trial to its lease there) sees the new trial;
+    an error it raises leaves no trial and no gap in the numbering."""
+    reader = storages(optuna.storages.RDBStorage)
+    optuna.create_study(study_name="s", storage=reader)
+    worker = storages(WorkerStorage)
+    assert isinstance(worker, WorkerStorage)
+    study = optuna.load_study(study_name="s", storage=worker)
+
+    def refuse(connection: object, trial_id: int, number: int) -> None:
+        raise _Refused(f"lease lost before trial {number} existed")
+
+    worker.on_create = refuse
+    with pytest.raises(_Refused):
+        study.ask()
+    assert optuna.load_study(study_name="s", storage=reader).get_trials() == []
+
+    created: list[tuple[int, int]] = []
+    worker.on_create = lambda connection, trial_id, number: created.append((trial_id, number))
+    trial = study.ask()
+    assert created == [(trial._trial_id, trial.number)] and trial.number == 0
