@@ -2,8 +2,9 @@
 
 Both arms run ``--trials`` zero-cost trials against the same freshly migrated database
 (our tables via ``service.migrate.upgrade_schema`` plus Optuna's tables), with the same
-sampler (TPE, as ``service.training.objective.build_sampler`` builds it: plain uses one
-for the run, the worker a new one per slot, seeded from the slot) and the same
+sampler (TPE by default, as ``service.training.objective.build_sampler`` builds it: plain
+uses one for the run, the worker a new one per slot, seeded from the slot; ``--sampler
+random`` leaves the service's own cost without the sampler's) and the same
 parameters (the synthetic space below: ``num_layers``, ``hidden_size`` (log),
 ``dropout`` (only with two or more layers), ``lr`` (log)):
 
@@ -79,8 +80,8 @@ Arm: TypeAlias = Literal["plain", "worker"]
 Stamp: TypeAlias = tuple[float, float]  # (wall, cpu) seconds
 
 
-def synthetic_spec(n_trials: int, seed: int) -> dict[str, Any]:
-    """The worker arm's study: no training, one reported epoch, TPE, no pruning."""
+def synthetic_spec(n_trials: int, seed: int, sampler: str = "tpe") -> dict[str, Any]:
+    """The worker arm's study: no training, one reported epoch, ``sampler``, no pruning."""
     return {
         "name": "trial-overhead",
         "task": {"kind": "synthetic", "sleep_s": 0},
@@ -93,7 +94,7 @@ def synthetic_spec(n_trials: int, seed: int) -> dict[str, Any]:
         },
         "study": {
             "n_trials": n_trials,
-            "sampler": "tpe",
+            "sampler": sampler,
             "pruner": "none",
             "seed": seed,
             "max_retries": 0,
@@ -147,7 +148,7 @@ def _check_complete(arm: Arm, trials: Sequence[optuna.trial.FrozenTrial], n_tria
         )
 
 
-def run_plain(url: str, n_trials: int, seed: int) -> ArmResult:
+def run_plain(url: str, n_trials: int, seed: int, sampler: str = "tpe") -> ArmResult:
     """``study.optimize`` on a new study in ``url``; only ``optimize`` is timed."""
     storage = optuna.storages.RDBStorage(url)
     try:
@@ -155,7 +156,11 @@ def run_plain(url: str, n_trials: int, seed: int) -> ArmResult:
             storage=storage,
             study_name=f"plain-{uuid.uuid4().hex[:8]}",
             direction="minimize",
-            sampler=optuna.samplers.TPESampler(seed=seed),
+            sampler=(
+                optuna.samplers.TPESampler(seed=seed)
+                if sampler == "tpe"
+                else optuna.samplers.RandomSampler(seed=seed)
+            ),
         )
         begin = _stamp()
         study.optimize(plain_objective, n_trials=n_trials)
@@ -192,14 +197,18 @@ def _dispose_backend(backend: Backend) -> None:
 
 
 def run_worker(
-    url: str, n_trials: int, seed: int, profiler: cProfile.Profile | None = None
+    url: str,
+    n_trials: int,
+    seed: int,
+    profiler: cProfile.Profile | None = None,
+    sampler: str = "tpe",
 ) -> ArmResult:
     """Submit a synthetic study and let one in-process worker run every slot of it."""
     # Two connections: Optuna's storage checks its schema version on two at once.
     backend = open_backend(url, limits=DEFAULT_LIMITS, base_url="http://bench.invalid", pool_size=2)
     try:
         study, _ = submit_study(
-            backend, parse_spec(synthetic_spec(n_trials, seed)), principal=LOCAL
+            backend, parse_spec(synthetic_spec(n_trials, seed, sampler)), principal=LOCAL
         )
         worker = _TimedWorker(
             WorkerOptions(
@@ -291,17 +300,17 @@ def run_backend(
     """Warm up, then ``--repeats`` interleaved (plain, worker) pairs on a fresh database."""
     rows: list[tuple[ArmResult, ArmResult]] = []
     with fresh_database(backend, args.postgres_url) as url:
-        warm_plain = run_plain(url, args.warmup, seed=0)
-        warm_worker = run_worker(url, args.warmup, seed=0)
+        warm_plain = run_plain(url, args.warmup, seed=0, sampler=args.sampler)
+        warm_worker = run_worker(url, args.warmup, seed=0, sampler=args.sampler)
         sampled = {"plain": set(warm_plain.distributions), "worker": set(warm_worker.distributions)}
         for rep in range(args.repeats):
             seed = rep + 1
             if rep % 2 == 0:
-                plain = run_plain(url, args.trials, seed)
-                worker = run_worker(url, args.trials, seed)
+                plain = run_plain(url, args.trials, seed, args.sampler)
+                worker = run_worker(url, args.trials, seed, sampler=args.sampler)
             else:
-                worker = run_worker(url, args.trials, seed)
-                plain = run_plain(url, args.trials, seed)
+                worker = run_worker(url, args.trials, seed, sampler=args.sampler)
+                plain = run_plain(url, args.trials, seed, args.sampler)
             rows.append((plain, worker))
             sampled["plain"] |= plain.distributions
             sampled["worker"] |= worker.distributions
@@ -318,7 +327,7 @@ def run_backend(
             )
         if args.profile:
             profiler = cProfile.Profile()
-            run_worker(url, args.trials, seed=0, profiler=profiler)
+            run_worker(url, args.trials, seed=0, profiler=profiler, sampler=args.sampler)
             print(f"\ncProfile of one worker run on {backend} (top 40 by cumulative time):")
             pstats.Stats(profiler).sort_stats("cumulative").print_stats(40)
     summary = BackendSummary(
@@ -377,6 +386,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--trials", type=int, default=200, help="trials per timed run")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs of each arm")
     parser.add_argument("--warmup", type=int, default=20, help="trials of the untimed first run")
+    parser.add_argument(
+        "--sampler",
+        choices=("tpe", "random"),
+        default="tpe",
+        help="both arms' sampler (random: no sampling cost, the service's own cost alone)",
+    )
     parser.add_argument(
         "--postgres-url",
         default=os.environ.get(POSTGRES_URL_ENV) or DEFAULT_POSTGRES_URL,
