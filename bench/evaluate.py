@@ -93,6 +93,9 @@ class Metric:
     direction: str
     #: The test metric ``lstm-hpo train`` reports and what it is.
     test_label: str
+    #: The test metric the tables show when it is not the ranked one's (classify is
+    #: searched on cross-entropy and reported as accuracy, as the literature reports it).
+    test_key: str | None = None
 
 
 def task_metric(kind: str) -> Metric:
@@ -103,6 +106,8 @@ def task_metric(kind: str) -> Metric:
         "classify": "test accuracy",
         "char_lm": "test cross-entropy (nats/char)",
     }[kind]
+    if kind == "classify":
+        return Metric(m.name, m.direction, label, test_key="test_acc")
     return Metric(m.name, m.direction, label)
 
 
@@ -187,7 +192,8 @@ def markdown(results: dict[str, Any]) -> str:
         lines += [
             f"#### {task} — {metric['test_label']} ({better} is better)",
             "",
-            "| model | test (mean ± sd over seeds) | best seed | val best (mean) | "
+            "| model | test (mean ± sd over seeds) | best seed | "
+            f"val {t.get('ranked', metric['name'])} best (mean) | "
             "trials/h | trials |",
             "|---|---|---|---|---|---|",
         ]
@@ -297,13 +303,19 @@ def report_task(
     metric = task_metric(task)
     if baselines_found is None:
         baselines_found = baselines(task, base)
+    # What the studies ranked by (the spec's metric): the curves' unit. The classical
+    # baselines are scored in the test metric's unit, drawn only when that is the same.
+    ranked = parse_spec(base).metric
+    same_unit = ranked.name == metric.name
     plot(
         task,
         runs,
-        metric,
+        Metric(ranked.name, ranked.direction, metric.test_label),
         out / f"{task}_best_so_far.png",
         budget_minutes=budget_minutes,
-        baseline=primary_baseline(baselines_found, metric.direction == "maximize"),
+        baseline=primary_baseline(baselines_found, metric.direction == "maximize")
+        if same_unit
+        else None,
     )
     main_family = next((f for f in ("stacked_lstm", *runs) if found.get(f)), None)
     if main_family is not None:
@@ -314,6 +326,7 @@ def report_task(
         )
     return {
         "metric": to_jsonable(metric),
+        "ranked": ranked.name,
         "spec": base,
         "families": {f: summarise_family(r, metric.direction) for f, r in runs.items()},
         "baselines": baselines_found,
@@ -330,6 +343,9 @@ def rescore(out: Path, workers: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="lstm-hpo-rescore-") as scratch:
         for task, entry in results["tasks"].items():
             runs = {f: [StudyRun(**d) for d in ds] for f, ds in entry["studies"].items()}
+            for family_runs in runs.values():
+                for run in family_runs:
+                    run.test_metric = task_metric(task).test_key
             todo = [
                 (run, Path(scratch) / task / family / f"s{i}")
                 for family, family_runs in runs.items()
@@ -449,9 +465,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for seed in range(seeds):
                     name = f"eval-{task}-{family}-s{seed}"
                     spec = family_spec(base, family, seed, name)
-                    runs.setdefault(family, []).append(
-                        run_study(server, spec, budget_s=budget_min * 60)
-                    )
+                    run = run_study(server, spec, budget_s=budget_min * 60)
+                    run.test_metric = task_metric(task).test_key
+                    runs.setdefault(family, []).append(run)
             finalists = [
                 (run, Path(scratch) / "runs" / task / family / f"s{i}")
                 for family, family_runs in runs.items()

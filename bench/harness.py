@@ -185,6 +185,9 @@ class StudyRun:
     counts: dict[str, int]
     #: Filled in by :func:`retrain`: the finalist's test-split metric.
     test_value: float | None = None
+    #: Which of the retrain's test metrics ``test_value`` keeps (``test_acc`` for a study
+    #: ranked by cross-entropy); None: the one matching the ranked metric.
+    test_metric: str | None = None
     retrain: dict[str, Any] = field(default_factory=dict)
 
 
@@ -352,12 +355,16 @@ def _record(
         run.retrain = {"error": done.stderr[-2000:], "seconds": seconds, "how": how}
         return
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    run.test_value = result.get("test_value")
+    test_metrics = result.get("test_metrics") or {}
+    run.test_value = (
+        test_metrics.get(run.test_metric) if run.test_metric else result.get("test_value")
+    )
     run.retrain = {
         "how": how,
         "seconds": seconds,
         "val_value": result.get("value"),
         "test_value": run.test_value,
+        "test_metrics": test_metrics,
         "best_epoch": result.get("best_epoch"),
         "description": result.get("description"),
     }

@@ -119,6 +119,8 @@ CONFIG_ATTR = "config"
 FAILURE_ATTR = "failure_reason"
 #: Trial: trivial predictors' validation metric values.
 BASELINES_ATTR = "val_baselines"
+#: Trial: every validation metric at its best epoch (the ranked one and those beside it).
+VAL_METRICS_ATTR = "val_metrics"
 #: Trial: set on a retry, the number of the trial (same params) whose worker died.
 RETRY_OF_ATTR = "retry_of"
 #: Trial: set on a retry, the number of the first trial of its retry chain (the trial

@@ -10,7 +10,7 @@ import os
 import tempfile
 import threading
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,6 +63,11 @@ class FitResult:
     #: The validation metric after each epoch.
     history: list[float] = field(default_factory=list)
     best_epoch: int | None = None
+    #: Every validation metric at the best epoch (``val_loss``, ``val_acc``, ...): what
+    #: the ranked one is reported beside.
+    val_metrics: dict[str, float] = field(default_factory=dict)
+    #: Every test-split metric of the best checkpoint (when evaluated).
+    test_metrics: dict[str, float] = field(default_factory=dict)
     checkpoint: str | None = None
     description: str = ""
     #: The epoch (0-based) training continued at when it resumed from a checkpoint.
@@ -96,6 +101,8 @@ class ValidationHistory(Callback):
     def __init__(self, metric: str) -> None:
         self.metric = metric
         self.values: list[float] = []
+        #: Every ``val_*`` metric of each recorded epoch.
+        self.all_values: list[dict[str, float]] = []
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:
@@ -103,12 +110,24 @@ class ValidationHistory(Callback):
         value = trainer.callback_metrics.get(self.metric)
         if value is not None:
             self.values.append(float(value))
+            self.all_values.append(_stage_metrics(trainer.callback_metrics, "val"))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"metric": self.metric, "values": list(self.values)}
+        return {"metric": self.metric, "values": list(self.values), "all": self.all_values}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.values = [float(v) for v in state_dict["values"]]
+        # A checkpoint from before "all" was kept holds the ranked metric alone.
+        self.all_values = list(state_dict.get("all", [{self.metric: v} for v in self.values]))
+
+
+def _stage_metrics(metrics: Mapping[str, Any], stage: str) -> dict[str, float]:
+    """The ``<stage>_*`` epoch metrics of ``metrics`` (Lightning's logged values) as floats."""
+    return {
+        name: float(value)
+        for name, value in metrics.items()
+        if name.startswith(f"{stage}_") and not name.endswith("_step")
+    }
 
 
 #: ``save(path, kind)``: store the checkpoint file at ``path`` as the trial's ``kind``
@@ -281,6 +300,7 @@ def fit_config(
     trainer.fit(model, datamodule=data.datamodule, ckpt_path=resume_from, weights_only=False)
     value, best_epoch = _best(history.values, metric.direction)
     test_value: float | None = None
+    test_metrics: dict[str, float] = {}
     if evaluate_test is None:
         evaluate_test = checkpoint is not None
     if evaluate_test and value is not None:
@@ -289,6 +309,7 @@ def fit_config(
             model, datamodule=data.datamodule, ckpt_path=ckpt, verbose=False, weights_only=False
         )
         test_value = float(results[0]["test_" + metric.name.removeprefix("val_")])
+        test_metrics = _stage_metrics(results[0], "test")
     result = FitResult(
         metric=metric.name,
         direction=metric.direction,
@@ -297,6 +318,8 @@ def fit_config(
         **_baselines(data),
         history=history.values,
         best_epoch=best_epoch,
+        val_metrics=history.all_values[best_epoch] if best_epoch is not None else {},
+        test_metrics=test_metrics,
         checkpoint=checkpoint.best_model_path
         if checkpoint and checkpoint.best_model_path
         else None,
@@ -337,14 +360,16 @@ def evaluate_checkpoint(
     Raises :class:`~service.errors.CheckpointMismatch` as :func:`fit_config` does.
     """
     metric, data, model = _prepare(config, saved, data_roots)
-    value = _score(model, data, "val", metric.name, accelerator)
-    test_value = _score(model, data, "test", metric.name, accelerator)
+    val_metrics = _score_all(model, data, "val", accelerator)
+    test_metrics = _score_all(model, data, "test", accelerator)
     return FitResult(
         metric=metric.name,
         direction=metric.direction,
-        value=value,
-        test_value=test_value,
+        value=val_metrics.get(metric.name),
+        test_value=test_metrics.get("test_" + metric.name.removeprefix("val_")),
         **_baselines(data),
+        val_metrics=val_metrics,
+        test_metrics=test_metrics,
         best_epoch=saved.epoch,
         checkpoint=str(saved.path),
         description=data.description,
@@ -432,8 +457,18 @@ def measure_model_cost(
 def _score(
     model: LSTMLightningModule, data: TaskData, stage: str, metric: str, accelerator: str
 ) -> float | None:
-    """``model``'s metric on the ``stage`` ("val" or "test") split, with a Trainer of its own
-    (no logger, checkpoints or callbacks of a fit see it)."""
+    """``model``'s ``metric`` (``val_*``) on the ``stage`` split (see :func:`_score_all`)."""
+    return _score_all(model, data, stage, accelerator).get(
+        f"{stage}_" + metric.removeprefix("val_")
+    )
+
+
+def _score_all(
+    model: LSTMLightningModule, data: TaskData, stage: str, accelerator: str
+) -> dict[str, float]:
+    """Every metric of ``model`` on the ``stage`` ("val" or "test") split, by its logged
+    name (``test_loss``, ``test_acc``, ...), with a Trainer of its own (no logger,
+    checkpoints or callbacks of a fit see it)."""
     trainer = _trainer(
         accelerator=accelerator,
         devices=1,
@@ -452,8 +487,7 @@ def _score(
             results = trainer.validate(model, datamodule=data.datamodule, verbose=False)
         else:
             results = trainer.test(model, datamodule=data.datamodule, verbose=False)
-    value = results[0].get(f"{stage}_" + metric.removeprefix("val_")) if results else None
-    return float(value) if value is not None else None
+    return _stage_metrics(results[0], stage) if results else {}
 
 
 #: Set by :func:`leave_signals_to_the_worker`: every Trainer of this process keeps out of

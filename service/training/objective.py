@@ -41,6 +41,7 @@ from service.states import (
     RESUMED_FROM_ATTR,
     RETRY_OF_ATTR,
     TEST_VALUE_ATTR,
+    VAL_METRICS_ATTR,
 )
 from service.training.interrupts import TrialGuard
 
@@ -146,6 +147,8 @@ def run_trial(
             late_callbacks=[guard.lightning_callback()] if guard else (),
         )
     trial.set_user_attr(BASELINES_ATTR, result.val_baselines)
+    if result.val_metrics:
+        trial.set_user_attr(VAL_METRICS_ATTR, result.val_metrics)
     if result.test_value is not None:  # a confirmation study's trial (service.confirm)
         trial.set_user_attr(TEST_VALUE_ATTR, result.test_value)
     if result.value is None:

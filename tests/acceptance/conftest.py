@@ -37,8 +37,12 @@ class LiveServer:
     def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         """Run `lstm-hpo ARGS` against this server."""
         return subprocess.run(
-            [*CLI, *args], env=self.env | {"LSTM_HPO_SERVER": self.url}, capture_output=True,
-            text=True, timeout=timeout, check=False,
+            [*CLI, *args],
+            env=self.env | {"LSTM_HPO_SERVER": self.url},
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
         )
 
 
@@ -57,7 +61,10 @@ def start_server(tmp_path: Path, database_url: str, *, workers: int = 2) -> Live
     with log.open("wb") as out:
         process = subprocess.Popen(
             [*CLI, "serve", "--workers", str(workers), "--accelerator", "cpu"],
-            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60

@@ -22,9 +22,7 @@ PASSWORD = "Zq7-s3cret-pw-4711"
 def test_the_database_password_is_never_shown(tmp_path: Path, postgres_url: str) -> None:
     url = make_url(postgres_url).set(password=PASSWORD).render_as_string(hide_password=False)
     unreachable = (
-        make_url(postgres_url)
-        .set(password=PASSWORD, port=1)
-        .render_as_string(hide_password=False)
+        make_url(postgres_url).set(password=PASSWORD, port=1).render_as_string(hide_password=False)
     )
     seen: list[str] = []
     server = start_server(tmp_path, url, workers=1)
@@ -99,6 +97,7 @@ def test_the_database_password_is_never_shown(tmp_path: Path, postgres_url: str)
     leaked = [text for text in seen if PASSWORD in text]
     assert not leaked, leaked[0][-2000:]
     assert any("***" in text for text in seen)  # the URL is shown, masked
-    assert os.environ.get("LSTM_HPO_DATABASE_URL") is None or PASSWORD not in os.environ[
-        "LSTM_HPO_DATABASE_URL"
-    ]
+    assert (
+        os.environ.get("LSTM_HPO_DATABASE_URL") is None
+        or PASSWORD not in os.environ["LSTM_HPO_DATABASE_URL"]
+    )

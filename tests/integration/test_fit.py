@@ -6,6 +6,7 @@ Every fit runs on the CPU with one torch thread and takes well under a second.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -143,3 +144,31 @@ def test_rerun_into_same_out_dir_replaces_best_checkpoint(tmp_path: Path) -> Non
 
     assert result.checkpoint == str(tmp_path / "best.ckpt")
     assert sorted(p.name for p in tmp_path.glob("*.ckpt")) == ["best.ckpt"]
+
+
+def test_classify_ranked_by_cross_entropy_reports_accuracy_beside(tmp_path: Path) -> None:
+    """``task.metric: val_loss``: the fit monitors validation cross-entropy (its value is
+    the lowest epoch's), and records every validation metric of that epoch and every
+    test metric beside it, accuracy included; the primary baseline is the class prior."""
+    rows = []
+    for i in range(60):  # two separable classes, lengths 3-6
+        label = "a" if i % 2 else "b"
+        offset = 1.0 if label == "a" else -1.0
+        x = [[offset + 0.1 * ((i * 7 + t) % 5), offset] for t in range(3 + i % 4)]
+        rows.append({"x": x, "label": label, "split": "test" if i >= 48 else "train"})
+    path = tmp_path / "seq.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
+    task = {"kind": "classify", "path": str(path), "metric": "val_loss"}
+    result = fit_cpu(
+        parse_config({"task": task, "params": {**TINY, "max_epochs": 4}}),
+        out_dir=tmp_path / "out",
+    )
+    assert (result.metric, result.direction) == ("val_loss", "minimize")
+    assert result.value == min(result.history) and result.best_epoch is not None
+    assert result.val_metrics["val_loss"] == result.value
+    assert 0.0 <= result.val_metrics["val_acc"] <= 1.0
+    assert result.test_value == result.test_metrics["test_loss"]
+    assert 0.0 <= result.test_metrics["test_acc"] <= 1.0
+    assert result.baseline_name == "prior" and result.baseline == pytest.approx(math.log(2))
+    saved = json.loads((tmp_path / "out" / "result.json").read_text())
+    assert saved["test_metrics"] == result.test_metrics

@@ -379,6 +379,12 @@ def test_classify_jsonl_batches_scaling_and_majority(tmp_path: Path) -> None:
     assert sorted(val_y.tolist()) == [0, 1, 1, 1]
     assert td.val_baselines["majority"] == 0.75
     assert td.test_baselines["majority"] == 0.75
+    # The class prior, add-one smoothed over train's 16 (12 b, 4 a): p(b) = 13/18.
+    prior = -(3 * math.log(13 / 18) + math.log(5 / 18)) / 4
+    assert td.val_baselines["prior"] == pytest.approx(prior)
+    assert td.primary_baseline == "majority"  # ranked by accuracy unless metric: val_loss
+    by_loss = ClassifyTask(kind="classify", path=str(path), metric="val_loss")
+    assert build_task_data(by_loss, PARAMS).primary_baseline == "prior"
     assert_loaders(td)
     assert_same_data(td, build_task_data(ClassifyTask(kind="classify", path=str(path)), PARAMS))
 

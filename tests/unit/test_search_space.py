@@ -137,6 +137,11 @@ def test_every_shipped_search_space_is_valid() -> None:
         (_spec(study={"sampler": "anneal"}), "study.sampler: input should be"),
         ({"task": {"kind": "adding", "seq_len": 1}}, "task.seq_len: must be >= 2"),
         ({"task": {"kind": "nope"}}, "task.kind: must be one of"),
+        (
+            {"task": {"kind": "classify", "metric": "val_rmse"}},
+            "task.metric: input should be 'val_acc' or 'val_loss'",
+        ),
+        ({"task": {"kind": "adding", "metric": "val_loss"}}, "task.metric: unknown field"),
         ({"space": {}}, "task: required"),
         ({"task": {"kind": "forecast"}}, "task: give exactly one of `dataset`"),
         ({"task": {"kind": "forecast", "path": "x.csv"}}, "task: `column` is required"),
@@ -192,6 +197,9 @@ def test_limits_from_settings(tmp_path: Path) -> None:
 
 def test_direction_defaults_from_task_metric() -> None:
     assert parse_spec({"task": {"kind": "classify"}}).direction == "maximize"
+    by_loss = parse_spec({"task": {"kind": "classify", "metric": "val_loss"}})
+    assert (by_loss.metric.name, by_loss.direction) == ("val_loss", "minimize")
+    assert by_loss.objective_labels() == ["val_loss (validation cross-entropy, nats)"]
     assert parse_spec({"task": {"kind": "char_lm"}}).metric.name == "val_loss"
     assert parse_spec(_spec(study={"direction": "maximize"})).direction == "maximize"
 
