@@ -12,7 +12,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from sqlalchemy import Engine, create_engine, event, exc
 from sqlalchemy.engine import URL, Connection, make_url
@@ -181,6 +181,15 @@ def translate_db_error(error: exc.SQLAlchemyError) -> errors.LstmHpoError | None
     return None
 
 
+def raise_translated(error: exc.SQLAlchemyError) -> NoReturn:
+    """Raise ``error``'s :mod:`service.errors` counterpart (:func:`translate_db_error`),
+    chained to it, or ``error`` itself when it has none. Call it in an ``except`` block."""
+    translated = translate_db_error(error)
+    if translated is None:
+        raise error
+    raise translated from error
+
+
 @contextmanager
 def session_scope(session_factory: sessionmaker[Session]) -> Iterator[Session]:
     """One session, one transaction: commit on success, roll back on error, always close.
@@ -194,10 +203,7 @@ def session_scope(session_factory: sessionmaker[Session]) -> Iterator[Session]:
         session.commit()
     except exc.SQLAlchemyError as error:
         _rollback_quietly(session)
-        translated = translate_db_error(error)
-        if translated is None:
-            raise
-        raise translated from error
+        raise_translated(error)
     except BaseException:
         _rollback_quietly(session)
         raise
@@ -219,10 +225,7 @@ def connection_scope(engine: Engine, *, autocommit: bool = False) -> Iterator[Co
             with engine.begin() as conn:
                 yield conn
     except exc.SQLAlchemyError as error:
-        translated = translate_db_error(error)
-        if translated is None:
-            raise
-        raise translated from error
+        raise_translated(error)
 
 
 def _rollback_quietly(session: Session) -> None:

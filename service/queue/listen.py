@@ -7,7 +7,7 @@ from sqlalchemy import Engine, exc, func, select
 from sqlalchemy.orm import Session
 
 from service import errors
-from service.db import translate_db_error
+from service.db import raise_translated
 from service.queue._plumbing import is_postgresql
 
 #: PostgreSQL LISTEN / NOTIFY channel on which a slot becoming claimable (a new job, a
@@ -40,7 +40,4 @@ def listen_for_work(engine: Engine, timeout_s: float) -> bool:
             connection.exec_driver_sql(f"UNLISTEN {WORK_CHANNEL}")
             return woken
     except exc.SQLAlchemyError as error:
-        translated = translate_db_error(error)
-        if translated is None:
-            raise
-        raise translated from error
+        raise_translated(error)
