@@ -7,16 +7,20 @@ user attribute. :class:`WorkerStorage` keeps Optuna's tables and what every read
 them (optuna-dashboard, ``optuna`` itself, the API), and changes only how the trials *this
 process runs* are written and read back:
 
-- **created** in one transaction of two statements (lock the study row, insert the trial
-  numbered by a count in the same statement), as Optuna numbers it;
-- **set up in one transaction**: its parameters and user and system attributes are held
-  until :meth:`WorkerStorage.publish_setup` (the worker calls it through ``run_trial``'s
+- **created** in one transaction (lock the study row, insert the trial numbered by a
+  count in the same statement, as Optuna numbers it; then :attr:`WorkerStorage.on_create`,
+  where the worker attaches it to its lease);
+- **set up at once**: its parameters and user and system attributes are held until
+  :meth:`WorkerStorage.publish_setup` (the worker calls it through ``run_trial``'s
   ``on_configured``, once the config is sampled and recorded, before training starts: the
   dashboard and other workers' constant-liar sampling see a running trial's parameters
   from then on, as before), or until its first report or its end, whichever comes first;
-- **told in one transaction**: what is held, the values and the state, checked against the
-  stored state under a row lock (a trial the reaper finished meanwhile raises Optuna's
-  ``UpdateFinishedTrialError``, as Optuna's own ``tell`` does);
+- **every later write guarded**: the set-up, each report and the tell (values and state)
+  are written all or nothing and only while the trial is RUNNING (the tell under its row
+  lock); a trial the reaper finished meanwhile raises Optuna's
+  ``UpdateFinishedTrialError``, as Optuna's own writes do. On PostgreSQL each such write is
+  ONE autocommitted statement (:func:`_postgres_guarded_write`); on SQLite one
+  ``BEGIN IMMEDIATE`` transaction;
 - **read back from memory**: ``get_trial`` of such a trial answers the copy this process
   keeps of it (every write to it went through here) instead of five queries.
 
@@ -79,7 +83,6 @@ _INSERT_TRIAL = (
 )
 _LOCK_STUDY_FOR_UPDATE = _LOCK_STUDY.with_for_update()
 _STATE = select(_TRIALS.c.state).where(_TRIALS.c.trial_id == bindparam("trial_id"))
-_STATE_FOR_UPDATE = _STATE.with_for_update()
 _SET_STATE = (
     _TRIALS.update()
     .where(_TRIALS.c.trial_id == bindparam("finished_id"))
@@ -410,7 +413,7 @@ class WorkerStorage(optuna.storages.RDBStorage):
         write = self._postgres_write if self._postgres else self._sqlite_write
         if not write(own, report, finish, values):
             with self.engine.connect() as conn:
-                self._check_running(conn, own, lock=False)
+                self._check_running(conn, own)
             raise _finished(own)  # not reached: it was not RUNNING, and never is again
         own.params, own.user_attrs, own.system_attrs = [], {}, {}
 
@@ -512,17 +515,13 @@ class WorkerStorage(optuna.storages.RDBStorage):
             raise _finished(own)
         return own
 
-    def _check_running(self, conn: Connection, own: _OwnTrial, *, lock: bool = True) -> None:
-        """Check the trial is still RUNNING in the database (``lock``: and lock its row
-        until the transaction ends, as Optuna's ``set_trial_state_values`` does; its other
-        writes only read the state). A trial finished elsewhere (the reaper, the dashboard)
-        is forgotten here, so that the caller's next read sees the stored trial, and
-        Optuna's error is raised."""
+    def _check_running(self, conn: Connection, own: _OwnTrial) -> None:
+        """Check the trial is still RUNNING in the database, after a guarded write found it
+        was not. A trial finished elsewhere (the reaper, the dashboard) is forgotten here,
+        so that the caller's next read sees the stored trial, and Optuna's error (or
+        ``KeyError`` for a deleted one) is raised."""
         trial_id = own.frozen._trial_id
-        locked = lock and self._postgres
-        stored = conn.execute(
-            _STATE_FOR_UPDATE if locked else _STATE, {"trial_id": trial_id}
-        ).scalar()
+        stored = conn.execute(_STATE, {"trial_id": trial_id}).scalar()
         if stored is None:
             self._own.pop(trial_id, None)
             raise KeyError(f"No trial with trial_id {trial_id} exists.")
