@@ -67,6 +67,7 @@ _FINISHED_KEPT = 4
 # Statements built once, with bound parameters: building a statement and computing its
 # cache key cost more client CPU than running it (a profile of one worker).
 _LOCK_STUDY = select(_STUDIES.c.study_id).where(_STUDIES.c.study_id == bindparam("study_id"))
+_LOCK_STUDY_FOR_UPDATE = _LOCK_STUDY.with_for_update()
 _INSERT_TRIAL = (
     _TRIALS.insert()
     .values(
@@ -81,7 +82,6 @@ _INSERT_TRIAL = (
     )
     .returning(_TRIALS.c.trial_id, _TRIALS.c.number)
 )
-_LOCK_STUDY_FOR_UPDATE = _LOCK_STUDY.with_for_update()
 _STATE = select(_TRIALS.c.state).where(_TRIALS.c.trial_id == bindparam("trial_id"))
 _SET_STATE = (
     _TRIALS.update()
@@ -114,6 +114,16 @@ def _sqlite_upsert_attrs(table: Table, rows: list[dict[str, Any]]) -> Executable
         set_={"value_json": insert.excluded.value_json},
     )
     return upsert
+
+
+@dataclass(frozen=True)
+class _Write:
+    """What a guarded write adds to the held set-up: one report (step, stored value, kind),
+    the values (stored value, kind per objective), the new state and completion time."""
+
+    report: tuple[int, float | None, Any] | None = None
+    finish: tuple[TrialState, datetime | None] | None = None
+    values: tuple[tuple[float | None, Any], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -154,35 +164,37 @@ def _postgres_guarded_write(shape: _Shape) -> TextClause:
         ]
     else:
         ctes = [f"t AS (SELECT trial_id FROM {_TRIALS.name} WHERE {running})"]
+
+    def insert(
+        cte: str, table: Table, prefix: str, n: int, row: dict[str, str], *, tail: str = ""
+    ) -> None:
+        """``cte``: insert ``n`` rows of ``row`` (column -> SQL of a value) joined to ``t``."""
+        columns = ", ".join(row)
+        ctes.append(
+            f"{cte} AS (INSERT INTO {table.name} (trial_id, {columns}) SELECT t.trial_id, v.* "
+            f"FROM t, (VALUES {rows(prefix, n, list(row.values()))}) AS v ({columns}){tail})"
+        )
+
     float_ = "CAST(:{p}_value AS DOUBLE PRECISION)"
     if shape.params:
-        values = rows("p", shape.params, [":{p}_name", float_, ":{p}_dist"])
-        ctes.append(
-            f"w_params AS (INSERT INTO {_PARAMS.name} (trial_id, param_name, param_value, "
-            f"distribution_json) SELECT t.trial_id, v.* FROM t, (VALUES {values}) "
-            "AS v (name, value, dist))"
-        )
+        row = {"param_name": ":{p}_name", "param_value": float_, "distribution_json": ":{p}_dist"}
+        insert("w_params", _PARAMS, "p", shape.params, row)
+    upsert_json = " ON CONFLICT (trial_id, key) DO UPDATE SET value_json = excluded.value_json"
     for name, table, n in (
         ("u", _USER_ATTRS, shape.user_attrs),
         ("s", _SYSTEM_ATTRS, shape.system_attrs),
     ):
         if n:
-            values = rows(name, n, [":{p}_key", ":{p}_json"])
-            ctes.append(
-                f"w_{name} AS (INSERT INTO {table.name} (trial_id, key, value_json) "
-                f"SELECT t.trial_id, v.* FROM t, (VALUES {values}) AS v (key, value_json) "
-                "ON CONFLICT (trial_id, key) DO UPDATE SET value_json = excluded.value_json)"
-            )
+            row = {"key": ":{p}_key", "value_json": ":{p}_json"}
+            insert(f"w_{name}", table, name, n, row, tail=upsert_json)
     if shape.values:
         value_type = _VALUES.c.value_type.type.name  # type: ignore[attr-defined]
-        values = rows(
-            "v", shape.values, [":{p}_objective", float_, f"CAST(:{{p}}_type AS {value_type})"]
-        )
-        ctes.append(
-            f"w_values AS (INSERT INTO {_VALUES.name} (trial_id, objective, value, "
-            f"value_type) SELECT t.trial_id, v.* FROM t, (VALUES {values}) "
-            "AS v (objective, value, type))"
-        )
+        row = {
+            "objective": ":{p}_objective",
+            "value": float_,
+            "value_type": f"CAST(:{{p}}_type AS {value_type})",
+        }
+        insert("w_values", _VALUES, "v", shape.values, row)
     if shape.report:
         kind = _INTERMEDIATE.c.intermediate_value_type.type.name  # type: ignore[attr-defined]
         ctes.append(
@@ -372,7 +384,7 @@ class WorkerStorage(optuna.storages.RDBStorage):
         stored, kind = models.TrialIntermediateValueModel.intermediate_value_to_stored_repr(
             intermediate_value
         )
-        self._guarded_write(own, report=(step, stored, kind))
+        self._guarded_write(own, _Write(report=(step, stored, kind)))
         own.holding = False
         own.frozen.intermediate_values[step] = intermediate_value
 
@@ -383,10 +395,9 @@ class WorkerStorage(optuna.storages.RDBStorage):
         if own is None or own.frozen.state.is_finished() or state == TrialState.RUNNING:
             return super().set_trial_state_values(trial_id, state, values)
         now = datetime.now()
-        stored = [models.TrialValueModel.value_to_stored_repr(v) for v in values or ()]
-        self._guarded_write(
-            own, finish=(state, now if state.is_finished() else None), values=stored
-        )
+        stored = tuple(models.TrialValueModel.value_to_stored_repr(v) for v in values or ())
+        completed = now if state.is_finished() else None
+        self._guarded_write(own, _Write(finish=(state, completed), values=stored))
         own.holding = False
         own.frozen.state = state
         if values is not None:
@@ -397,42 +408,28 @@ class WorkerStorage(optuna.storages.RDBStorage):
 
     # --- the write ----------------------------------------------------------------------------
 
-    def _guarded_write(
-        self,
-        own: _OwnTrial,
-        *,
-        report: tuple[int, float | None, Any] | None = None,
-        finish: tuple[TrialState, datetime | None] | None = None,
-        values: Sequence[tuple[float | None, Any]] = (),
-    ) -> None:
-        """Store what is held for ``own`` with, optionally, one report (step, stored value,
-        kind), its values (stored value, kind per objective) and its new state (and
-        completion time), all or nothing, and only while the trial is RUNNING (``finish``:
-        under its row lock). Otherwise nothing is written and ``_check_running`` raises
-        (``KeyError``, or Optuna's ``UpdateFinishedTrialError``)."""
-        write = self._postgres_write if self._postgres else self._sqlite_write
-        if not write(own, report, finish, values):
+    def _guarded_write(self, own: _OwnTrial, write: _Write = _Write()) -> None:
+        """Store what is held for ``own`` and ``write``, all or nothing, and only while the
+        trial is RUNNING (with ``write.finish``: under its row lock). Otherwise nothing is
+        written and ``_check_running`` raises (``KeyError``, or Optuna's
+        ``UpdateFinishedTrialError``)."""
+        store = self._postgres_write if self._postgres else self._sqlite_write
+        if not store(own, write):
             with self.engine.connect() as conn:
                 self._check_running(conn, own)
             raise _finished(own)  # not reached: it was not RUNNING, and never is again
         own.params, own.user_attrs, own.system_attrs = [], {}, {}
 
-    def _postgres_write(
-        self,
-        own: _OwnTrial,
-        report: tuple[int, float | None, Any] | None,
-        finish: tuple[TrialState, datetime | None] | None,
-        values: Sequence[tuple[float | None, Any]],
-    ) -> bool:
+    def _postgres_write(self, own: _OwnTrial, write: _Write) -> bool:
         """One statement (:func:`_postgres_guarded_write`), autocommitted; True if the
         trial was RUNNING (and so everything was written)."""
         shape = _Shape(
             params=len(own.params),
             user_attrs=len(own.user_attrs),
             system_attrs=len(own.system_attrs),
-            values=len(values),
-            report=report is not None,
-            finish=finish is not None,
+            values=len(write.values),
+            report=write.report is not None,
+            finish=write.finish is not None,
         )
         bound: dict[str, Any] = {"trial_id": own.frozen._trial_id}
         for i, param in enumerate(own.params):
@@ -443,26 +440,20 @@ class WorkerStorage(optuna.storages.RDBStorage):
             for i, (key, value) in enumerate(attrs.items()):
                 bound[f"{prefix}{i}_key"] = key
                 bound[f"{prefix}{i}_json"] = json.dumps(value)
-        for i, (value, kind) in enumerate(values):
+        for i, (value, kind) in enumerate(write.values):
             bound[f"v{i}_objective"] = i
             bound[f"v{i}_value"] = value
             bound[f"v{i}_type"] = kind.name
-        if report is not None:
-            bound["r_step"], bound["r_value"], kind = report
+        if write.report is not None:
+            bound["r_step"], bound["r_value"], kind = write.report
             bound["r_type"] = kind.name
-        if finish is not None:
-            bound["state"], bound["completed"] = finish[0].name, finish[1]
+        if write.finish is not None:
+            bound["state"], bound["completed"] = write.finish[0].name, write.finish[1]
         autocommit = self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
         with autocommit as conn:
             return conn.execute(_postgres_guarded_write(shape), bound).first() is not None
 
-    def _sqlite_write(
-        self,
-        own: _OwnTrial,
-        report: tuple[int, float | None, Any] | None,
-        finish: tuple[TrialState, datetime | None] | None,
-        values: Sequence[tuple[float | None, Any]],
-    ) -> bool:
+    def _sqlite_write(self, own: _OwnTrial, write: _Write) -> bool:
         """One transaction (``BEGIN IMMEDIATE``: the database's write lock from the
         start): the state check, then each table's rows; True if the trial was RUNNING."""
         trial_id = own.frozen._trial_id
@@ -478,8 +469,8 @@ class WorkerStorage(optuna.storages.RDBStorage):
                         for k, v in attrs.items()
                     ]
                     conn.execute(_sqlite_upsert_attrs(table, rows))
-            if report is not None:
-                step, value, kind = report
+            if write.report is not None:
+                step, value, kind = write.report
                 conn.execute(
                     _SQLITE_UPSERT_REPORT,
                     {
@@ -489,16 +480,16 @@ class WorkerStorage(optuna.storages.RDBStorage):
                         "intermediate_value_type": kind,
                     },
                 )
-            if values:
+            if write.values:
                 conn.execute(
                     _INSERT_VALUES,
                     [
                         {"trial_id": trial_id, "objective": i, "value": v, "value_type": kind}
-                        for i, (v, kind) in enumerate(values)
+                        for i, (v, kind) in enumerate(write.values)
                     ],
                 )
-            if finish is not None:
-                state, completed = finish
+            if write.finish is not None:
+                state, completed = write.finish
                 conn.execute(
                     _SET_STATE,
                     {"finished_id": trial_id, "new_state": state, "completed": completed},

@@ -70,6 +70,15 @@ def _run(study: optuna.Study, outcome: TrialState) -> int:
     return trial.number
 
 
+def _reader_and_worker_study(
+    storages: Storages,
+) -> tuple[optuna.storages.RDBStorage, optuna.Study]:
+    """A new study "s": Optuna's own storage to read it, and the study on a worker's."""
+    reader = storages(optuna.storages.RDBStorage)
+    optuna.create_study(study_name="s", storage=reader)
+    return reader, optuna.load_study(study_name="s", storage=storages(WorkerStorage))
+
+
 def _view(trial: FrozenTrial) -> tuple[object, ...]:
     """Everything a reader sees of a trial except its ids and clock times."""
     curve = trial.intermediate_values
@@ -110,9 +119,7 @@ def test_a_trial_reads_back_as_optunas_own_storage_wrote_it(
 def test_parameters_are_published_before_training_and_a_finished_trial_refuses_writes(
     storages: Storages,
 ) -> None:
-    reader = storages(optuna.storages.RDBStorage)
-    optuna.create_study(study_name="s", storage=reader)
-    study = optuna.load_study(study_name="s", storage=storages(WorkerStorage))
+    reader, study = _reader_and_worker_study(storages)
     trial = study.ask()
     trial.suggest_float("lr", 0.1, 1.0)
     trial.set_user_attr("config", {"lr": 0.5})
@@ -193,9 +200,7 @@ def test_trials_created_at_once_by_several_workers_are_numbered_once_each(
 def test_reports_are_stored_as_made_and_refused_once_the_trial_finished_elsewhere(
     storages: Storages,
 ) -> None:
-    reader = storages(optuna.storages.RDBStorage)
-    optuna.create_study(study_name="s", storage=reader)
-    study = optuna.load_study(study_name="s", storage=storages(WorkerStorage))
+    reader, study = _reader_and_worker_study(storages)
     trial = study.ask()
     trial.suggest_float("lr", 0.1, 1.0)
     trial.report(0.5, step=0)  # the first report publishes the held set-up with it
