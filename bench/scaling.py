@@ -512,8 +512,8 @@ def table(results: Sequence[Result], cores: int) -> str:
             f"| {r.slot_s:.3f} | {r.gap_s:.3f} "
             f"| {r.lock_waiters_peak} / {r.lock_waiters_mean:.1f} "
             f"| {r.background_busy:.0%} / {r.cpu_busy:.0%} "
-            f"| {1000 * r.worker_cpu_s / r.trials:.0f} + "
-            f"{1000 * r.pg_cpu_s / r.trials:.0f} | {r.cpu_ceiling(cores):.0%} "
+            f"| {1000 * r.worker_cpu_s / r.trials:.1f} + "
+            f"{1000 * r.pg_cpu_s / r.trials:.1f} | {r.cpu_ceiling(cores):.0%} "
             f"| {r.peak_connections} | {per_worker} |"
         )
     return "\n".join(lines)

@@ -33,7 +33,6 @@ import optuna
 from optuna.exceptions import StorageInternalError
 from optuna.study._tell import _tell_with_warning
 from optuna.trial import TrialState
-from sqlalchemy import Connection
 from sqlalchemy import exc as sa_exc
 
 from service import queue
@@ -457,22 +456,14 @@ class Worker:
         # such orphans after the grace period.
         assert self.storage is not None
         storage = self.storage
-        attached: list[int] = []
-
-        def attach_on_create(connection: Connection, trial_id: int, number: int) -> None:
-            queue.attach_trial_on(
-                connection, lease.id, optuna_trial_id=trial_id, trial_number=number
-            )
-            attached.append(trial_id)
-
-        storage.on_create = attach_on_create
+        storage.lease_id, storage.attached_trial_id = lease.id, None
         try:
             trial = self._db("ask", study.ask)
         except LeaseLost:  # cancelled or reaped since the claim: no trial was created
             return spec, study, None
         finally:
-            storage.on_create = None
-        if trial._trial_id not in attached:
+            storage.lease_id = None
+        if trial._trial_id != storage.attached_trial_id:
             try:
                 self._db(
                     "attach",

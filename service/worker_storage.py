@@ -7,9 +7,11 @@ user attribute. :class:`WorkerStorage` keeps Optuna's tables and what every read
 them (optuna-dashboard, ``optuna`` itself, the API), and changes only how the trials *this
 process runs* are written and read back:
 
-- **created** in one transaction (lock the study row, insert the trial numbered by a
-  count in the same statement, as Optuna numbers it; then :attr:`WorkerStorage.on_create`,
-  where the worker attaches it to its lease);
+- **created attached to its lease** (:attr:`WorkerStorage.lease_id`) in one transaction:
+  lock the study row, insert the trial numbered by a count in the same statement (as
+  Optuna numbers it) only while the lease is running, and name the trial on the lease. On
+  PostgreSQL the whole transaction is one pipelined round trip
+  (:func:`_postgres_create_statements`);
 - **set up at once**: its parameters and user and system attributes are held until
   :meth:`WorkerStorage.publish_setup` (the worker calls it through ``run_trial``'s
   ``on_configured``, once the config is sampled and recorded, before training starts: the
@@ -35,12 +37,13 @@ from __future__ import annotations
 import copy
 import functools
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 import optuna
+import psycopg
 from optuna.distributions import (
     BaseDistribution,
     check_distribution_compatibility,
@@ -51,7 +54,12 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages._rdb import models
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy import Connection, Executable, Table, TextClause, bindparam, func, select, text
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects import sqlite
+
+from service import errors, queue
+from service.models import TrialLease
+from service.states import LeaseState
 
 _TRIALS: Table = models.TrialModel.__table__
 _STUDIES: Table = models.StudyModel.__table__
@@ -60,6 +68,7 @@ _VALUES: Table = models.TrialValueModel.__table__
 _USER_ATTRS: Table = models.TrialUserAttributeModel.__table__
 _SYSTEM_ATTRS: Table = models.TrialSystemAttributeModel.__table__
 _INTERMEDIATE: Table = models.TrialIntermediateValueModel.__table__
+_LEASES = TrialLease.__tablename__
 
 #: Finished trials kept after their tell (``Study.tell`` reads the trial back once).
 _FINISHED_KEPT = 4
@@ -67,7 +76,6 @@ _FINISHED_KEPT = 4
 # Statements built once, with bound parameters: building a statement and computing its
 # cache key cost more client CPU than running it (a profile of one worker).
 _LOCK_STUDY = select(_STUDIES.c.study_id).where(_STUDIES.c.study_id == bindparam("study_id"))
-_LOCK_STUDY_FOR_UPDATE = _LOCK_STUDY.with_for_update()
 _INSERT_TRIAL = (
     _TRIALS.insert()
     .values(
@@ -95,6 +103,40 @@ _STORED_DISTRIBUTION = (
     .where(_TRIALS.c.study_id == bindparam("study_id"), _PARAMS.c.param_name == bindparam("name"))
     .limit(1)
 )
+
+
+@functools.cache
+def _postgres_create_statements(attach: bool) -> tuple[str, str]:
+    """PostgreSQL: the two statements that create a fresh trial (psycopg placeholders), sent
+    in one pipelined transaction (BEGIN, these, COMMIT; one network round trip, where the
+    same transaction through SQLAlchemy took five: a worker's CPU per trial goes to round
+    trips more than to rows, BENCHMARKS.md "Scaling"). First Optuna's lock on the study row
+    (it yields the study, or nothing if there is none); then, in a statement of its own so
+    that its snapshot sees every earlier lock holder's trial (PostgreSQL takes a
+    statement's snapshot before the locks it waits for), the INSERT numbered by a count of
+    the study's trials. With ``attach``: the lease row is locked while RUNNING, the trial
+    is inserted only if it was, and the lease names it, in that one statement; it yields
+    the trial's id and number, or nothing (the lease was lost: nothing was created)."""
+    running = f"'{TrialState.RUNNING.name}'::{_TRIALS.c.state.type.name}"  # type: ignore[attr-defined]
+    study = f"%(study_id)s::{_STUDIES.c.study_id.type.compile()}"
+    lock = f"SELECT study_id FROM {_STUDIES.name} WHERE study_id = {study} FOR UPDATE"
+    insert = (
+        f"INSERT INTO {_TRIALS.name} (number, study_id, state, datetime_start) "
+        f"SELECT (SELECT count(*) FROM {_TRIALS.name} WHERE study_id = {study}), "
+        f"s.study_id, {running}, %(now)s FROM {_STUDIES.name} AS s"
+    )
+    if not attach:
+        create = f"{insert} WHERE s.study_id = {study} RETURNING trial_id, number"
+        return lock, create
+    create = (
+        f"WITH lease AS (SELECT id FROM {_LEASES} WHERE id = %(lease_id)s "
+        f"AND state = '{LeaseState.RUNNING.value}' FOR UPDATE), "
+        f"t AS ({insert}, lease WHERE s.study_id = {study} RETURNING trial_id, number), "
+        f"attached AS (UPDATE {_LEASES} SET optuna_trial_id = t.trial_id, "
+        f"trial_number = t.number FROM t WHERE {_LEASES}.id = %(lease_id)s) "
+        "SELECT trial_id, number FROM t"
+    )
+    return lock, create
 
 
 #: SQLite's upserts (inside a transaction that checked the trial is RUNNING).
@@ -238,11 +280,13 @@ class WorkerStorage(optuna.storages.RDBStorage):
         #: A study's distribution of each parameter name (Optuna refuses incompatible ones).
         self._distributions: dict[tuple[int, str], BaseDistribution] = {}
         self._postgres = self.engine.dialect.name == "postgresql"
-        #: Called inside the transaction that creates the next fresh trial, with its
-        #: connection, trial id and number; an error it raises rolls the creation back.
-        #: The worker attaches the trial to its lease there (``queue.attach_trial_on``), so
-        #: no trial it creates is ever RUNNING without a lease.
-        self.on_create: Callable[[Connection, int, int], None] | None = None
+        #: The lease (``trial_leases.id``) the next fresh trial is created attached to, in
+        #: the transaction that creates it, so that no trial a worker creates is ever
+        #: RUNNING without a lease; a lease no longer running creates nothing and raises
+        #: ``LeaseLost``. None: created unattached (as Optuna creates them).
+        self.lease_id: int | None = None
+        #: The id of the last trial created attached to :attr:`lease_id`.
+        self.attached_trial_id: int | None = None
 
     # --- creation -------------------------------------------------------------------------
 
@@ -252,17 +296,10 @@ class WorkerStorage(optuna.storages.RDBStorage):
         if template_trial is not None:  # enqueue / retry copies: Optuna's own code
             return super()._create_new_trial(study_id, template_trial)
         now = datetime.now()  # naive local time, as Optuna stores it
-        with self.engine.begin() as conn:
-            # Optuna's lock: trial numbers are a count of the study's earlier trials. The
-            # count runs inside the INSERT, after the lock is held (PostgreSQL: a statement
-            # later than the lock's, so its snapshot sees every earlier holder's trial;
-            # SQLite: the INSERT holds the database's write lock).
-            lock = _LOCK_STUDY_FOR_UPDATE if self._postgres else _LOCK_STUDY
-            if conn.execute(lock, {"study_id": study_id}).first() is None:
-                raise KeyError(f"No study with study_id {study_id} exists.")
-            trial_id, number = conn.execute(_INSERT_TRIAL, {"of_study": study_id, "now": now}).one()
-            if self.on_create is not None:
-                self.on_create(conn, trial_id, number)
+        create = self._postgres_create if self._postgres else self._sqlite_create
+        trial_id, number = create(study_id, now)
+        if self.lease_id is not None:
+            self.attached_trial_id = trial_id
         frozen = FrozenTrial(
             number=number,
             state=TrialState.RUNNING,
@@ -280,6 +317,56 @@ class WorkerStorage(optuna.storages.RDBStorage):
         self._forget_finished()
         self._own[trial_id] = _OwnTrial(study_id, frozen)
         return _copy_trial(frozen)
+
+    def _sqlite_create(self, study_id: int, now: datetime) -> tuple[int, int]:
+        """One transaction (``BEGIN IMMEDIATE``: the INSERT's count runs under the
+        database's write lock): the study check, the INSERT, the attachment."""
+        with self.engine.begin() as conn:
+            if conn.execute(_LOCK_STUDY, {"study_id": study_id}).first() is None:
+                raise _no_study(study_id)
+            trial_id, number = conn.execute(_INSERT_TRIAL, {"of_study": study_id, "now": now}).one()
+            if self.lease_id is not None:  # LeaseLost rolls the creation back
+                queue.attach_trial_on(
+                    conn, self.lease_id, optuna_trial_id=trial_id, trial_number=number
+                )
+        return trial_id, number
+
+    def _postgres_create(self, study_id: int, now: datetime) -> tuple[int, int]:
+        """:func:`_postgres_create_statements` in one pipelined transaction on a pooled
+        connection (psycopg's pipeline mode: the server runs the statements in order, the
+        client waits once). Errors are SQLAlchemy's, as from any other statement."""
+        lock, create = _postgres_create_statements(self.lease_id is not None)
+        bound = {"study_id": study_id, "now": now, "lease_id": self.lease_id}
+        pooled = self.engine.raw_connection()
+        try:
+            pg = pooled.driver_connection
+            assert isinstance(pg, psycopg.Connection)
+            pg.autocommit = True  # BEGIN and COMMIT are ours, inside the pipeline
+            try:
+                with pg.pipeline():
+                    pg.execute("BEGIN")
+                    locked = pg.execute(lock, bound)
+                    created = pg.execute(create, bound)
+                    pg.execute("COMMIT")
+            except psycopg.Error as error:
+                if isinstance(error, psycopg.OperationalError) or pg.closed:
+                    pooled.invalidate(error)  # a connection that failed is not pooled again
+                elif not pg.closed:
+                    pg.execute("ROLLBACK")
+                raise sa_exc.DBAPIError.instance(
+                    create, bound, error, psycopg.Error, connection_invalidated=pg.closed
+                ) from error
+            finally:
+                if not pg.closed:
+                    pg.autocommit = False
+            if locked.fetchone() is None:
+                raise _no_study(study_id)
+            row = created.fetchone()
+        finally:
+            pooled.close()
+        if row is None:  # the study exists, so the lease was not running: nothing created
+            raise errors.LeaseLost()
+        return int(row[0]), int(row[1])
 
     def _forget_finished(self) -> None:
         finished = [tid for tid, own in self._own.items() if own.frozen.state.is_finished()]
@@ -519,6 +606,10 @@ class WorkerStorage(optuna.storages.RDBStorage):
         if stored != TrialState.RUNNING:
             self._own.pop(trial_id, None)
             raise _finished(own)
+
+
+def _no_study(study_id: int) -> KeyError:
+    return KeyError(f"No study with study_id {study_id} exists.")  # Optuna's error
 
 
 def _finished(own: _OwnTrial) -> UpdateFinishedTrialError:

@@ -92,7 +92,7 @@ def attach_trial_on(
 ) -> None:
     """:func:`attach_trial` as part of the caller's transaction on ``connection``: the
     worker's Optuna storage creates a trial and attaches it in one
-    (``WorkerStorage.on_create``). ``LeaseLost`` if the lease is no longer running."""
+    (``WorkerStorage.lease_id``, on SQLite). ``LeaseLost`` if the lease is no longer running."""
     params = {"lease_id": lease_id, "trial_id": optuna_trial_id, "number": trial_number}
     if connection.execute(_ATTACH, params).first() is None:
         raise errors.LeaseLost()

@@ -218,32 +218,3 @@ def test_reports_are_stored_as_made_and_refused_once_the_trial_finished_elsewher
     with pytest.raises(ValueError, match="Cannot tell a FAIL trial"):
         study.tell(trial, 1.0)
     assert reader.get_trial(trial._trial_id).state == TrialState.FAIL
-
-
-class _Refused(Exception):
-    pass
-
-
-def test_the_create_hook_runs_in_the_transaction_that_creates_the_trial(
-    storages: Storages,
-) -> None:
-    """``on_create`` (the worker attaches the trial to its lease there) sees the new trial;
-    an error it raises leaves no trial and no gap in the numbering."""
-    reader = storages(optuna.storages.RDBStorage)
-    optuna.create_study(study_name="s", storage=reader)
-    worker = storages(WorkerStorage)
-    assert isinstance(worker, WorkerStorage)
-    study = optuna.load_study(study_name="s", storage=worker)
-
-    def refuse(connection: object, trial_id: int, number: int) -> None:
-        raise _Refused(f"lease lost before trial {number} existed")
-
-    worker.on_create = refuse
-    with pytest.raises(_Refused):
-        study.ask()
-    assert optuna.load_study(study_name="s", storage=reader).get_trials() == []
-
-    created: list[tuple[int, int]] = []
-    worker.on_create = lambda connection, trial_id, number: created.append((trial_id, number))
-    trial = study.ask()
-    assert created == [(trial._trial_id, trial.number)] and trial.number == 0
