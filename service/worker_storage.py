@@ -10,7 +10,7 @@ process runs* are written and read back:
 - **created attached to its lease** (:attr:`WorkerStorage.lease_id`) in one transaction:
   lock the study row, insert the trial numbered by a count in the same statement (as
   Optuna numbers it) only while the lease is running, and name the trial on the lease. On
-  PostgreSQL the whole transaction is one pipelined round trip
+  PostgreSQL with psycopg 3 the whole transaction is one pipelined round trip
   (:func:`_postgres_create_statements`);
 - **set up at once**: its parameters and user and system attributes are held until
   :meth:`WorkerStorage.publish_setup` (the worker calls it through ``run_trial``'s
@@ -43,7 +43,6 @@ from datetime import datetime
 from typing import Any
 
 import optuna
-import psycopg
 from optuna.distributions import (
     BaseDistribution,
     check_distribution_compatibility,
@@ -106,37 +105,38 @@ _STORED_DISTRIBUTION = (
 
 
 @functools.cache
-def _postgres_create_statements(attach: bool) -> tuple[str, str]:
-    """PostgreSQL: the two statements that create a fresh trial (psycopg placeholders), sent
-    in one pipelined transaction (BEGIN, these, COMMIT; one network round trip, where the
-    same transaction through SQLAlchemy took five: a worker's CPU per trial goes to round
-    trips more than to rows, BENCHMARKS.md "Scaling"). First Optuna's lock on the study row
-    (it yields the study, or nothing if there is none); then, in a statement of its own so
-    that its snapshot sees every earlier lock holder's trial (PostgreSQL takes a
-    statement's snapshot before the locks it waits for), the INSERT numbered by a count of
-    the study's trials. With ``attach``: the lease row is locked while RUNNING, the trial
-    is inserted only if it was, and the lease names it, in that one statement; it yields
-    the trial's id and number, or nothing (the lease was lost: nothing was created)."""
-    running = f"'{TrialState.RUNNING.name}'::{_TRIALS.c.state.type.name}"  # type: ignore[attr-defined]
-    study = f"%(study_id)s::{_STUDIES.c.study_id.type.compile()}"
+def _postgres_create_statements(attach: bool) -> tuple[TextClause, TextClause]:
+    """PostgreSQL: the two statements that create a fresh trial, run in one transaction.
+    With psycopg 3 it is sent as one pipeline (BEGIN, these, COMMIT: one network round
+    trip where the transaction took five; a worker's CPU per trial goes to round trips more
+    than to rows, BENCHMARKS.md "Scaling"). First Optuna's lock on the study row (it yields
+    the study, or nothing if there is none); then, in a statement of its own so that its
+    snapshot sees every earlier lock holder's trial (PostgreSQL takes a statement's snapshot
+    before the locks it waits for), the INSERT numbered by a count of the study's trials.
+    With ``attach``: the lease row is locked while RUNNING, the trial is inserted only if it
+    was, and the lease names it, in that one statement; it yields the trial's id and
+    number, or nothing (the lease was lost: nothing was created)."""
+    state_type = _TRIALS.c.state.type.name  # type: ignore[attr-defined]
+    running = f"CAST('{TrialState.RUNNING.name}' AS {state_type})"
+    study = f"CAST(:study_id AS {_STUDIES.c.study_id.type.compile()})"
     lock = f"SELECT study_id FROM {_STUDIES.name} WHERE study_id = {study} FOR UPDATE"
     insert = (
         f"INSERT INTO {_TRIALS.name} (number, study_id, state, datetime_start) "
         f"SELECT (SELECT count(*) FROM {_TRIALS.name} WHERE study_id = {study}), "
-        f"s.study_id, {running}, %(now)s FROM {_STUDIES.name} AS s"
+        f"s.study_id, {running}, :now FROM {_STUDIES.name} AS s"
     )
     if not attach:
         create = f"{insert} WHERE s.study_id = {study} RETURNING trial_id, number"
-        return lock, create
+        return text(lock), text(create)
     create = (
-        f"WITH lease AS (SELECT id FROM {_LEASES} WHERE id = %(lease_id)s "
+        f"WITH lease AS (SELECT id FROM {_LEASES} WHERE id = :lease_id "
         f"AND state = '{LeaseState.RUNNING.value}' FOR UPDATE), "
         f"t AS ({insert}, lease WHERE s.study_id = {study} RETURNING trial_id, number), "
         f"attached AS (UPDATE {_LEASES} SET optuna_trial_id = t.trial_id, "
-        f"trial_number = t.number FROM t WHERE {_LEASES}.id = %(lease_id)s) "
+        f"trial_number = t.number FROM t WHERE {_LEASES}.id = :lease_id) "
         "SELECT trial_id, number FROM t"
     )
-    return lock, create
+    return text(lock), text(create)
 
 
 #: SQLite's upserts (inside a transaction that checked the trial is RUNNING).
@@ -332,11 +332,32 @@ class WorkerStorage(optuna.storages.RDBStorage):
         return trial_id, number
 
     def _postgres_create(self, study_id: int, now: datetime) -> tuple[int, int]:
-        """:func:`_postgres_create_statements` in one pipelined transaction on a pooled
-        connection (psycopg's pipeline mode: the server runs the statements in order, the
-        client waits once). Errors are SQLAlchemy's, as from any other statement."""
+        """:func:`_postgres_create_statements` in one transaction: pipelined with psycopg 3
+        (the driver the ``postgres`` extra installs), else an ordinary one."""
         lock, create = _postgres_create_statements(self.lease_id is not None)
         bound = {"study_id": study_id, "now": now, "lease_id": self.lease_id}
+        if self.engine.dialect.driver == "psycopg":
+            found, row = self._pipelined(lock, create, bound)
+        else:  # another DBAPI driver (psycopg2, pg8000): the same statements, more trips
+            with self.engine.begin() as conn:
+                found = conn.execute(lock, bound).first() is not None
+                row = conn.execute(create, bound).first() if found else None
+        if not found:
+            raise _no_study(study_id)
+        if row is None:  # the study exists, so the lease was not running: nothing created
+            raise errors.LeaseLost()
+        return int(row[0]), int(row[1])
+
+    def _pipelined(
+        self, lock: TextClause, create: TextClause, bound: dict[str, Any]
+    ) -> tuple[bool, Any]:
+        """BEGIN, ``lock``, ``create``, COMMIT as one psycopg pipeline on a pooled
+        connection: the server runs them in order, the client waits once. Returns whether
+        ``lock`` found a row, and ``create``'s row. Errors are SQLAlchemy's, as from any
+        other statement; a failed transaction is rolled back, a broken connection dropped."""
+        import psycopg  # the `postgres` extra: only a PostgreSQL worker gets here
+
+        statements = [clause.compile(dialect=self.engine.dialect) for clause in (lock, create)]
         pooled = self.engine.raw_connection()
         try:
             pg = pooled.driver_connection
@@ -345,28 +366,31 @@ class WorkerStorage(optuna.storages.RDBStorage):
             try:
                 with pg.pipeline():
                     pg.execute("BEGIN")
-                    locked = pg.execute(lock, bound)
-                    created = pg.execute(create, bound)
+                    locked, created = [
+                        pg.execute(str(sql), sql.construct_params(bound)) for sql in statements
+                    ]
                     pg.execute("COMMIT")
             except psycopg.Error as error:
                 if isinstance(error, psycopg.OperationalError) or pg.closed:
                     pooled.invalidate(error)  # a connection that failed is not pooled again
-                elif not pg.closed:
-                    pg.execute("ROLLBACK")
+                else:
+                    try:
+                        pg.execute("ROLLBACK")
+                    except psycopg.Error:
+                        pooled.invalidate(error)
                 raise sa_exc.DBAPIError.instance(
-                    create, bound, error, psycopg.Error, connection_invalidated=pg.closed
+                    str(statements[1]),
+                    bound,
+                    error,
+                    psycopg.Error,
+                    connection_invalidated=pg.closed,
                 ) from error
             finally:
                 if not pg.closed:
                     pg.autocommit = False
-            if locked.fetchone() is None:
-                raise _no_study(study_id)
-            row = created.fetchone()
+            return locked.fetchone() is not None, created.fetchone()
         finally:
             pooled.close()
-        if row is None:  # the study exists, so the lease was not running: nothing created
-            raise errors.LeaseLost()
-        return int(row[0]), int(row[1])
 
     def _forget_finished(self) -> None:
         finished = [tid for tid, own in self._own.items() if own.frozen.state.is_finished()]

@@ -232,3 +232,37 @@ def test_a_pipelined_creation_that_fails_creates_nothing_and_the_next_one_works(
         storage.engine.dispose()
         assert isinstance(backend.storage, optuna.storages.RDBStorage)
         backend.storage.engine.dispose()
+
+
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
+def test_another_postgres_driver_runs_the_same_creation_in_an_ordinary_transaction(
+    migrated_db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """psycopg 3 pipelines the creating transaction; with another DBAPI driver (psycopg2,
+    pg8000: SQLAlchemy's default for a bare ``postgresql://``) the same two statements run
+    in an ordinary transaction, with the same outcomes."""
+    backend = open_backend(migrated_db_url, limits=DEFAULT_LIMITS, base_url="http://t.invalid")
+    study, _ = submit_study(backend, parse_spec(_spec(n_trials=3)), principal=LOCAL)
+    storage = optuna_storage(migrated_db_url, worker=True, storage_class=WorkerStorage)
+    assert isinstance(storage, WorkerStorage)
+    monkeypatch.setattr(storage.engine.dialect, "driver", "psycopg2")  # this engine's only
+    try:
+        study_id = storage.get_study_id_from_name(study.optuna_study_name)
+        lost = queue.claim_trial_slot(backend.sessions, "w:1:a")
+        lease = queue.claim_trial_slot(backend.sessions, "w:1:a")
+        assert lost is not None and lease is not None
+        queue.finish_trial_slot(backend.sessions, lost.id, "failed", "taken back")
+        storage.lease_id = lost.id
+        with pytest.raises(LeaseLost):
+            storage.create_new_trial(study_id)
+        storage.lease_id = lease.id
+        created = storage.get_trial(storage.create_new_trial(study_id))
+        assert created.number == 0 and storage.attached_trial_id == created._trial_id
+        [row] = [r for r in queue.list_leases(backend.sessions, study.id) if r.id == lease.id]
+        assert (row.optuna_trial_id, row.trial_number) == (created._trial_id, 0)
+        with pytest.raises(KeyError, match="No study with study_id"):
+            storage.create_new_trial(study_id + 1000)
+    finally:
+        storage.engine.dispose()
+        assert isinstance(backend.storage, optuna.storages.RDBStorage)
+        backend.storage.engine.dispose()
