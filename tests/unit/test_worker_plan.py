@@ -218,6 +218,8 @@ def test_configure_torch_threads_defaults_to_omp_num_threads(
 _SYNTHETIC_WORKER = textwrap.dedent(
     """
     import json, os, sys
+    # Without the `postgres` extra: a SQLite worker must not need psycopg.
+    sys.modules["psycopg"] = None
     from service.worker import ProcessPlan, WorkerOptions, _child
 
     options = WorkerOptions(database_url=sys.argv[1], poll_interval_s=0.05, idle_exit_s=1.0)
@@ -233,7 +235,9 @@ _SYNTHETIC_WORKER = textwrap.dedent(
 )
 
 
-def test_a_synthetic_only_worker_never_imports_torch(tmp_path: Path) -> None:
+def test_a_synthetic_only_worker_never_imports_torch_nor_needs_psycopg_on_sqlite(
+    tmp_path: Path,
+) -> None:
     from service.migrate import upgrade_schema
     from service.search_space import DEFAULT_LIMITS, parse_spec
     from service.studies import get_study, open_backend, optuna_storage, submit_study
