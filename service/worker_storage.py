@@ -280,6 +280,8 @@ class WorkerStorage(optuna.storages.RDBStorage):
         #: A study's distribution of each parameter name (Optuna refuses incompatible ones).
         self._distributions: dict[tuple[int, str], BaseDistribution] = {}
         self._postgres = self.engine.dialect.name == "postgresql"
+        #: SQL text of the creating statements for psycopg's pipeline (``_psycopg_sql``).
+        self._compiled: dict[TextClause, str] = {}
         #: The lease (``trial_leases.id``) the next fresh trial is created attached to, in
         #: the transaction that creates it, so that no trial a worker creates is ever
         #: RUNNING without a lease; a lease no longer running creates nothing and raises
@@ -357,7 +359,7 @@ class WorkerStorage(optuna.storages.RDBStorage):
         other statement; a failed transaction is rolled back, a broken connection dropped."""
         import psycopg  # the `postgres` extra: only a PostgreSQL worker gets here
 
-        statements = [clause.compile(dialect=self.engine.dialect) for clause in (lock, create)]
+        statements = [self._psycopg_sql(clause) for clause in (lock, create)]
         pooled = self.engine.raw_connection()
         try:
             pg = pooled.driver_connection
@@ -366,9 +368,7 @@ class WorkerStorage(optuna.storages.RDBStorage):
             try:
                 with pg.pipeline():
                     pg.execute("BEGIN")
-                    locked, created = [
-                        pg.execute(str(sql), sql.construct_params(bound)) for sql in statements
-                    ]
+                    locked, created = [pg.execute(sql, bound) for sql in statements]
                     pg.execute("COMMIT")
             except psycopg.Error as error:
                 if isinstance(error, psycopg.OperationalError) or pg.closed:
@@ -379,7 +379,7 @@ class WorkerStorage(optuna.storages.RDBStorage):
                     except psycopg.Error:
                         pooled.invalidate(error)
                 raise sa_exc.DBAPIError.instance(
-                    str(statements[1]),
+                    statements[1],
                     bound,
                     error,
                     psycopg.Error,
@@ -391,6 +391,14 @@ class WorkerStorage(optuna.storages.RDBStorage):
             return locked.fetchone() is not None, created.fetchone()
         finally:
             pooled.close()
+
+    def _psycopg_sql(self, clause: TextClause) -> str:
+        """``clause`` compiled once for this engine's dialect (``%(name)s`` placeholders,
+        its bind names the keys of the parameters): not again for every trial."""
+        sql = self._compiled.get(clause)
+        if sql is None:
+            sql = self._compiled[clause] = str(clause.compile(dialect=self.engine.dialect))
+        return sql
 
     def _forget_finished(self) -> None:
         finished = [tid for tid, own in self._own.items() if own.frozen.state.is_finished()]

@@ -4,6 +4,9 @@ between trials still shows its sampler every finished trial."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from dataclasses import dataclass
+
 import optuna
 import pytest
 from optuna.trial import TrialState
@@ -15,7 +18,7 @@ from service import queue
 from service.auth import LOCAL
 from service.errors import LeaseLost
 from service.search_space import DEFAULT_LIMITS, parse_spec
-from service.studies import open_backend, optuna_storage, submit_study
+from service.studies import Backend, open_backend, optuna_storage, submit_study
 from service.worker import RetryTrialGone, Worker, WorkerOptions, _Heartbeat, _LeaseStudy
 from service.worker_storage import WorkerStorage
 
@@ -133,73 +136,87 @@ def test_a_fresh_trial_is_attached_as_it_is_created_and_a_lost_slot_creates_none
         backend.storage.engine.dispose()
 
 
-def test_the_storage_creates_a_fresh_trial_attached_to_its_lease_or_not_at_all(
-    migrated_db_url: str,
-) -> None:
-    """``WorkerStorage.lease_id``: the trial is created attached to the lease (one pipelined
-    transaction on PostgreSQL); a lease no longer running raises ``LeaseLost`` and creates
-    nothing, leaving no gap in the numbering; without a lease it is created as Optuna
-    creates it; an unknown study is Optuna's ``KeyError``."""
+@dataclass
+class _Creating:
+    """A submitted study of 3 trials, the backend it was submitted through, and a worker's
+    storage on the same database, whose fresh trials the tests create directly."""
+
+    backend: Backend
+    study_id: str
+    study_name: str
+    storage: WorkerStorage
+
+
+@pytest.fixture
+def creating(migrated_db_url: str) -> Iterator[_Creating]:
     backend = open_backend(migrated_db_url, limits=DEFAULT_LIMITS, base_url="http://t.invalid")
     study, _ = submit_study(backend, parse_spec(_spec(n_trials=3)), principal=LOCAL)
     storage = optuna_storage(migrated_db_url, worker=True, storage_class=WorkerStorage)
     assert isinstance(storage, WorkerStorage)
     try:
-        study_id = storage.get_study_id_from_name(study.optuna_study_name)
-        lost = queue.claim_trial_slot(backend.sessions, "w:1:a")
-        assert lost is not None
-        queue.finish_trial_slot(backend.sessions, lost.id, "failed", "taken back")
-        storage.lease_id = lost.id
-        with pytest.raises(LeaseLost):
-            storage.create_new_trial(study_id)
-        assert storage.get_all_trials(study_id) == []
-        assert storage.attached_trial_id is None
-
-        lease = queue.claim_trial_slot(backend.sessions, "w:1:a")
-        assert lease is not None
-        storage.lease_id = lease.id
-        attached = storage.get_trial(storage.create_new_trial(study_id))
-        assert (attached.number, attached.state) == (0, TrialState.RUNNING)
-        assert storage.attached_trial_id == attached._trial_id
-        [row] = [r for r in queue.list_leases(backend.sessions, study.id) if r.id == lease.id]
-        assert (row.optuna_trial_id, row.trial_number) == (attached._trial_id, 0)
-
-        storage.lease_id = None
-        unattached = storage.get_trial(storage.create_new_trial(study_id))
-        assert unattached.number == 1 and storage.attached_trial_id == attached._trial_id
-        stored = storage.get_all_trials(study_id)  # Optuna's read, from the database
-        assert [(t.number, t.state) for t in stored] == [
-            (0, TrialState.RUNNING),
-            (1, TrialState.RUNNING),
-        ]
-        assert [t.datetime_start for t in stored] == [
-            attached.datetime_start,
-            unattached.datetime_start,
-        ]
-        with pytest.raises(KeyError, match="No study with study_id"):
-            storage.create_new_trial(study_id + 1000)
-        storage.lease_id = lease.id
-        with pytest.raises(KeyError, match="No study with study_id"):
-            storage.create_new_trial(study_id + 1000)
+        yield _Creating(backend, study.id, study.optuna_study_name, storage)
     finally:
         storage.engine.dispose()
         assert isinstance(backend.storage, optuna.storages.RDBStorage)
         backend.storage.engine.dispose()
 
 
+def test_the_storage_creates_a_fresh_trial_attached_to_its_lease_or_not_at_all(
+    creating: _Creating,
+) -> None:
+    """``WorkerStorage.lease_id``: the trial is created attached to the lease (one pipelined
+    transaction on PostgreSQL); a lease no longer running raises ``LeaseLost`` and creates
+    nothing, leaving no gap in the numbering; without a lease it is created as Optuna
+    creates it; an unknown study is Optuna's ``KeyError``."""
+    sessions, storage = creating.backend.sessions, creating.storage
+    study_id = storage.get_study_id_from_name(creating.study_name)
+    lost = queue.claim_trial_slot(sessions, "w:1:a")
+    assert lost is not None
+    queue.finish_trial_slot(sessions, lost.id, "failed", "taken back")
+    storage.lease_id = lost.id
+    with pytest.raises(LeaseLost):
+        storage.create_new_trial(study_id)
+    assert storage.get_all_trials(study_id) == []
+    assert storage.attached_trial_id is None
+
+    lease = queue.claim_trial_slot(sessions, "w:1:a")
+    assert lease is not None
+    storage.lease_id = lease.id
+    attached = storage.get_trial(storage.create_new_trial(study_id))
+    assert (attached.number, attached.state) == (0, TrialState.RUNNING)
+    assert storage.attached_trial_id == attached._trial_id
+    [row] = [r for r in queue.list_leases(sessions, creating.study_id) if r.id == lease.id]
+    assert (row.optuna_trial_id, row.trial_number) == (attached._trial_id, 0)
+
+    storage.lease_id = None
+    unattached = storage.get_trial(storage.create_new_trial(study_id))
+    assert unattached.number == 1 and storage.attached_trial_id == attached._trial_id
+    stored = storage.get_all_trials(study_id)  # Optuna's read, from the database
+    assert [(t.number, t.state) for t in stored] == [
+        (0, TrialState.RUNNING),
+        (1, TrialState.RUNNING),
+    ]
+    assert [t.datetime_start for t in stored] == [
+        attached.datetime_start,
+        unattached.datetime_start,
+    ]
+    with pytest.raises(KeyError, match="No study with study_id"):
+        storage.create_new_trial(study_id + 1000)
+    storage.lease_id = lease.id
+    with pytest.raises(KeyError, match="No study with study_id"):
+        storage.create_new_trial(study_id + 1000)
+
+
 @pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
 def test_a_pipelined_creation_that_fails_creates_nothing_and_the_next_one_works(
-    migrated_db_url: str,
+    creating: _Creating, migrated_db_url: str
 ) -> None:
     """PostgreSQL: the creating transaction is one psycopg pipeline outside SQLAlchemy's
     statements. A statement the server refuses rolls it back (the pooled connection stays
     usable); a connection whose server went fails once as SQLAlchemy's
     ``OperationalError`` (what workers retry) and is not pooled again. Neither creates a
     trial or leaves a gap in the numbering."""
-    backend = open_backend(migrated_db_url, limits=DEFAULT_LIMITS, base_url="http://t.invalid")
-    study, _ = submit_study(backend, parse_spec(_spec(n_trials=3)), principal=LOCAL)
-    storage = optuna_storage(migrated_db_url, worker=True, storage_class=WorkerStorage)
-    assert isinstance(storage, WorkerStorage)
+    storage = creating.storage
     admin = create_engine(migrated_db_url, poolclass=NullPool)
 
     def backend_pid() -> int:
@@ -208,8 +225,8 @@ def test_a_pipelined_creation_that_fails_creates_nothing_and_the_next_one_works(
         return pid
 
     try:
-        study_id = storage.get_study_id_from_name(study.optuna_study_name)
-        lease = queue.claim_trial_slot(backend.sessions, "w:1:a")
+        study_id = storage.get_study_id_from_name(creating.study_name)
+        lease = queue.claim_trial_slot(creating.backend.sessions, "w:1:a")
         assert lease is not None
         pid = backend_pid()
         storage.lease_id = "not an id"  # type: ignore[assignment]  # refused by the server
@@ -229,40 +246,29 @@ def test_a_pipelined_creation_that_fails_creates_nothing_and_the_next_one_works(
         assert created.number == 0 and storage.attached_trial_id == created._trial_id
     finally:
         admin.dispose()
-        storage.engine.dispose()
-        assert isinstance(backend.storage, optuna.storages.RDBStorage)
-        backend.storage.engine.dispose()
 
 
 @pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
 def test_another_postgres_driver_runs_the_same_creation_in_an_ordinary_transaction(
-    migrated_db_url: str, monkeypatch: pytest.MonkeyPatch
+    creating: _Creating, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """psycopg 3 pipelines the creating transaction; with another DBAPI driver (psycopg2,
     pg8000: SQLAlchemy's default for a bare ``postgresql://``) the same two statements run
     in an ordinary transaction, with the same outcomes."""
-    backend = open_backend(migrated_db_url, limits=DEFAULT_LIMITS, base_url="http://t.invalid")
-    study, _ = submit_study(backend, parse_spec(_spec(n_trials=3)), principal=LOCAL)
-    storage = optuna_storage(migrated_db_url, worker=True, storage_class=WorkerStorage)
-    assert isinstance(storage, WorkerStorage)
+    sessions, storage = creating.backend.sessions, creating.storage
     monkeypatch.setattr(storage.engine.dialect, "driver", "psycopg2")  # this engine's only
-    try:
-        study_id = storage.get_study_id_from_name(study.optuna_study_name)
-        lost = queue.claim_trial_slot(backend.sessions, "w:1:a")
-        lease = queue.claim_trial_slot(backend.sessions, "w:1:a")
-        assert lost is not None and lease is not None
-        queue.finish_trial_slot(backend.sessions, lost.id, "failed", "taken back")
-        storage.lease_id = lost.id
-        with pytest.raises(LeaseLost):
-            storage.create_new_trial(study_id)
-        storage.lease_id = lease.id
-        created = storage.get_trial(storage.create_new_trial(study_id))
-        assert created.number == 0 and storage.attached_trial_id == created._trial_id
-        [row] = [r for r in queue.list_leases(backend.sessions, study.id) if r.id == lease.id]
-        assert (row.optuna_trial_id, row.trial_number) == (created._trial_id, 0)
-        with pytest.raises(KeyError, match="No study with study_id"):
-            storage.create_new_trial(study_id + 1000)
-    finally:
-        storage.engine.dispose()
-        assert isinstance(backend.storage, optuna.storages.RDBStorage)
-        backend.storage.engine.dispose()
+    study_id = storage.get_study_id_from_name(creating.study_name)
+    lost = queue.claim_trial_slot(sessions, "w:1:a")
+    lease = queue.claim_trial_slot(sessions, "w:1:a")
+    assert lost is not None and lease is not None
+    queue.finish_trial_slot(sessions, lost.id, "failed", "taken back")
+    storage.lease_id = lost.id
+    with pytest.raises(LeaseLost):
+        storage.create_new_trial(study_id)
+    storage.lease_id = lease.id
+    created = storage.get_trial(storage.create_new_trial(study_id))
+    assert created.number == 0 and storage.attached_trial_id == created._trial_id
+    [row] = [r for r in queue.list_leases(sessions, creating.study_id) if r.id == lease.id]
+    assert (row.optuna_trial_id, row.trial_number) == (created._trial_id, 0)
+    with pytest.raises(KeyError, match="No study with study_id"):
+        storage.create_new_trial(study_id + 1000)
