@@ -150,12 +150,15 @@ def load_base_spec(task: str, quick: bool) -> dict[str, Any]:
     return raw
 
 
-def summarise_family(runs: Sequence[StudyRun], direction: str) -> dict[str, Any]:
-    """Mean and spread (sample standard deviation) over seeds of the test and val scores."""
+def summarise_family(
+    runs: Sequence[StudyRun], test_direction: str, val_direction: str
+) -> dict[str, Any]:
+    """Mean and spread (sample standard deviation) over seeds of the test and val scores;
+    the directions may differ (classify is ranked by cross-entropy, scored by accuracy)."""
     tests = [r.test_value for r in runs if r.test_value is not None]
     vals = [r.best_value for r in runs if r.best_value is not None]
 
-    def stats(xs: list[float]) -> dict[str, float | int | None]:
+    def stats(xs: list[float], direction: str) -> dict[str, float | int | None]:
         return {
             "mean": statistics.fmean(xs) if xs else None,
             "std": statistics.stdev(xs) if len(xs) > 1 else 0.0 if xs else None,
@@ -164,8 +167,8 @@ def summarise_family(runs: Sequence[StudyRun], direction: str) -> dict[str, Any]
         }
 
     return {
-        "test": stats(tests),
-        "val": stats(vals),
+        "test": stats(tests, test_direction),
+        "val": stats(vals, val_direction),
         "trials_per_hour": statistics.fmean(r.trials_per_hour for r in runs) if runs else 0.0,
         "trials": sum(sum(r.counts.values()) for r in runs),
     }
@@ -328,7 +331,9 @@ def report_task(
         "metric": to_jsonable(metric),
         "ranked": ranked.name,
         "spec": base,
-        "families": {f: summarise_family(r, metric.direction) for f, r in runs.items()},
+        "families": {
+            f: summarise_family(r, metric.direction, ranked.direction) for f, r in runs.items()
+        },
         "baselines": baselines_found,
         "references": references_for(task),
         "importances": found,

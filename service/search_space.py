@@ -273,12 +273,27 @@ TASK_METRICS: Mapping[str, TaskMetric] = {
 CLASSIFY_LOSS_METRIC = TaskMetric("val_loss", "minimize", "validation cross-entropy, nats")
 
 
-def task_metric(task: TaskSpec) -> TaskMetric:
-    """The metric trials of ``task`` are ranked by: the kind's (:data:`TASK_METRICS`), or
-    the one its ``metric`` field chooses."""
-    if isinstance(task, ClassifyTask) and task.metric == "val_loss":
+def metric_of(kind: str, chosen: str | None = None) -> TaskMetric:
+    """The metric trials of a ``kind`` task are ranked by: the kind's (:data:`TASK_METRICS`),
+    or the one its ``metric`` field (``chosen``) names. The one place that decides it: the
+    parsed spec (:func:`task_metric`) and a stored spec's JSON (:func:`stored_metric`) both
+    ask here, so a list of studies, the report and the trials' values agree with the
+    workers on what "best" means. KeyError for an unknown kind."""
+    if kind == "classify" and chosen == CLASSIFY_LOSS_METRIC.name:
         return CLASSIFY_LOSS_METRIC
-    return TASK_METRICS[task.kind]
+    return TASK_METRICS[kind]
+
+
+def task_metric(task: TaskSpec) -> TaskMetric:
+    """The metric trials of ``task`` are ranked by (:func:`metric_of`)."""
+    return metric_of(task.kind, task.metric if isinstance(task, ClassifyTask) else None)
+
+
+def stored_metric(spec_json: Mapping[str, Any]) -> TaskMetric:
+    """:func:`task_metric` of a stored (already validated) spec's JSON, without parsing it
+    again: a page of studies reads many."""
+    task = spec_json["task"]
+    return metric_of(task["kind"], task.get("metric"))
 
 
 # --------------------------------------------------------------------------------------

@@ -56,7 +56,6 @@ from service.schemas import BestPublic, Page, StudyPublic, TrialCounts, TrialPub
 from service.search_space import (
     MAX_TRIALS,
     STORED_SPEC_LIMITS,
-    TASK_METRICS,
     CategoricalDistribution,
     Distribution,
     FloatDistribution,
@@ -68,6 +67,7 @@ from service.search_space import (
     resolve_data_path,
     sample_config,
     searched_distributions,
+    stored_metric,
 )
 from service.states import (
     CONFIG_ATTR,
@@ -541,6 +541,13 @@ def _warm_start(backend: Backend, spec: StudySpec, principal: Principal) -> _War
             )
             errors.append(FieldError(where, msg))
             continue
+        if source.metric.name != spec.metric.name:  # e.g. classify's val_acc and val_loss
+            msg = (
+                f"study {source_id} was ranked by {source.metric.name}, this one by "
+                f"{spec.metric.name}: warm start needs the same metric"
+            )
+            errors.append(FieldError(where, msg))
+            continue
         if source.direction != spec.direction:
             msg = f"study {source_id} was to {source.direction}, this one is to {spec.direction}"
             errors.append(FieldError(where, msg))
@@ -735,7 +742,7 @@ def _metric_value(trial: FrozenTrial, spec_json: Mapping[str, Any]) -> float | N
     if not trial.values:
         return None
     objectives = spec_json.get("study", {}).get("objectives") or ()
-    metric = TASK_METRICS[spec_json["task"]["kind"]].name
+    metric = stored_metric(spec_json).name
     value = trial.values[list(objectives).index(metric)] if len(objectives) > 1 else trial.values[0]
     return value if _is_finite(value) else None
 
@@ -931,7 +938,7 @@ def _study_public(
 ) -> StudyPublic:
     spec = job.spec
     task = spec["task"]["kind"]
-    metric = TASK_METRICS[task]
+    metric = stored_metric(spec)
     direction = spec.get("study", {}).get("direction") or metric.direction
     objectives = spec.get("study", {}).get("objectives") or [metric.name]
     # Counts, the best value and the notes in SQL, one transaction: a large study's trials

@@ -20,13 +20,14 @@ from torchmetrics import Metric
 from torchmetrics.classification import MulticlassAccuracy
 from torchmetrics.regression import MeanSquaredError
 
-from service.search_space import TASK_METRICS, LSTMConfig
+from service.search_space import CLASSIFY_LOSS_METRIC, TASK_METRICS, LSTMConfig
 from service.training.data.base import Problem
 from service.training.model import RecurrentState, StackedLSTM, detach_state
 
 STAGES = ("train", "val", "test")
 _LN2 = math.log(2)
-_METRIC_DIRECTIONS = {m.name: m.direction for m in TASK_METRICS.values()}
+# Every metric a task can be ranked by (a kind's, or one its ``metric`` field chooses).
+_METRIC_DIRECTIONS = {m.name: m.direction for m in (*TASK_METRICS.values(), CLASSIFY_LOSS_METRIC)}
 
 
 class DivergedError(RuntimeError):
