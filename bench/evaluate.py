@@ -26,6 +26,7 @@ faint and the mean bold).
     python -m bench.evaluate --quick                      # ~2 minutes: the suite's smoke run
     python -m bench.evaluate --budget-minutes 60 --seeds 3
     python -m bench.evaluate --tasks adding,forecast --families stacked_lstm,gru --seeds 3
+    python -m bench.evaluate --tasks adding --seeds 2 --first-seed 1   # seeds 1 and 2, to add to seed 0
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ from bench.harness import (
     run_study,
     running_server,
     score_checkpoint,
+    seed_int,
     to_jsonable,
     warm_up,
 )
@@ -186,7 +188,8 @@ def markdown(results: dict[str, Any]) -> str:
         f"Machine: {m['cores']} cores ({m['cpu']}), GPU: {m['gpu'] or 'none'}; Python "
         f"{m['python']}, torch {m['torch']}; {m['date']}; commit {m['commit']}.  ",
         f"Budget: {results['budget_minutes']:g} min of search per study, "
-        f"{results['workers']} worker process(es) x 1 thread; seeds {results['seeds']}.",
+        f"{results['workers']} worker process(es) x 1 thread; seeds "
+        f"{', '.join(map(str, results.get('seed_list') or range(results['seeds'])))}.",
         "",
     ]
     for task, t in results["tasks"].items():
@@ -388,6 +391,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--seeds", type=positive_int, help="search seeds per (task, family) (default 3)"
     )
+    parser.add_argument(
+        "--first-seed",
+        type=seed_int,
+        default=0,
+        help="the first search seed (default 0): --first-seed 3 --seeds 2 runs seeds 3 and 4, "
+        "so a long suite can be split across runs or machines and its seeds added later",
+    )
     parser.add_argument("--tasks", help=f"comma-separated, of {','.join(TASKS)} (default: all)")
     parser.add_argument(
         "--families", help=f"comma-separated, of {','.join(FAMILIES)} (default: all)"
@@ -442,6 +452,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = args.out or REPO / "bench" / "results" / ("quick" if args.quick else "full")
     out.mkdir(parents=True, exist_ok=True)
     command = "python -m bench.evaluate " + " ".join(argv if argv is not None else sys.argv[1:])
+    seed_list = list(range(args.first_seed, args.first_seed + seeds))
     total = len(tasks) * len(families) * seeds * budget_min
     print(
         f"evaluate: {len(tasks)} task(s) x {len(families)} family(ies) x {seeds} seed(s) x "
@@ -454,6 +465,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "budget_minutes": budget_min,
         "workers": args.workers,
         "seeds": seeds,
+        "seed_list": seed_list,
         "finalists": args.finalists,
         "tasks": {},
     }
@@ -467,16 +479,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             base = load_base_spec(task, args.quick)
             runs: dict[str, list[StudyRun]] = {}
             for family in families:
-                for seed in range(seeds):
+                for seed in seed_list:
                     name = f"eval-{task}-{family}-s{seed}"
                     spec = family_spec(base, family, seed, name)
                     run = run_study(server, spec, budget_s=budget_min * 60)
                     run.test_metric = task_metric(task).test_key
                     runs.setdefault(family, []).append(run)
             finalists = [
-                (run, Path(scratch) / "runs" / task / family / f"s{i}")
+                (run, Path(scratch) / "runs" / task / family / f"s{seed}")
                 for family, family_runs in runs.items()
-                for i, run in enumerate(family_runs)
+                for seed, run in zip(seed_list, family_runs, strict=True)
             ]
             if args.finalists == "checkpoint":
                 print(f"  scoring the checkpoints of {len(finalists)} finalists of {task} ...")

@@ -424,6 +424,14 @@ def positive_int(text: str) -> int:
     return value
 
 
+def seed_int(text: str) -> int:
+    """argparse type: a sampler seed, an integer in [0, 2**32 - 1] (``study.seed``'s range)."""
+    value = int(text)
+    if not 0 <= value <= 2**32 - 1:
+        raise argparse.ArgumentTypeError(f"must be 0 to 4294967295 (got {value})")
+    return value
+
+
 def positive_float(text: str) -> float:
     """argparse type: a finite number > 0."""
     value = float(text)

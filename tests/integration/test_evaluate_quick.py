@@ -19,7 +19,8 @@ REPO = Path(__file__).resolve().parents[2]
 def test_quick_evaluation_runs_every_part_of_the_suite(tmp_path: Path) -> None:
     out = tmp_path / "results"
     done = subprocess.run(
-        [sys.executable, "-m", "bench.evaluate", "--quick", "--out", str(out)],
+        # --first-seed: the quick run's one seed is 2 (a long suite split across runs).
+        [sys.executable, "-m", "bench.evaluate", "--quick", "--first-seed", "2", "--out", str(out)],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -30,12 +31,14 @@ def test_quick_evaluation_runs_every_part_of_the_suite(tmp_path: Path) -> None:
 
     results = json.loads((out / "results.json").read_text())
     assert results["machine"]["cores"] >= 1 and results["machine"]["commit"]
+    assert (results["seeds"], results["seed_list"]) == (1, [2])
     adding = results["tasks"]["adding"]
     assert adding["metric"]["name"] == "val_mse"
     assert set(adding["families"]) == {"stacked_lstm", "gru"}
     for family, runs in adding["studies"].items():
         [run] = runs
         assert run["study"]["state"] == "succeeded", family
+        assert run["study"]["name"] == f"eval-adding-{family}-s2"
         assert run["counts"]["complete"] >= 1
         # The finalist was retrained by `lstm-hpo train` and scored on the test split.
         assert math.isfinite(run["test_value"]) and run["retrain"]["seconds"] > 0
@@ -52,7 +55,7 @@ def test_quick_evaluation_runs_every_part_of_the_suite(tmp_path: Path) -> None:
     assert (out / "adding_best_so_far.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = (out / "summary.md").read_text()
     assert "| stacked_lstm (searched) |" in summary and "| train_mean (baseline) |" in summary
-    assert "python -m bench.evaluate --quick" in summary
+    assert "python -m bench.evaluate --quick" in summary and "; seeds 2." in summary
 
     # --rescore: a finalist whose retrain failed is retrained; the searches are not re-run.
     scored = adding["studies"]["gru"][0]["test_value"]
