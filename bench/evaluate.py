@@ -26,7 +26,7 @@ faint and the mean bold).
     python -m bench.evaluate --quick                      # ~2 minutes: the suite's smoke run
     python -m bench.evaluate --budget-minutes 60 --seeds 3
     python -m bench.evaluate --tasks adding,forecast --families stacked_lstm,gru --seeds 3
-    python -m bench.evaluate --tasks adding --seeds 2 --first-seed 1   # seeds 1 and 2, to add to seed 0
+    python -m bench.evaluate --tasks adding --seeds 2 --first-seed 1  # seeds 1, 2: add to a seed 0
 """
 
 from __future__ import annotations
