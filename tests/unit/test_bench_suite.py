@@ -6,7 +6,7 @@ import pytest
 
 from bench.evaluate import FAMILIES, TASKS, family_spec, load_base_spec
 from bench.harness import StudyRun
-from bench.search_efficiency import CONFIGS, compare, config_spec
+from bench.search_efficiency import CONFIGS, compare, config_spec, markdown
 from service.search_space import CategoricalDistribution, IntDistribution, parse_spec
 
 
@@ -62,14 +62,40 @@ def run(best: float | None, trials: int, pruned: int, wall_s: float = 60.0) -> S
     )
 
 
-def test_compare_counts_seeds_where_tpe_hyperband_is_better_or_equal() -> None:
+def test_compare_counts_seeds_where_each_pruned_tpe_is_better_or_equal() -> None:
     runs = {
         "tpe_hyperband": [run(0.10, 30, 20), run(0.20, 30, 20), run(None, 30, 30)],
+        "tpe_sha": [run(0.05, 60, 50), run(0.30, 60, 50), run(0.20, 60, 50)],
         "tpe": [run(0.10, 10, 0), run(0.15, 10, 0), run(0.30, 10, 0)],
+        "random": [run(0.12, 12, 0), run(0.40, 12, 0)],  # one seed short: compared on 2
     }
     minimized = compare(runs, maximize=False)
-    assert minimized["tpe"]["tpe_hyperband_better_or_equal"] == "1/3"  # tie yes, worse, none
-    assert minimized["tpe"]["tpe_hyperband_trials_per_hour_ratio"] == pytest.approx(3.0)
+    hb = minimized["tpe_hyperband"]["against"]
+    assert hb["tpe"]["better_or_equal"] == "1/3"  # tie yes, worse, none
+    assert hb["tpe"]["trials_per_hour_ratio"] == pytest.approx(3.0)
+    assert hb["random"]["better_or_equal"] == "2/2"
+    assert hb["random"]["trials_per_hour_ratio"] == pytest.approx(2.5)
+    assert minimized["tpe_sha"]["against"]["tpe"]["better_or_equal"] == "2/3"
+    assert minimized["tpe_sha"]["against"]["tpe"]["trials_per_hour_ratio"] == pytest.approx(6.0)
+    assert set(hb) == {"tpe", "random"}  # pruned configurations are not opponents
+    assert "against" not in minimized["tpe"]
     assert minimized["tpe_hyperband"]["pruned"] == [20, 20, 30]
     maximized = compare(runs, maximize=True)
-    assert maximized["tpe"]["tpe_hyperband_better_or_equal"] == "2/3"
+    assert maximized["tpe_hyperband"]["against"]["tpe"]["better_or_equal"] == "2/3"
+
+
+def test_the_summary_tables_each_pruned_configuration_against_each_unpruned_one() -> None:
+    runs = {"tpe_median": [run(0.1, 40, 10)], "tpe": [run(0.2, 10, 0)]}
+    machine = {"cores": 2, "cpu": "x", "gpu": None, "date": "d", "commit": "c"}
+    results = {
+        "command": "c",
+        "machine": machine,
+        "task": "classify",
+        "budget_minutes": 2.0,
+        "workers": 2,
+        "compare": compare(runs, maximize=False),
+        "importances": {"lr": 0.5},
+    }
+    lines = markdown(results).splitlines()
+    assert "| tpe_median | 0.1 | 2400 | 10 / 40 |" in lines
+    assert "| tpe_median | tpe | 1/1 | 4.00x |" in lines
