@@ -263,13 +263,20 @@ def test_progress_status_and_watch_on_a_running_study(setup: Setup) -> None:
 
 
 def test_watch_ends_with_code_0_on_ctrl_c(setup: Setup) -> None:
-    watch = subprocess.Popen(
-        [*CLI, "watch", "--interval", "0.2", "--server", setup.server.url],
-        env=os.environ | {"LSTM_HPO_TOKEN": setup.alice, "COLUMNS": "200"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    # Started as from a terminal: a suite run in the background of a non-interactive shell
+    # inherits SIGINT ignored, and a child that inherits that never gets KeyboardInterrupt.
+    # A handler of our own is reset to the default in the child at exec.
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        watch = subprocess.Popen(
+            [*CLI, "watch", "--interval", "0.2", "--server", setup.server.url],
+            env=os.environ | {"LSTM_HPO_TOKEN": setup.alice, "COLUMNS": "200"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+    finally:
+        signal.signal(signal.SIGINT, inherited)
     try:
         assert watch.stdout is not None
         first = watch.stdout.readline()  # a table was printed: the loop runs
@@ -277,8 +284,8 @@ def test_watch_ends_with_code_0_on_ctrl_c(setup: Setup) -> None:
             first = watch.stdout.readline()
             assert first, watch.stderr.read() if watch.stderr else ""
         watch.send_signal(signal.SIGINT)
-        # communicate, not wait: a refresh every 0.2 s fills the 64 KiB pipe that nobody
-        # reads, and a watch blocked writing its last table could never exit.
+        # communicate, not wait: the pipe is drained while the watch exits (a table every
+        # 0.2 s could fill it).
         _, err = watch.communicate(timeout=30)
         assert watch.returncode == 0, err
         assert "Traceback" not in err
