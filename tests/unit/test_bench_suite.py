@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import pytest
 
-from bench.evaluate import FAMILIES, TASKS, family_spec, load_base_spec
+from bench.evaluate import EXTRA_FAMILIES, FAMILIES, TASKS, family_spec, load_base_spec
 from bench.harness import StudyRun
 from bench.search_efficiency import CONFIGS, compare, config_spec, markdown
 from service.search_space import CategoricalDistribution, IntDistribution, parse_spec
 
 
 @pytest.mark.parametrize("task", list(TASKS))
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", (*FAMILIES, *EXTRA_FAMILIES))
 def test_every_family_of_every_shipped_spec_is_a_valid_study(task: str, family: str) -> None:
-    spec = parse_spec(family_spec(load_base_spec(task, quick=False), family, 3, "x"))
+    base = load_base_spec(task, quick=False)
+    spec = parse_spec(family_spec(base, family, 3, "x"))
     assert spec.study.seed == 3 and spec.name == "x"
+    if family == "shipped":  # the file as users submit it: the same space, the same pruner
+        shipped = parse_spec(base)
+        assert spec.space == shipped.space and spec.study.pruner == shipped.study.pruner
+        return
     cell = spec.space["cell"]
     assert cell == ("lstm" if family in ("stacked_lstm", "lstm_1layer") else family)
     layers = spec.space["num_layers"]
@@ -25,6 +30,11 @@ def test_every_family_of_every_shipped_spec_is_a_valid_study(task: str, family: 
         assert layers == 1 and spec.space["dropout"] == 0.0
     else:
         assert "forget_bias" not in spec.space
+
+
+def test_an_unknown_family_is_refused_by_name() -> None:
+    with pytest.raises(ValueError, match=r"'lstm2'.*shipped"):
+        family_spec(load_base_spec("adding", quick=False), "lstm2", 0, "x")
 
 
 def test_the_shipped_char_lm_spec_searches_stateful_bptt_on_english_prose() -> None:
