@@ -77,6 +77,7 @@ TASKS: Mapping[str, str] = {
 FAMILIES = ("stacked_lstm", "lstm_1layer", "gru", "rnn")
 #: Families run only when named: ``shipped`` is the spec file as users submit it.
 EXTRA_FAMILIES = ("shipped",)
+KNOWN_FAMILIES = (*FAMILIES, *EXTRA_FAMILIES)
 
 #: --quick: small data and models, so that every part of the suite runs in about 2 minutes.
 QUICK_TASK: Mapping[str, Mapping[str, Any]] = {
@@ -136,8 +137,7 @@ def family_spec(base: Mapping[str, Any], family: str, seed: int, name: str) -> d
         space["cell"] = family
         space.pop("forget_bias", None)  # LSTM only
     elif family != "shipped":
-        known = ", ".join((*FAMILIES, *EXTRA_FAMILIES))
-        raise ValueError(f"unknown family {family!r} (known: {known})")
+        raise ValueError(f"unknown family {family!r} (known: {', '.join(KNOWN_FAMILIES)})")
     spec["name"] = name
     study = spec.setdefault("study", {})
     study["seed"] = seed
@@ -407,7 +407,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--tasks", help=f"comma-separated, of {','.join(TASKS)} (default: all)")
     parser.add_argument(
         "--families",
-        help=f"comma-separated, of {','.join((*FAMILIES, *EXTRA_FAMILIES))} (default: "
+        help=f"comma-separated, of {','.join(KNOWN_FAMILIES)} (default: "
         f"{','.join(FAMILIES)}; shipped = the spec file unchanged)",
     )
     add_workers_option(parser)
@@ -453,7 +453,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     families = args.families.split(",") if args.families else list(defaults["families"])  # type: ignore[call-overload]
     seeds = args.seeds or int(defaults["seeds"])  # type: ignore[call-overload]
     budget_min = args.budget_minutes or float(defaults["budget_minutes"])  # type: ignore[arg-type]
-    for name, known in (("task", TASKS), ("family", (*FAMILIES, *EXTRA_FAMILIES))):
+    for name, known in (("task", TASKS), ("family", KNOWN_FAMILIES)):
         for value in tasks if name == "task" else families:
             if value not in known:
                 parser.error(f"unknown {name} {value!r} (known: {', '.join(known)})")
