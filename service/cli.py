@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from service.schemas import ConfirmationPublic, ProgressPublic, StudyPublic
     from service.search_space import ResolvedConfig
     from service.training.checkpoints import SavedModel
+    from service.training.fit import FitResult
     from service.worker import ProcessPlan, WorkerOptions
 
 app = typer.Typer(
@@ -120,6 +121,27 @@ def train(
             show_default=False,
         ),
     ] = None,
+    refit: Annotated[
+        bool,
+        typer.Option(
+            "--refit",
+            help="Train on the train and validation splits together, for the epochs a "
+            "validated fit of the config peaked at (that fit runs first, into "
+            "OUT/selection), and score the last epoch's weights on the test split: the "
+            "finalist's retrain when data are scarce. Not with lr_schedule plateau.",
+        ),
+    ] = False,
+    refit_epochs: Annotated[
+        int | None,
+        typer.Option(
+            "--refit-epochs",
+            metavar="N",
+            min=1,
+            help="Refit for N epochs (1..max_epochs) without the validated fit first "
+            "(implies --refit; N is a validated fit's best epoch + 1).",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Train one resolved config; write the checkpoint, config and metrics to --out.
 
@@ -134,6 +156,10 @@ def train(
         _usage_error("--evaluate writes nothing: --out is for training")
     if config is None and evaluate is None:
         _usage_error("missing CONFIG (only --evaluate can take it from the checkpoint)")
+    refit = refit or refit_epochs is not None
+    if refit and (evaluate is not None or init_from is not None):
+        which = "--evaluate trains nothing" if evaluate is not None else "--init-from fine-tunes"
+        _usage_error(f"--refit trains from scratch on train + validation; {which}")
     checkpoint_path = evaluate or init_from
     if checkpoint_path is not None and not checkpoint_path.is_file():
         # Before torch is imported: a typo costs no seconds.
@@ -147,7 +173,12 @@ def train(
         except LstmHpoError as err:  # InvalidConfig / InvalidSpec: it never raises anything else
             raise _fail(err, 2) from None
     # torch + Lightning take seconds to import: only once the config is known to be good.
-    from service.training.fit import configure_torch_threads, evaluate_checkpoint, fit_config
+    from service.training.fit import (
+        configure_torch_threads,
+        evaluate_checkpoint,
+        fit_config,
+        refit_config,
+    )
 
     saved: SavedModel | None = None
     if checkpoint_path is not None:
@@ -160,12 +191,24 @@ def train(
         out_dir = out or Path("runs") / f"{resolved.task.kind}-{time.strftime('%Y%m%d-%H%M%S')}"
     if not json_output:
         action = f"Evaluating {evaluate}" if evaluate is not None else f"Training -> {out_dir}"
+        if refit:
+            action = f"Refitting on train + validation -> {out_dir}"
         console.print(f"[bold]{resolved.task.kind}[/bold]: {escape(action)}")
     try:
         if evaluate is not None:
             assert saved is not None
             result = evaluate_checkpoint(
                 resolved, saved, accelerator=accelerator, data_roots=data_roots
+            )
+        elif refit:
+            assert out_dir is not None
+            result = refit_config(
+                resolved,
+                out_dir=out_dir,
+                epochs=refit_epochs,
+                progress=sys.stderr.isatty(),
+                accelerator=accelerator,
+                data_roots=data_roots,
             )
         else:
             result = fit_config(
@@ -190,15 +233,31 @@ def train(
     table.add_row("metric", f"{result.metric} ({result.direction})")
     if result.initial_value is not None:
         table.add_row("validation before training", _fmt(result.initial_value))
-    if evaluate is not None:
+    if result.refit is not None:
+        _refit_rows(table, result)
+    elif evaluate is not None:
         table.add_row("validation", _fmt(result.value) + f" (weights of epoch {result.best_epoch})")
     else:
         table.add_row("best validation", _fmt(result.value) + f" (epoch {result.best_epoch})")
-    table.add_row("test", _fmt(result.test_value))
+    table.add_row("test (refit)" if result.refit else "test", _fmt(result.test_value))
     table.add_row(f"baseline ({result.baseline_name}, test)", _fmt(result.baseline))
     table.add_row("beats baseline", "yes" if result.beats_baseline else "[red]no[/red]")
     table.add_row("checkpoint", result.checkpoint or "-")
     console.print(table)
+
+
+def _refit_rows(table: Table, result: FitResult) -> None:
+    """A refit's rows: the validated fit its epochs came from (when it ran), and the refit."""
+    assert result.refit is not None
+    selection = result.refit["selection"]
+    epochs = result.refit["epochs"]
+    if selection is not None:
+        table.add_row(
+            "validated fit",
+            f"best validation {_fmt(selection['value'])} at epoch {selection['best_epoch']}, "
+            f"test {_fmt(selection['test_value'])}",
+        )
+    table.add_row("refit", f"{epochs} epoch(s) on train + validation")
 
 
 def _usage_error(message: str) -> typer.Exit:

@@ -21,9 +21,11 @@ from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.utilities.seed import isolate_rng
 
+from service.errors import FieldError, InvalidConfig
 from service.search_space import Direction, ResolvedConfig, TaskMetric, task_metric
 from service.training.checkpoints import SavedModel, load_model_weights
 from service.training.data import TaskData, build_task_data
+from service.training.data.base import InMemoryDataModule
 from service.training.model import count_parameters
 from service.training.module import LSTMLightningModule
 
@@ -76,6 +78,9 @@ class FitResult:
     init_from: str | None = None
     #: With ``init_from``: the validation metric of those weights, before any training.
     initial_value: float | None = None
+    #: A refit (:func:`refit_config`): ``epochs`` trained on train + validation, and
+    #: ``selection``, the validated fit those epochs came from (None when they were given).
+    refit: dict[str, Any] | None = None
 
     @property
     def beats_baseline(self) -> bool:
@@ -330,6 +335,122 @@ def fit_config(
     )
     if out_dir is not None:
         (out_dir / "result.json").write_text(json.dumps(result.summary(), indent=2) + "\n")
+    return result
+
+
+def refit_config(
+    config: ResolvedConfig,
+    *,
+    out_dir: Path,
+    epochs: int | None = None,
+    progress: bool = False,
+    accelerator: str = "auto",
+    data_roots: tuple[Path, ...] | None = None,
+) -> FitResult:
+    """Retrain ``config`` on the train and validation splits together, for the number of
+    epochs its validated fit peaked at, and score the final weights on the test split.
+
+    The refit of early stopping in Goodfellow, Bengio & Courville, *Deep Learning* (2016),
+    sec. 7.8 (its first strategy: retrain from scratch on all the data for the epochs the
+    validated run took), and scikit-learn's ``refit``: the validation split chose the
+    config and its epoch count; it then trains too. It pays where data are scarce
+    (JapaneseVowels' validation split is a fifth of its training sequences).
+
+    ``epochs`` None: first fit ``config`` as :func:`fit_config` does (into
+    ``out_dir/selection``: validated, early stopping as configured), then refit for its
+    best epoch + 1. Same seed, same initial weights; the LR schedule is the config's (a
+    cosine still spans ``max_epochs``), so the refit replays the validated fit's rates.
+    Written to ``out_dir``: ``config.yaml``, ``refit.ckpt`` (the last epoch's),
+    ``metrics.csv``, ``result.json``. The result's ``value``, ``val_metrics`` and
+    ``best_epoch`` are the validated fit's (None when ``epochs`` was given): validation
+    scores of the refit model would be on data it trained on. ``refit`` holds
+    ``epochs``, ``splits`` and ``selection`` (the validated fit's value, best epoch and
+    test scores, for comparison).
+
+    Raises :class:`~service.errors.InvalidConfig` naming ``params.lr_schedule`` for the
+    plateau schedule (it follows a validation metric a refit does not have) and
+    ``params.max_epochs`` when ``epochs`` exceeds it; RuntimeError when the validated fit
+    has no epoch with a finite metric; the errors of :func:`fit_config` otherwise.
+    """
+    params = config.params
+    if params.lr_schedule == "plateau":
+        raise InvalidConfig(
+            [
+                FieldError(
+                    "params.lr_schedule",
+                    "plateau follows the validation metric, which a refit trains on: "
+                    "refit only configs with lr_schedule none, step or cosine",
+                )
+            ]
+        )
+    if epochs is not None and not 1 <= epochs <= params.max_epochs:
+        raise InvalidConfig(
+            [
+                FieldError(
+                    "params.max_epochs",
+                    f"a refit of {epochs} epochs is more than max_epochs "
+                    f"({params.max_epochs}), which the LR schedule spans: raise max_epochs "
+                    "in the config to refit longer",
+                )
+            ]
+        )
+    selection: FitResult | None = None
+    if epochs is None:
+        selection = fit_config(
+            config,
+            out_dir=out_dir / "selection",
+            progress=progress,
+            accelerator=accelerator,
+            data_roots=data_roots,
+        )
+        if selection.best_epoch is None:
+            raise RuntimeError("refit: the validated fit had no epoch with a finite metric")
+        epochs = selection.best_epoch + 1
+    metric, data, model = _prepare(config, None, data_roots)
+    if not isinstance(data.datamodule, InMemoryDataModule):
+        raise TypeError(f"{config.task.kind}: its data module cannot train on validation")
+    data.datamodule.train_on_val = True
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.yaml").write_text(config.to_yaml(), encoding="utf-8")
+    # monitor=None: the last epoch's weights (there is no unseen validation to pick by).
+    checkpoint = ModelCheckpoint(dirpath=out_dir, filename="refit", enable_version_counter=False)
+    trainer = _trainer(
+        max_epochs=epochs,
+        accelerator=accelerator,
+        devices=1,
+        gradient_clip_val=params.grad_clip or None,
+        callbacks=[checkpoint],
+        logger=L.pytorch.loggers.CSVLogger(out_dir, name="", version=""),
+        limit_val_batches=0,
+        enable_progress_bar=progress,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        default_root_dir=out_dir,
+    )
+    trainer.fit(model, datamodule=data.datamodule)
+    results = trainer.test(model, datamodule=data.datamodule, verbose=False)
+    test_metrics = _stage_metrics(results[0], "test")
+    chosen = None
+    if selection is not None:
+        chosen = {
+            key: getattr(selection, key)
+            for key in ("value", "best_epoch", "test_value", "test_metrics", "checkpoint")
+        }
+    result = FitResult(
+        metric=metric.name,
+        direction=metric.direction,
+        value=selection.value if selection else None,
+        test_value=test_metrics.get("test_" + metric.name.removeprefix("val_")),
+        **_baselines(data),
+        history=selection.history if selection else [],
+        best_epoch=selection.best_epoch if selection else None,
+        val_metrics=selection.val_metrics if selection else {},
+        test_metrics=test_metrics,
+        checkpoint=checkpoint.best_model_path or None,
+        description=f"{data.description}; refit on train + val for {epochs} epoch(s)",
+        refit={"epochs": epochs, "splits": "train+val", "selection": chosen},
+    )
+    (out_dir / "result.json").write_text(json.dumps(result.summary(), indent=2) + "\n")
     return result
 
 

@@ -417,3 +417,88 @@ def test_misuse_is_a_usage_error(tmp_path: Path, args: tuple[str, ...], says: st
     assert proc.returncode == 2, proc.stderr
     assert says in proc.stderr, proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+# --------------------------------------------------------------------------------------
+# --refit: retrain on train + validation for the validated fit's epochs
+# --------------------------------------------------------------------------------------
+
+#: TINY_ADDING's train + validation splits (1,000 + 200 sequences) in batches of 32.
+REFIT_BATCHES_PER_EPOCH = 38
+
+
+def test_refit_trains_on_train_and_validation_for_the_validated_best_epochs(
+    tmp_path: Path,
+) -> None:
+    """``--refit``: a validated fit first (into OUT/selection), then a fit from scratch on
+    train + validation for its best epoch + 1, scored on the test split; ``--refit-epochs``
+    with those epochs is the same refit (same seed, same data) without the validated fit,
+    and ``--evaluate`` of the refit's checkpoint scores its test value again."""
+    import torch
+
+    config = {**TINY_ADDING, "params": {**TINY_ADDING["params"], "max_epochs": 4}}
+    write_config(tmp_path / "config.yaml", config)
+
+    proc = run_cli(
+        "train", "config.yaml", "--refit", "--out", "refit", "--json", *CPU, cwd=tmp_path
+    )
+
+    assert proc.returncode == 0, proc.stderr
+    summary = last_json(proc)
+    assert list(summary)[:4] == list(SUMMARY_KEYS)
+    selection = summary["refit"]["selection"]
+    epochs = selection["best_epoch"] + 1
+    assert summary["refit"] == {"epochs": epochs, "splits": "train+val", "selection": selection}
+    # The validation figures are the validated fit's: the refit trained on that split.
+    assert summary["value"] == selection["value"] and summary["best_epoch"] == epochs - 1
+    validated = json.loads((tmp_path / "refit" / "selection" / "result.json").read_text())
+    assert selection["test_value"] == validated["test_value"] != summary["test_value"]
+    assert math.isfinite(summary["test_value"]) and summary["test_value"] < summary["baseline"]
+    assert summary["checkpoint"] == str(tmp_path / "refit" / "refit.ckpt")
+    written = torch.load(tmp_path / "refit" / "refit.ckpt", map_location="cpu", weights_only=False)
+    assert written["global_step"] == epochs * REFIT_BATCHES_PER_EPOCH  # train + validation
+    assert written["epoch"] == epochs - 1  # the last epoch trained, not a best-by-validation
+
+    again = run_cli(
+        "train", "config.yaml", "--refit-epochs", str(epochs), "--out", "again", "--json", *CPU,
+        cwd=tmp_path,
+    )  # fmt: skip
+
+    assert again.returncode == 0, again.stderr
+    direct = last_json(again)
+    assert direct["test_value"] == pytest.approx(summary["test_value"], rel=1e-6)
+    assert direct["refit"] == {"epochs": epochs, "splits": "train+val", "selection": None}
+    assert direct["value"] is None and not (tmp_path / "again" / "selection").exists()
+
+    scored = run_cli("train", "--evaluate", tmp_path / "refit" / "refit.ckpt", "--json", *CPU,
+                     cwd=tmp_path)  # fmt: skip
+    assert scored.returncode == 0, scored.stderr
+    assert last_json(scored)["test_value"] == pytest.approx(summary["test_value"], rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("params", "args", "says"),
+    [
+        ({}, ("--refit", "--evaluate", "a.ckpt"), "--evaluate trains nothing"),
+        ({}, ("--refit-epochs", "2", "--init-from", "a.ckpt"), "--init-from fine-tunes"),
+        ({}, ("--refit-epochs", "0"), "Invalid value for '--refit-epochs'"),
+        ({}, ("--refit-epochs", "4"), "params.max_epochs: a refit of 4 epochs is more than"),
+        ({"lr_schedule": "plateau"}, ("--refit",), "params.lr_schedule: plateau follows the"),
+    ],
+    ids=["evaluate", "init-from", "zero-epochs", "past-max-epochs", "plateau"],
+)
+def test_refit_misuse_exits_2_and_writes_nothing(
+    tmp_path: Path, params: dict[str, Any], args: tuple[str, ...], says: str
+) -> None:
+    config = {**TINY_ADDING, "params": {**TINY_ADDING["params"], **params}}
+    write_config(tmp_path / "config.yaml", config)
+    (tmp_path / "a.ckpt").write_bytes(b"")
+
+    out = () if "--evaluate" in args else ("--out", "run")  # --evaluate refuses --out
+
+    proc = run_cli("train", "config.yaml", *args, *out, *CPU, cwd=tmp_path)
+
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert says in proc.stderr, proc.stderr
+    assert not (tmp_path / "run").exists()

@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, TensorDataset
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,15 @@ class InMemoryDataModule(L.LightningDataModule):
 
     ``num_workers=0``: the tensors are in memory, so loader processes would only add start-up
     cost. The shuffle order comes from torch's global RNG, which ``seed_everything`` sets.
+
+    ``train_on_val`` (a refit, :func:`service.training.fit.refit_config`): the training
+    loader serves the train split followed by the validation split (shuffled together
+    unless the task keeps order: char_lm's stateful streams are served train rows, then
+    validation rows). Validation then scores data the model has trained on.
     """
+
+    #: Train on train + validation (a refit); the splits themselves do not change.
+    train_on_val: bool = False
 
     def __init__(
         self,
@@ -88,6 +96,8 @@ class InMemoryDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader[Any]:
+        if self.train_on_val:
+            return self._loader(ConcatDataset([self._train, self._val]), shuffle=True)
         return self._loader(self._train, shuffle=True)
 
     def val_dataloader(self) -> DataLoader[Any]:

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from service.corpora import load_corpus, stdlib_corpus
 from service.data_checks import check_char_splits, check_stream_split, read_text_file, split_text
@@ -40,8 +40,10 @@ class CharLMDataModule(InMemoryDataModule):
         self.vocab = vocab
 
     def _loader(self, dataset: Dataset[Any], shuffle: bool) -> DataLoader[Any]:
-        if isinstance(dataset, StreamBatches):
-            # Each item is already a whole batch, and the order is the point.
+        parts = dataset.datasets if isinstance(dataset, ConcatDataset) else [dataset]
+        if all(isinstance(part, StreamBatches) for part in parts):
+            # Each item is already a whole batch, and the order is the point (a refit's
+            # validation rows continue its train rows: the text is split in that order).
             return DataLoader(dataset, batch_size=None, shuffle=False, num_workers=0)
         return super()._loader(dataset, shuffle)
 
