@@ -283,9 +283,13 @@ def summarise(study: StudyPublic, trials: list[TrialPublic], client: Client) -> 
     )
 
 
-def retrain(run: StudyRun, out_dir: Path) -> None:
+def retrain(run: StudyRun, out_dir: Path, *, refit: bool = False) -> None:
     """Retrain ``run``'s best config with ``lstm-hpo train --json`` (one torch thread) and
-    record its test-split metric in ``run.test_value`` (None, with the reason, on failure)."""
+    record its test-split metric in ``run.test_value`` (None, with the reason, on failure).
+
+    ``refit``: ``train --refit`` (a validated fit, then a refit on train + validation for
+    its best epochs); ``test_value`` is the refit's, ``retrain["validated_test_value"]``
+    the validated fit's (trained on train only), for comparison."""
     if run.best_config is None:
         run.retrain = {"error": "no completed trial"}
         return
@@ -305,13 +309,14 @@ def retrain(run: StudyRun, out_dir: Path) -> None:
             "1",
             "--accelerator",
             "cpu",
+            *(["--refit"] if refit else []),
         ],
         capture_output=True,
         text=True,
         cwd=REPO,
         check=False,
     )
-    _record(run, done, time.monotonic() - started, "retrain")
+    _record(run, done, time.monotonic() - started, "refit" if refit else "retrain")
 
 
 def score_checkpoint(server: Server, run: StudyRun, out_dir: Path) -> None:
@@ -368,12 +373,20 @@ def _record(
         "best_epoch": result.get("best_epoch"),
         "description": result.get("description"),
     }
+    refit = result.get("refit") or {}
+    selection = refit.get("selection")
+    if selection is not None:
+        chosen = selection.get("test_metrics") or {}
+        run.retrain["refit_epochs"] = refit.get("epochs")
+        run.retrain["validated_test_value"] = (
+            chosen.get(run.test_metric) if run.test_metric else selection.get("test_value")
+        )
 
 
-def retrain_all(runs: list[tuple[StudyRun, Path]], parallel: int) -> None:
+def retrain_all(runs: list[tuple[StudyRun, Path]], parallel: int, *, refit: bool = False) -> None:
     """:func:`retrain` each run, ``parallel`` at a time (each trains on one thread)."""
     with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
-        list(pool.map(lambda pair: retrain(*pair), runs))
+        list(pool.map(lambda pair: retrain(*pair, refit=refit), runs))
 
 
 def importances(storage_url: str, study_names: Sequence[str]) -> dict[str, float]:

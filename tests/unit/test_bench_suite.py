@@ -109,3 +109,22 @@ def test_the_summary_tables_each_pruned_configuration_against_each_unpruned_one(
     lines = markdown(results).splitlines()
     assert "| tpe_median | 0.1 | 2400 | 10 / 40 |" in lines
     assert "| tpe_median | tpe | 1/1 | 4.00x |" in lines
+
+
+def test_a_refit_family_reports_the_refit_and_its_validated_fits_side_by_side() -> None:
+    """--finalists refit: the family's test figures are the refits'; the validated fits'
+    (same configs, trained on train only) are summarised beside them, and only then."""
+    from bench.evaluate import summarise_family
+
+    refit = [run(0.05, 10, 2), run(0.04, 10, 2)]
+    for r, (refit_acc, fit_acc) in zip(refit, [(0.98, 0.97), (0.99, 0.96)], strict=True):
+        r.test_value = refit_acc
+        r.retrain = {"how": "refit", "test_value": refit_acc, "validated_test_value": fit_acc}
+    s = summarise_family(refit, "maximize", "minimize")
+    assert s["test"]["mean"] == pytest.approx(0.985) and s["test"]["best"] == 0.99
+    assert s["validated_test"]["mean"] == pytest.approx(0.965)
+    assert (s["validated_test"]["best"], s["validated_test"]["n"]) == (0.97, 2)
+
+    plain = run(0.05, 10, 2)
+    plain.test_value = 0.97
+    assert summarise_family([plain], "maximize", "minimize")["validated_test"]["n"] == 0
