@@ -93,7 +93,13 @@ def compare(records: list[dict[str, Any]], maximize: bool) -> dict[str, Any]:
 
 
 def markdown(results: dict[str, Any]) -> str:
-    lines = [f"Command: `{results['command']}`  ", f"Machine: {results['machine']}", ""]
+    m = results["machine"]
+    lines = [
+        f"Command: `{results['command']}`  ",
+        f"Machine: {m['cores']} cores ({m['cpu']}), GPU: {m['gpu'] or 'none'}; torch "
+        f"{m['torch']}; {m['date']}; commit {m['commit']}.",
+        "",
+    ]
     for task, t in results["tasks"].items():
         lines += [
             f"#### {task} — {t['label']} ({'higher' if t['maximize'] else 'lower'} is better)",
@@ -133,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     records = pairs_of(json.loads(source.read_text()), args.seeds, args.workers)
     results: dict[str, Any] = {
         "command": "python -m bench.refit_paired " + " ".join(argv or sys.argv[1:]),
-        "machine": str(Machine.describe()),
+        "machine": to_jsonable(Machine.describe()),
         "records": records,
         "tasks": {},
     }

@@ -128,3 +128,25 @@ def test_a_refit_family_reports_the_refit_and_its_validated_fits_side_by_side() 
     plain = run(0.05, 10, 2)
     plain.test_value = 0.97
     assert summarise_family([plain], "maximize", "minimize")["validated_test"]["n"] == 0
+
+
+def test_refit_pairs_are_compared_per_seed_in_the_better_direction() -> None:
+    """bench.refit_paired: a gain is the refit's improvement (lower RMSE, higher accuracy),
+    tested paired; failed runs are left out of the pairs."""
+    from bench.refit_paired import compare
+
+    rmse = [
+        {"validated": 20.0, "refit": 18.0},
+        {"validated": 22.0, "refit": 21.0},
+        {"validated": 19.0, "refit": 19.0},
+        {"validated": 25.0, "refit": None},  # a refit that failed
+    ]
+    c = compare(rmse, maximize=False)
+    assert c["n"] == 3 and (c["better"], c["equal"], c["worse"]) == (2, 1, 0)
+    assert c["gain_mean"] == pytest.approx(1.0)  # RMSE fell by 1 on average
+    assert c["gain_ci95"][0] < 1.0 < c["gain_ci95"][1] and 0.0 < c["p_value"] < 1.0
+    assert (c["validated_mean"], c["refit_mean"]) == (pytest.approx(61 / 3), pytest.approx(58 / 3))
+
+    acc = compare([{"validated": 0.97, "refit": 0.96}, {"validated": 0.98, "refit": 0.97}], True)
+    assert acc["gain_mean"] == pytest.approx(-0.01) and acc["worse"] == 2
+    assert compare([{"validated": None, "refit": 0.9}], True) == {"n": 0}
