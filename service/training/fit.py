@@ -303,7 +303,10 @@ def fit_config(
     )
     # weights_only=False: our own checkpoints hold RNG states (numpy arrays, tuples).
     trainer.fit(model, datamodule=data.datamodule, ckpt_path=resume_from, weights_only=False)
-    value, best_epoch = _best(history.values, metric.direction)
+    # Copied now: testing the best checkpoint restores the callbacks' states as they were
+    # at that epoch, which would cut the history off there.
+    values, all_values = list(history.values), list(history.all_values)
+    value, best_epoch = _best(values, metric.direction)
     test_value: float | None = None
     test_metrics: dict[str, float] = {}
     if evaluate_test is None:
@@ -321,9 +324,9 @@ def fit_config(
         value=value,
         test_value=test_value,
         **_baselines(data),
-        history=history.values,
+        history=values,
         best_epoch=best_epoch,
-        val_metrics=history.all_values[best_epoch] if best_epoch is not None else {},
+        val_metrics=all_values[best_epoch] if best_epoch is not None else {},
         test_metrics=test_metrics,
         checkpoint=checkpoint.best_model_path
         if checkpoint and checkpoint.best_model_path

@@ -502,3 +502,23 @@ def test_refit_misuse_exits_2_and_writes_nothing(
     assert "Traceback" not in proc.stderr
     assert says in proc.stderr, proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_the_reported_history_holds_every_epoch_when_the_best_is_not_the_last(
+    tmp_path: Path,
+) -> None:
+    """Testing the best checkpoint restores the callbacks' states of its epoch; the result's
+    history must still be every epoch's validation metric (it once stopped at the best)."""
+    noisy = {**TINY_ADDING, "params": {**TINY_ADDING["params"], "lr": 0.2, "max_epochs": 4}}
+    write_config(tmp_path / "config.yaml", noisy)
+
+    proc = run_cli("train", "config.yaml", "--out", "run", "--json", *CPU, cwd=tmp_path)
+
+    assert proc.returncode == 0, proc.stderr
+    summary = last_json(proc)
+    assert summary["best_epoch"] < 3  # the precondition: a later epoch was worse
+    assert len(summary["history"]) == 4
+    assert summary["history"][summary["best_epoch"]] == summary["value"] == min(summary["history"])
+    assert (
+        json.loads((tmp_path / "run" / "result.json").read_text())["history"] == summary["history"]
+    )
