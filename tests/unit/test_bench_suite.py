@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from bench.evaluate import KNOWN_FAMILIES, TASKS, family_spec, load_base_spec
@@ -135,7 +137,7 @@ def test_refit_pairs_are_compared_per_seed_in_the_better_direction() -> None:
     tested paired; failed runs are left out of the pairs."""
     from bench.refit_paired import compare
 
-    rmse = [
+    rmse: list[dict[str, Any]] = [
         {"validated": 20.0, "refit": 18.0},
         {"validated": 22.0, "refit": 21.0},
         {"validated": 19.0, "refit": 19.0},
