@@ -149,7 +149,7 @@ def train(
     A config that is not valid (or data that do not fit it), and a checkpoint that cannot
     be read or does not fit the config, exit 2 with the reasons; a training failure exits 1.
     """
-    from service.search_space import load_config_file
+    from service.search_space import check_refit, load_config_file
 
     if evaluate is not None and init_from is not None:
         _usage_error("--evaluate and --init-from exclude each other: --evaluate trains nothing")
@@ -171,8 +171,14 @@ def train(
     if config is not None:
         try:
             resolved = load_config_file(config)
+            if refit:  # before torch is imported, as every check of the config
+                check_refit(resolved.params, refit_epochs, epochs_name="--refit-epochs")
         except LstmHpoError as err:  # InvalidConfig / InvalidSpec: it never raises anything else
+            if isinstance(err, InvalidSpec) and all(e.loc == "--refit-epochs" for e in err.errors):
+                _usage_error("; ".join(str(e) for e in err.errors))  # the config is fine
             raise _fail(err, 2) from None
+    if out is not None:
+        _check_out_dir(out, ("selection",) if refit and refit_epochs is None else ())
     # torch + Lightning take seconds to import: only once the config is known to be good.
     from service.training.fit import (
         configure_torch_threads,
@@ -210,6 +216,7 @@ def train(
                 progress=sys.stderr.isatty(),
                 accelerator=accelerator,
                 data_roots=data_roots,
+                on_phase=None if json_output else lambda say: console.print(escape(say)),
             )
         else:
             result = fit_config(
@@ -226,6 +233,9 @@ def train(
         raise _fail(err) from None
     except RuntimeError as err:  # DivergedError and CUDA OOM are RuntimeErrors
         err_console.print(f"[red]training failed:[/red] {err}")
+        raise typer.Exit(1) from None
+    except OSError as err:  # the disk filled up, --out vanished: what no check can foresee
+        err_console.print(f"[red]error:[/red] {escape(str(err))}")
         raise typer.Exit(1) from None
     if json_output:
         print(json.dumps(result.summary()))
@@ -259,6 +269,22 @@ def _refit_rows(table: Table, result: FitResult) -> None:
             f"test {_fmt(selection['test_value'])}",
         )
     table.add_row("refit", f"{epochs} epoch(s) on train + validation")
+
+
+def _check_out_dir(out: Path, subdirs: tuple[str, ...] = ()) -> None:
+    """Exit 2 naming ``--out`` when training could not write there: it, or a directory it
+    needs (``subdirs`` inside it, or an ancestor), is a file, or the nearest directory that
+    exists is not writable (permissions, a read-only file system). Creates nothing."""
+    for path in (out, *(out / sub for sub in subdirs)):
+        if path.exists() and not path.is_dir():
+            _usage_error(f"--out {out}: {path} is a file, not a directory")
+    existing = out
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        _usage_error(f"--out {out}: {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        _usage_error(f"--out {out}: cannot write in {existing} (permissions or read-only)")
 
 
 def _usage_error(message: str) -> typer.Exit:

@@ -458,6 +458,33 @@ class ResolvedConfig(_Frozen):
         return dump_yaml(self.model_dump(mode="json", exclude_none=True))
 
 
+def check_refit(params: LSTMConfig, epochs: int | None, *, epochs_name: str = "epochs") -> None:
+    """Raise :class:`InvalidConfig` when ``params`` cannot be refit on train + validation
+    (``service.training.fit.refit_config``) for ``epochs`` (None: the validated fit's):
+    ``params.lr_schedule`` plateau follows a validation metric a refit trains on, and a
+    refit longer than ``max_epochs`` would run past the LR schedule (a cosine spans it).
+    ``epochs_name`` names the epochs where the message shows them (the CLI's flag)."""
+    errors = []
+    if params.lr_schedule == "plateau":
+        errors.append(
+            FieldError(
+                "params.lr_schedule",
+                "plateau follows the validation metric, which a refit trains on: refit only "
+                "configs with lr_schedule none, step or cosine",
+            )
+        )
+    if epochs is not None and not 1 <= epochs <= params.max_epochs:
+        errors.append(
+            FieldError(
+                epochs_name,
+                f"{epochs} must be 1..params.max_epochs ({params.max_epochs}): the LR "
+                "schedule spans max_epochs; raise it in the config to refit longer",
+            )
+        )
+    if errors:
+        raise InvalidConfig(errors)
+
+
 _BIDIRECTIONAL_LM = "not allowed for task kind char_lm (a language model must not see the future)"
 
 # --------------------------------------------------------------------------------------

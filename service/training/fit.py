@@ -21,8 +21,13 @@ from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.utilities.seed import isolate_rng
 
-from service.errors import FieldError, InvalidConfig
-from service.search_space import Direction, ResolvedConfig, TaskMetric, task_metric
+from service.search_space import (
+    Direction,
+    ResolvedConfig,
+    TaskMetric,
+    check_refit,
+    task_metric,
+)
 from service.training.checkpoints import SavedModel, load_model_weights
 from service.training.data import TaskData, build_task_data
 from service.training.data.base import InMemoryDataModule
@@ -349,6 +354,7 @@ def refit_config(
     progress: bool = False,
     accelerator: str = "auto",
     data_roots: tuple[Path, ...] | None = None,
+    on_phase: Callable[[str], None] | None = None,
 ) -> FitResult:
     """Retrain ``config`` on the train and validation splits together, for the number of
     epochs its validated fit peaked at, and score the final weights on the test split.
@@ -368,37 +374,19 @@ def refit_config(
     ``best_epoch`` are the validated fit's (None when ``epochs`` was given): validation
     scores of the refit model would be on data it trained on. ``refit`` holds
     ``epochs``, ``splits`` and ``selection`` (the validated fit's value, best epoch and
-    test scores, for comparison).
+    test scores, for comparison). ``on_phase`` is told, in a line, when each fit starts.
 
-    Raises :class:`~service.errors.InvalidConfig` naming ``params.lr_schedule`` for the
-    plateau schedule (it follows a validation metric a refit does not have) and
-    ``params.max_epochs`` when ``epochs`` exceeds it; RuntimeError when the validated fit
-    has no epoch with a finite metric; the errors of :func:`fit_config` otherwise.
+    Raises :class:`~service.errors.InvalidConfig` as
+    :func:`~service.search_space.check_refit` does (the plateau schedule; ``epochs``
+    outside 1..max_epochs); RuntimeError when the validated fit has no epoch with a finite
+    metric; the errors of :func:`fit_config` otherwise.
     """
     params = config.params
-    if params.lr_schedule == "plateau":
-        raise InvalidConfig(
-            [
-                FieldError(
-                    "params.lr_schedule",
-                    "plateau follows the validation metric, which a refit trains on: "
-                    "refit only configs with lr_schedule none, step or cosine",
-                )
-            ]
-        )
-    if epochs is not None and not 1 <= epochs <= params.max_epochs:
-        raise InvalidConfig(
-            [
-                FieldError(
-                    "params.max_epochs",
-                    f"a refit of {epochs} epochs is more than max_epochs "
-                    f"({params.max_epochs}), which the LR schedule spans: raise max_epochs "
-                    "in the config to refit longer",
-                )
-            ]
-        )
+    check_refit(params, epochs)
+    say = on_phase or (lambda _: None)
     selection: FitResult | None = None
     if epochs is None:
+        say(f"1/2 validated fit (train; validation picks the epoch) -> {out_dir / 'selection'}")
         selection = fit_config(
             config,
             out_dir=out_dir / "selection",
@@ -409,6 +397,7 @@ def refit_config(
         if selection.best_epoch is None:
             raise RuntimeError("refit: the validated fit had no epoch with a finite metric")
         epochs = selection.best_epoch + 1
+        say(f"2/2 refit: {epochs} epoch(s) on train + validation -> {out_dir}")
     metric, data, model = _prepare(config, None, data_roots)
     if not isinstance(data.datamodule, InMemoryDataModule):
         raise TypeError(f"{config.task.kind}: its data module cannot train on validation")

@@ -482,7 +482,7 @@ def test_refit_trains_on_train_and_validation_for_the_validated_best_epochs(
         ({}, ("--refit", "--evaluate", "a.ckpt"), "--evaluate trains nothing"),
         ({}, ("--refit-epochs", "2", "--init-from", "a.ckpt"), "--init-from fine-tunes"),
         ({}, ("--refit-epochs", "0"), "Invalid value for '--refit-epochs'"),
-        ({}, ("--refit-epochs", "4"), "params.max_epochs: a refit of 4 epochs is more than"),
+        ({}, ("--refit-epochs", "4"), "--refit-epochs: 4 must be 1..params.max_epochs (3)"),
         ({"lr_schedule": "plateau"}, ("--refit",), "params.lr_schedule: plateau follows the"),
     ],
     ids=["evaluate", "init-from", "zero-epochs", "past-max-epochs", "plateau"],
@@ -522,3 +522,30 @@ def test_the_reported_history_holds_every_epoch_when_the_best_is_not_the_last(
     assert (
         json.loads((tmp_path / "run" / "result.json").read_text())["history"] == summary["history"]
     )
+
+
+@pytest.mark.parametrize(
+    ("file", "args", "says"),
+    [
+        ("run", (), "--out run: run is a file, not a directory"),
+        ("run", ("--refit",), "--out run: run is a file, not a directory"),
+        ("deep", ("--out", "deep/run"), "--out deep/run: deep is a file, not a directory"),
+        ("run/selection", ("--refit",), "--out run: run/selection is a file, not a directory"),
+    ],
+    ids=["out-is-a-file", "refit-out-is-a-file", "parent-is-a-file", "selection-is-a-file"],
+)
+def test_an_out_that_cannot_be_written_exits_2_before_training(
+    tmp_path: Path, file: str, args: tuple[str, ...], says: str
+) -> None:
+    write_config(tmp_path / "config.yaml", TINY_ADDING)
+    (tmp_path / file).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / file).write_text("not a directory\n")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    out = () if "--out" in args else ("--out", "run")
+
+    proc = run_cli("train", "config.yaml", *args, *out, *CPU, cwd=tmp_path)
+
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert says in proc.stderr, proc.stderr
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before

@@ -58,22 +58,28 @@ def test_the_refit_trains_on_train_then_validation_and_scores_the_same_splits(ki
     assert targets(module.test_dataloader()) == test_before
 
 
-def test_stateful_streams_are_served_in_order_train_rows_then_validation_rows() -> None:
+def test_a_stateful_refit_is_one_stream_over_train_then_validation_text() -> None:
+    """Each row of a stateful refit is one contiguous piece of the train-then-validation text
+    (a carried state always continues its own text), served in order, never shuffled."""
     data = build("char_lm", stateful=True, bptt=25, batch_size=4)
     module = data.datamodule
-    module.train_on_val = True  # type: ignore[attr-defined]
-    loader = module.train_dataloader()
-
-    batches = list(loader)
     train = module._train  # type: ignore[attr-defined]
     val = module._val  # type: ignore[attr-defined]
     assert isinstance(train, StreamBatches) and isinstance(val, StreamBatches)
-    assert len(batches) == len(train) + len(val)
-    expected = [train[i] for i in range(len(train))] + [val[i] for i in range(len(val))]
-    for (x, y), (ex, ey) in zip(batches, expected, strict=True):
-        assert torch.equal(x, ex) and torch.equal(y, ey)  # whole stream pieces, never shuffled
-    # Row r of the validation stream continues the same row index: one (streams, T) batch.
-    assert batches[len(train)][0].shape[0] == train.rows.shape[0]
+    module.train_on_val = True  # type: ignore[attr-defined]
+
+    batches = list(module.train_dataloader())
+
+    x = torch.cat([b[0] for b in batches], dim=1)
+    y = torch.cat([b[1] for b in batches], dim=1)
+    assert x.shape[0] == 4 and torch.equal(x[:, 1:], y[:, :-1])  # targets: inputs shifted
+    text = torch.cat([train.rows.flatten(), val.rows.flatten()])
+    rows = torch.cat([x[:, :1], y], dim=1)
+    for r in range(4):  # row r is the r-th quarter of the joined text, in order
+        start = r * rows.shape[1]
+        assert torch.equal(rows[r], text[start : start + rows.shape[1]])
+    assert rows.numel() > train.rows.numel()  # validation text was added
+    assert len(list(module.train_dataloader())) == len(batches)  # the same each epoch
 
 
 def test_a_data_module_trains_on_train_only_unless_asked() -> None:

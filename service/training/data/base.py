@@ -60,9 +60,9 @@ class InMemoryDataModule(L.LightningDataModule):
     cost. The shuffle order comes from torch's global RNG, which ``seed_everything`` sets.
 
     ``train_on_val`` (a refit, :func:`service.training.fit.refit_config`): the training
-    loader serves the train split followed by the validation split (shuffled together
-    unless the task keeps order: char_lm's stateful streams are served train rows, then
-    validation rows). Validation then scores data the model has trained on.
+    loader serves the train and validation splits together (shuffled together; char_lm's
+    stateful streams are one stream over both texts). Validation then scores data the
+    model has trained on.
     """
 
     #: Train on train + validation (a refit); the splits themselves do not change.

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import ConcatDataset, DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from service.corpora import load_corpus, stdlib_corpus
 from service.data_checks import check_char_splits, check_stream_split, read_text_file, split_text
@@ -39,11 +39,18 @@ class CharLMDataModule(InMemoryDataModule):
         #: id -> character; id 0 is ``<unk>`` (a character the train split does not contain).
         self.vocab = vocab
 
+    def train_dataloader(self) -> DataLoader[Any]:
+        train, val = self._train, self._val
+        if self.train_on_val and isinstance(train, StreamBatches):
+            assert isinstance(val, StreamBatches)
+            # One stream over train + validation (the text is split in that order), cut into
+            # rows afresh: row r of a refit is one contiguous piece of text, as in a fit.
+            return self._loader(train.followed_by(val), shuffle=False)
+        return super().train_dataloader()
+
     def _loader(self, dataset: Dataset[Any], shuffle: bool) -> DataLoader[Any]:
-        parts = dataset.datasets if isinstance(dataset, ConcatDataset) else [dataset]
-        if all(isinstance(part, StreamBatches) for part in parts):
-            # Each item is already a whole batch, and the order is the point (a refit's
-            # validation rows continue its train rows: the text is split in that order).
+        if isinstance(dataset, StreamBatches):
+            # Each item is already a whole batch, and the order is the point.
             return DataLoader(dataset, batch_size=None, shuffle=False, num_workers=0)
         return super()._loader(dataset, shuffle)
 
@@ -68,6 +75,12 @@ class StreamBatches(Dataset[tuple[torch.Tensor, torch.Tensor]]):
             streams, length
         )
         self.bptt = bptt
+
+    def followed_by(self, other: StreamBatches) -> StreamBatches:
+        """This split's text and then ``other``'s (each as its rows hold it: without the few
+        characters each dropped), cut into this split's number of streams."""
+        ids = torch.cat([self.rows.flatten(), other.rows.flatten()]).numpy()
+        return StreamBatches(ids, self.rows.shape[0], self.bptt)
 
     def __len__(self) -> int:
         return math.ceil((self.rows.shape[1] - 1) / self.bptt)
