@@ -246,6 +246,8 @@ def train(
         table.add_row("validation before training", _fmt(result.initial_value))
     if result.refit is not None:
         _refit_rows(table, result)
+        if evaluate is not None:
+            table.add_row("validation", _fmt(result.value) + " (trained on: not held out)")
     elif evaluate is not None:
         table.add_row("validation", _fmt(result.value) + f" (weights of epoch {result.best_epoch})")
     else:

@@ -51,6 +51,10 @@ _SAFE_GLOBALS: list[Any] = [
 _REFUSED = re.compile(r"(?i)unsupported (?:global: )?GLOBAL ([\w.]+)|but got <class '([\w.]+)'>")
 
 
+#: The checkpoint key a refit (``fit.refit_config``) records itself under.
+REFIT_KEY = "lstm_hpo_refit"
+
+
 @dataclass(frozen=True)
 class SavedModel:
     """The model in a checkpoint file: its config, problem, task and weights."""
@@ -63,6 +67,9 @@ class SavedModel:
     #: The (0-based) epoch whose weights these are; None when the file does not say.
     epoch: int | None
     state_dict: Mapping[str, Tensor]
+    #: A refit's record (``{"epochs": N, "splits": "train+val"}``: its validation split was
+    #: trained on); None for a fit on the train split.
+    refit: Mapping[str, Any] | None = None
 
 
 def read_model_checkpoint(path: Path) -> SavedModel:
@@ -115,6 +122,7 @@ def read_model_checkpoint(path: Path) -> SavedModel:
         task=dict(task) if isinstance(task, Mapping) else None,
         epoch=int(epoch) if isinstance(epoch, int) else None,
         state_dict=raw["state_dict"],
+        refit=dict(raw[REFIT_KEY]) if isinstance(raw.get(REFIT_KEY), Mapping) else None,
     )
 
 

@@ -28,7 +28,7 @@ from service.search_space import (
     check_refit,
     task_metric,
 )
-from service.training.checkpoints import SavedModel, load_model_weights
+from service.training.checkpoints import REFIT_KEY, SavedModel, load_model_weights
 from service.training.data import TaskData, build_task_data
 from service.training.data.base import InMemoryDataModule
 from service.training.model import count_parameters
@@ -184,6 +184,19 @@ class RngStates(Callback):
         # Lightning restores callback states before the first epoch's data loader draws
         # its shuffle seed: from here on the RNG streams continue as they were.
         _set_rng_states(state_dict["rng"])
+
+
+class RefitRecord(Callback):
+    """Writes a refit's record into its checkpoints (``checkpoints.REFIT_KEY``), so that
+    ``train --evaluate`` can say the validation split was trained on."""
+
+    def __init__(self, record: Mapping[str, Any]) -> None:
+        self.record = dict(record)
+
+    def on_save_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        checkpoint[REFIT_KEY] = self.record
 
 
 @dataclass(frozen=True)
@@ -406,12 +419,13 @@ def refit_config(
     (out_dir / "config.yaml").write_text(config.to_yaml(), encoding="utf-8")
     # monitor=None: the last epoch's weights (there is no unseen validation to pick by).
     checkpoint = ModelCheckpoint(dirpath=out_dir, filename="refit", enable_version_counter=False)
+    record = {"epochs": epochs, "splits": "train+val"}
     trainer = _trainer(
         max_epochs=epochs,
         accelerator=accelerator,
         devices=1,
         gradient_clip_val=params.grad_clip or None,
-        callbacks=[checkpoint],
+        callbacks=[RefitRecord(record), checkpoint],
         logger=L.pytorch.loggers.CSVLogger(out_dir, name="", version=""),
         limit_val_batches=0,
         enable_progress_bar=progress,
@@ -440,7 +454,7 @@ def refit_config(
         test_metrics=test_metrics,
         checkpoint=checkpoint.best_model_path or None,
         description=f"{data.description}; refit on train + val for {epochs} epoch(s)",
-        refit={"epochs": epochs, "splits": "train+val", "selection": chosen},
+        refit={**record, "selection": chosen},
     )
     (out_dir / "result.json").write_text(json.dumps(result.summary(), indent=2) + "\n")
     return result
@@ -469,8 +483,10 @@ def evaluate_checkpoint(
 
     The data are built exactly as :func:`fit_config` builds them (same seed, same splits),
     so the best checkpoint of a fit scores what that fit reported. ``value`` is the
-    validation metric, ``best_epoch`` the epoch the weights are from, ``history`` empty.
-    Raises :class:`~service.errors.CheckpointMismatch` as :func:`fit_config` does.
+    validation metric, ``best_epoch`` the epoch the weights are from, ``history`` empty;
+    ``refit`` the checkpoint's refit record (its validation split was trained on: ``value``
+    is then no held-out score). Raises :class:`~service.errors.CheckpointMismatch` as
+    :func:`fit_config` does.
     """
     metric, data, model = _prepare(config, saved, data_roots)
     val_metrics = _score_all(model, data, "val", accelerator)
@@ -486,6 +502,7 @@ def evaluate_checkpoint(
         best_epoch=saved.epoch,
         checkpoint=str(saved.path),
         description=data.description,
+        refit={**saved.refit, "selection": None} if saved.refit else None,
     )
 
 

@@ -473,7 +473,14 @@ def test_refit_trains_on_train_and_validation_for_the_validated_best_epochs(
     scored = run_cli("train", "--evaluate", tmp_path / "refit" / "refit.ckpt", "--json", *CPU,
                      cwd=tmp_path)  # fmt: skip
     assert scored.returncode == 0, scored.stderr
-    assert last_json(scored)["test_value"] == pytest.approx(summary["test_value"], rel=1e-6)
+    rescored = last_json(scored)
+    assert rescored["test_value"] == pytest.approx(summary["test_value"], rel=1e-6)
+    # The checkpoint says it is a refit: its validation score is on data it trained on.
+    assert rescored["refit"] == {"epochs": epochs, "splits": "train+val", "selection": None}
+    plain = run_cli("train", "--evaluate", tmp_path / "refit" / "selection" / "best.ckpt",
+                    "--json", *CPU, cwd=tmp_path)  # fmt: skip
+    assert plain.returncode == 0, plain.stderr
+    assert last_json(plain)["refit"] is None
 
 
 @pytest.mark.parametrize(
