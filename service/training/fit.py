@@ -375,8 +375,8 @@ def refit_config(
     The refit of early stopping in Goodfellow, Bengio & Courville, *Deep Learning* (2016),
     sec. 7.8 (its first strategy: retrain from scratch on all the data for the epochs the
     validated run took), and scikit-learn's ``refit``: the validation split chose the
-    config and its epoch count; it then trains too. It pays where data are scarce
-    (JapaneseVowels' validation split is a fifth of its training sequences).
+    config and its epoch count; it then trains too. Measured on the bundled JapaneseVowels
+    and airline tasks (BENCHMARKS.md, "Refitting the finalist"): no gain, paired over seeds.
 
     ``epochs`` None: first fit ``config`` as :func:`fit_config` does (into
     ``out_dir/selection``: validated, early stopping as configured), then refit for its
