@@ -55,6 +55,7 @@ from bench.harness import (
     add_workers_option,
     exit_on_sigterm,
     importances,
+    machine_line,
     plot_importances,
     positive_float,
     positive_int,
@@ -199,8 +200,7 @@ def markdown(results: dict[str, Any]) -> str:
     m = results["machine"]
     lines = [
         f"Command: `{results['command']}`  ",
-        f"Machine: {m['cores']} cores ({m['cpu']}), GPU: {m['gpu'] or 'none'}; Python "
-        f"{m['python']}, torch {m['torch']}; {m['date']}; commit {m['commit']}.  ",
+        f"{machine_line(m)}  ",
         f"Budget: {results['budget_minutes']:g} min of search per study, "
         f"{results['workers']} worker process(es) x 1 thread; seeds "
         f"{', '.join(map(str, results.get('seed_list') or range(results['seeds'])))}.",

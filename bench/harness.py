@@ -464,6 +464,14 @@ def add_workers_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def machine_line(m: Mapping[str, Any]) -> str:
+    """A :class:`Machine` (as JSON) in the words every summary.md uses."""
+    return (
+        f"Machine: {m['cores']} cores ({m['cpu']}), GPU: {m['gpu'] or 'none'}; Python "
+        f"{m['python']}, torch {m['torch']}; {m['date']}; commit {m['commit']}."
+    )
+
+
 def to_jsonable(obj: Any) -> Any:
     """Dataclasses (nested) as dicts, for ``json.dumps``."""
     if hasattr(obj, "__dataclass_fields__"):

@@ -32,6 +32,7 @@ from bench.harness import (
     Machine,
     StudyRun,
     add_workers_option,
+    machine_line,
     positive_int,
     retrain_all,
     to_jsonable,
@@ -93,13 +94,7 @@ def compare(records: list[dict[str, Any]], maximize: bool) -> dict[str, Any]:
 
 
 def markdown(results: dict[str, Any]) -> str:
-    m = results["machine"]
-    lines = [
-        f"Command: `{results['command']}`  ",
-        f"Machine: {m['cores']} cores ({m['cpu']}), GPU: {m['gpu'] or 'none'}; torch "
-        f"{m['torch']}; {m['date']}; commit {m['commit']}.",
-        "",
-    ]
+    lines = [f"Command: `{results['command']}`  ", machine_line(results["machine"]), ""]
     for task, t in results["tasks"].items():
         lines += [
             f"#### {task} — {t['label']} ({'higher' if t['maximize'] else 'lower'} is better)",

@@ -37,6 +37,7 @@ from bench.harness import (
     add_workers_option,
     exit_on_sigterm,
     importances,
+    machine_line,
     plot_importances,
     positive_float,
     positive_int,
@@ -137,8 +138,7 @@ def markdown(results: Mapping[str, Any]) -> str:
     m = results["machine"]
     lines = [
         f"Command: `{results['command']}`  ",
-        f"Machine: {m['cores']} cores ({m['cpu']}), GPU: {m['gpu'] or 'none'}; {m['date']}; "
-        f"commit {m['commit']}. Task {results['task']}, {results['budget_minutes']:g} min "
+        f"{machine_line(m)} Task {results['task']}, {results['budget_minutes']:g} min "
         f"per study, {results['workers']} worker(s).",
         "",
         "| configuration | best per seed | trials/h | pruned / trials |",

@@ -98,7 +98,15 @@ def test_compare_counts_seeds_where_each_pruned_tpe_is_better_or_equal() -> None
 
 def test_the_summary_tables_each_pruned_configuration_against_each_unpruned_one() -> None:
     runs = {"tpe_median": [run(0.1, 40, 10)], "tpe": [run(0.2, 10, 0)]}
-    machine = {"cores": 2, "cpu": "x", "gpu": None, "date": "d", "commit": "c"}
+    machine = {
+        "cores": 2,
+        "cpu": "x",
+        "gpu": None,
+        "python": "3.11",
+        "torch": "2.13",
+        "date": "d",
+        "commit": "c",
+    }
     results = {
         "command": "c",
         "machine": machine,
