@@ -1126,7 +1126,19 @@ def _confirmation_view(result: ConfirmationPublic) -> Group:
             f"[{_fmt(c.test.ci95_low)}, {_fmt(c.test.ci95_high)}]",
             f"{c.validation.n}/{len(result.seeds)}",
         )
-    return Group(table, Text(result.verdict))
+    # The test metrics a task reports beside the ranked one's twin (accuracy for classify).
+    twin = "test_" + result.metric.removeprefix("val_")
+    names = sorted({n for c in result.configs for n in c.test_metrics} - {twin})
+    lines = [
+        f"{name}, mean +- sd over seeds: "
+        + "; ".join(
+            f"#{c.rank} {_fmt(m.mean)} +- {_fmt(m.sd)}"
+            for c in result.configs
+            if (m := c.test_metrics.get(name)) is not None
+        )
+        for name in names
+    ]
+    return Group(table, *(Text(line) for line in lines), Text(result.verdict))
 
 
 def _best_confirmation(client: Client, study_id: str) -> RenderableType | None:

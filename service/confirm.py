@@ -39,7 +39,7 @@ import math
 import statistics
 from collections.abc import Mapping, Sequence
 from contextlib import suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from itertools import count
 from typing import Any
@@ -77,6 +77,7 @@ from service.states import (
     CONFIRMATION_ATTR,
     CONFIRMED_BY_PREFIX,
     NOTES_ATTR,
+    TEST_METRICS_ATTR,
     TEST_VALUE_ATTR,
 )
 
@@ -543,6 +544,8 @@ class _Runs:
     config: _Config
     validation: dict[int, float]
     test: dict[int, float]
+    #: Every test metric's values by seed, by the metric's name.
+    test_metrics: dict[str, dict[int, float]] = field(default_factory=dict)
 
 
 def _result(backend: studies.Backend, job: queue.JobRecord) -> ConfirmationPublic:
@@ -598,6 +601,10 @@ def _runs(
         test = trial.user_attrs.get(TEST_VALUE_ATTR)
         if isinstance(test, int | float) and math.isfinite(test):
             runs[i].test.setdefault(seed, float(test))
+        metrics = trial.user_attrs.get(TEST_METRICS_ATTR)
+        for name, value in (metrics if isinstance(metrics, dict) else {}).items():
+            if isinstance(value, int | float) and math.isfinite(value):
+                runs[i].test_metrics.setdefault(str(name), {}).setdefault(seed, float(value))
     return runs
 
 
@@ -630,6 +637,7 @@ def _config_public(rank: int, run: _Runs, seeds: Sequence[int]) -> ConfirmedConf
         params=run.config.params,
         validation=_metric_public(run.validation),
         test=_metric_public(run.test),
+        test_metrics={name: _metric_public(v) for name, v in sorted(run.test_metrics.items())},
         missing_seeds=[s for s in seeds if s not in run.validation],
     )
 

@@ -218,6 +218,9 @@ class ConfirmedConfigPublic(_Public):
     params: dict[str, Any]
     validation: MetricSummaryPublic
     test: MetricSummaryPublic
+    #: Every test-split metric by its name (``test_loss``, ``test_acc`` for classify, ...):
+    #: what a task reports beside the ranked one (accuracy of a cross-entropy search).
+    test_metrics: dict[str, MetricSummaryPublic] = {}
     #: Seeds with no completed trial (yet): failed, or not run yet.
     missing_seeds: list[int]
 

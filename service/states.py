@@ -134,6 +134,9 @@ PREEMPTED_ATTR = "preempted"
 #: Trial of a confirmation study (``study.confirm_of``, :mod:`service.confirm`): its metric
 #: on the test split (its value stays the validation metric).
 TEST_VALUE_ATTR = "test_value"
+#: Trial of a confirmation study: every test-split metric by its logged name
+#: (``test_loss``, ``test_acc``, ...): what a task reports beside the ranked one.
+TEST_METRICS_ATTR = "test_metrics"
 #: Study: on a confirmation study, what it confirms (the original study's id, the seeds,
 #: and each confirmed config's trial number, search value and params).
 CONFIRMATION_ATTR = "lstm_hpo:confirmation"

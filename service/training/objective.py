@@ -40,6 +40,7 @@ from service.states import (
     CONFIG_ATTR,
     RESUMED_FROM_ATTR,
     RETRY_OF_ATTR,
+    TEST_METRICS_ATTR,
     TEST_VALUE_ATTR,
     VAL_METRICS_ATTR,
 )
@@ -151,6 +152,7 @@ def run_trial(
         trial.set_user_attr(VAL_METRICS_ATTR, result.val_metrics)
     if result.test_value is not None:  # a confirmation study's trial (service.confirm)
         trial.set_user_attr(TEST_VALUE_ATTR, result.test_value)
+        trial.set_user_attr(TEST_METRICS_ATTR, result.test_metrics)
     if result.value is None:
         raise RuntimeError(f"no finite validation {spec.metric.name} in any epoch")
     return result.value

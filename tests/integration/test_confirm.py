@@ -28,7 +28,7 @@ from service.client import Client
 from service.config import Settings
 from service.confirm import summarize
 from service.search_space import parse_spec
-from service.states import CONFIRMED_BY_PREFIX, JOB_ID_ATTR, TEST_VALUE_ATTR
+from service.states import CONFIRMED_BY_PREFIX, JOB_ID_ATTR, TEST_METRICS_ATTR, TEST_VALUE_ATTR
 from service.training.objective import run_trial
 from service.worker import Worker, WorkerOptions
 from tests.servers import InProcessServer, serve_in_thread
@@ -372,3 +372,6 @@ def test_a_real_confirmation_trial_scores_the_test_split() -> None:
         assert math.isfinite(value)
         test_value = trial.user_attrs.get(TEST_VALUE_ATTR)
         assert (isinstance(test_value, float) and math.isfinite(test_value)) is scored
+        # Every test metric too (what a task reports beside the ranked one).
+        metrics = trial.user_attrs.get(TEST_METRICS_ATTR)
+        assert (metrics is not None and metrics["test_mse"] == test_value) is scored

@@ -185,3 +185,32 @@ def test_the_synthetic_stand_in_test_value_is_deterministic_and_seeded() -> None
     )
     assert synthetic_test_value(config) == synthetic_test_value(config)
     assert synthetic_test_value(config) != synthetic_test_value(other)
+
+
+def test_every_test_metric_of_the_confirmed_trials_is_summarised_per_config() -> None:
+    """What a classify confirmation reports beside the ranked metric's test twin (test
+    cross-entropy): accuracy over the seeds; failed seeds, other configs and non-finite
+    values stay out."""
+    from service.confirm import _Config, _config_public, _runs
+    from service.states import TEST_METRICS_ATTR
+
+    configs = [_Config(3, 0.01, {"num_layers": 1}), _Config(5, 0.02, {"num_layers": 2})]
+    trials = []
+    for number, (layers, seed, acc) in enumerate(
+        [(1, 1000, 0.97), (1, 1001, 0.99), (2, 1000, 0.95), (2, 1001, float("nan"))]
+    ):
+        trial = _trial(number, 0.1, num_layers=layers, seed=seed)
+        trial.set_user_attr(TEST_METRICS_ATTR, {"test_acc": acc, "test_loss": 0.2})
+        trials.append(trial)
+    trials.append(_trial(9, 0.1, num_layers=3, seed=1000))  # not a confirmed config
+
+    one, two = (
+        _config_public(i + 1, r, [1000, 1001])
+        for i, r in enumerate(_runs(configs, [1000, 1001], trials))
+    )
+
+    assert one.test_metrics["test_acc"].mean == pytest.approx(0.98)
+    assert one.test_metrics["test_acc"].values == {1000: 0.97, 1001: 0.99}
+    assert one.test_metrics["test_acc"].sd == pytest.approx(0.0141421356)
+    assert two.test_metrics["test_acc"].values == {1000: 0.95}  # the NaN left out
+    assert sorted(one.test_metrics) == ["test_acc", "test_loss"]
