@@ -1127,7 +1127,9 @@ def _confirmation_view(result: ConfirmationPublic) -> Group:
             f"{c.validation.n}/{len(result.seeds)}",
         )
     # The test metrics a task reports beside the ranked one's twin (accuracy for classify).
-    twin = "test_" + result.metric.removeprefix("val_")
+    from service.search_space import stage_metric
+
+    twin = stage_metric(result.metric, "test")
     names = sorted({n for c in result.configs for n in c.test_metrics} - {twin})
     lines = [
         f"{name}, mean +- sd over seeds: "

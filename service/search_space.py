@@ -260,6 +260,12 @@ class TaskMetric:
     description: str
 
 
+def stage_metric(name: str, stage: str) -> str:
+    """A validation metric's name on another split, as the LightningModule logs it:
+    ``stage_metric("val_rmse", "test") == "test_rmse"``."""
+    return f"{stage}_" + name.removeprefix("val_")
+
+
 TASK_METRICS: Mapping[str, TaskMetric] = {
     "char_lm": TaskMetric("val_loss", "minimize", "validation cross-entropy, nats/char"),
     "forecast": TaskMetric("val_rmse", "minimize", "validation RMSE, original scale"),

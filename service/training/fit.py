@@ -26,6 +26,7 @@ from service.search_space import (
     ResolvedConfig,
     TaskMetric,
     check_refit,
+    stage_metric,
     task_metric,
 )
 from service.training.checkpoints import REFIT_KEY, SavedModel, load_model_weights
@@ -334,7 +335,7 @@ def fit_config(
         results = trainer.test(
             model, datamodule=data.datamodule, ckpt_path=ckpt, verbose=False, weights_only=False
         )
-        test_value = float(results[0]["test_" + metric.name.removeprefix("val_")])
+        test_value = float(results[0][stage_metric(metric.name, "test")])
         test_metrics = _stage_metrics(results[0], "test")
     result = FitResult(
         metric=metric.name,
@@ -446,7 +447,7 @@ def refit_config(
         metric=metric.name,
         direction=metric.direction,
         value=selection.value if selection else None,
-        test_value=test_metrics.get("test_" + metric.name.removeprefix("val_")),
+        test_value=test_metrics.get(stage_metric(metric.name, "test")),
         **_baselines(data),
         history=selection.history if selection else [],
         best_epoch=selection.best_epoch if selection else None,
@@ -495,7 +496,7 @@ def evaluate_checkpoint(
         metric=metric.name,
         direction=metric.direction,
         value=val_metrics.get(metric.name),
-        test_value=test_metrics.get("test_" + metric.name.removeprefix("val_")),
+        test_value=test_metrics.get(stage_metric(metric.name, "test")),
         **_baselines(data),
         val_metrics=val_metrics,
         test_metrics=test_metrics,
@@ -588,9 +589,7 @@ def _score(
     model: LSTMLightningModule, data: TaskData, stage: str, metric: str, accelerator: str
 ) -> float | None:
     """``model``'s ``metric`` (``val_*``) on the ``stage`` split (see :func:`_score_all`)."""
-    return _score_all(model, data, stage, accelerator).get(
-        f"{stage}_" + metric.removeprefix("val_")
-    )
+    return _score_all(model, data, stage, accelerator).get(stage_metric(metric, stage))
 
 
 def _score_all(
