@@ -21,6 +21,7 @@ from rich.text import Text
 from service.config import Settings
 from service.durations import fmt_duration
 from service.errors import CheckpointMismatch, InvalidSpec, LstmHpoError, SingleHostOnly
+from service.training.run_dir import SELECTION_DIR, clear_run_outputs
 
 if TYPE_CHECKING:
     from datetime import datetime
@@ -178,7 +179,7 @@ def train(
                 _usage_error("; ".join(str(e) for e in err.errors))  # the config is fine
             raise _fail(err, 2) from None
     if out is not None:
-        _check_out_dir(out, ("selection",) if refit and refit_epochs is None else ())
+        _check_out_dir(out, (SELECTION_DIR,) if refit and refit_epochs is None else ())
     # torch + Lightning take seconds to import: only once the config is known to be good.
     from service.training.fit import (
         configure_torch_threads,
@@ -196,6 +197,12 @@ def train(
     out_dir: Path | None = None
     if evaluate is None:
         out_dir = out or Path("runs") / f"{resolved.task.kind}-{time.strftime('%Y%m%d-%H%M%S')}"
+        inputs = [path for path in (config, init_from) if path is not None]
+        task_path = getattr(resolved.task, "path", None)
+        if task_path is not None:
+            roots = data_roots or (Path.cwd(),)
+            inputs += [Path(root, task_path).expanduser() for root in roots]
+        _replace_earlier_run(out_dir, inputs)
     if not json_output:
         action = f"Evaluating {evaluate}" if evaluate is not None else f"Training -> {out_dir}"
         if refit:
@@ -287,6 +294,19 @@ def _check_out_dir(out: Path, subdirs: tuple[str, ...] = ()) -> None:
         _usage_error(f"--out {out}: {existing} is a file, not a directory")
     if not os.access(existing, os.W_OK | os.X_OK):
         _usage_error(f"--out {out}: cannot write in {existing} (permissions or read-only)")
+
+
+def _replace_earlier_run(out_dir: Path, inputs: list[Path]) -> None:
+    """Clear what an earlier `train` left in ``out_dir`` (a directory holds one run: a plain
+    fit beside a refit's stale refit.ckpt would mislead), saying so on stderr. ``inputs``
+    (the config, checkpoint and data this run reads) stay, whatever their names."""
+    removed = clear_run_outputs(out_dir, keep=inputs)
+    if removed:
+        tops = (path.relative_to(out_dir).parts[0] for path in removed)
+        names = ", ".join(dict.fromkeys(f"{top}/" if top == SELECTION_DIR else top for top in tops))
+        err_console.print(
+            f"note: {escape(str(out_dir))} held an earlier run; removed {escape(names)}"
+        )
 
 
 def _usage_error(message: str) -> typer.Exit:

@@ -34,6 +34,7 @@ from service.training.data import TaskData, build_task_data
 from service.training.data.base import InMemoryDataModule
 from service.training.model import count_parameters
 from service.training.module import LSTMLightningModule
+from service.training.run_dir import SELECTION_DIR
 
 
 def silence_lightning() -> None:
@@ -400,10 +401,10 @@ def refit_config(
     say = on_phase or (lambda _: None)
     selection: FitResult | None = None
     if epochs is None:
-        say(f"1/2 validated fit (train; validation picks the epoch) -> {out_dir / 'selection'}")
+        say(f"1/2 validated fit (train; validation picks the epoch) -> {out_dir / SELECTION_DIR}")
         selection = fit_config(
             config,
-            out_dir=out_dir / "selection",
+            out_dir=out_dir / SELECTION_DIR,
             progress=progress,
             accelerator=accelerator,
             data_roots=data_roots,

@@ -556,3 +556,40 @@ def test_an_out_that_cannot_be_written_exits_2_before_training(
     assert "Traceback" not in proc.stderr
     assert says in proc.stderr, proc.stderr
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+def test_a_directory_holds_one_run_and_keeps_what_the_run_reads(tmp_path: Path) -> None:
+    """Training into an --out an earlier `train` used removes that run's files first (a plain
+    fit once sat beside a refit's stale refit.ckpt and selection/), says so, and keeps
+    anything else there and every file the new run reads (here its --init-from checkpoint,
+    inside the old selection/)."""
+    one_epoch = {**TINY_ADDING, "params": {**TINY_ADDING["params"], "max_epochs": 1}}
+    write_config(tmp_path / "config.yaml", one_epoch)
+    refit = run_cli("train", "config.yaml", "--refit", "--out", "run", "--json", *CPU,
+                    cwd=tmp_path)  # fmt: skip
+    assert refit.returncode == 0, refit.stderr
+    assert "held an earlier run" not in refit.stderr  # a new directory: nothing to say
+    (tmp_path / "run" / "notes.txt").write_text("mine\n")
+    selected = tmp_path / "run" / "selection" / "best.ckpt"
+
+    fine_tuned = run_cli("train", "config.yaml", "--init-from", selected, "--out", "run",
+                         "--json", *CPU, cwd=tmp_path)  # fmt: skip
+
+    assert fine_tuned.returncode == 0, fine_tuned.stderr
+    assert "note: run held an earlier run; removed selection/, config.yaml, refit.ckpt" in (
+        fine_tuned.stderr
+    )
+    assert last_json(fine_tuned)["init_from"] == str(selected)
+    left = {str(p.relative_to(tmp_path / "run")) for p in (tmp_path / "run").rglob("*")}
+    assert left == {"notes.txt", "selection", "selection/best.ckpt", *PLAIN_RUN_FILES}
+
+    plain = run_cli("train", "config.yaml", "--out", "run", "--json", *CPU, cwd=tmp_path)
+
+    assert plain.returncode == 0, plain.stderr
+    left = {str(p.relative_to(tmp_path / "run")) for p in (tmp_path / "run").rglob("*")}
+    assert left == {"notes.txt", *PLAIN_RUN_FILES}
+    assert (tmp_path / "run" / "notes.txt").read_text() == "mine\n"
+
+
+#: What a plain `train --out run` leaves in run/.
+PLAIN_RUN_FILES = ("best.ckpt", "config.yaml", "hparams.yaml", "metrics.csv", "result.json")
