@@ -9,17 +9,18 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+from rich import box
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
 from rich.markup import escape
-from rich.table import Table
+from rich.table import Column, Table
 from rich.text import Text
 
 from service.config import Settings
-from service.durations import fmt_duration
+from service.durations import fmt_duration, fmt_duration_short
 from service.errors import CheckpointMismatch, InvalidSpec, LstmHpoError, SingleHostOnly
 from service.training.run_dir import SELECTION_DIR, clear_run_outputs
 
@@ -29,7 +30,12 @@ if TYPE_CHECKING:
     from sqlalchemy.orm import Session, sessionmaker
 
     from service.client import Client
-    from service.schemas import ConfirmationPublic, ProgressPublic, StudyPublic
+    from service.schemas import (
+        ConfirmationPublic,
+        MetricSummaryPublic,
+        ProgressPublic,
+        StudyPublic,
+    )
     from service.search_space import ResolvedConfig
     from service.training.checkpoints import SavedModel
     from service.training.fit import FitResult
@@ -365,6 +371,7 @@ def _train_data_roots(path: str | None) -> tuple[Path, ...] | None:
     raise typer.Exit(2)
 
 
+STUDY_ID_HELP = "The study id, or its start (the 12 digits study tables show)."
 ServerOption = Annotated[
     str,
     typer.Option("--server", "-s", envvar="LSTM_HPO_SERVER", help="The lstm-hpo server URL."),
@@ -747,7 +754,9 @@ def submit(
 
 @app.command()
 def status(
-    study_id: Annotated[str | None, typer.Argument(help="A study id (none: list studies).")] = None,
+    study_id: Annotated[
+        str | None, typer.Argument(help=f"{STUDY_ID_HELP} None: list the studies.")
+    ] = None,
     server: ServerOption = DEFAULT_SERVER,
     token: TokenOption = None,
     watch: Annotated[
@@ -773,11 +782,11 @@ def status(
                 if json_output:
                     print(page.model_dump_json())
                     return
-                table = Table("id", "name", "state", "finished", "best", "task")
+                table = _study_table("state", "finished", "best", "task")
                 for s in page.items:
                     table.add_row(
-                        s.id,
-                        s.name,
+                        _short_id(s.id),
+                        escape(s.name),
                         s.state,
                         f"{s.n_finished}/{s.n_trials}",
                         _fmt(s.best_value),
@@ -785,6 +794,7 @@ def status(
                     )
                 console.print(table)
                 return
+            study_id = client.resolve(study_id)
             study = client.get(study_id)
             if json_output:
                 body = json.loads(study.model_dump_json())
@@ -911,39 +921,37 @@ def _studies_table(client: Client, limit: int) -> Table:
     from service.client import TERMINAL_STATES
 
     page = client.studies(limit=limit)
-    table = Table(
-        "id",
-        "name",
+    table = _study_table(
         "state",
-        "finished",
-        "running",
+        Column("trials", no_wrap=True),
         "best",
         "ETA",
-        "timeout left",
+        "timeout",
         "elapsed",
         title=f"{len(page.items)} of {page.total} studies, {time.strftime('%H:%M:%S')}",
+        caption="trials: finished+running/n_trials; timeout: what is left of study.timeout_s",
     )
     for s in page.items:
         found = None if s.state in TERMINAL_STATES else _progress_of(client, s.id)
-        eta = "-" if found is None or found.eta_s is None else f"~{fmt_duration(found.eta_s)}"
-        left = fmt_duration(found.timeout_left_s) if found is not None else "-"
+        eta = "-" if found is None or found.eta_s is None else f"~{fmt_duration_short(found.eta_s)}"
+        left = fmt_duration_short(found.timeout_left_s) if found is not None else "-"
+        running = f"+{s.counts.running}" if s.counts.running else ""
         table.add_row(
-            s.id,
+            _short_id(s.id),
             escape(s.name),
             str(s.state),
-            f"{s.n_finished}/{s.n_trials}",
-            str(s.counts.running),
+            f"{s.n_finished}{running}/{s.n_trials}",
             _fmt(s.best_value),
             eta,
             left,
-            fmt_duration(s.elapsed_s),
+            fmt_duration_short(s.elapsed_s),
         )
     return table
 
 
 @app.command()
 def report(
-    study_id: Annotated[str, typer.Argument(help="The study id.")],
+    study_id: Annotated[str, typer.Argument(help=STUDY_ID_HELP)],
     output: Annotated[
         Path | None,
         typer.Option(
@@ -962,6 +970,7 @@ def report(
 
     with Client(server, token=token, timeout=300) as client:
         try:
+            study_id = client.resolve(study_id)
             page = client.report(study_id, top_k=top_k)
             table = client.trials_csv(study_id)
         except LstmHpoError as err:
@@ -993,7 +1002,8 @@ def _print_study(study: StudyPublic) -> None:
         "trials",
         f"complete {c.complete}, pruned {c.pruned}, failed {c.failed}, running {c.running}",
     )
-    table.add_row("best", f"{_fmt(study.best_value)} (trial {study.best_trial_number})")
+    trial = "" if study.best_trial_number is None else f" (trial {study.best_trial_number})"
+    table.add_row("best", f"{_fmt(study.best_value)}{trial}")
     table.add_row("elapsed", f"{study.elapsed_s:.1f}s" if study.elapsed_s is not None else "-")
     table.add_row("dashboard", study.dashboard_url)
     if study.error:
@@ -1003,7 +1013,7 @@ def _print_study(study: StudyPublic) -> None:
 
 @app.command()
 def best(
-    study_id: Annotated[str, typer.Argument(help="The study id.")],
+    study_id: Annotated[str, typer.Argument(help=STUDY_ID_HELP)],
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="Write the config YAML here.")
     ] = None,
@@ -1020,6 +1030,7 @@ def best(
 
     with Client(server, token=token) as client:
         try:
+            study_id = client.resolve(study_id)
             text = client.best_yaml(study_id)
             if checkpoint is not None:
                 client.best_checkpoint(study_id, checkpoint)
@@ -1038,7 +1049,7 @@ def best(
 
 @app.command()
 def cancel(
-    study_id: Annotated[str, typer.Argument(help="The study id.")],
+    study_id: Annotated[str, typer.Argument(help=STUDY_ID_HELP)],
     server: ServerOption = DEFAULT_SERVER,
     token: TokenOption = None,
 ) -> None:
@@ -1047,7 +1058,7 @@ def cancel(
 
     with Client(server, token=token) as client:
         try:
-            study = client.cancel(study_id)
+            study = client.cancel(client.resolve(study_id))
         except LstmHpoError as err:
             raise _fail(err) from None
     console.print(f"{study.id}: {study.state}")
@@ -1055,7 +1066,7 @@ def cancel(
 
 @app.command()
 def extend(
-    study_id: Annotated[str, typer.Argument(help="The study id.")],
+    study_id: Annotated[str, typer.Argument(help=STUDY_ID_HELP)],
     n_trials: Annotated[int, typer.Option("--n-trials", "-n", help="Trials to add.", min=1)],
     server: ServerOption = DEFAULT_SERVER,
     token: TokenOption = None,
@@ -1065,7 +1076,7 @@ def extend(
 
     with Client(server, token=token) as client:
         try:
-            study = client.extend(study_id, n_trials)
+            study = client.extend(client.resolve(study_id), n_trials)
         except LstmHpoError as err:
             raise _fail(err, 2 if isinstance(err, InvalidSpec) else 1) from None
     console.print(f"{study.id}: {study.state}, {study.n_finished}/{study.n_trials} trials")
@@ -1073,7 +1084,7 @@ def extend(
 
 @app.command()
 def confirm(
-    study_id: Annotated[str, typer.Argument(help="The study id.")],
+    study_id: Annotated[str, typer.Argument(help=STUDY_ID_HELP)],
     *,
     top_k: Annotated[int, typer.Option("--top-k", help="How many of its best configs (1-20).")] = 3,
     seeds: Annotated[int, typer.Option("--seeds", help="New seeds per config (2-20).")] = 5,
@@ -1095,7 +1106,7 @@ def confirm(
 
     with Client(server, token=token) as client:
         try:
-            study = client.confirm(study_id, top_k=top_k, seeds=seeds)
+            study = client.confirm(client.resolve(study_id), top_k=top_k, seeds=seeds)
             err_console.print(
                 f"queued {study.name}: {study.n_trials} trials -> {study.dashboard_url}"
             )
@@ -1119,31 +1130,31 @@ def confirm(
 def _confirmation_view(result: ConfirmationPublic) -> Group:
     """A confirmation's configs (best first) and its verdict."""
     title = (
-        f"confirmation {result.id} of study {result.confirms} "
+        f"confirmation {_short_id(result.id)} of study {_short_id(result.confirms)} "
         f"({result.state}, {result.n_finished}/{result.n_trials} trials, seeds "
         f"{', '.join(map(str, result.seeds))})"
     )
     metric = escape(result.metric)
     table = Table(
-        "rank",
-        "trial",
-        "search",
-        f"val {metric} mean +- sd",
-        "val 95% CI",
-        "test mean +- sd",
-        "test 95% CI",
-        "seeds",
+        Column("rank", no_wrap=True),
+        Column("trial", no_wrap=True),
+        Column("search", no_wrap=True),
+        Column(f"val {metric}\nmean +- sd\n95% CI", no_wrap=True),
+        Column("test\nmean +- sd\n95% CI", no_wrap=True),
+        Column("seeds", no_wrap=True),
         title=escape(title),
+        box=box.SIMPLE_HEAD,
+        padding=(0, 1),
+        collapse_padding=True,
+        pad_edge=False,
     )
     for c in result.configs:
         table.add_row(
             str(c.rank),
             "-" if c.trial_number is None else str(c.trial_number),
             _fmt(c.search_value),
-            f"{_fmt(c.validation.mean)} +- {_fmt(c.validation.sd)}",
-            f"[{_fmt(c.validation.ci95_low)}, {_fmt(c.validation.ci95_high)}]",
-            f"{_fmt(c.test.mean)} +- {_fmt(c.test.sd)}",
-            f"[{_fmt(c.test.ci95_low)}, {_fmt(c.test.ci95_high)}]",
+            _mean_sd_ci(c.validation),
+            _mean_sd_ci(c.test),
             f"{c.validation.n}/{len(result.seeds)}",
         )
     # The test metrics a task reports beside the ranked one's twin (accuracy for classify).
@@ -1154,13 +1165,30 @@ def _confirmation_view(result: ConfirmationPublic) -> Group:
     lines = [
         f"{name}, mean +- sd over seeds: "
         + "; ".join(
-            f"#{c.rank} {_fmt(m.mean)} +- {_fmt(m.sd)}"
+            f"#{c.rank} {_mean_sd(m)}"
             for c in result.configs
             if (m := c.test_metrics.get(name)) is not None
         )
         for name in names
     ]
     return Group(table, *(Text(line) for line in lines), Text(result.verdict))
+
+
+def _mean_sd(summary: MetricSummaryPublic) -> str:
+    """``0.01823 +- 0.0042``: the mean to 4 significant digits, the sd to 2 (its own
+    precision over a handful of seeds is no better)."""
+    if summary.mean is None:
+        return "-"
+    if summary.sd is None:
+        return f"{summary.mean:.4g}"
+    return f"{summary.mean:.4g} +- {summary.sd:.2g}"
+
+
+def _mean_sd_ci(summary: MetricSummaryPublic) -> str:
+    """:func:`_mean_sd` and, under it, the 95% interval of the mean to 3 digits."""
+    if summary.ci95_low is None or summary.ci95_high is None:
+        return _mean_sd(summary)
+    return f"{_mean_sd(summary)}\n[{summary.ci95_low:.3g}, {summary.ci95_high:.3g}]"
 
 
 def _best_confirmation(client: Client, study_id: str) -> RenderableType | None:
@@ -1177,7 +1205,7 @@ def _best_confirmation(client: Client, study_id: str) -> RenderableType | None:
 
 @app.command()
 def delete(
-    study_id: Annotated[str, typer.Argument(help="The study id.")],
+    study_id: Annotated[str, typer.Argument(help=STUDY_ID_HELP)],
     server: ServerOption = DEFAULT_SERVER,
     token: TokenOption = None,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
@@ -1185,17 +1213,45 @@ def delete(
     """Delete a study and all its trials (a running study is cancelled first)."""
     from service.client import Client
 
-    if not yes:
-        if not sys.stdin.isatty():  # a script: never delete without being told to
-            err_console.print("[red]error:[/red] add --yes to delete without a terminal to ask")
-            raise typer.Exit(2)
-        typer.confirm(f"Delete study {study_id} and all its trials?", abort=True)
+    if not yes and not sys.stdin.isatty():  # a script: never delete without being told to
+        err_console.print("[red]error:[/red] add --yes to delete without a terminal to ask")
+        raise typer.Exit(2)
     with Client(server, token=token) as client:
         try:
+            study_id = client.resolve(study_id)
+            if not yes:
+                name = client.get(study_id).name
+                typer.confirm(f"Delete study {study_id} ({name}) and all its trials?", abort=True)
             client.delete(study_id)
         except LstmHpoError as err:
             raise _fail(err) from None
     console.print(f"{study_id}: deleted")
+
+
+#: Digits of a study id that tables show: every study command takes that short id (or
+#: any unique start of an id, :meth:`service.client.Client.resolve`), as docker shows 12.
+SHORT_ID = 12
+
+
+def _short_id(study_id: str) -> str:
+    return study_id[:SHORT_ID]
+
+
+def _study_table(*columns: str | Column, **options: Any) -> Table:
+    """A table of studies for an 80-column terminal: the short id first and never cut (it is
+    what users copy), the name folded onto more lines rather than cut, every other cell on
+    one line; rules under the header only."""
+    cells = (c if isinstance(c, Column) else Column(c, no_wrap=True) for c in columns)
+    return Table(
+        Column("id", no_wrap=True, min_width=SHORT_ID),
+        Column("name", overflow="fold", min_width=8),
+        *cells,
+        box=box.SIMPLE_HEAD,
+        padding=(0, 1),
+        collapse_padding=True,
+        pad_edge=False,
+        **options,
+    )
 
 
 def _fmt(value: float | None) -> str:

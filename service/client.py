@@ -39,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import sys
 import time
 import uuid
@@ -53,13 +54,17 @@ import httpx
 from pydantic import BaseModel
 
 from service.errors import (
+    AmbiguousStudyId,
     ApiError,
     FieldError,
     InvalidRequest,
     ServerUnreachable,
+    StudyNotFound,
     WaitTimeout,
 )
 from service.schemas import (
+    ID_PREFIX_PATTERN,
+    STUDY_ID_LENGTH,
     BestPublic,
     ConfirmationPublic,
     EstimatePublic,
@@ -212,9 +217,25 @@ class _Api:
     def get(self, study_id: str) -> _Program[StudyPublic]:
         return self.model(_Request("GET", _study(study_id)), StudyPublic)
 
-    def studies(self, state: str | None, limit: int, offset: int) -> _Program[Page[StudyPublic]]:
-        params = _params(state=state, limit=limit, offset=offset)
+    def studies(
+        self, state: str | None, limit: int, offset: int, id_prefix: str | None = None
+    ) -> _Program[Page[StudyPublic]]:
+        params = _params(state=state, id_prefix=id_prefix, limit=limit, offset=offset)
         return self.model(_Request("GET", "/v1/studies", params=params), Page[StudyPublic])
+
+    def resolve(self, study_id: str) -> _Program[str]:
+        short = study_id.strip().lower()
+        if len(short) == STUDY_ID_LENGTH or not re.fullmatch(ID_PREFIX_PATTERN, short):
+            return study_id  # a whole id, or not an id at all: the server says which
+        page = yield from self.studies(None, 3, 0, id_prefix=short)
+        if page.total == 1:
+            return page.items[0].id
+        if page.total == 0:
+            raise StudyNotFound(f"no study's id starts with {short}")
+        some = ", ".join(item.id[: len(short) + 4] + "..." for item in page.items)
+        raise AmbiguousStudyId(
+            f"{short} starts {page.total} studies' ids ({some}): give more of the id"
+        )
 
     def trials(
         self, study_id: str, state: str | None, limit: int, offset: int
@@ -521,10 +542,23 @@ class Client(_Base[httpx.Client]):
         return self._run(self._api.get(study_id))
 
     def list(
-        self, *, state: str | None = None, limit: int = 20, offset: int = 0
+        self,
+        *,
+        state: str | None = None,
+        limit: int = 20,
+        offset: int = 0,
+        id_prefix: str | None = None,
     ) -> Page[StudyPublic]:
-        """Studies, newest first (``state``: only those in it)."""
-        return self._run(self._api.studies(state, limit, offset))
+        """Studies, newest first (``state``: only those in it; ``id_prefix``: only those
+        whose id starts with it, 1-32 lowercase hex digits)."""
+        return self._run(self._api.studies(state, limit, offset, id_prefix))
+
+    def resolve(self, study_id: str) -> str:
+        """The whole id of the one study whose id starts with ``study_id`` (a short id as
+        ``lstm-hpo status`` shows it, any case); a whole id, or text that cannot start an
+        id, is returned unchanged without asking the server. Raises ``StudyNotFound`` when
+        no study of yours starts so, :class:`AmbiguousStudyId` when several do."""
+        return self._run(self._api.resolve(study_id))
 
     studies = list
 
@@ -659,9 +693,17 @@ class AsyncClient(_Base[httpx.AsyncClient]):
         return await self._run(self._api.get(study_id))
 
     async def list(
-        self, *, state: str | None = None, limit: int = 20, offset: int = 0
+        self,
+        *,
+        state: str | None = None,
+        limit: int = 20,
+        offset: int = 0,
+        id_prefix: str | None = None,
     ) -> Page[StudyPublic]:
-        return await self._run(self._api.studies(state, limit, offset))
+        return await self._run(self._api.studies(state, limit, offset, id_prefix))
+
+    async def resolve(self, study_id: str) -> str:
+        return await self._run(self._api.resolve(study_id))
 
     studies = list
 

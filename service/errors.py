@@ -76,6 +76,10 @@ class StudyNotFound(NotFound):
     """No study with that id."""
 
 
+class AmbiguousStudyId(LstmHpoError):
+    """A short study id that starts more than one study's id (client side: give more digits)."""
+
+
 class CheckpointMissing(NotFound):
     """The best trial has no stored checkpoint (a synthetic study trains none; or it was
     deleted: study.keep_checkpoints)."""

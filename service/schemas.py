@@ -24,6 +24,12 @@ class TrialCounts(_Public):
     waiting: int = 0
 
 
+#: A study id is 32 lowercase hex digits (uuid4().hex); any 1..32 of its first digits are a
+#: short id (``GET /v1/studies?id_prefix=``), as ``docker`` and ``git`` take one.
+STUDY_ID_LENGTH = 32
+ID_PREFIX_PATTERN = r"^[0-9a-f]{1,32}$"
+
+
 class StudyPublic(_Public):
     """One study as the API shows it."""
 

@@ -257,12 +257,19 @@ def list_studies(
     *,
     principal: Principal,
     state: str | None = None,
+    id_prefix: str | None = None,
     limit: int = 20,
     offset: int = 0,
 ) -> Page[StudyPublic]:
-    """The principal's studies (an admin's: all), newest first, optionally only in ``state``."""
+    """The principal's studies (an admin's: all), newest first, optionally only in ``state``
+    and only those whose id starts with ``id_prefix``."""
     jobs, total = queue.list_jobs(
-        backend.sessions, state=state, owner=principal.owner_filter, limit=limit, offset=offset
+        backend.sessions,
+        state=state,
+        owner=principal.owner_filter,
+        id_prefix=id_prefix,
+        limit=limit,
+        offset=offset,
     )
     items = [_study_public(backend, job, include_spec=False) for job in jobs]
     return Page[StudyPublic](items=items, total=total, limit=limit, offset=offset)

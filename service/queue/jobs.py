@@ -151,10 +151,12 @@ def list_jobs(
     *,
     state: JobState | str | None = None,
     owner: str | None = None,
+    id_prefix: str | None = None,
     limit: int = 50,
     offset: int = 0,
 ) -> tuple[list[JobRecord], int]:
-    """One page of jobs, newest first, and the total matching the filters."""
+    """One page of jobs, newest first, and the total matching the filters (``id_prefix``:
+    ids that start with it, as ``docker`` and ``git`` take a short id)."""
     if limit < 0 or offset < 0:
         raise ValueError("limit and offset must be >= 0")
 
@@ -164,6 +166,8 @@ def list_jobs(
             conditions.append(SearchJob.state == JobState(state))
         if owner is not None:
             conditions.append(SearchJob.owner == owner)
+        if id_prefix is not None:
+            conditions.append(SearchJob.id.startswith(id_prefix, autoescape=True))
         total = session.scalar(select(func.count()).select_from(SearchJob).where(*conditions))
         jobs = session.scalars(
             select(SearchJob)

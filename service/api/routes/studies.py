@@ -19,7 +19,14 @@ from service.api.errors import ERROR_RESPONSES
 from service.api.routes.report import CSV_CONTENT, trials_csv_response
 from service.errors import FieldError, InvalidSpec, PayloadTooLarge, UnsupportedMediaType
 from service.estimate import estimate_document
-from service.schemas import BestPublic, EstimatePublic, Page, StudyPublic, TrialPublic
+from service.schemas import (
+    ID_PREFIX_PATTERN,
+    BestPublic,
+    EstimatePublic,
+    Page,
+    StudyPublic,
+    TrialPublic,
+)
 from service.search_space import MAX_TRIALS, dump_yaml, parse_spec
 from service.states import JobState, TrialState
 
@@ -252,13 +259,22 @@ async def estimate(
 def list_(
     backend: BackendDep,
     principal: PrincipalDep,
+    *,
     state: JobState | None = None,
+    id_prefix: Annotated[
+        str | None,
+        Query(
+            pattern=ID_PREFIX_PATTERN,
+            description="Only studies whose id starts with this (1-32 lowercase hex "
+            "digits): what the CLI resolves a short id with.",
+        ),
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 20,
     offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
 ) -> Page[StudyPublic]:
     """Studies, newest first."""
     return studies.list_studies(
-        backend, principal=principal, state=state, limit=limit, offset=offset
+        backend, principal=principal, state=state, id_prefix=id_prefix, limit=limit, offset=offset
     )
 
 
