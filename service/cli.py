@@ -20,7 +20,7 @@ from rich.table import Column, Table
 from rich.text import Text
 
 from service.config import Settings
-from service.durations import fmt_duration, fmt_duration_short
+from service.durations import fmt_duration
 from service.errors import CheckpointMismatch, InvalidSpec, LstmHpoError, SingleHostOnly
 from service.training.run_dir import SELECTION_DIR, clear_run_outputs
 
@@ -933,8 +933,10 @@ def _studies_table(client: Client, limit: int) -> Table:
     )
     for s in page.items:
         found = None if s.state in TERMINAL_STATES else _progress_of(client, s.id)
-        eta = "-" if found is None or found.eta_s is None else f"~{fmt_duration_short(found.eta_s)}"
-        left = fmt_duration_short(found.timeout_left_s) if found is not None else "-"
+        eta, left = "-", "-"
+        if found is not None:
+            eta = "-" if found.eta_s is None else f"~{fmt_duration(found.eta_s, compact=True)}"
+            left = fmt_duration(found.timeout_left_s, compact=True)
         running = f"+{s.counts.running}" if s.counts.running else ""
         table.add_row(
             _short_id(s.id),
@@ -944,7 +946,7 @@ def _studies_table(client: Client, limit: int) -> Table:
             _fmt(s.best_value),
             eta,
             left,
-            fmt_duration_short(s.elapsed_s),
+            fmt_duration(s.elapsed_s, compact=True),
         )
     return table
 

@@ -363,3 +363,5 @@ def test_fmt_duration() -> None:
     assert fmt_duration(12.34) == "12.3 s"
     assert fmt_duration(245) == "4 min 05 s"
     assert fmt_duration(7380) == "2 h 03 min"
+    compact = [fmt_duration(s, compact=True) for s in (None, 12.34, 59.6, 245, 7380, 90061)]
+    assert compact == ["-", "12s", "1m00s", "4m05s", "2h03m", "25h01m"]
