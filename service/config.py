@@ -109,7 +109,8 @@ class Settings(BaseSettings):
     #: (matched by scheme, host, port and whole path segments; ``service.webhooks``).
     #: Empty: a spec with a webhook is refused, and the server sends none.
     webhook_allow: Annotated[tuple[str, ...], NoDecode] = ()
-    #: How often the server looks for study events to send to webhooks, in seconds.
+    #: How often the server looks for study events to send to webhooks, and for succeeded
+    #: studies with study.confirm to confirm, in seconds.
     notify_interval_s: float = Field(default=5.0, gt=0)
 
     @field_validator("webhook_allow", mode="before")

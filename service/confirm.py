@@ -67,6 +67,10 @@ from service.schemas import (
     StudyPublic,
 )
 from service.search_space import (
+    CONFIRM_DEFAULT_SEEDS,
+    CONFIRM_DEFAULT_TOP_K,
+    CONFIRM_SEEDS_RANGE,
+    CONFIRM_TOP_K_RANGE,
     CategoricalDistribution,
     LSTMConfig,
     StudySettings,
@@ -83,11 +87,10 @@ from service.states import (
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TOP_K = 3
-DEFAULT_SEEDS = 5
-#: top_k 1 is allowed (its statistics, no comparison); a mean's interval needs 2 seeds.
-TOP_K_RANGE = (1, 20)
-SEEDS_RANGE = (2, 20)
+DEFAULT_TOP_K = CONFIRM_DEFAULT_TOP_K
+DEFAULT_SEEDS = CONFIRM_DEFAULT_SEEDS
+TOP_K_RANGE = CONFIRM_TOP_K_RANGE
+SEEDS_RANGE = CONFIRM_SEEDS_RANGE
 #: A confirmation's seeds: the first whole numbers from here that none of the confirmed
 #: study's trials trained with (deterministic: the same study gives the same seeds).
 FIRST_SEED = 1000
@@ -274,11 +277,19 @@ def refuse_confirm_marker(spec: StudySpec) -> None:
 
 
 def confirm_study(
-    backend: studies.Backend, job_id: str, top_k: int, seeds: int, *, principal: Principal
+    backend: studies.Backend,
+    job_id: str,
+    top_k: int,
+    seeds: int,
+    *,
+    principal: Principal,
+    idempotency_key: str | None = None,
 ) -> StudyPublic:
     """Submit the confirmation study of study ``job_id``: its ``top_k`` best distinct
     configs (params without ``seed``), each trained with ``seeds`` new seeds, through the
-    same queue and workers. Returns the new study (``n_trials`` = top_k x seeds).
+    same queue and workers. Returns the new study (``n_trials`` = top_k x seeds). With
+    ``idempotency_key`` (``study.confirm``'s, :mod:`service.auto_confirm`), asking again
+    gives the same confirmation study, never a second.
 
     Raises ``StudyNotFound`` (another principal's too); ``NotConfirmable`` (409) for a
     confirmation study, a multi-objective one, or fewer than ``top_k`` completed distinct
@@ -313,7 +324,9 @@ def confirm_study(
         raise InvalidSpec([FieldError("seeds", msg)])
     chosen = confirmation_seeds(_seeds_used(spec, trials), seeds)
     derived = parse_spec(confirmation_spec(spec, job_id, top, chosen), backend.limits)
-    study, _ = studies.submit_study(backend, derived, principal=principal)
+    study, _ = studies.submit_study(
+        backend, derived, principal=principal, idempotency_key=idempotency_key
+    )
     configs = [
         {"trial_number": t.number, "value": _value(t), "params": _without_seed(t.params)}
         for t in top
@@ -351,9 +364,10 @@ def confirmation_spec(
     doc["name"] = f"{(spec.name or spec.task.kind)[:92]}-confirm"
     doc["space"] = {**doc["space"], _SEED: {"type": "categorical", "choices": list(seeds)}}
     study = dict(doc["study"])
-    # Not inherited: the sampler's seed, the search's time budget, its webhook, warm start
-    # and constraints (a confirmed config runs, whatever its cost on this worker).
-    for name in ("seed", "timeout_s", "notify", "warm_start_from", "constraints"):
+    # Not inherited: the sampler's seed, the search's time budget, its webhook, warm start,
+    # constraints (a confirmed config runs, whatever its cost on this worker) and its own
+    # confirm (a confirmation is not confirmed again).
+    for name in ("seed", "timeout_s", "notify", "warm_start_from", "constraints", "confirm"):
         if name in study:
             study[name] = None
     study.update(

@@ -30,6 +30,7 @@ import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Discriminator,
     Field,
@@ -636,6 +637,46 @@ class NotifySettings(_Frozen):
     on: tuple[NotifyEvent, ...] = Field(default=("finished", "failed"), min_length=1)
 
 
+#: Confirm the winner (:mod:`service.confirm`): its defaults and ranges, for
+#: ``POST /v1/studies/{id}/confirm`` and ``study.confirm`` alike. top_k 1 is allowed (its
+#: statistics, no comparison); a mean's interval and the paired test need 2 seeds.
+CONFIRM_DEFAULT_TOP_K = 3
+CONFIRM_DEFAULT_SEEDS = 5
+CONFIRM_TOP_K_RANGE = (1, 20)
+CONFIRM_SEEDS_RANGE = (2, 20)
+
+
+class ConfirmSettings(_Frozen):
+    """``study.confirm``: once the study has succeeded, the server confirms its winner by
+    itself, as ``POST /v1/studies/{id}/confirm`` with this body would (:mod:`service.
+    auto_confirm`): its ``top_k`` best distinct configs, each retrained with ``seeds`` new
+    seeds, ranked by their mean; ``best`` of the study then names that winner. Why: the
+    search's best is a config and a seed picked together, and under new seeds it often
+    is not the best (BENCHMARKS.md, "The winner's curse"). ``confirm: true``: the defaults."""
+
+    top_k: int = Field(
+        default=CONFIRM_DEFAULT_TOP_K,
+        ge=CONFIRM_TOP_K_RANGE[0],
+        le=CONFIRM_TOP_K_RANGE[1],
+        description="How many of the best distinct configs to retrain.",
+    )
+    seeds: int = Field(
+        default=CONFIRM_DEFAULT_SEEDS,
+        ge=CONFIRM_SEEDS_RANGE[0],
+        le=CONFIRM_SEEDS_RANGE[1],
+        description="New training seeds per config (a mean's interval needs 2).",
+    )
+
+
+def _confirm_shorthand(value: Any) -> Any:
+    """``confirm: true`` is ``{}`` (the defaults); ``false`` is none."""
+    if value is True:
+        return {}
+    if value is False:
+        return None
+    return value
+
+
 #: study.pruner_warmup_epochs when a spec does not say: the first epoch is never pruned.
 _DEFAULT_WARMUP = 1
 
@@ -744,6 +785,12 @@ class StudySettings(_Frozen):
         max_length=MAX_WARM_START_STUDIES,
         description="Ids of earlier studies of the same task kind whose completed trials "
         "seed the sampler (they do not count toward n_trials).",
+    )
+    #: Confirm the winner by itself once the study has succeeded (None: only on request).
+    confirm: Annotated[ConfirmSettings | None, BeforeValidator(_confirm_shorthand)] = Field(
+        default=None,
+        description="Once the study has succeeded, retrain its top_k best configs with new "
+        "seeds and rank them by their mean (true: top_k 3, seeds 5).",
     )
     #: Set by the service only (``POST /v1/studies/{id}/confirm``, :mod:`service.confirm`;
     #: refused in a submitted spec): the study this one confirms. Its trials are scored on
@@ -1339,6 +1386,16 @@ def _check_limits(spec: StudySpec, limits: SpecLimits) -> list[FieldError]:
     if spec.study.n_trials > limits.max_trials:
         msg = f"must be <= {limits.max_trials} (LSTM_HPO_MAX_TRIALS)"
         errors.append(FieldError("study.n_trials", msg))
+    if (confirm := spec.study.confirm) is not None:
+        if confirm.top_k > spec.study.n_trials:
+            msg = f"{confirm.top_k} is more than the study's n_trials ({spec.study.n_trials})"
+            errors.append(FieldError("study.confirm.top_k", msg))
+        if confirm.top_k * confirm.seeds > limits.max_trials:
+            msg = (
+                f"top_k x seeds = {confirm.top_k * confirm.seeds} trials, more than "
+                f"LSTM_HPO_MAX_TRIALS ({limits.max_trials})"
+            )
+            errors.append(FieldError("study.confirm.seeds", msg))
     if spec.study.max_retries > limits.max_retries:
         msg = f"must be <= {limits.max_retries} (LSTM_HPO_MAX_RETRIES)"
         errors.append(FieldError("study.max_retries", msg))
@@ -1447,6 +1504,9 @@ def _check_objectives(spec: StudySpec) -> list[FieldError]:
     if not spec.is_multi_objective:
         return errors
     study = spec.study
+    if study.confirm is not None:
+        msg = "ranks one objective; a multi-objective study's best is a Pareto front"
+        errors.append(FieldError("study.confirm", msg))
     if study.pruner != "none":
         msg = (
             f"{study.pruner!r} ranks one objective; with several objectives use none "

@@ -23,6 +23,7 @@ from service.api.routes import metrics as metrics_routes
 from service.api.routes import report as report_routes
 from service.api.routes import studies as studies_routes
 from service.artifacts import open_artifact_store
+from service.auto_confirm import AutoConfirmer
 from service.config import Settings
 from service.metrics import app_collectors, build_registry, request_histogram
 from service.migrate import current_revisions, optuna_tables_lock, upgrade_schema
@@ -79,13 +80,18 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True) -> Fas
         else None
     )
 
+    # study.confirm: confirmations are queued by the server, as webhooks are sent.
+    confirmer = AutoConfirmer(backend, interval_s=settings.notify_interval_s)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         reaper.start()
+        confirmer.start()
         if notifier is not None:
             notifier.start()
         yield
         reaper.stop()
+        confirmer.stop()
         if notifier is not None:
             notifier.stop()
 

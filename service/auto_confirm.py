@@ -1,0 +1,162 @@
+"""``study.confirm``: the server confirms a study's winner by itself once it has succeeded,
+as ``POST /v1/studies/{id}/confirm`` would (:func:`service.confirm.confirm_study`), so that
+``best`` names the config with the best mean over new seeds without anyone asking.
+
+Runs in the server (an :class:`AutoConfirmer` thread, like the webhooks' notifier): every
+``interval_s`` it looks at the studies with ``study.confirm`` that succeeded within
+:data:`LOOKBACK` and queues each one's confirmation once. Once, across restarts and
+servers sharing a database: the confirmation is submitted with an idempotency key derived
+from the study (two servers racing get the same confirmation study), and what was done is
+recorded on the study's Optuna record (system attribute :data:`AUTO_CONFIRM_ATTR`) and
+never redone, even when the user deletes that confirmation. A study that cannot be
+confirmed (fewer completed distinct configs than ``top_k``: most trials failed or were
+pruned) gets a note saying why (``GET /v1/studies/{id}``'s ``notes``). A failed or
+cancelled study is not confirmed: ``lstm-hpo confirm`` still can be asked.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from datetime import UTC, datetime, timedelta
+from typing import Any, Final
+
+from sqlalchemy import select
+
+from service import confirm, studies
+from service.auth import Principal
+from service.db import session_scope
+from service.errors import (
+    Conflict,
+    InvalidSpec,
+    LstmHpoError,
+    NotFound,
+    OptunaStudyDeleted,
+    QuotaExceeded,
+)
+from service.logs import log_context
+from service.models import SearchJob
+from service.search_space import ConfirmSettings
+from service.states import NOTES_ATTR, JobState
+
+log = logging.getLogger("lstm_hpo.auto_confirm")
+
+#: Optuna study system attribute: ``{"confirmation": id}`` or ``{"skipped": reason}``.
+AUTO_CONFIRM_ATTR: Final = "lstm_hpo:auto_confirm"
+#: A study that succeeded longer ago than this is not looked at (a server down for longer
+#: does not confirm it; ``lstm-hpo confirm`` still can).
+LOOKBACK: Final = timedelta(hours=24)
+
+
+def idempotency_key(job_id: str) -> str:
+    """The key a study's automatic confirmation is submitted with: one per study."""
+    return f"study.confirm:{job_id}"
+
+
+class AutoConfirmer:
+    """Queues the confirmation of every study with ``study.confirm`` once it has succeeded
+    (a thread; :meth:`scan_once` is one look)."""
+
+    def __init__(self, backend: studies.Backend, *, interval_s: float) -> None:
+        self.backend = backend
+        self.interval_s = interval_s
+        self._stop = threading.Event()
+        #: Studies settled (confirmed, skipped, gone): never looked at again.
+        self._done: set[str] = set()
+        self._thread = threading.Thread(target=self._watch, name="lstm-hpo-confirm", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout_s)
+
+    def _watch(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.scan_once()
+            except LstmHpoError as err:  # the database away for a moment: next look
+                log.warning("study.confirm: %s", err.message)
+            except Exception:  # never let one bad look end the thread
+                log.exception("study.confirm: looking for succeeded studies failed")
+            self._stop.wait(self.interval_s)
+
+    def scan_once(self, now: datetime | None = None) -> list[str]:
+        """One look; returns the ids of the confirmation studies it queued (or found queued
+        by another server). One study's error is logged with its id and never stops the
+        others; a quota reached leaves the study for a later look."""
+        at = now or datetime.now(UTC)
+        top_k = SearchJob.spec[("study", "confirm", "top_k")].as_integer()
+        with session_scope(self.backend.sessions) as session:
+            rows = session.execute(
+                select(SearchJob.id, SearchJob.owner, SearchJob.optuna_study_name, SearchJob.spec)
+                .where(
+                    top_k.is_not(None),
+                    SearchJob.state == JobState.SUCCEEDED,
+                    SearchJob.finished_at >= at - LOOKBACK,
+                )
+                .order_by(SearchJob.finished_at)
+            ).all()
+        queued: list[str] = []
+        for job_id, owner, study_name, spec in rows:
+            if job_id in self._done:
+                continue
+            with log_context(study_id=job_id):
+                try:
+                    found = self._confirm(job_id, owner, study_name, spec)
+                except QuotaExceeded:
+                    log.info("study.confirm: %s waits: its owner's quota is reached", job_id)
+                    continue
+                except LstmHpoError as err:
+                    if err.retryable:
+                        raise
+                    log.error("study.confirm: study %s skipped: %s", job_id, err.message)
+                    found = None
+                except Exception:
+                    log.exception("study.confirm: study %s skipped", job_id)
+                    found = None
+            self._done.add(job_id)
+            if found is not None:
+                queued.append(found)
+        self._done.intersection_update(row[0] for row in rows)  # the rest are out of sight
+        return queued
+
+    def _confirm(self, job_id: str, owner: str, study_name: str, spec: Any) -> str | None:
+        """Queue ``job_id``'s confirmation unless it was settled before; its id, or None."""
+        storage = self.backend.storage
+        try:
+            optuna_id = studies.optuna_study_id(self.backend, study_name)
+            if storage.get_study_system_attrs(optuna_id).get(AUTO_CONFIRM_ATTR):
+                return None  # settled before (this server before a restart, or another)
+            settings = ConfirmSettings.model_validate(spec["study"]["confirm"])
+            owner_principal = Principal(owner)
+            try:
+                study = confirm.confirm_study(
+                    self.backend,
+                    job_id,
+                    settings.top_k,
+                    settings.seeds,
+                    principal=owner_principal,
+                    idempotency_key=idempotency_key(job_id),
+                )
+            except (InvalidSpec, Conflict) as err:
+                if isinstance(err, (QuotaExceeded, OptunaStudyDeleted)):
+                    raise
+                self._skip(optuna_id, job_id, err.message)
+                return None
+        except (OptunaStudyDeleted, NotFound):  # deleted meanwhile: nothing to confirm
+            return None
+        storage.set_study_system_attr(optuna_id, AUTO_CONFIRM_ATTR, {"confirmation": study.id})
+        log.info("study.confirm: study %s -> confirmation %s", job_id, study.id)
+        return study.id
+
+    def _skip(self, optuna_id: int, job_id: str, reason: str) -> None:
+        """Record on the study why it was not confirmed: a note users see, and the mark."""
+        storage = self.backend.storage
+        notes = storage.get_study_user_attrs(optuna_id).get(NOTES_ATTR) or []
+        note = f"study.confirm: not run: {reason} (lstm-hpo confirm ID --top-k N asks again)"
+        storage.set_study_user_attr(optuna_id, NOTES_ATTR, [*notes, note])
+        storage.set_study_system_attr(optuna_id, AUTO_CONFIRM_ATTR, {"skipped": reason})
+        log.warning("study.confirm: study %s not confirmed: %s", job_id, reason)

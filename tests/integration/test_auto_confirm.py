@@ -1,0 +1,192 @@
+"""``study.confirm``: the server confirms a study's winner by itself once it has succeeded
+(service.auto_confirm), through a real server (uvicorn on loopback) on SQLite and
+PostgreSQL and real worker loops on the synthetic task:
+
+- a succeeded study gets exactly one confirmation (top_k x seeds trials), even when a
+  second server looks too or the record of it is lost (the idempotency key), and never
+  again once the user deleted it; ``best`` then names the confirmation's winner;
+- a study that cannot be confirmed (fewer distinct configs than top_k) gets a note why;
+- a cancelled study, and one without ``study.confirm``, get none;
+- the spec field: ``true`` for the defaults, 422 naming the field for what cannot run.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from service.auto_confirm import AUTO_CONFIRM_ATTR, AutoConfirmer
+from service.config import Settings
+from service.search_space import SpecLimits, parse_spec
+from tests.servers import InProcessServer, serve_in_thread
+from tests.workers import run_worker_until_idle
+
+SPEC: dict[str, Any] = {
+    "name": "auto",
+    "task": {"kind": "synthetic"},
+    "space": {
+        "num_layers": {"type": "int", "low": 1, "high": 3},
+        "lr": {"type": "float", "low": 1e-4, "high": 1.0, "log": True},
+        "max_epochs": 1,
+    },
+    "study": {
+        "n_trials": 5,
+        "sampler": "random",
+        "pruner": "none",
+        "seed": 0,
+        "confirm": {"top_k": 2, "seeds": 3},
+    },
+}
+
+
+@pytest.fixture
+def server(db_url: str, tmp_path: Path) -> Iterator[InProcessServer]:
+    settings = Settings(data_dir=tmp_path / "data", database_url=db_url, notify_interval_s=0.1)
+    with serve_in_thread(settings) as s:
+        yield s
+
+
+def _submit(server: InProcessServer, **study: Any) -> str:
+    spec = SPEC | {"study": SPEC["study"] | study}
+    created = server.http.post("/v1/studies", json=spec)
+    assert created.status_code == 201, created.text
+    return str(created.json()["id"])
+
+
+def _confirmations_of(server: InProcessServer, study_id: str) -> list[dict[str, Any]]:
+    page = server.http.get("/v1/studies", params={"limit": 500}).json()
+    return [
+        s
+        for s in page["items"]
+        if (server.http.get(f"/v1/studies/{s['id']}").json()["spec"]["study"]["confirm_of"])
+        == study_id
+    ]
+
+
+def _wait_for(check: Any, what: str, timeout_s: float = 30.0) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while not (found := check()):
+        assert time.monotonic() < deadline, f"no {what} within {timeout_s} s"
+        time.sleep(0.1)
+    return found
+
+
+def _url(server: InProcessServer) -> str:
+    return str(server.backend.sessions.kw["bind"].url.render_as_string(hide_password=False))
+
+
+def test_a_succeeded_study_is_confirmed_once_and_best_names_the_winner(
+    server: InProcessServer,
+) -> None:
+    parent = _submit(server)
+    run_worker_until_idle(_url(server))
+    assert server.http.get(f"/v1/studies/{parent}").json()["state"] == "succeeded"
+
+    (confirmation,) = _wait_for(lambda: _confirmations_of(server, parent), "confirmation")
+
+    assert confirmation["n_trials"] == 2 * 3 and confirmation["name"] == "auto-confirm"
+    spec = server.http.get(f"/v1/studies/{confirmation['id']}").json()["spec"]
+    assert spec["study"]["confirm"] is None  # a confirmation is not confirmed again
+    # Another server looking, with this one's record of it lost: the same study, not a second.
+    storage = server.backend.storage
+    optuna_id = storage.get_study_id_from_name(
+        server.http.get(f"/v1/studies/{parent}").json()["optuna_study_name"]
+    )
+    assert storage.get_study_system_attrs(optuna_id)[AUTO_CONFIRM_ATTR] == {
+        "confirmation": confirmation["id"]
+    }
+    assert AutoConfirmer(server.backend, interval_s=1).scan_once() == []
+    storage.set_study_system_attr(optuna_id, AUTO_CONFIRM_ATTR, None)
+    assert AutoConfirmer(server.backend, interval_s=1).scan_once() == [confirmation["id"]]
+    assert len(_confirmations_of(server, parent)) == 1
+
+    run_worker_until_idle(_url(server))
+
+    best = server.http.get(f"/v1/studies/{parent}/best").json()
+    assert best["confirmation"]["study_id"] == confirmation["id"]
+    assert best["confirmation"]["state"] == "succeeded"
+    result = server.http.get(f"/v1/studies/{parent}/confirmation").json()
+    assert [c["validation"]["n"] for c in result["configs"]] == [3, 3]
+    # Deleted by its user: the server does not make it again.
+    assert server.http.delete(f"/v1/studies/{confirmation['id']}").status_code == 204
+    assert AutoConfirmer(server.backend, interval_s=1).scan_once() == []
+    assert _confirmations_of(server, parent) == []
+
+
+def test_a_study_that_cannot_be_confirmed_gets_a_note_why(server: InProcessServer) -> None:
+    # Every trial trains the same config: one distinct config, top_k 2.
+    spec = SPEC | {"space": {"num_layers": 2, "max_epochs": 1}}
+    spec = spec | {"study": SPEC["study"] | {"n_trials": 3}}
+    created = server.http.post("/v1/studies", json=spec)
+    assert created.status_code == 201, created.text
+    study_id = created.json()["id"]
+    run_worker_until_idle(_url(server))
+
+    def note() -> list[str]:
+        notes = server.http.get(f"/v1/studies/{study_id}").json()["notes"] or []
+        return [n for n in notes if n.startswith("study.confirm: not run:")]
+
+    (said,) = _wait_for(note, "note")
+
+    assert "1 distinct configs" in said and "top 2 needs 2" in said, said
+    assert _confirmations_of(server, study_id) == []
+    assert AutoConfirmer(server.backend, interval_s=1).scan_once() == []
+    assert len(note()) == 1  # said once
+
+
+def test_a_cancelled_study_and_one_without_confirm_get_none(server: InProcessServer) -> None:
+    cancelled = _submit(server)
+    assert server.http.post(f"/v1/studies/{cancelled}/cancel").status_code == 200
+    plain = _submit(server, confirm=None)
+    run_worker_until_idle(_url(server))
+    assert server.http.get(f"/v1/studies/{plain}").json()["state"] == "succeeded"
+
+    assert AutoConfirmer(server.backend, interval_s=1).scan_once() == []
+    assert _confirmations_of(server, cancelled) == _confirmations_of(server, plain) == []
+
+
+@pytest.mark.parametrize(
+    ("confirm", "study", "loc", "says"),
+    [
+        ({"top_k": 0}, {}, "study.confirm.top_k", "must be >= 1"),
+        ({"seeds": 1}, {}, "study.confirm.seeds", "must be >= 2"),
+        ({"top_k": 6}, {}, "study.confirm.top_k", "more than the study's n_trials (5)"),
+        ({"top_k": 20, "seeds": 20}, {"n_trials": 50}, "study.confirm.seeds", "MAX_TRIALS"),
+        ({"seed": 3}, {}, "study.confirm.seed", "unknown field"),
+        ("yes", {}, "study.confirm", ""),
+        (
+            True,
+            {"objectives": ["value", "params"], "pruner": "none"},
+            "study.confirm",
+            "ranks one objective",
+        ),
+    ],
+    ids=["top-k-0", "one-seed", "top-k-past-n-trials", "past-max-trials", "unknown", "str",
+         "multi-objective"],
+)  # fmt: skip
+def test_a_confirm_that_cannot_run_is_refused_naming_the_field(
+    confirm: Any, study: dict[str, Any], loc: str, says: str
+) -> None:
+    from service.errors import InvalidSpec
+
+    spec = SPEC | {"study": SPEC["study"] | study | {"confirm": confirm}}
+
+    with pytest.raises(InvalidSpec) as raised:
+        parse_spec(spec, SpecLimits(max_trials=100))
+
+    assert any(e.loc.startswith(loc) and says in e.msg for e in raised.value.errors), (
+        raised.value.errors
+    )
+
+
+def test_confirm_true_means_the_defaults_and_false_none() -> None:
+    on = parse_spec(SPEC | {"study": SPEC["study"] | {"confirm": True}})
+    off = parse_spec(SPEC | {"study": SPEC["study"] | {"confirm": False}})
+
+    assert on.study.confirm is not None
+    assert (on.study.confirm.top_k, on.study.confirm.seeds) == (3, 5)
+    assert off.study.confirm is None
