@@ -148,15 +148,25 @@ class AutoConfirmer:
                 return None
         except (OptunaStudyDeleted, NotFound):  # deleted meanwhile: nothing to confirm
             return None
-        storage.set_study_system_attr(optuna_id, AUTO_CONFIRM_ATTR, {"confirmation": study.id})
+        note = (
+            f"study.confirm: confirmation {study.id} queued (top {settings.top_k} x "
+            f"{settings.seeds} seeds); best names its winner once it has run"
+        )
+        self._settle(optuna_id, {"confirmation": study.id}, note)
         log.info("study.confirm: study %s -> confirmation %s", job_id, study.id)
         return study.id
 
     def _skip(self, optuna_id: int, job_id: str, reason: str) -> None:
         """Record on the study why it was not confirmed: a note users see, and the mark."""
+        note = f"study.confirm: not run: {reason} (lstm-hpo confirm ID --top-k N asks again)"
+        self._settle(optuna_id, {"skipped": reason}, note)
+        log.warning("study.confirm: study %s not confirmed: %s", job_id, reason)
+
+    def _settle(self, optuna_id: int, mark: dict[str, str], note: str) -> None:
+        """Add ``note`` to the study's notes (``GET /v1/studies/{id}``, ``lstm-hpo status``)
+        unless it is there, and mark the study settled."""
         storage = self.backend.storage
         notes = storage.get_study_user_attrs(optuna_id).get(NOTES_ATTR) or []
-        note = f"study.confirm: not run: {reason} (lstm-hpo confirm ID --top-k N asks again)"
-        storage.set_study_user_attr(optuna_id, NOTES_ATTR, [*notes, note])
-        storage.set_study_system_attr(optuna_id, AUTO_CONFIRM_ATTR, {"skipped": reason})
-        log.warning("study.confirm: study %s not confirmed: %s", job_id, reason)
+        if note not in notes:
+            storage.set_study_user_attr(optuna_id, NOTES_ATTR, [*notes, note])
+        storage.set_study_system_attr(optuna_id, AUTO_CONFIRM_ATTR, mark)

@@ -1010,6 +1010,8 @@ def _print_study(study: StudyPublic) -> None:
     table.add_row("dashboard", study.dashboard_url)
     if study.error:
         table.add_row("error", study.error)
+    for note in study.notes or ():
+        table.add_row("note", escape(note))
     console.print(table)
 
 

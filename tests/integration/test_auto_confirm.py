@@ -89,6 +89,11 @@ def test_a_succeeded_study_is_confirmed_once_and_best_names_the_winner(
     (confirmation,) = _wait_for(lambda: _confirmations_of(server, parent), "confirmation")
 
     assert confirmation["n_trials"] == 2 * 3 and confirmation["name"] == "auto-confirm"
+    notes = server.http.get(f"/v1/studies/{parent}").json()["notes"]
+    assert notes == [
+        f"study.confirm: confirmation {confirmation['id']} queued (top 2 x 3 seeds); best "
+        "names its winner once it has run"
+    ]
     spec = server.http.get(f"/v1/studies/{confirmation['id']}").json()["spec"]
     assert spec["study"]["confirm"] is None  # a confirmation is not confirmed again
     # Another server looking, with this one's record of it lost: the same study, not a second.
@@ -103,6 +108,7 @@ def test_a_succeeded_study_is_confirmed_once_and_best_names_the_winner(
     storage.set_study_system_attr(optuna_id, AUTO_CONFIRM_ATTR, None)
     assert AutoConfirmer(server.backend, interval_s=1).scan_once() == [confirmation["id"]]
     assert len(_confirmations_of(server, parent)) == 1
+    assert server.http.get(f"/v1/studies/{parent}").json()["notes"] == notes  # said once
 
     run_worker_until_idle(_url(server))
 
