@@ -8,7 +8,9 @@ Runs in the server (an :class:`AutoConfirmer` thread, like the webhooks' notifie
 servers sharing a database: the confirmation is submitted with an idempotency key derived
 from the study (two servers racing get the same confirmation study), and what was done is
 recorded on the study's Optuna record (system attribute :data:`AUTO_CONFIRM_ATTR`) and
-never redone, even when the user deletes that confirmation. A study that cannot be
+never redone, even when the user deletes that confirmation. A study extended after it was
+confirmed (``lstm-hpo extend``) is confirmed again once it has succeeded again: its top
+configs may have changed. A study that cannot be
 confirmed (fewer completed distinct configs than ``top_k``: most trials failed or were
 pruned) gets a note saying why (``GET /v1/studies/{id}``'s ``notes``). A failed or
 cancelled study is not confirmed: ``lstm-hpo confirm`` still can be asked.
@@ -41,16 +43,17 @@ from service.states import NOTES_ATTR, JobState
 
 log = logging.getLogger("lstm_hpo.auto_confirm")
 
-#: Optuna study system attribute: ``{"confirmation": id}`` or ``{"skipped": reason}``.
+#: Optuna study system attribute: ``{"n_trials": N, "confirmation": id}`` or
+#: ``{"n_trials": N, "skipped": reason}``: what was done when the study had N trials.
 AUTO_CONFIRM_ATTR: Final = "lstm_hpo:auto_confirm"
 #: A study that succeeded longer ago than this is not looked at (a server down for longer
 #: does not confirm it; ``lstm-hpo confirm`` still can).
 LOOKBACK: Final = timedelta(hours=24)
 
 
-def idempotency_key(job_id: str) -> str:
-    """The key a study's automatic confirmation is submitted with: one per study."""
-    return f"study.confirm:{job_id}"
+def idempotency_key(job_id: str, n_trials: int) -> str:
+    """The key a study's automatic confirmation is submitted with: one per study and size."""
+    return f"study.confirm:{job_id}:{n_trials}"
 
 
 class AutoConfirmer:
@@ -61,8 +64,9 @@ class AutoConfirmer:
         self.backend = backend
         self.interval_s = interval_s
         self._stop = threading.Event()
-        #: Studies settled (confirmed, skipped, gone): never looked at again.
-        self._done: set[str] = set()
+        #: Studies settled (confirmed, skipped, gone) at their n_trials: not looked at again
+        #: until they are extended.
+        self._done: set[tuple[str, int]] = set()
         self._thread = threading.Thread(target=self._watch, name="lstm-hpo-confirm", daemon=True)
 
     def start(self) -> None:
@@ -91,7 +95,13 @@ class AutoConfirmer:
         top_k = SearchJob.spec[("study", "confirm", "top_k")].as_integer()
         with session_scope(self.backend.sessions) as session:
             rows = session.execute(
-                select(SearchJob.id, SearchJob.owner, SearchJob.optuna_study_name, SearchJob.spec)
+                select(
+                    SearchJob.id,
+                    SearchJob.owner,
+                    SearchJob.optuna_study_name,
+                    SearchJob.spec,
+                    SearchJob.n_trials,
+                )
                 .where(
                     top_k.is_not(None),
                     SearchJob.state == JobState.SUCCEEDED,
@@ -100,12 +110,12 @@ class AutoConfirmer:
                 .order_by(SearchJob.finished_at)
             ).all()
         queued: list[str] = []
-        for job_id, owner, study_name, spec in rows:
-            if job_id in self._done:
+        for job_id, owner, study_name, spec, n_trials in rows:
+            if (job_id, n_trials) in self._done:
                 continue
             with log_context(study_id=job_id):
                 try:
-                    found = self._confirm(job_id, owner, study_name, spec)
+                    found = self._confirm(job_id, owner, study_name, spec, n_trials)
                 except QuotaExceeded:
                     log.info("study.confirm: %s waits: its owner's quota is reached", job_id)
                     continue
@@ -117,18 +127,22 @@ class AutoConfirmer:
                 except Exception:
                     log.exception("study.confirm: study %s skipped", job_id)
                     found = None
-            self._done.add(job_id)
+            self._done.add((job_id, n_trials))
             if found is not None:
                 queued.append(found)
-        self._done.intersection_update(row[0] for row in rows)  # the rest are out of sight
+        self._done.intersection_update((row[0], row[4]) for row in rows)  # out of sight
         return queued
 
-    def _confirm(self, job_id: str, owner: str, study_name: str, spec: Any) -> str | None:
-        """Queue ``job_id``'s confirmation unless it was settled before; its id, or None."""
+    def _confirm(
+        self, job_id: str, owner: str, study_name: str, spec: Any, n_trials: int
+    ) -> str | None:
+        """Queue ``job_id``'s confirmation unless it was settled at this size before; its
+        id, or None."""
         storage = self.backend.storage
         try:
             optuna_id = studies.optuna_study_id(self.backend, study_name)
-            if storage.get_study_system_attrs(optuna_id).get(AUTO_CONFIRM_ATTR):
+            done = storage.get_study_system_attrs(optuna_id).get(AUTO_CONFIRM_ATTR)
+            if isinstance(done, dict) and done.get("n_trials") == n_trials:
                 return None  # settled before (this server before a restart, or another)
             settings = ConfirmSettings.model_validate(spec["study"]["confirm"])
             owner_principal = Principal(owner)
@@ -139,12 +153,12 @@ class AutoConfirmer:
                     settings.top_k,
                     settings.seeds,
                     principal=owner_principal,
-                    idempotency_key=idempotency_key(job_id),
+                    idempotency_key=idempotency_key(job_id, n_trials),
                 )
             except (InvalidSpec, Conflict) as err:
                 if isinstance(err, (QuotaExceeded, OptunaStudyDeleted)):
                     raise
-                self._skip(optuna_id, job_id, err.message)
+                self._skip(optuna_id, n_trials, job_id, err.message)
                 return None
         except (OptunaStudyDeleted, NotFound):  # deleted meanwhile: nothing to confirm
             return None
@@ -152,17 +166,17 @@ class AutoConfirmer:
             f"study.confirm: confirmation {study.id} queued (top {settings.top_k} x "
             f"{settings.seeds} seeds); best names its winner once it has run"
         )
-        self._settle(optuna_id, {"confirmation": study.id}, note)
+        self._settle(optuna_id, {"n_trials": n_trials, "confirmation": study.id}, note)
         log.info("study.confirm: study %s -> confirmation %s", job_id, study.id)
         return study.id
 
-    def _skip(self, optuna_id: int, job_id: str, reason: str) -> None:
+    def _skip(self, optuna_id: int, n_trials: int, job_id: str, reason: str) -> None:
         """Record on the study why it was not confirmed: a note users see, and the mark."""
         note = f"study.confirm: not run: {reason} (lstm-hpo confirm ID --top-k N asks again)"
-        self._settle(optuna_id, {"skipped": reason}, note)
+        self._settle(optuna_id, {"n_trials": n_trials, "skipped": reason}, note)
         log.warning("study.confirm: study %s not confirmed: %s", job_id, reason)
 
-    def _settle(self, optuna_id: int, mark: dict[str, str], note: str) -> None:
+    def _settle(self, optuna_id: int, mark: dict[str, Any], note: str) -> None:
         """Add ``note`` to the study's notes (``GET /v1/studies/{id}``, ``lstm-hpo status``)
         unless it is there, and mark the study settled."""
         storage = self.backend.storage

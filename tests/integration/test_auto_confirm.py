@@ -4,7 +4,8 @@ PostgreSQL and real worker loops on the synthetic task:
 
 - a succeeded study gets exactly one confirmation (top_k x seeds trials), even when a
   second server looks too or the record of it is lost (the idempotency key), and never
-  again once the user deleted it; ``best`` then names the confirmation's winner;
+  again once the user deleted it, until it is extended; ``best`` then names the
+  confirmation's winner;
 - a study that cannot be confirmed (fewer distinct configs than top_k) gets a note why;
 - a cancelled study, and one without ``study.confirm``, get none;
 - the spec field: ``true`` for the defaults, 422 naming the field for what cannot run.
@@ -102,7 +103,8 @@ def test_a_succeeded_study_is_confirmed_once_and_best_names_the_winner(
         server.http.get(f"/v1/studies/{parent}").json()["optuna_study_name"]
     )
     assert storage.get_study_system_attrs(optuna_id)[AUTO_CONFIRM_ATTR] == {
-        "confirmation": confirmation["id"]
+        "n_trials": 5,
+        "confirmation": confirmation["id"],
     }
     assert AutoConfirmer(server.backend, interval_s=1).scan_once() == []
     storage.set_study_system_attr(optuna_id, AUTO_CONFIRM_ATTR, None)
@@ -121,6 +123,12 @@ def test_a_succeeded_study_is_confirmed_once_and_best_names_the_winner(
     assert server.http.delete(f"/v1/studies/{confirmation['id']}").status_code == 204
     assert AutoConfirmer(server.backend, interval_s=1).scan_once() == []
     assert _confirmations_of(server, parent) == []
+    # Extended, and succeeded again: its top configs may have changed, so once more.
+    extended = server.http.post(f"/v1/studies/{parent}/extend", json={"n_trials": 2})
+    assert extended.status_code == 200, extended.text
+    run_worker_until_idle(_url(server))
+    (again,) = _wait_for(lambda: _confirmations_of(server, parent), "second confirmation")
+    assert again["id"] != confirmation["id"]
 
 
 def test_a_study_that_cannot_be_confirmed_gets_a_note_why(server: InProcessServer) -> None:
