@@ -12,7 +12,9 @@ never redone, even when the user deletes that confirmation. A study extended aft
 confirmed (``lstm-hpo extend``) is confirmed again once it has succeeded again: its top
 configs may have changed. A study that cannot be
 confirmed (fewer completed distinct configs than ``top_k``: most trials failed or were
-pruned) gets a note saying why (``GET /v1/studies/{id}``'s ``notes``). A failed or
+pruned) gets a note saying why (``GET /v1/studies/{id}``'s ``notes``). The confirmation
+keeps the study's webhook (``study.notify``), so whoever is told the search ended is told
+when its answer is confirmed too. A failed or
 cancelled study is not confirmed: ``lstm-hpo confirm`` still can be asked.
 """
 
@@ -154,6 +156,7 @@ class AutoConfirmer:
                     settings.seeds,
                     principal=owner_principal,
                     idempotency_key=idempotency_key(job_id, n_trials),
+                    keep_notify=True,  # nobody waits on it: its webhook tells when it is done
                 )
             except (InvalidSpec, Conflict) as err:
                 if isinstance(err, (QuotaExceeded, OptunaStudyDeleted)):

@@ -284,12 +284,14 @@ def confirm_study(
     *,
     principal: Principal,
     idempotency_key: str | None = None,
+    keep_notify: bool = False,
 ) -> StudyPublic:
     """Submit the confirmation study of study ``job_id``: its ``top_k`` best distinct
     configs (params without ``seed``), each trained with ``seeds`` new seeds, through the
     same queue and workers. Returns the new study (``n_trials`` = top_k x seeds). With
     ``idempotency_key`` (``study.confirm``'s, :mod:`service.auto_confirm`), asking again
-    gives the same confirmation study, never a second.
+    gives the same confirmation study, never a second; ``keep_notify``: the confirmation
+    tells the study's webhook too (``study.confirm``: nobody waits on it).
 
     Raises ``StudyNotFound`` (another principal's too); ``NotConfirmable`` (409) for a
     confirmation study, a multi-objective one, or fewer than ``top_k`` completed distinct
@@ -323,7 +325,9 @@ def confirm_study(
         )
         raise InvalidSpec([FieldError("seeds", msg)])
     chosen = confirmation_seeds(_seeds_used(spec, trials), seeds)
-    derived = parse_spec(confirmation_spec(spec, job_id, top, chosen), backend.limits)
+    derived = parse_spec(
+        confirmation_spec(spec, job_id, top, chosen, keep_notify=keep_notify), backend.limits
+    )
     study, _ = studies.submit_study(
         backend, derived, principal=principal, idempotency_key=idempotency_key
     )
@@ -354,12 +358,17 @@ def confirm_study(
 
 
 def confirmation_spec(
-    spec: StudySpec, confirms: str, top: Sequence[FrozenTrial], seeds: Sequence[int]
+    spec: StudySpec,
+    confirms: str,
+    top: Sequence[FrozenTrial],
+    seeds: Sequence[int],
+    *,
+    keep_notify: bool = False,
 ) -> dict[str, Any]:
     """The confirmation study's spec (a document for ``parse_spec``): ``spec``'s task and
     space with ``seed`` searched among ``seeds``; each of ``top``'s params x each seed
-    enqueued, config by config; random sampler, no pruner, no timeout, webhook or warm
-    start; ``study.confirm_of`` = ``confirms``."""
+    enqueued, config by config; random sampler, no pruner, no timeout, warm start or
+    webhook (``keep_notify``: the study's); ``study.confirm_of`` = ``confirms``."""
     doc = spec.model_dump(mode="json")
     doc["name"] = f"{(spec.name or spec.task.kind)[:92]}-confirm"
     doc["space"] = {**doc["space"], _SEED: {"type": "categorical", "choices": list(seeds)}}
@@ -367,7 +376,8 @@ def confirmation_spec(
     # Not inherited: the sampler's seed, the search's time budget, its webhook, warm start,
     # constraints (a confirmed config runs, whatever its cost on this worker) and its own
     # confirm (a confirmation is not confirmed again).
-    for name in ("seed", "timeout_s", "notify", "warm_start_from", "constraints", "confirm"):
+    dropped = ["seed", "timeout_s", "warm_start_from", "constraints", "confirm"]
+    for name in dropped if keep_notify else [*dropped, "notify"]:
         if name in study:
             study[name] = None
     study.update(

@@ -214,3 +214,25 @@ def test_every_test_metric_of_the_confirmed_trials_is_summarised_per_config() ->
     assert one.test_metrics["test_acc"].sd == pytest.approx(0.0141421356)
     assert two.test_metrics["test_acc"].values == {1000: 0.95}  # the NaN left out
     assert sorted(one.test_metrics) == ["test_acc", "test_loss"]
+
+
+@pytest.mark.parametrize("keep_notify", [False, True])
+def test_the_derived_spec_drops_confirm_and_keeps_the_webhook_only_when_asked(
+    keep_notify: bool,
+) -> None:
+    """A confirmation is never confirmed again; ``study.confirm``'s confirmation (nobody
+    waits on it) tells the study's webhook, one asked for over the API does not."""
+    hook = {"url": "https://hooks.example.com/ci", "on": ["finished"]}
+    spec = parse_spec(
+        PARENT | {"study": PARENT["study"] | {"notify": hook, "confirm": True}},
+        STORED_SPEC_LIMITS,
+    )
+    top = [_trial(0, 0.1, num_layers=2, seed=0)]
+
+    doc = confirmation_spec(spec, "abc123", top, [1000, 1001], keep_notify=keep_notify)
+    derived = parse_spec(doc, STORED_SPEC_LIMITS).study
+
+    assert derived.confirm is None
+    assert (derived.notify is not None) == keep_notify
+    if derived.notify is not None:
+        assert derived.notify.url == hook["url"] and derived.notify.on == ("finished",)
