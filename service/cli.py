@@ -8,6 +8,8 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -21,8 +23,14 @@ from rich.text import Text
 
 from service.config import Settings
 from service.durations import fmt_duration
-from service.errors import CheckpointMismatch, InvalidSpec, LstmHpoError, SingleHostOnly
-from service.training.run_dir import SELECTION_DIR, clear_run_outputs
+from service.errors import (
+    CheckpointMismatch,
+    DataError,
+    InvalidSpec,
+    LstmHpoError,
+    SingleHostOnly,
+)
+from service.training.run_dir import SELECTION_DIR, overwritten_input, replace_earlier_run
 
 if TYPE_CHECKING:
     from datetime import datetime
@@ -195,6 +203,7 @@ def train(
     )
 
     saved: SavedModel | None = None
+    on_start: Callable[[], None] | None = None
     if checkpoint_path is not None:
         saved, resolved = _read_checkpoint(checkpoint_path, resolved)
     assert resolved is not None  # a config, or --evaluate's checkpoint's
@@ -203,12 +212,17 @@ def train(
     out_dir: Path | None = None
     if evaluate is None:
         out_dir = out or Path("runs") / f"{resolved.task.kind}-{time.strftime('%Y%m%d-%H%M%S')}"
-        inputs = [path for path in (config, init_from) if path is not None]
-        task_path = getattr(resolved.task, "path", None)
-        if task_path is not None:
-            roots = data_roots or (Path.cwd(),)
-            inputs += [Path(root, task_path).expanduser() for root in roots]
-        _replace_earlier_run(out_dir, inputs)
+        inputs = _run_inputs(resolved, (config,), data_roots)
+        selection = refit and refit_epochs is None
+        # The --init-from checkpoint may be overwritten (fine-tuning in place): it is read
+        # whole before training starts. A config or data file would be lost for good.
+        if (clash := overwritten_input(out_dir, inputs, selection=selection)) is not None:
+            _usage_error(
+                f"--out {out_dir}: training would overwrite {clash}, which it reads; "
+                "choose another --out"
+            )
+        inputs += [init_from] if init_from is not None else []
+        on_start = partial(_replace_earlier_run, out_dir, inputs, selection=selection)
     if not json_output:
         action = f"Evaluating {evaluate}" if evaluate is not None else f"Training -> {out_dir}"
         if refit:
@@ -230,6 +244,7 @@ def train(
                 accelerator=accelerator,
                 data_roots=data_roots,
                 on_phase=None if json_output else lambda say: console.print(escape(say)),
+                on_start=on_start,
             )
         else:
             result = fit_config(
@@ -239,9 +254,10 @@ def train(
                 accelerator=accelerator,
                 data_roots=data_roots,
                 init_from=saved,
+                on_start=on_start,
             )
-    except InvalidSpec as err:  # InvalidConfig and CheckpointMismatch too: once data are read
-        raise _fail(err, 2) from None
+    except (InvalidSpec, DataError) as err:  # InvalidConfig, CheckpointMismatch: data read
+        raise _fail(err, 2) from None  # the input is wrong: as a config error, exit 2
     except LstmHpoError as err:
         raise _fail(err) from None
     except RuntimeError as err:  # DivergedError and CUDA OOM are RuntimeErrors
@@ -302,17 +318,33 @@ def _check_out_dir(out: Path, subdirs: tuple[str, ...] = ()) -> None:
         _usage_error(f"--out {out}: cannot write in {existing} (permissions or read-only)")
 
 
-def _replace_earlier_run(out_dir: Path, inputs: list[Path]) -> None:
-    """Clear what an earlier `train` left in ``out_dir`` (a directory holds one run: a plain
-    fit beside a refit's stale refit.ckpt would mislead), saying so on stderr. ``inputs``
-    (the config, checkpoint and data this run reads) stay, whatever their names."""
-    removed = clear_run_outputs(out_dir, keep=inputs)
-    if removed:
-        tops = (path.relative_to(out_dir).parts[0] for path in removed)
-        names = ", ".join(dict.fromkeys(f"{top}/" if top == SELECTION_DIR else top for top in tops))
-        err_console.print(
-            f"note: {escape(str(out_dir))} held an earlier run; removed {escape(names)}"
-        )
+def _run_inputs(
+    config: ResolvedConfig, files: tuple[Path | None, ...], data_roots: tuple[Path, ...] | None
+) -> list[Path]:
+    """The files a `train` run reads: ``files`` (its config, checkpoint) and every place
+    its ``task.path`` may be found (``~`` expanded, as the data loader does)."""
+    inputs = [path for path in files if path is not None]
+    task_path = getattr(config.task, "path", None)
+    if task_path is not None:
+        data = Path(task_path).expanduser()
+        inputs += [data] if data.is_absolute() else [r / data for r in data_roots or (Path.cwd(),)]
+    return inputs
+
+
+def _replace_earlier_run(out_dir: Path, inputs: list[Path], *, selection: bool) -> None:
+    """Replace the earlier `train` run in ``out_dir`` (:func:`~service.training.run_dir.
+    replace_earlier_run`), naming what was removed on stderr. Called once the new run's
+    data and checkpoint are read: a run they refuse loses nothing."""
+    removed = replace_earlier_run(out_dir, selection=selection, keep=inputs)
+    if not removed:
+        return
+    names = [str(path.relative_to(out_dir)) for path in removed]
+    if SELECTION_DIR in names:  # gone as a whole: name it once
+        names = [n for n in names if not n.startswith(f"{SELECTION_DIR}/")]
+        names = [f"{SELECTION_DIR}/" if n == SELECTION_DIR else n for n in names]
+    err_console.print(
+        f"note: {escape(str(out_dir))} held an earlier run; removed {escape(', '.join(names))}"
+    )
 
 
 def _usage_error(message: str) -> typer.Exit:
@@ -782,7 +814,13 @@ def status(
                 if json_output:
                     print(page.model_dump_json())
                     return
-                table = _study_table("state", "finished", "best", "task")
+                table = _study_table(
+                    "state",
+                    "finished",
+                    "best",
+                    "task",
+                    title=f"{len(page.items)} of {page.total} studies (newest first)",
+                )
                 for s in page.items:
                     table.add_row(
                         _short_id(s.id),
@@ -916,38 +954,45 @@ def _studies_view(client: Client, limit: int, interval: float) -> RenderableType
         return Text(f"{time.strftime('%H:%M:%S')} {err.message} (again in {interval:g} s)")
 
 
+#: Below this many columns, study tables leave out the ETA, timeout and elapsed columns:
+#: with them, an id and seven more cells cannot all fit, and cells would be cut.
+WIDE_TABLE_COLUMNS = 80
+
+
 def _studies_table(client: Client, limit: int) -> Table:
-    """The newest ``limit`` studies, with the ETA and timeout left of the active ones."""
+    """The newest ``limit`` studies, with the ETA and timeout left of the active ones (in a
+    terminal of :data:`WIDE_TABLE_COLUMNS` or more)."""
     from service.client import TERMINAL_STATES
 
     page = client.studies(limit=limit)
+    wide = console.width >= WIDE_TABLE_COLUMNS
+    caption = "trials: finished+running/n_trials"
+    caption += "; timeout: what is left of study.timeout_s" if wide else " (ETA: a wider terminal)"
     table = _study_table(
         "state",
-        Column("trials", no_wrap=True),
+        "trials",
         "best",
-        "ETA",
-        "timeout",
-        "elapsed",
+        *(("ETA", "timeout", "elapsed") if wide else ()),
         title=f"{len(page.items)} of {page.total} studies, {time.strftime('%H:%M:%S')}",
-        caption="trials: finished+running/n_trials; timeout: what is left of study.timeout_s",
+        caption=caption,
     )
     for s in page.items:
-        found = None if s.state in TERMINAL_STATES else _progress_of(client, s.id)
-        eta, left = "-", "-"
-        if found is not None:
-            eta = "-" if found.eta_s is None else f"~{fmt_duration(found.eta_s, compact=True)}"
-            left = fmt_duration(found.timeout_left_s, compact=True)
         running = f"+{s.counts.running}" if s.counts.running else ""
-        table.add_row(
+        cells = [
             _short_id(s.id),
             escape(s.name),
             str(s.state),
             f"{s.n_finished}{running}/{s.n_trials}",
             _fmt(s.best_value),
-            eta,
-            left,
-            fmt_duration(s.elapsed_s, compact=True),
-        )
+        ]
+        if wide:
+            found = None if s.state in TERMINAL_STATES else _progress_of(client, s.id)
+            eta, left = "-", "-"
+            if found is not None:
+                eta = "-" if found.eta_s is None else f"~{fmt_duration(found.eta_s, compact=True)}"
+                left = fmt_duration(found.timeout_left_s, compact=True)
+            cells += [eta, left, fmt_duration(s.elapsed_s, compact=True)]
+        table.add_row(*cells)
     return table
 
 
@@ -1140,12 +1185,18 @@ def _confirmation_view(result: ConfirmationPublic) -> Group:
     )
     metric = escape(result.metric)
     table = Table(
-        Column("rank", no_wrap=True),
-        Column("trial", no_wrap=True),
-        Column("search", no_wrap=True),
-        Column(f"val {metric}\nmean +- sd\n95% CI", no_wrap=True),
-        Column("test\nmean +- sd\n95% CI", no_wrap=True),
-        Column("seeds", no_wrap=True),
+        # Folded onto more lines in a narrow terminal, never cut short.
+        *(
+            Column(header, overflow="fold")
+            for header in (
+                "rank",
+                "trial",
+                "search",
+                f"val {metric}\nmean +- sd\n95% CI",
+                "test\nmean +- sd\n95% CI",
+                "seeds",
+            )
+        ),
         title=escape(title),
         box=box.SIMPLE_HEAD,
         padding=(0, 1),
@@ -1243,9 +1294,9 @@ def _short_id(study_id: str) -> str:
 
 def _study_table(*columns: str | Column, **options: Any) -> Table:
     """A table of studies for an 80-column terminal: the short id first and never cut (it is
-    what users copy), the name folded onto more lines rather than cut, every other cell on
-    one line; rules under the header only."""
-    cells = (c if isinstance(c, Column) else Column(c, no_wrap=True) for c in columns)
+    what users copy); in a narrower terminal, or with wide values, every other cell folds
+    onto more lines rather than being cut short; rules under the header only."""
+    cells = (c if isinstance(c, Column) else Column(c, overflow="fold") for c in columns)
     return Table(
         Column("id", no_wrap=True, min_width=SHORT_ID),
         Column("name", overflow="fold", min_width=8),

@@ -225,8 +225,12 @@ class _Api:
 
     def resolve(self, study_id: str) -> _Program[str]:
         short = study_id.strip().lower()
-        if len(short) == STUDY_ID_LENGTH or not re.fullmatch(ID_PREFIX_PATTERN, short):
-            return study_id  # a whole id, or not an id at all: the server says which
+        if not short:
+            raise StudyNotFound("the study id is empty")
+        if not re.fullmatch(ID_PREFIX_PATTERN, short):
+            return study_id  # not an id at all: the server says so
+        if len(short) == STUDY_ID_LENGTH:
+            return short
         page = yield from self.studies(None, 3, 0, id_prefix=short)
         if page.total == 1:
             return page.items[0].id
@@ -555,9 +559,10 @@ class Client(_Base[httpx.Client]):
 
     def resolve(self, study_id: str) -> str:
         """The whole id of the one study whose id starts with ``study_id`` (a short id as
-        ``lstm-hpo status`` shows it, any case); a whole id, or text that cannot start an
-        id, is returned unchanged without asking the server. Raises ``StudyNotFound`` when
-        no study of yours starts so, :class:`AmbiguousStudyId` when several do."""
+        ``lstm-hpo status`` shows it; any case, blanks around it ignored). A whole id comes
+        back in lower case, and text that cannot start an id unchanged, without asking the
+        server. Raises ``StudyNotFound`` when no study of yours starts so (or ``study_id``
+        is blank), :class:`AmbiguousStudyId` when several do."""
         return self._run(self._api.resolve(study_id))
 
     studies = list

@@ -246,6 +246,7 @@ def fit_config(
     resume_from: Path | None = None,
     init_from: SavedModel | None = None,
     late_callbacks: Sequence[Callback] = (),
+    on_start: Callable[[], None] | None = None,
 ) -> FitResult:
     """Train ``config`` and return its metrics.
 
@@ -267,11 +268,17 @@ def fit_config(
     count from 0 (fine-tuning). Raises :class:`~service.errors.CheckpointMismatch` naming
     what differs when its network is not the one the config builds. The result's
     ``initial_value`` is the validation metric of those weights before training.
+
+    ``on_start``: called once the data and model are ready, before anything is written
+    (`train --out`: the earlier run in the directory is replaced only then, so a run that
+    its data or checkpoint refuse loses nothing).
     """
     if init_from is not None and resume_from is not None:
         raise ValueError("init_from starts a new fit; resume_from continues one: not both")
     params = config.params
     metric, data, model = _prepare(config, init_from, data_roots)
+    if on_start is not None:
+        on_start()
     initial_value: float | None = None
     if init_from is not None:
         initial_value = _score(model, data, "val", metric.name, accelerator)
@@ -370,6 +377,7 @@ def refit_config(
     accelerator: str = "auto",
     data_roots: tuple[Path, ...] | None = None,
     on_phase: Callable[[str], None] | None = None,
+    on_start: Callable[[], None] | None = None,
 ) -> FitResult:
     """Retrain ``config`` on the train and validation splits together, for the number of
     epochs its validated fit peaked at, and score the final weights on the test split.
@@ -389,7 +397,8 @@ def refit_config(
     ``best_epoch`` are the validated fit's (None when ``epochs`` was given): validation
     scores of the refit model would be on data it trained on. ``refit`` holds
     ``epochs``, ``splits`` and ``selection`` (the validated fit's value, best epoch and
-    test scores, for comparison). ``on_phase`` is told, in a line, when each fit starts.
+    test scores, for comparison). ``on_phase`` is told, in a line, when each fit starts;
+    ``on_start`` is called as :func:`fit_config` calls it, once, before the first fit.
 
     Raises :class:`~service.errors.InvalidConfig` as
     :func:`~service.search_space.check_refit` does (the plateau schedule; ``epochs``
@@ -408,6 +417,7 @@ def refit_config(
             progress=progress,
             accelerator=accelerator,
             data_roots=data_roots,
+            on_start=on_start,
         )
         if selection.best_epoch is None:
             raise RuntimeError("refit: the validated fit had no epoch with a finite metric")
@@ -416,6 +426,8 @@ def refit_config(
     metric, data, model = _prepare(config, None, data_roots)
     if not isinstance(data.datamodule, InMemoryDataModule):
         raise TypeError(f"{config.task.kind}: its data module cannot train on validation")
+    if selection is None and on_start is not None:
+        on_start()
     data.datamodule.train_on_val = True
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.yaml").write_text(config.to_yaml(), encoding="utf-8")

@@ -105,6 +105,9 @@ def test_resolve_a_short_id_sync_and_async(setup: Setup) -> None:
         assert client.resolve(target[:12]) == target
         assert client.resolve(target[:12].upper()) == target
         assert client.resolve(target) == target  # whole: no request needed
+        assert client.resolve(f" {target.upper()}\n") == target
+        with pytest.raises(StudyNotFound, match="empty"):
+            client.resolve("  ")
         with pytest.raises(AmbiguousStudyId, match=f"{digit} starts .* give more of the id"):
             client.resolve(digit)
         with pytest.raises(StudyNotFound, match="no study's id starts with"):

@@ -559,10 +559,10 @@ def test_an_out_that_cannot_be_written_exits_2_before_training(
 
 
 def test_a_directory_holds_one_run_and_keeps_what_the_run_reads(tmp_path: Path) -> None:
-    """Training into an --out an earlier `train` used removes that run's files first (a plain
-    fit once sat beside a refit's stale refit.ckpt and selection/), says so, and keeps
-    anything else there and every file the new run reads (here its --init-from checkpoint,
-    inside the old selection/)."""
+    """Training into an --out an earlier `train` used removes the files that run listed in
+    its manifest (a plain fit once sat beside a refit's stale refit.ckpt and selection/),
+    says so, and keeps anything else there and every file the new run reads (here its
+    --init-from checkpoint, inside the old selection/)."""
     one_epoch = {**TINY_ADDING, "params": {**TINY_ADDING["params"], "max_epochs": 1}}
     write_config(tmp_path / "config.yaml", one_epoch)
     refit = run_cli("train", "config.yaml", "--refit", "--out", "run", "--json", *CPU,
@@ -576,9 +576,9 @@ def test_a_directory_holds_one_run_and_keeps_what_the_run_reads(tmp_path: Path) 
                          "--json", *CPU, cwd=tmp_path)  # fmt: skip
 
     assert fine_tuned.returncode == 0, fine_tuned.stderr
-    assert "note: run held an earlier run; removed selection/, config.yaml, refit.ckpt" in (
-        fine_tuned.stderr
-    )
+    said = " ".join(fine_tuned.stderr.split())
+    assert "note: run held an earlier run; removed config.yaml, refit.ckpt," in said
+    assert "selection/config.yaml" in said and "selection/best.ckpt" not in said  # it is read
     assert last_json(fine_tuned)["init_from"] == str(selected)
     left = {str(p.relative_to(tmp_path / "run")) for p in (tmp_path / "run").rglob("*")}
     assert left == {"notes.txt", "selection", "selection/best.ckpt", *PLAIN_RUN_FILES}
@@ -587,9 +587,75 @@ def test_a_directory_holds_one_run_and_keeps_what_the_run_reads(tmp_path: Path) 
 
     assert plain.returncode == 0, plain.stderr
     left = {str(p.relative_to(tmp_path / "run")) for p in (tmp_path / "run").rglob("*")}
-    assert left == {"notes.txt", *PLAIN_RUN_FILES}
+    assert left == {"notes.txt", *PLAIN_RUN_FILES}  # selection/ went with its last file
     assert (tmp_path / "run" / "notes.txt").read_text() == "mine\n"
 
 
-#: What a plain `train --out run` leaves in run/.
-PLAIN_RUN_FILES = ("best.ckpt", "config.yaml", "hparams.yaml", "metrics.csv", "result.json")
+def test_a_run_that_is_refused_loses_nothing_of_the_earlier_one(tmp_path: Path) -> None:
+    """The earlier run is replaced only once the new run's checkpoint and data are read:
+    a checkpoint of another architecture exits 2 and leaves the directory as it was."""
+    one_epoch = {**TINY_ADDING, "params": {**TINY_ADDING["params"], "max_epochs": 1}}
+    write_config(tmp_path / "config.yaml", one_epoch)
+    first = run_cli("train", "config.yaml", "--out", "run", "--json", *CPU, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    wider = {**one_epoch, "params": {**one_epoch["params"], "hidden_size": 32}}
+    write_config(tmp_path / "wider.yaml", wider)
+    before = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*")}
+
+    refused = run_cli(
+        "train", "wider.yaml", "--init-from", "run/best.ckpt", "--out", "run", *CPU, cwd=tmp_path
+    )  # fmt: skip (fine-tuning in place: allowed)
+
+    assert refused.returncode == 2, refused.stderr
+    assert "hidden_size" in refused.stderr and "held an earlier run" not in refused.stderr
+    assert {p: p.read_bytes() for p in (tmp_path / "run").rglob("*")} == before
+
+
+@pytest.mark.parametrize(
+    ("inside", "args"),
+    [("hparams.yaml", ()), ("selection/result.json", ("--refit",))],
+    ids=["config-named-as-a-run-file", "config-in-a-refit-selection"],
+)
+def test_an_input_the_run_would_overwrite_exits_2(
+    tmp_path: Path, inside: str, args: tuple[str, ...]
+) -> None:
+    config = tmp_path / "run" / inside
+    config.parent.mkdir(parents=True)
+    write_config(config, TINY_ADDING)
+    before = config.read_bytes()
+
+    proc = run_cli("train", config, "--out", "run", *args, *CPU, cwd=tmp_path)
+
+    assert proc.returncode == 2, proc.stderr
+    assert f"training would overwrite {config}, which it reads" in " ".join(proc.stderr.split())
+    assert config.read_bytes() == before
+
+
+#: What a plain `train --out run` leaves in run/: its files and the list of them.
+PLAIN_RUN_FILES = (
+    ".lstm-hpo-run.json",
+    "best.ckpt",
+    "config.yaml",
+    "hparams.yaml",
+    "metrics.csv",
+    "result.json",
+)
+
+
+def test_data_that_do_not_fit_the_config_exit_2_and_keep_the_earlier_run(
+    tmp_path: Path,
+) -> None:
+    """As `train --help` says: data that do not fit the config are an input error (exit 2,
+    one line naming the file and column), found before the earlier run is replaced."""
+    (tmp_path / "series.csv").write_text("month,x\n" + "".join(f"{i},{i}\n" for i in range(80)))
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / ".lstm-hpo-run.json").write_text('{"files": ["best.ckpt"]}')
+    (tmp_path / "run" / "best.ckpt").write_text("an earlier run's\n")
+    task = {"kind": "forecast", "path": str(tmp_path / "series.csv"), "column": "y"}
+    write_config(tmp_path / "config.yaml", {"task": task, "params": {"max_epochs": 1}})
+
+    proc = run_cli("train", "config.yaml", "--out", "run", *CPU, cwd=tmp_path)
+
+    assert proc.returncode == 2, proc.stderr
+    assert "no column 'y'" in proc.stderr and "Traceback" not in proc.stderr
+    assert (tmp_path / "run" / "best.ckpt").read_text() == "an earlier run's\n"
