@@ -40,6 +40,7 @@ from service.errors import (
 )
 from service.logs import log_context
 from service.models import SearchJob
+from service.periodic import look_every
 from service.search_space import ConfirmSettings
 from service.states import NOTES_ATTR, JobState
 
@@ -80,14 +81,7 @@ class AutoConfirmer:
             self._thread.join(timeout_s)
 
     def _watch(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.scan_once()
-            except LstmHpoError as err:  # the database away for a moment: next look
-                log.warning("study.confirm: %s", err.message)
-            except Exception:  # never let one bad look end the thread
-                log.exception("study.confirm: looking for succeeded studies failed")
-            self._stop.wait(self.interval_s)
+        look_every(self._stop, self.interval_s, self.scan_once, what="study.confirm", log=log)
 
     def scan_once(self, now: datetime | None = None) -> list[str]:
         """One look; returns the ids of the confirmation studies it queued (or found queued

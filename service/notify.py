@@ -47,6 +47,7 @@ from service.errors import LstmHpoError, NotFound, OptunaStudyDeleted
 from service.logs import log_context
 from service.metrics import WEBHOOK_DELIVERIES
 from service.models import SearchJob
+from service.periodic import look_every
 from service.search_space import NotifyEvent, NotifySettings
 from service.states import ACTIVE_JOB_STATES, JobState
 from service.webhooks import url_allowed
@@ -187,14 +188,7 @@ class Notifier:
     # Looking
 
     def _watch(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.scan_once()
-            except LstmHpoError as err:  # the database away for a moment: next look
-                log.warning("webhooks: %s", err.message)
-            except Exception:  # never let one bad look end the thread
-                log.exception("webhooks: looking for study events failed")
-            self._stop.wait(self.interval_s)
+        look_every(self._stop, self.interval_s, self.scan_once, what="webhooks", log=log)
 
     def scan_once(self, now: datetime | None = None) -> int:
         """One look at every study with a webhook that is active or ended within
