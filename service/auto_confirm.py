@@ -23,11 +23,12 @@ from __future__ import annotations
 import logging
 import threading
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import Any, Final
 
 from sqlalchemy import select
 
-from service import confirm, studies
+from service import confirm, queue, studies
 from service.auth import Principal
 from service.db import session_scope
 from service.errors import (
@@ -133,7 +134,8 @@ class AutoConfirmer:
         self, job_id: str, owner: str, study_name: str, spec: Any, n_trials: int
     ) -> str | None:
         """Queue ``job_id``'s confirmation unless it was settled at this size before; its
-        id, or None."""
+        id, or None. Raises ``QuotaExceeded`` while its owner's quota is full (a note
+        says it waits; no Optuna study is made and dropped each look)."""
         storage = self.backend.storage
         try:
             optuna_id = studies.optuna_study_id(self.backend, study_name)
@@ -141,17 +143,34 @@ class AutoConfirmer:
             if isinstance(done, dict) and done.get("n_trials") == n_trials:
                 return None  # settled before (this server before a restart, or another)
             settings = ConfirmSettings.model_validate(spec["study"]["confirm"])
-            owner_principal = Principal(owner)
-            try:
-                study = confirm.confirm_study(
-                    self.backend,
-                    job_id,
-                    settings.top_k,
-                    settings.seeds,
-                    principal=owner_principal,
-                    idempotency_key=idempotency_key(job_id, n_trials),
-                    keep_notify=True,  # nobody waits on it: its webhook tells when it is done
+            most = self.backend.max_active_studies
+            if most is not None and queue.count_active_jobs(self.backend.sessions, owner) >= most:
+                self._note(
+                    optuna_id,
+                    f"study.confirm: waits for a free slot: its owner has {most} active "
+                    "studies (LSTM_HPO_MAX_ACTIVE_STUDIES); queued once one ends",
                 )
+                raise QuotaExceeded()
+            ask = partial(
+                confirm.confirm_study,
+                self.backend,
+                job_id,
+                settings.top_k,
+                settings.seeds,
+                principal=Principal(owner),
+                idempotency_key=idempotency_key(job_id, n_trials),
+            )
+            without_webhook = ""
+            try:
+                try:
+                    study = ask(keep_notify=True)  # nobody waits on it: its webhook tells
+                except InvalidSpec as err:
+                    if not all(e.loc.startswith("study.notify") for e in err.errors):
+                        raise
+                    # The server's webhook allow-list changed since the submit: confirm
+                    # without it rather than never.
+                    study = ask(keep_notify=False)
+                    without_webhook = f"; without the study's webhook ({err.message})"
             except (InvalidSpec, Conflict) as err:
                 if isinstance(err, (QuotaExceeded, OptunaStudyDeleted)):
                     raise
@@ -160,8 +179,9 @@ class AutoConfirmer:
         except (OptunaStudyDeleted, NotFound):  # deleted meanwhile: nothing to confirm
             return None
         note = (
-            f"study.confirm: confirmation {study.id} queued (top {settings.top_k} x "
-            f"{settings.seeds} seeds); best names its winner once it has run"
+            f"study.confirm: confirmation {study.id} of its {n_trials} trials (top "
+            f"{settings.top_k} x {settings.seeds} seeds){without_webhook}; lstm-hpo best "
+            "ID --confirmed gives its winner's config once it has run"
         )
         self._settle(optuna_id, {"n_trials": n_trials, "confirmation": study.id}, note)
         log.info("study.confirm: study %s -> confirmation %s", job_id, study.id)
@@ -174,10 +194,15 @@ class AutoConfirmer:
         log.warning("study.confirm: study %s not confirmed: %s", job_id, reason)
 
     def _settle(self, optuna_id: int, mark: dict[str, Any], note: str) -> None:
-        """Add ``note`` to the study's notes (``GET /v1/studies/{id}``, ``lstm-hpo status``)
-        unless it is there, and mark the study settled."""
+        """Say ``note`` on the study and mark it settled."""
+        self._note(optuna_id, note)
+        self.backend.storage.set_study_system_attr(optuna_id, AUTO_CONFIRM_ATTR, mark)
+
+    def _note(self, optuna_id: int, note: str) -> None:
+        """``note`` in the study's notes (``GET /v1/studies/{id}``, ``lstm-hpo status``) in
+        place of what study.confirm said there before: the newest state only."""
         storage = self.backend.storage
         notes = storage.get_study_user_attrs(optuna_id).get(NOTES_ATTR) or []
-        if note not in notes:
-            storage.set_study_user_attr(optuna_id, NOTES_ATTR, [*notes, note])
-        storage.set_study_system_attr(optuna_id, AUTO_CONFIRM_ATTR, mark)
+        kept = [n for n in notes if not str(n).startswith("study.confirm:")]
+        if [*kept, note] != notes:
+            storage.set_study_user_attr(optuna_id, NOTES_ATTR, [*kept, note])

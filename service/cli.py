@@ -1063,6 +1063,7 @@ def _print_study(study: StudyPublic) -> None:
 @app.command()
 def best(
     study_id: Annotated[str, typer.Argument(help=STUDY_ID_HELP)],
+    *,
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="Write the config YAML here.")
     ] = None,
@@ -1070,6 +1071,14 @@ def best(
         Path | None,
         typer.Option("--checkpoint", help="Also save the best trial's checkpoint here."),
     ] = None,
+    confirmed: Annotated[
+        bool,
+        typer.Option(
+            "--confirmed",
+            help="The config the study's confirmation ranks first (the best mean over new "
+            "seeds: lstm-hpo confirm, study.confirm), not the search's best run.",
+        ),
+    ] = False,
     server: ServerOption = DEFAULT_SERVER,
     token: TokenOption = None,
 ) -> None:
@@ -1077,10 +1086,15 @@ def best(
     --checkpoint, the best trial's checkpoint too."""
     from service.client import Client
 
+    if confirmed and checkpoint is not None:
+        _usage_error(
+            "--checkpoint saves the search's best trial's; retrain the confirmed config "
+            "with lstm-hpo train"
+        )
     with Client(server, token=token) as client:
         try:
             study_id = client.resolve(study_id)
-            text = client.best_yaml(study_id)
+            text = client.best_yaml(study_id, confirmed=confirmed)
             if checkpoint is not None:
                 client.best_checkpoint(study_id, checkpoint)
                 err_console.print(f"wrote {checkpoint}")
@@ -1255,7 +1269,14 @@ def _best_confirmation(client: Client, study_id: str) -> RenderableType | None:
         return None
     if found.study_id == study_id:
         return _confirmation_view(client.confirmation(study_id))
-    return Text(f"confirmation {found.study_id} ({found.state}): {found.verdict}")
+    said = f"confirmation {found.study_id} ({found.state}): {found.verdict}"
+    if found.rank != 1 and found.winner_trial_number is not None:
+        said += (
+            f"\nthis YAML is the search's best run (trial {top[0].trial_number}); the "
+            f"confirmation ranks trial {found.winner_trial_number}'s config first: "
+            f"lstm-hpo best {_short_id(study_id)} --confirmed gives it"
+        )
+    return Text(said)
 
 
 @app.command()

@@ -270,8 +270,13 @@ class _Api:
         body = response.json()
         return [BestPublic.model_validate(b) for b in (body if isinstance(body, list) else [body])]
 
-    def best_yaml(self, study_id: str) -> _Program[str]:
-        return self.text(_Request("GET", _study(study_id, "best"), {"format": "yaml"}))
+    def best_yaml(self, study_id: str, confirmed: bool = False) -> _Program[str]:
+        params = {"format": "yaml", **({"confirmed": "true"} if confirmed else {})}
+        return self.text(_Request("GET", _study(study_id, "best"), params))
+
+    def confirmed_best(self, study_id: str) -> _Program[BestPublic]:
+        request = _Request("GET", _study(study_id, "best"), {"confirmed": "true"})
+        return self.model(request, BestPublic)
 
     def best_checkpoint(self, study_id: str, dest: str | os.PathLike[str]) -> _Program[Path]:
         response = yield from self.exchange(_Request("GET", _study(study_id, "best/checkpoint")))
@@ -605,9 +610,16 @@ class Client(_Base[httpx.Client]):
         ``values``; a single-objective study's best alone."""
         return self._run(self._api.pareto_front(study_id))
 
-    def best_yaml(self, study_id: str) -> str:
-        """The best config as YAML, as `lstm-hpo train` takes it."""
-        return self._run(self._api.best_yaml(study_id))
+    def best_yaml(self, study_id: str, *, confirmed: bool = False) -> str:
+        """The best config as YAML, as `lstm-hpo train` takes it (``confirmed``: the one
+        the study's confirmation ranks first, :meth:`confirmed_best`)."""
+        return self._run(self._api.best_yaml(study_id, confirmed))
+
+    def confirmed_best(self, study_id: str) -> BestPublic:
+        """The config the study's newest confirmation ranks first (the best mean over new
+        seeds), with its ``confirmation``. ApiError 404 when it was never confirmed, 409
+        while that confirmation has not succeeded."""
+        return self._run(self._api.confirmed_best(study_id))
 
     def best_checkpoint(self, study_id: str, dest: str | os.PathLike[str]) -> Path:
         """Save the best trial's checkpoint to ``dest`` and return it (ApiError 409 before
@@ -739,8 +751,11 @@ class AsyncClient(_Base[httpx.AsyncClient]):
     async def pareto_front(self, study_id: str) -> BestList:
         return await self._run(self._api.pareto_front(study_id))
 
-    async def best_yaml(self, study_id: str) -> str:
-        return await self._run(self._api.best_yaml(study_id))
+    async def best_yaml(self, study_id: str, *, confirmed: bool = False) -> str:
+        return await self._run(self._api.best_yaml(study_id, confirmed))
+
+    async def confirmed_best(self, study_id: str) -> BestPublic:
+        return await self._run(self._api.confirmed_best(study_id))
 
     async def best_checkpoint(self, study_id: str, dest: str | os.PathLike[str]) -> Path:
         return await self._run(self._api.best_checkpoint(study_id, dest))

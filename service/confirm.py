@@ -50,6 +50,7 @@ from service import queue, studies
 from service.auth import Principal
 from service.errors import (
     ConfirmationNotFound,
+    ConfirmationNotReady,
     FieldError,
     InvalidSpec,
     NotConfirmable,
@@ -83,6 +84,7 @@ from service.states import (
     NOTES_ATTR,
     TEST_METRICS_ATTR,
     TEST_VALUE_ATTR,
+    JobState,
 )
 
 log = logging.getLogger(__name__)
@@ -367,7 +369,7 @@ def confirmation_spec(
 ) -> dict[str, Any]:
     """The confirmation study's spec (a document for ``parse_spec``): ``spec``'s task and
     space with ``seed`` searched among ``seeds``; each of ``top``'s params x each seed
-    enqueued, config by config; random sampler, no pruner, no timeout, warm start or
+    enqueued, seed by seed; random sampler, no pruner, no timeout, warm start or
     webhook (``keep_notify``: the study's); ``study.confirm_of`` = ``confirms``."""
     doc = spec.model_dump(mode="json")
     doc["name"] = f"{(spec.name or spec.task.kind)[:92]}-confirm"
@@ -380,12 +382,16 @@ def confirmation_spec(
     for name in dropped if keep_notify else [*dropped, "notify"]:
         if name in study:
             study[name] = None
+    if study.get("notify"):  # its end only: a new best among (config, seed) pairs means little
+        on = [event for event in study["notify"]["on"] if event != "new_best"]
+        study["notify"] = {**study["notify"], "on": on} if on else None
     study.update(
         n_trials=len(top) * len(seeds),
         sampler="random",
         pruner="none",
         pruner_warmup_epochs=StudySettings.model_fields["pruner_warmup_epochs"].default,
-        enqueue=[{**_without_seed(t.params), _SEED: s} for t in top for s in seeds],
+        # Seed by seed, every config: a confirmation cut short still has pairs to compare.
+        enqueue=[{**_without_seed(t.params), _SEED: s} for s in seeds for t in top],
         confirm_of=confirms,
     )
     doc["study"] = study
@@ -455,6 +461,39 @@ def _optuna_id(backend: studies.Backend, job: queue.JobRecord) -> int:
 # --------------------------------------------------------------------------------------
 # The result
 # --------------------------------------------------------------------------------------
+
+
+def confirmed_best(
+    backend: studies.Backend, job_id: str, *, principal: Principal
+) -> list[BestPublic]:
+    """The config the newest confirmation of study ``job_id`` ranks first (on a
+    confirmation study: its own), as ``best`` gives a config: the confirmed study's trial
+    whose config won, with its ``confirmation``. What ``best --confirmed`` answers: the
+    config with the best mean over new seeds, not the search's luckiest run.
+
+    Raises ``StudyNotFound``; ``ConfirmationNotFound`` for a study never confirmed;
+    ``ConfirmationNotReady`` (409) while that confirmation has not succeeded, or when no
+    config of it completed a seed."""
+    job = queue.get_job(backend.sessions, job_id, owner=principal.owner_filter)
+    found = job if _is_confirmation(job) else _newest_confirmation(backend, job, principal)
+    if found is None:
+        raise ConfirmationNotFound(
+            f"study {job_id} has no confirmation: lstm-hpo confirm ID (POST /v1/studies/"
+            f"{job_id}/confirm), or study.confirm in its spec, makes one"
+        )
+    if found.state != JobState.SUCCEEDED:
+        raise ConfirmationNotReady(
+            f"its confirmation {found.id} is {found.state}: its winner is known once it has "
+            "succeeded (lstm-hpo status ID)"
+        )
+    result = _result(backend, found)
+    winner = next((c for c in result.configs if c.rank == 1), None)
+    if winner is None or winner.trial_number is None or winner.validation.n == 0:
+        raise ConfirmationNotReady(f"no config of confirmation {found.id} completed a seed")
+    (best,) = studies.trial_configs(
+        backend, result.confirms, [winner.trial_number], principal=principal
+    )
+    return [best.model_copy(update={"confirmation": _best_view(result, winner.rank)})]
 
 
 def confirmation(

@@ -197,6 +197,10 @@ class ConfirmationNotFound(NotFound):
     """The study has no confirmation: POST /v1/studies/{id}/confirm makes one."""
 
 
+class ConfirmationNotReady(Conflict):
+    """The study's confirmation has not succeeded yet: its winner is not known."""
+
+
 # --------------------------------------------------------------------------------------
 # What the Python client (service.client) raises for the server's answers.
 

@@ -669,11 +669,15 @@ class ConfirmSettings(_Frozen):
 
 
 def _confirm_shorthand(value: Any) -> Any:
-    """``confirm: true`` is ``{}`` (the defaults); ``false`` is none."""
+    """``confirm: true`` is ``{}`` (the defaults); ``false`` (and null) is none."""
     if value is True:
         return {}
-    if value is False:
+    if value is False or value is None:
         return None
+    if not isinstance(value, Mapping):
+        raise ValueError(
+            "write true (top_k 3, seeds 5), false, or a mapping such as {top_k: 3, seeds: 5}"
+        )
     return value
 
 
@@ -1388,7 +1392,10 @@ def _check_limits(spec: StudySpec, limits: SpecLimits) -> list[FieldError]:
         errors.append(FieldError("study.n_trials", msg))
     if (confirm := spec.study.confirm) is not None:
         if confirm.top_k > spec.study.n_trials:
-            msg = f"{confirm.top_k} is more than the study's n_trials ({spec.study.n_trials})"
+            given = "" if "top_k" in confirm.model_fields_set else " (the default)"
+            msg = (
+                f"{confirm.top_k}{given} is more than the study's n_trials ({spec.study.n_trials})"
+            )
             errors.append(FieldError("study.confirm.top_k", msg))
         if confirm.top_k * confirm.seeds > limits.max_trials:
             msg = (

@@ -50,6 +50,7 @@ from service.errors import (
     OptunaStudyDeleted,
     QuotaExceeded,
     StudyNotActive,
+    StudyNotExtendable,
     StudyNotFound,
 )
 from service.schemas import BestPublic, Page, StudyPublic, TrialCounts, TrialPublic
@@ -323,11 +324,19 @@ def extend_study(
     is the first total; the study's ``n_trials`` is the current one).
 
     Raises ``StudyNotFound`` (another principal's too); ``StudyNotExtendable`` for any
-    other failed study (its spec, data or Optuna study is unusable); ``InvalidSpec``
+    other failed study (its spec, data or Optuna study is unusable) and for a
+    confirmation study (its trials are its configs x seeds); ``InvalidSpec``
     (field ``n_trials``) when the total would pass ``LSTM_HPO_MAX_TRIALS``, or the
     grid's points with ``sampler: grid``.
     """
     job = _job(backend, job_id, principal)
+    confirms = (job.spec.get("study") or {}).get("confirm_of")
+    if confirms is not None:  # its trials are (config, seed) pairs: more would be random
+        raise StudyNotExtendable(
+            f"study {job_id} is a confirmation (of study {confirms}): it runs its configs x "
+            "seeds only; confirm that study again with more seeds (lstm-hpo confirm "
+            "--seeds N)"
+        )
     try:
         study_id = optuna_study_id(backend, job.optuna_study_name)
     except OptunaStudyDeleted:
@@ -827,9 +836,36 @@ def best_configs(
                 "failure reasons (GET /v1/studies/{id}/trials)"
             )
         raise NoCompletedTrials()
+    return _best_public(backend, spec, trial_queries.trials_by_id(storage, ids))
+
+
+def trial_configs(
+    backend: Backend, job_id: str, numbers: Sequence[int], *, principal: Principal
+) -> list[BestPublic]:
+    """The resolved configs of the study's completed trials ``numbers``, as
+    :func:`best_configs` gives them (``lstm-hpo best --confirmed``: the confirmation's
+    winner). Raises ``StudyNotFound``, ``NoCompletedTrials`` when one is not complete."""
+    job = _job(backend, job_id, principal)
+    spec = study_spec(job)
+    optuna_id = _optuna_id(backend, job)
+    storage = trial_queries.rdb_storage(backend.storage)
+    try:
+        find = backend.storage.get_trial_id_from_study_id_trial_number
+        ids = [find(optuna_id, number) for number in numbers]
+    except KeyError:
+        raise NoCompletedTrials(f"study {job_id} has no trial {numbers}") from None
+    trials = trial_queries.trials_by_id(storage, ids)
+    if any(t.state != TrialState.COMPLETE for t in trials):
+        raise NoCompletedTrials(f"trial(s) {numbers} of study {job_id} did not complete")
+    return _best_public(backend, spec, trials)
+
+
+def _best_public(
+    backend: Backend, spec: StudySpec, trials: Sequence[FrozenTrial]
+) -> list[BestPublic]:
+    """Each completed trial's value(s) and resolved config, in the order given."""
     out = []
-    # k None: the best one; a multi-objective study's whole front.
-    for trial in trial_queries.trials_by_id(storage, ids):
+    for trial in trials:
         config = trial.user_attrs.get(CONFIG_ATTR)
         if config is None:  # replay the sampler's mapping on the recorded params
             config = sample_config(optuna.trial.FixedTrial(trial.params), spec).model_dump(

@@ -19,8 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
+from typer.testing import CliRunner
 
 from service.auto_confirm import AUTO_CONFIRM_ATTR, AutoConfirmer
+from service.cli import app as cli_app
 from service.config import Settings
 from service.search_space import SpecLimits, parse_spec
 from tests.servers import InProcessServer, serve_in_thread
@@ -92,8 +95,8 @@ def test_a_succeeded_study_is_confirmed_once_and_best_names_the_winner(
     assert confirmation["n_trials"] == 2 * 3 and confirmation["name"] == "auto-confirm"
     notes = server.http.get(f"/v1/studies/{parent}").json()["notes"]
     assert notes == [
-        f"study.confirm: confirmation {confirmation['id']} queued (top 2 x 3 seeds); best "
-        "names its winner once it has run"
+        f"study.confirm: confirmation {confirmation['id']} of its 5 trials (top 2 x 3 seeds); "
+        "lstm-hpo best ID --confirmed gives its winner's config once it has run"
     ]
     spec = server.http.get(f"/v1/studies/{confirmation['id']}").json()["spec"]
     assert spec["study"]["confirm"] is None  # a confirmation is not confirmed again
@@ -112,6 +115,14 @@ def test_a_succeeded_study_is_confirmed_once_and_best_names_the_winner(
     assert len(_confirmations_of(server, parent)) == 1
     assert server.http.get(f"/v1/studies/{parent}").json()["notes"] == notes  # said once
 
+    # Its winner is known once it has run; a confirmation is not extended (its trials are
+    # its configs x seeds).
+    early = server.http.get(f"/v1/studies/{parent}/best", params={"confirmed": "true"})
+    if early.status_code != 200:  # the worker may have run it already
+        assert early.status_code == 409 and early.json()["error"] == "ConfirmationNotReady"
+    more = server.http.post(f"/v1/studies/{confirmation['id']}/extend", json={"n_trials": 2})
+    assert more.status_code == 409 and "is a confirmation" in more.text
+
     run_worker_until_idle(_url(server))
 
     best = server.http.get(f"/v1/studies/{parent}/best").json()
@@ -119,6 +130,30 @@ def test_a_succeeded_study_is_confirmed_once_and_best_names_the_winner(
     assert best["confirmation"]["state"] == "succeeded"
     result = server.http.get(f"/v1/studies/{parent}/confirmation").json()
     assert [c["validation"]["n"] for c in result["configs"]] == [3, 3]
+    # The confirmed winner's config, from the parent and from the confirmation alike.
+    winner = next(c for c in result["configs"] if c["rank"] == 1)
+    for study_id in (parent, confirmation["id"]):
+        confirmed = server.http.get(f"/v1/studies/{study_id}/best", params={"confirmed": "true"})
+        assert confirmed.status_code == 200, confirmed.text
+        assert confirmed.json()["trial_number"] == winner["trial_number"]
+        assert confirmed.json()["confirmation"]["rank"] == 1
+    trial = server.http.get(f"/v1/studies/{parent}/trials").json()["items"]
+    params = next(t["params"] for t in trial if t["number"] == winner["trial_number"])
+    as_yaml = server.http.get(
+        f"/v1/studies/{parent}/best", params={"confirmed": "true", "format": "yaml"}
+    )
+    config = yaml.safe_load(as_yaml.text)
+    assert config["params"]["lr"] == pytest.approx(params["lr"])
+    assert config["params"]["num_layers"] == params["num_layers"]
+    both = server.http.get(f"/v1/studies/{parent}/best", params={"confirmed": "true", "k": 2})
+    assert both.status_code == 422 and "k" in both.text
+    cli = CliRunner().invoke(cli_app, ["best", parent[:8], "--server", server.url])
+    assert cli.exit_code == 0, cli.output
+    if best["trial_number"] != winner["trial_number"]:  # the search's best is not the winner
+        assert f"lstm-hpo best {parent[:12]} --confirmed gives it" in " ".join(cli.stderr.split())
+    cli = CliRunner().invoke(cli_app, ["best", parent[:8], "--confirmed", "--server", server.url])
+    assert cli.exit_code == 0, cli.output
+    assert yaml.safe_load(cli.stdout) == config
     # Deleted by its user: the server does not make it again.
     assert server.http.delete(f"/v1/studies/{confirmation['id']}").status_code == 204
     assert AutoConfirmer(server.backend, interval_s=1).scan_once() == []
@@ -204,3 +239,64 @@ def test_confirm_true_means_the_defaults_and_false_none() -> None:
     assert on.study.confirm is not None
     assert (on.study.confirm.top_k, on.study.confirm.seeds) == (3, 5)
     assert off.study.confirm is None
+
+
+def test_never_confirmed_is_404_for_best_confirmed(server: InProcessServer) -> None:
+    plain = _submit(server, confirm=None)
+    run_worker_until_idle(_url(server))
+
+    got = server.http.get(f"/v1/studies/{plain}/best", params={"confirmed": "true"})
+
+    assert got.status_code == 404 and got.json()["error"] == "ConfirmationNotFound"
+
+
+def test_a_full_quota_makes_the_confirmation_wait_with_a_note(db_url: str, tmp_path: Path) -> None:
+    """Over its owner's quota of active studies, the confirmation waits (a note says so;
+    no Optuna study is made and dropped at each look) and is queued once a slot frees."""
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        database_url=db_url,
+        notify_interval_s=3600,  # the test looks itself
+        max_active_studies_per_principal=1,
+    )
+    with serve_in_thread(settings) as server:
+        parent = _submit(server)
+        run_worker_until_idle(_url(server))
+        blocker = _submit(server, confirm=None)  # queued: the one active study allowed
+        confirmer = AutoConfirmer(server.backend, interval_s=1)
+        studies_before = len(server.backend.storage.get_all_studies())
+
+        assert confirmer.scan_once() == [] and confirmer.scan_once() == []
+
+        assert len(server.backend.storage.get_all_studies()) == studies_before
+        notes = server.http.get(f"/v1/studies/{parent}").json()["notes"]
+        assert len(notes) == 1 and notes[0].startswith("study.confirm: waits for a free slot")
+        assert server.http.post(f"/v1/studies/{blocker}/cancel").status_code == 200
+        (queued,) = confirmer.scan_once()
+        notes = server.http.get(f"/v1/studies/{parent}").json()["notes"]
+        assert len(notes) == 1 and notes[0].startswith(f"study.confirm: confirmation {queued}")
+
+
+def test_a_webhook_the_server_no_longer_allows_does_not_stop_the_confirmation(
+    db_url: str, tmp_path: Path
+) -> None:
+    """The allow-list changed since the submit: the confirmation runs without the
+    study's webhook, and its note says so."""
+    hook = "http://127.0.0.1:9/"  # nothing listens: its POSTs fail, which is not tested here
+    allowing = Settings(
+        data_dir=tmp_path / "data",
+        database_url=db_url,
+        notify_interval_s=3600,
+        webhook_allow=(hook,),
+    )
+    with serve_in_thread(allowing) as first:
+        parent = _submit(first, notify={"url": hook + "done", "on": ["finished"]})
+        run_worker_until_idle(_url(first))
+    not_allowing = allowing.model_copy(update={"webhook_allow": ()})
+    with serve_in_thread(not_allowing) as second:
+        (queued,) = AutoConfirmer(second.backend, interval_s=1).scan_once()
+
+        spec = second.http.get(f"/v1/studies/{queued}").json()["spec"]
+        assert spec["study"]["notify"] is None
+        (note,) = second.http.get(f"/v1/studies/{parent}").json()["notes"]
+        assert f"confirmation {queued}" in note and "without the study's webhook" in note

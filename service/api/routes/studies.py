@@ -317,15 +317,32 @@ def best(
     study_id: str,
     backend: BackendDep,
     principal: PrincipalDep,
+    *,
     k: Annotated[int | None, Query(ge=1, le=100)] = None,
     format: Annotated[Literal["json", "yaml"], Query()] = "json",
+    confirmed: Annotated[
+        bool,
+        Query(
+            description="The config the study's confirmation ranks first (the best mean "
+            "over new seeds) instead of the search's best run; not with k."
+        ),
+    ] = False,
 ) -> BestPublic | list[BestPublic] | PlainTextResponse:
     """The best config (``?k=N``: the top N). ``?format=yaml``: a file `lstm-hpo train` takes.
 
     A multi-objective study answers its Pareto front (a list, at most N with ``?k=N``),
     each with its ``values``; as YAML, one document per config, each headed by a comment
-    with its trial and values. 409 while no trial has completed.
+    with its trial and values. 409 while no trial has completed. ``?confirmed=true``: the
+    config its newest confirmation ranks first; 404 when it was never confirmed, 409 while
+    that confirmation has not succeeded.
     """
+    if confirmed and k is not None:
+        raise InvalidSpec([FieldError("k", "not with confirmed: a confirmation has one winner")])
+    if confirmed:
+        top = confirm.confirmed_best(backend, study_id, principal=principal)
+        if format == "yaml":
+            return PlainTextResponse(dump_yaml(top[0].config), media_type="application/yaml")
+        return top[0]
     top = studies.best_configs(backend, study_id, k=k, principal=principal)
     front = top[0].values is not None
     if format == "yaml":
