@@ -496,6 +496,13 @@ def confirmed_best(
     return [best.model_copy(update={"confirmation": _best_view(result, winner.rank)})]
 
 
+def own_result(backend: studies.Backend, job_id: str) -> ConfirmationPublic | None:
+    """What confirmation study ``job_id`` found (so far), or None for any other study: a
+    webhook's payload carries it, so its receiver learns the winner and the verdict."""
+    job = queue.get_job(backend.sessions, job_id)
+    return _result(backend, job) if _is_confirmation(job) else None
+
+
 def confirmation(
     backend: studies.Backend, job_id: str, *, principal: Principal
 ) -> ConfirmationPublic:

@@ -40,7 +40,7 @@ import httpx
 from pydantic import ValidationError
 from sqlalchemy import or_, select
 
-from service import studies
+from service import confirm, studies
 from service.auth import LOCAL
 from service.db import session_scope
 from service.errors import LstmHpoError, NotFound, OptunaStudyDeleted
@@ -106,7 +106,9 @@ def payload(
          "study": {"id", "name", "state", "task", "metric", "direction", "n_trials",
                    "n_finished", "counts", "best_value", "best_trial_number",
                    "best_params", "error", "created_at", "started_at", "finished_at",
-                   "elapsed_s", "url" (the API's), "dashboard_url"}}
+                   "elapsed_s", "url" (the API's), "dashboard_url",
+                   "confirmation": null, or for a confirmation study {"confirms",
+                   "winner_trial_number", "verdict", "best_url"}}}
 
     ``best``: the trial a ``new_best`` tells of (number, value, params); else the study's
     best now. Raises ``StudyNotFound`` for a study deleted meanwhile.
@@ -120,6 +122,18 @@ def payload(
     if best is not None:
         summary["best_trial_number"], summary["best_value"], summary["best_params"] = best
     summary["url"] = f"{backend.base_url}/v1/studies/{job_id}"
+    # A confirmation study (study.confirm keeps the webhook): the study it confirms, its
+    # winner and verdict; the best trial above is one (config, seed) pair, not the answer.
+    found = confirm.own_result(backend, job_id)
+    summary["confirmation"] = None
+    if found is not None:
+        winner = next((c for c in found.configs if c.rank == 1), None)
+        summary["confirmation"] = {
+            "confirms": found.confirms,
+            "winner_trial_number": winner.trial_number if winner else None,
+            "verdict": found.verdict,
+            "best_url": f"{backend.base_url}/v1/studies/{found.confirms}/best?confirmed=true",
+        }
     event_id = f"{job_id}:{event}"
     if event == "new_best" and best is not None:
         event_id += f":{best[0]}"

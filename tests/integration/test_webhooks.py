@@ -229,3 +229,58 @@ def test_no_allow_list_refuses_every_webhook(tmp_path: Path, sqlite_url: str) ->
         (error,) = response.json()["errors"]
         assert error["loc"] == "study.notify.url"
         assert "LSTM_HPO_WEBHOOK_ALLOW" in error["msg"]
+
+
+def test_a_study_confirm_confirmation_tells_the_webhook_its_winner(
+    tmp_path: Path, db_url: str, receiver: Receiver
+) -> None:
+    """study.confirm keeps the study's webhook (end events only): the confirmation's
+    ``finished`` names the study it confirms, its winner and verdict, and where the
+    winner's config is; the search's own ``finished`` carries no confirmation."""
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        database_url=db_url,
+        webhook_allow=(receiver.url,),
+        notify_interval_s=0.1,
+    )
+    spec = _spec(4, {"url": receiver.url, "on": ["finished", "new_best"]})
+    spec["study"]["confirm"] = {"top_k": 2, "seeds": 2}
+    with serve_in_thread(settings) as server:
+        parent = server.http.post("/v1/studies", json=spec).json()["id"]
+        _run_worker(db_url)  # the search
+        deadline = time.monotonic() + 30
+        while not (notes := server.http.get(f"/v1/studies/{parent}").json()["notes"]):
+            assert time.monotonic() < deadline, "no confirmation queued"
+            time.sleep(0.05)
+        assert _run_worker(db_url) == 4  # the confirmation: 2 configs x 2 seeds
+
+        ended = [
+            b
+            for b in receiver.wait_for(1, timeout_s=30)
+            if b["event"] == "finished" and b["study"]["id"] != parent
+        ]
+        deadline = time.monotonic() + 30
+        while not ended:
+            assert time.monotonic() < deadline, receiver.delivered()
+            time.sleep(0.05)
+            ended = [
+                b
+                for b in receiver.delivered()
+                if b["event"] == "finished" and b["study"]["id"] != parent
+            ]
+        result = server.http.get(f"/v1/studies/{parent}/confirmation").json()
+
+    (told,) = ended
+    winner = next(c for c in result["configs"] if c["rank"] == 1)
+    assert told["study"]["id"] in notes[0]
+    assert told["study"]["confirmation"] == {
+        "confirms": parent,
+        "winner_trial_number": winner["trial_number"],
+        "verdict": result["verdict"],
+        "best_url": f"{server.url}/v1/studies/{parent}/best?confirmed=true",
+    }
+    by_study = [b for b in receiver.delivered() if b["study"]["id"] == told["study"]["id"]]
+    assert [b["event"] for b in by_study] == ["finished"]  # no new_best from its pairs
+    searched = [b for b in receiver.delivered() if b["study"]["id"] == parent]
+    assert {b["event"] for b in searched} >= {"finished"}
+    assert all(b["study"]["confirmation"] is None for b in searched)
