@@ -348,7 +348,14 @@ def confirm_study(
     storage.set_study_user_attr(
         confirm_optuna_id,
         CONFIRMATION_ATTR,
-        {"confirms": job_id, "top_k": top_k, "seeds": chosen, "configs": configs},
+        {
+            "confirms": job_id,
+            "top_k": top_k,
+            "seeds": chosen,
+            "configs": configs,
+            # What it chose from: a study extended since has configs it never saw.
+            "of_finished": parent.n_finished,
+        },
     )
     storage.set_study_user_attr(confirm_optuna_id, NOTES_ATTR, notes)
     with suppress(KeyError):  # the original's Optuna study was deleted meanwhile
@@ -542,10 +549,23 @@ def with_confirmation(
             ranks = {c.trial_number: c.rank for c in result.configs if c.trial_number is not None}
     except (OptunaStudyDeleted, StudyNotFound):
         return best
-    return [
-        b.model_copy(update={"confirmation": _best_view(result, ranks.get(b.trial_number))})
-        for b in best
-    ]
+    views = [_best_view(result, ranks.get(b.trial_number)) for b in best]
+    if not own and (stale := _stale(backend, found, job)):
+        views = [v.model_copy(update={"verdict": f"{v.verdict} {stale}"}) for v in views]
+    return [b.model_copy(update={"confirmation": v}) for b, v in zip(best, views, strict=True)]
+
+
+def _stale(backend: studies.Backend, found: queue.JobRecord, job: queue.JobRecord) -> str:
+    """What to add to the verdict of confirmation ``found`` when study ``job`` has finished
+    trials it never chose from (extended since); empty otherwise."""
+    attr = backend.storage.get_study_user_attrs(_optuna_id(backend, found)).get(CONFIRMATION_ATTR)
+    of = attr.get("of_finished") if isinstance(attr, Mapping) else None
+    if not isinstance(of, int) or job.n_finished <= of:
+        return ""
+    return (
+        f"(It chose from the study's first {of} finished trials; the study has "
+        f"{job.n_finished} now: confirm it again to rank its newer configs.)"
+    )
 
 
 def _is_confirmation(job: queue.JobRecord) -> bool:

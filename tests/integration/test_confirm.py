@@ -376,3 +376,28 @@ def test_a_real_confirmation_trial_scores_the_test_split() -> None:
         # Every test metric too (what a task reports beside the ranked one).
         metrics = trial.user_attrs.get(TEST_METRICS_ATTR)
         assert (metrics is not None and metrics["test_mse"] == test_value) is scored
+
+
+def test_best_says_when_the_study_has_grown_since_its_confirmation(
+    server: InProcessServer,
+) -> None:
+    """An extended study has configs its newest confirmation never chose from: ``best``
+    still reports that confirmation, and its verdict says so."""
+    parent_id = _finished_parent(server)
+    asked = server.http.post(f"/v1/studies/{parent_id}/confirm", json={"top_k": 2, "seeds": 2})
+    assert asked.status_code == 202, asked.text
+    _run_worker(server)
+    fresh = server.http.get(f"/v1/studies/{parent_id}/best").json()["confirmation"]
+    assert "It chose from" not in fresh["verdict"]
+
+    grown = server.http.post(f"/v1/studies/{parent_id}/extend", json={"n_trials": 2})
+    assert grown.status_code == 200, grown.text
+    _run_worker(server)
+
+    stale = server.http.get(f"/v1/studies/{parent_id}/best").json()["confirmation"]
+    assert stale["study_id"] == asked.json()["id"]
+    assert stale["verdict"].startswith(fresh["verdict"])
+    assert (
+        "It chose from the study's first 6 finished trials; the study has 8 now"
+        in (stale["verdict"])
+    )
