@@ -296,7 +296,11 @@ class WorkerStorage(optuna.storages.RDBStorage):
         self, study_id: int, template_trial: FrozenTrial | None = None
     ) -> FrozenTrial:
         if template_trial is not None:  # enqueue / retry copies: Optuna's own code
-            return super()._create_new_trial(study_id, template_trial)
+            created = super()._create_new_trial(study_id, template_trial)
+            stale = self._own.get(created._trial_id)  # a reused id: set_trial_state_values
+            if stale is not None and stale.frozen.state.is_finished():
+                del self._own[created._trial_id]
+            return created
         now = datetime.now()  # naive local time, as Optuna stores it
         create = self._postgres_create if self._postgres else self._sqlite_create
         trial_id, number = create(study_id, now)
@@ -510,6 +514,14 @@ class WorkerStorage(optuna.storages.RDBStorage):
     def set_trial_state_values(
         self, trial_id: int, state: TrialState, values: Sequence[float] | None = None
     ) -> bool:
+        if state == TrialState.RUNNING:
+            # A WAITING trial popped (Optuna's code). SQLite gives a deleted trial's id to
+            # the next new trial, so this id may be one this process ran and keeps a
+            # finished copy of: that copy is another trial's, and would read back as
+            # finished (its tell then failed).
+            stale = self._own.get(trial_id)
+            if stale is not None and stale.frozen.state.is_finished():
+                del self._own[trial_id]
         own = self._own.get(trial_id)
         if own is None or own.frozen.state.is_finished() or state == TrialState.RUNNING:
             return super().set_trial_state_values(trial_id, state, values)

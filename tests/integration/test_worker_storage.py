@@ -218,3 +218,38 @@ def test_reports_are_stored_as_made_and_refused_once_the_trial_finished_elsewher
     with pytest.raises(ValueError, match="Cannot tell a FAIL trial"):
         study.tell(trial, 1.0)
     assert reader.get_trial(trial._trial_id).state == TrialState.FAIL
+
+
+def test_a_trial_id_reused_after_a_deletion_is_not_read_from_the_finished_copy(
+    storages: Storages,
+) -> None:
+    """SQLite hands out a deleted trial's id again: an enqueued trial of another study may
+    get the id of a trial this process ran and keeps a finished copy of. Popping it must
+    see the new trial (it once read back as finished, and its tell failed: 'Trial#3 has
+    already finished'). PostgreSQL's sequence never reuses an id: there the precondition
+    does not hold and the rest is the ordinary path."""
+    reader = storages(optuna.storages.RDBStorage)
+    optuna.create_study(study_name="gone", storage=reader)
+    worker = storages(WorkerStorage)
+    gone = optuna.load_study(study_name="gone", storage=worker)
+    _run(gone, TrialState.COMPLETE)
+    ran = gone.trials[-1]._trial_id
+    optuna.delete_study(study_name="gone", storage=reader)
+    optuna.create_study(study_name="next", storage=reader)
+    optuna.load_study(study_name="next", storage=reader).enqueue_trial({"num_layers": 2})
+    study = optuna.load_study(study_name="next", storage=worker)
+
+    trial = study.ask()  # pops the enqueued one
+
+    assert trial.params == {} or trial.number == 0
+    assert worker.get_trial(trial._trial_id).state == TrialState.RUNNING
+    assert trial.suggest_int("num_layers", 1, 4) == 2
+    study.tell(trial, 0.5)
+    stored = reader.get_trial(trial._trial_id)
+    assert (stored.state, stored.value, stored.params) == (
+        TrialState.COMPLETE,
+        0.5,
+        {"num_layers": 2},
+    )
+    if "sqlite" in str(reader.engine.url):
+        assert trial._trial_id == ran  # the precondition: the id was reused
