@@ -297,9 +297,7 @@ class WorkerStorage(optuna.storages.RDBStorage):
     ) -> FrozenTrial:
         if template_trial is not None:  # enqueue / retry copies: Optuna's own code
             created = super()._create_new_trial(study_id, template_trial)
-            stale = self._own.get(created._trial_id)  # a reused id: set_trial_state_values
-            if stale is not None and stale.frozen.state.is_finished():
-                del self._own[created._trial_id]
+            self._forget_reused(created._trial_id)
             return created
         now = datetime.now()  # naive local time, as Optuna stores it
         create = self._postgres_create if self._postgres else self._sqlite_create
@@ -403,6 +401,14 @@ class WorkerStorage(optuna.storages.RDBStorage):
         if sql is None:
             sql = self._compiled[clause] = str(clause.compile(dialect=self.engine.dialect))
         return sql
+
+    def _forget_reused(self, trial_id: int) -> None:
+        """Drop this process's finished copy of ``trial_id`` when that id now names
+        another trial: SQLite gives a deleted trial's id to the next new one, and the copy
+        would read back as finished (an enqueued trial's tell then failed)."""
+        stale = self._own.get(trial_id)
+        if stale is not None and stale.frozen.state.is_finished():
+            del self._own[trial_id]
 
     def _forget_finished(self) -> None:
         finished = [tid for tid, own in self._own.items() if own.frozen.state.is_finished()]
@@ -514,14 +520,8 @@ class WorkerStorage(optuna.storages.RDBStorage):
     def set_trial_state_values(
         self, trial_id: int, state: TrialState, values: Sequence[float] | None = None
     ) -> bool:
-        if state == TrialState.RUNNING:
-            # A WAITING trial popped (Optuna's code). SQLite gives a deleted trial's id to
-            # the next new trial, so this id may be one this process ran and keeps a
-            # finished copy of: that copy is another trial's, and would read back as
-            # finished (its tell then failed).
-            stale = self._own.get(trial_id)
-            if stale is not None and stale.frozen.state.is_finished():
-                del self._own[trial_id]
+        if state == TrialState.RUNNING:  # a WAITING trial popped (Optuna's code)
+            self._forget_reused(trial_id)
         own = self._own.get(trial_id)
         if own is None or own.frozen.state.is_finished() or state == TrialState.RUNNING:
             return super().set_trial_state_values(trial_id, state, values)
