@@ -8,8 +8,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
-from functools import partial
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -30,7 +29,13 @@ from service.errors import (
     LstmHpoError,
     SingleHostOnly,
 )
-from service.training.run_dir import SELECTION_DIR, overwritten_input, replace_earlier_run
+from service.training.run_dir import (
+    SELECTION_DIR,
+    RunStart,
+    overwritten_input,
+    record_run,
+    replace_earlier_run,
+)
 
 if TYPE_CHECKING:
     from datetime import datetime
@@ -193,6 +198,7 @@ def train(
                 _usage_error("; ".join(str(e) for e in err.errors))  # the config is fine
             raise _fail(err, 2) from None
     if out is not None:
+        out = out.expanduser()  # also when quoted: Lightning expands it, so must we
         _check_out_dir(out, (SELECTION_DIR,) if refit and refit_epochs is None else ())
     # torch + Lightning take seconds to import: only once the config is known to be good.
     from service.training.fit import (
@@ -203,7 +209,7 @@ def train(
     )
 
     saved: SavedModel | None = None
-    on_start: Callable[[], None] | None = None
+    replacing: _Replacing | None = None
     if checkpoint_path is not None:
         saved, resolved = _read_checkpoint(checkpoint_path, resolved)
     assert resolved is not None  # a config, or --evaluate's checkpoint's
@@ -216,13 +222,14 @@ def train(
         selection = refit and refit_epochs is None
         # The --init-from checkpoint may be overwritten (fine-tuning in place): it is read
         # whole before training starts. A config or data file would be lost for good.
-        if (clash := overwritten_input(out_dir, inputs, selection=selection)) is not None:
+        clash = overwritten_input(out_dir, inputs, selection=selection, config=config)
+        if clash is not None:
             _usage_error(
                 f"--out {out_dir}: training would overwrite {clash}, which it reads; "
                 "choose another --out"
             )
         inputs += [init_from] if init_from is not None else []
-        on_start = partial(_replace_earlier_run, out_dir, inputs, selection=selection)
+        replacing = _Replacing(out_dir, inputs, selection)
     if not json_output:
         action = f"Evaluating {evaluate}" if evaluate is not None else f"Training -> {out_dir}"
         if refit:
@@ -244,7 +251,7 @@ def train(
                 accelerator=accelerator,
                 data_roots=data_roots,
                 on_phase=None if json_output else lambda say: console.print(escape(say)),
-                on_start=on_start,
+                on_start=replacing.begin if replacing else None,
             )
         else:
             result = fit_config(
@@ -254,8 +261,10 @@ def train(
                 accelerator=accelerator,
                 data_roots=data_roots,
                 init_from=saved,
-                on_start=on_start,
+                on_start=replacing.begin if replacing else None,
             )
+        if replacing is not None:
+            replacing.finish()
     except (InvalidSpec, DataError) as err:  # InvalidConfig, CheckpointMismatch: data read
         raise _fail(err, 2) from None  # the input is wrong: as a config error, exit 2
     except LstmHpoError as err:
@@ -331,20 +340,33 @@ def _run_inputs(
     return inputs
 
 
-def _replace_earlier_run(out_dir: Path, inputs: list[Path], *, selection: bool) -> None:
-    """Replace the earlier `train` run in ``out_dir`` (:func:`~service.training.run_dir.
-    replace_earlier_run`), naming what was removed on stderr. Called once the new run's
-    data and checkpoint are read: a run they refuse loses nothing."""
-    removed = replace_earlier_run(out_dir, selection=selection, keep=inputs)
-    if not removed:
-        return
-    names = [str(path.relative_to(out_dir)) for path in removed]
-    if SELECTION_DIR in names:  # gone as a whole: name it once
-        names = [n for n in names if not n.startswith(f"{SELECTION_DIR}/")]
-        names = [f"{SELECTION_DIR}/" if n == SELECTION_DIR else n for n in names]
-    err_console.print(
-        f"note: {escape(str(out_dir))} held an earlier run; removed {escape(', '.join(names))}"
-    )
+@dataclass
+class _Replacing:
+    """`train --out DIR`: the earlier run in DIR is replaced once the new run's data and
+    checkpoint are read (:meth:`begin`: a run they refuse loses nothing), and the new run
+    lists what it wrote once it has finished (:meth:`finish`)."""
+
+    out_dir: Path
+    #: What the run reads (its config, checkpoint, data): kept, whatever their names.
+    inputs: list[Path]
+    #: A refit's validated fit writes DIR/selection.
+    selection: bool
+    start: RunStart | None = None
+
+    def begin(self) -> None:
+        self.start = replace_earlier_run(self.out_dir, keep=self.inputs)
+        if not (removed := self.start.removed):
+            return
+        names = [str(path.relative_to(self.out_dir)) for path in removed]
+        if SELECTION_DIR in names:  # gone as a whole: name it once
+            names = [n for n in names if not n.startswith(f"{SELECTION_DIR}/")]
+            names = [f"{SELECTION_DIR}/" if n == SELECTION_DIR else n for n in names]
+        where, what = escape(str(self.out_dir)), escape(", ".join(names))
+        err_console.print(f"note: {where} held an earlier run; removed {what}")
+
+    def finish(self) -> None:
+        if self.start is not None:
+            record_run(self.out_dir, self.start, selection=self.selection)
 
 
 def _usage_error(message: str) -> typer.Exit:
@@ -1270,7 +1292,7 @@ def _best_confirmation(client: Client, study_id: str) -> RenderableType | None:
     if found.study_id == study_id:
         return _confirmation_view(client.confirmation(study_id))
     said = f"confirmation {found.study_id} ({found.state}): {found.verdict}"
-    if found.rank != 1 and found.winner_trial_number is not None:
+    if found.state == "succeeded" and found.rank != 1 and found.winner_trial_number is not None:
         said += (
             f"\nthis YAML is the search's best run (trial {top[0].trial_number}); the "
             f"confirmation ranks trial {found.winner_trial_number}'s config first: "

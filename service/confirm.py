@@ -476,22 +476,31 @@ def confirmed_best(
     """The config the newest confirmation of study ``job_id`` ranks first (on a
     confirmation study: its own), as ``best`` gives a config: the confirmed study's trial
     whose config won, with its ``confirmation``. What ``best --confirmed`` answers: the
-    config with the best mean over new seeds, not the search's luckiest run.
+    config with the best mean over new seeds, not the search's luckiest run. The newest
+    confirmation that has succeeded: a newer one cancelled or still running is passed over.
 
     Raises ``StudyNotFound``; ``ConfirmationNotFound`` for a study never confirmed;
-    ``ConfirmationNotReady`` (409) while that confirmation has not succeeded, or when no
-    config of it completed a seed."""
+    ``ConfirmationNotReady`` (409) while none of its confirmations has succeeded, or when
+    no config of it completed a seed; ``NotConfirmable`` (409) on a confirmation study."""
     job = queue.get_job(backend.sessions, job_id, owner=principal.owner_filter)
-    found = job if _is_confirmation(job) else _newest_confirmation(backend, job, principal)
+    if _is_confirmation(job):
+        # Its answer is a trial of the study it confirms: asked there, nothing is mixed up.
+        confirms = job.spec["study"]["confirm_of"]
+        raise NotConfirmable(
+            f"study {job_id} is a confirmation: ask the study it confirms (lstm-hpo best "
+            f"{confirms} --confirmed)"
+        )
+    found = _newest_confirmation(backend, job, principal, succeeded=True)
     if found is None:
+        pending = _newest_confirmation(backend, job, principal)
+        if pending is not None:
+            raise ConfirmationNotReady(
+                f"its confirmation {pending.id} is {pending.state}: its winner is known "
+                "once it has succeeded (lstm-hpo status ID)"
+            )
         raise ConfirmationNotFound(
             f"study {job_id} has no confirmation: lstm-hpo confirm ID (POST /v1/studies/"
             f"{job_id}/confirm), or study.confirm in its spec, makes one"
-        )
-    if found.state != JobState.SUCCEEDED:
-        raise ConfirmationNotReady(
-            f"its confirmation {found.id} is {found.state}: its winner is known once it has "
-            "succeeded (lstm-hpo status ID)"
         )
     result = _result(backend, found)
     winner = next((c for c in result.configs if c.rank == 1), None)
@@ -576,9 +585,14 @@ def _is_confirmation(job: queue.JobRecord) -> bool:
 
 
 def _newest_confirmation(
-    backend: studies.Backend, job: queue.JobRecord, principal: Principal
+    backend: studies.Backend,
+    job: queue.JobRecord,
+    principal: Principal,
+    *,
+    succeeded: bool = False,
 ) -> queue.JobRecord | None:
-    """The newest confirmation study of ``job`` the principal may see, if any."""
+    """The newest confirmation study of ``job`` the principal may see (``succeeded``:
+    the newest that has succeeded), if any."""
     try:
         attrs = backend.storage.get_study_user_attrs(_optuna_id(backend, job))
     except OptunaStudyDeleted:
@@ -593,9 +607,11 @@ def _newest_confirmation(
     )
     for _, confirm_id in made:
         try:
-            return queue.get_job(backend.sessions, confirm_id, owner=principal.owner_filter)
+            found = queue.get_job(backend.sessions, confirm_id, owner=principal.owner_filter)
         except StudyNotFound:
             continue  # deleted since, or another principal's (an admin confirmed it)
+        if not succeeded or found.state == JobState.SUCCEEDED:
+            return found
     return None
 
 

@@ -1,16 +1,19 @@
 """The layout of a `lstm-hpo train --out DIR` directory: one run per directory.
 
-A run records what it writes in :data:`MANIFEST` before it writes anything; the next run
-into DIR removes exactly those files (never a file of the user's that happens to share a
-name, and only once its own config, checkpoint and data have been read), so a plain fit
-never sits beside a refit's stale ``refit.ckpt`` and ``selection/``. No torch here: the
-CLI checks DIR before it imports torch.
+A run lists the files it wrote in :data:`MANIFEST` once it has finished; the next run into
+DIR removes exactly those (never a file of the user's that happens to share a name, and
+only once its own config, checkpoint and data have been read), so a plain fit never sits
+beside a refit's stale ``refit.ckpt`` and ``selection/``. No torch here: the CLI checks
+DIR before it imports torch.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import time
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 #: What a `train --out DIR` run writes into DIR (Lightning's CSVLogger: metrics.csv and
@@ -28,53 +31,99 @@ def run_outputs(out_dir: Path, *, selection: bool) -> list[Path]:
     return [out_dir / MANIFEST, *(d / name for d in dirs for name in RUN_FILES)]
 
 
-def overwritten_input(out_dir: Path, inputs: Iterable[Path], *, selection: bool) -> Path | None:
-    """The first of ``inputs`` (files the run reads: its data, its ``--init-from``
-    checkpoint) that the run would overwrite, or None. The config may be DIR/config.yaml:
-    the run writes the same config there."""
+def overwritten_input(
+    out_dir: Path, inputs: Iterable[Path], *, selection: bool, config: Path | None = None
+) -> Path | None:
+    """The first of ``inputs`` (files the run reads: its config, its data) that the run
+    would overwrite, or None. ``config`` may be DIR/config.yaml: the run writes the same
+    config there; any other input there would be lost."""
     written = {path.resolve() for path in run_outputs(out_dir, selection=selection)}
-    written.discard((out_dir / "config.yaml").resolve())
-    return next((path for path in inputs if path.resolve() in written), None)
+    same = (out_dir / "config.yaml").resolve()
+    for path in inputs:
+        resolved = path.resolve()
+        if resolved in written and not (
+            config is not None and resolved == same == config.resolve()
+        ):
+            return path
+    return None
 
 
-def replace_earlier_run(out_dir: Path, *, selection: bool, keep: Iterable[Path] = ()) -> list[Path]:
-    """Remove the files the earlier run in ``out_dir`` listed in its manifest (except
-    ``keep``: what the new run reads, listed again for the run after; ``selection/`` goes
-    too once empty), then list what this run may write. Returns what was removed. A
-    directory without a manifest (new, the user's own, or from lstm-hpo before 2026-12)
-    loses nothing. Raises OSError when a file cannot be removed or the manifest cannot be
-    written."""
+@dataclass(frozen=True)
+class RunStart:
+    """What :func:`replace_earlier_run` did, for :func:`record_run`."""
+
+    #: The earlier run's files removed (and ``selection/`` when it went).
+    removed: list[Path]
+    #: When the new run started (``time.time_ns``): files written since are its own.
+    started_ns: int
+    #: The earlier run's files the new run reads (kept): the run after removes them.
+    carried: list[str] = field(default_factory=list)
+
+
+def replace_earlier_run(out_dir: Path, *, keep: Iterable[Path] = ()) -> RunStart:
+    """Remove the files the earlier run in ``out_dir`` listed in its manifest, and the
+    manifest (except ``keep``: what the new run reads; ``selection/`` goes too once
+    empty). A directory without a manifest (new, the user's own, or from lstm-hpo before
+    2026-12) loses nothing. Raises OSError, having removed nothing, when a listed file
+    cannot be removed (a read-only directory)."""
+    started = time.time_ns()
     kept = {path.resolve() for path in keep}
-    manifest = out_dir / MANIFEST
-    removed: list[Path] = []
-    carried: list[str] = []  # an earlier run's file this run reads: the next run removes it
-    for relative in _listed(manifest):
-        path = out_dir / relative
-        if not path.is_file() or path.is_symlink():
-            continue
-        if path.resolve() in kept:
-            carried.append(relative)
-        else:
-            path.unlink()
-            removed.append(path)
+    listed = _listed(out_dir)
+    doomed = [out_dir / f for f in listed if (out_dir / f).resolve() not in kept]
+    carried = [f for f in listed if (out_dir / f).resolve() in kept]
+    for directory in {path.parent for path in doomed} | ({out_dir} if listed else set()):
+        if not os.access(directory, os.W_OK | os.X_OK):
+            raise OSError(f"cannot replace the earlier run in {out_dir}: {directory} is read-only")
+    for path in doomed:
+        path.unlink()
+    if listed:
+        (out_dir / MANIFEST).unlink(missing_ok=True)
+    removed = list(doomed)
     selection_dir = out_dir / SELECTION_DIR
-    if removed and selection_dir.is_dir() and not any(selection_dir.iterdir()):
+    if (
+        doomed
+        and selection_dir.is_dir()
+        and not selection_dir.is_symlink()
+        and not any(selection_dir.iterdir())
+    ):
         selection_dir.rmdir()
         removed.append(selection_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    return RunStart(removed, started, carried)
+
+
+def record_run(out_dir: Path, start: RunStart, *, selection: bool) -> None:
+    """List in the manifest the run files in ``out_dir`` written since the run started,
+    and those it carried: what the next run into ``out_dir`` will remove."""
     paths = run_outputs(out_dir, selection=selection)[1:]
-    listed = [str(path.relative_to(out_dir)) for path in paths]
-    listed += [relative for relative in carried if relative not in listed]
-    manifest.write_text(json.dumps({"written_by": "lstm-hpo train", "files": listed}) + "\n")
-    return removed
+    written = [
+        str(path.relative_to(out_dir))
+        for path in paths
+        if _ours(out_dir, path) and path.stat().st_mtime_ns >= start.started_ns
+    ]
+    written += [f for f in start.carried if f not in written and _ours(out_dir, out_dir / f)]
+    document = {"written_by": "lstm-hpo train", "files": written}
+    (out_dir / MANIFEST).write_text(json.dumps(document) + "\n", encoding="utf-8")
 
 
-def _listed(manifest: Path) -> list[str]:
-    """The manifest's files that a run can have written (a hand-edited manifest cannot
-    make a run remove anything else); none when there is no readable manifest."""
+def _listed(out_dir: Path) -> list[str]:
+    """The manifest's files that a run can have written and that lie in ``out_dir`` (a
+    hand-edited manifest or a symlinked ``selection/`` cannot make a run remove anything
+    else); none when there is no readable manifest."""
     try:
-        files = json.loads(manifest.read_text(encoding="utf-8")).get("files", [])
+        text = (out_dir / MANIFEST).read_text(encoding="utf-8")
+        files = json.loads(text).get("files", [])
     except (OSError, ValueError, AttributeError):
         return []
-    allowed = {name for name in RUN_FILES} | {f"{SELECTION_DIR}/{name}" for name in RUN_FILES}
-    return [f for f in files if isinstance(f, str) and f in allowed]
+    allowed = set(RUN_FILES) | {f"{SELECTION_DIR}/{name}" for name in RUN_FILES}
+    return [f for f in files if isinstance(f, str) and f in allowed and _ours(out_dir, out_dir / f)]
+
+
+def _ours(out_dir: Path, path: Path) -> bool:
+    """A regular file at ``path``, reached without leaving ``out_dir`` through a link."""
+    if (
+        not path.is_file()
+        or path.is_symlink()
+        or (path.parent.is_symlink() and path.parent != out_dir)
+    ):
+        return False
+    return path.resolve().parent in {out_dir.resolve(), (out_dir / SELECTION_DIR).resolve()}

@@ -401,3 +401,23 @@ def test_best_says_when_the_study_has_grown_since_its_confirmation(
         "It chose from the study's first 6 finished trials; the study has 8 now"
         in (stale["verdict"])
     )
+
+
+def test_best_confirmed_passes_over_a_newer_confirmation_that_was_cancelled(
+    server: InProcessServer,
+) -> None:
+    parent_id = _finished_parent(server)
+    first = server.http.post(f"/v1/studies/{parent_id}/confirm", json={"top_k": 2, "seeds": 2})
+    assert first.status_code == 202, first.text
+    _run_worker(server)
+    second = server.http.post(f"/v1/studies/{parent_id}/confirm", json={"top_k": 3, "seeds": 2})
+    assert second.status_code == 202, second.text
+    waiting = server.http.get(f"/v1/studies/{parent_id}/best", params={"confirmed": "true"})
+    assert server.http.post(f"/v1/studies/{second.json()['id']}/cancel").status_code == 200
+
+    answer = server.http.get(f"/v1/studies/{parent_id}/best", params={"confirmed": "true"})
+
+    # While the newer one waited, and once it was cancelled: the newest that succeeded.
+    for got in (waiting, answer):
+        assert got.status_code == 200, got.text
+        assert got.json()["confirmation"]["study_id"] == first.json()["id"]

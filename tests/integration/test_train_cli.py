@@ -32,12 +32,14 @@ LSTM_HPO = (
 SUMMARY_KEYS = ("metric", "value", "test_value", "baseline")
 
 
-def run_cli(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess[str]:
-    """Run ``lstm-hpo ARGS`` in ``cwd`` and capture its output."""
+def run_cli(
+    *args: str | Path, cwd: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run ``lstm-hpo ARGS`` in ``cwd`` (``env`` added to the environment), captured."""
     return subprocess.run(
         [*LSTM_HPO, *map(str, args)],
         cwd=cwd,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         capture_output=True,
         text=True,
         timeout=180,
@@ -659,3 +661,33 @@ def test_data_that_do_not_fit_the_config_exit_2_and_keep_the_earlier_run(
     assert proc.returncode == 2, proc.stderr
     assert "no column 'y'" in proc.stderr and "Traceback" not in proc.stderr
     assert (tmp_path / "run" / "best.ckpt").read_text() == "an earlier run's\n"
+
+
+def test_data_named_as_the_run_s_config_is_refused_and_a_quoted_tilde_out_is_expanded(
+    tmp_path: Path,
+) -> None:
+    """DIR/config.yaml may be the run's own config (rewritten as itself), never its data;
+    ``--out '~/x'`` (quoted: no shell expanded it) is the home directory's x, every file."""
+    data = tmp_path / "run" / "config.yaml"
+    data.parent.mkdir()
+    data.write_text("month,y\n" + "".join(f"{i},{100 + i}\n" for i in range(80)))
+    task = {"kind": "forecast", "path": str(data), "column": "y"}
+    write_config(tmp_path / "forecast.yaml", {"task": task, "params": {"max_epochs": 1}})
+    before = data.read_bytes()
+
+    refused = run_cli("train", "forecast.yaml", "--out", "run", *CPU, cwd=tmp_path)
+
+    assert refused.returncode == 2, refused.stderr
+    assert f"training would overwrite {data}" in " ".join(refused.stderr.split())
+    assert data.read_bytes() == before
+
+    one_epoch = {**TINY_ADDING, "params": {**TINY_ADDING["params"], "max_epochs": 1}}
+    write_config(tmp_path / "config.yaml", one_epoch)
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {"HOME": str(home)}
+    quoted = run_cli("train", "config.yaml", "--out", "~/x", "--json", *CPU, cwd=tmp_path, env=env)
+
+    assert quoted.returncode == 0, quoted.stderr
+    assert {p.name for p in (home / "x").iterdir()} == set(PLAIN_RUN_FILES)
+    assert not (tmp_path / "~").exists()

@@ -4,65 +4,131 @@ what replacing the earlier one may touch. Files only: no training."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 
 from service.cli import _run_inputs
 from service.search_space import parse_config
-from service.training.run_dir import MANIFEST, overwritten_input, replace_earlier_run
+from service.training.run_dir import (
+    MANIFEST,
+    overwritten_input,
+    record_run,
+    replace_earlier_run,
+)
 
 
 def _files(root: Path) -> set[str]:
     return {str(p.relative_to(root)) for p in root.rglob("*")}
 
 
+def _write(root: Path, *names: str) -> None:
+    for name in names:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(f"{name}\n")
+
+
 def test_a_directory_without_a_manifest_loses_nothing(tmp_path: Path) -> None:
     """Files of the user's that share a run file's name are not a run's: kept."""
-    (tmp_path / "selection").mkdir()
-    for name in ("result.json", "config.yaml", "selection/result.json", "selection/best.ckpt"):
-        (tmp_path / name).write_text("mine\n")
+    _write(tmp_path, "result.json", "config.yaml", "selection/result.json", "selection/best.ckpt")
 
-    removed = replace_earlier_run(tmp_path, selection=False)
+    start = replace_earlier_run(tmp_path)
 
-    assert removed == []
+    assert start.removed == [] and start.carried == []
     assert _files(tmp_path) == {
-        MANIFEST,
         "result.json",
         "config.yaml",
         "selection",
         "selection/result.json",
         "selection/best.ckpt",
     }
+
+
+def test_the_manifest_lists_only_what_the_run_wrote(tmp_path: Path) -> None:
+    """A user's file with a run file's name that the run did not write is not listed, so
+    the next run does not remove it."""
+    _write(tmp_path, "refit.ckpt", "notes.txt")  # the user's, before the run
+    start = replace_earlier_run(tmp_path)
+    _write(tmp_path, "best.ckpt", "config.yaml", "metrics.csv")  # what the run writes
+
+    record_run(tmp_path, start, selection=True)
+
     listed = json.loads((tmp_path / MANIFEST).read_text())["files"]
-    assert "best.ckpt" in listed and not any(f.startswith("selection/") for f in listed)
+    assert sorted(listed) == ["best.ckpt", "config.yaml", "metrics.csv"]
+    again = replace_earlier_run(tmp_path)
+    assert {p.name for p in again.removed} == {"best.ckpt", "config.yaml", "metrics.csv"}
+    assert _files(tmp_path) == {"refit.ckpt", "notes.txt"}
 
 
 def test_the_listed_files_go_and_a_hand_edited_manifest_removes_nothing_else(
     tmp_path: Path,
 ) -> None:
-    (tmp_path / "selection").mkdir()
-    for name in ("best.ckpt", "selection/best.ckpt", "notes.txt", "data.csv"):
-        (tmp_path / name).write_text("x\n")
+    _write(tmp_path, "best.ckpt", "selection/best.ckpt", "notes.txt", "data.csv")
     files = ["best.ckpt", "selection/best.ckpt", "notes.txt", "../outside", "/etc/passwd"]
     (tmp_path / MANIFEST).write_text(json.dumps({"files": files}))
 
-    removed = replace_earlier_run(tmp_path, selection=True, keep=[tmp_path / "data.csv"])
+    start = replace_earlier_run(tmp_path, keep=[tmp_path / "data.csv"])
 
-    assert {str(p.relative_to(tmp_path)) for p in removed} == {
+    assert {str(p.relative_to(tmp_path)) for p in start.removed} == {
         "best.ckpt",
         "selection/best.ckpt",
         "selection",
     }
-    assert _files(tmp_path) == {MANIFEST, "notes.txt", "data.csv"}
+    assert _files(tmp_path) == {"notes.txt", "data.csv"}
+
+
+def test_a_symlinked_selection_is_not_followed(tmp_path: Path) -> None:
+    """Files reached through a link out of DIR are never the run's to remove."""
+    out, elsewhere = tmp_path / "run", tmp_path / "elsewhere"
+    _write(elsewhere, "result.json", "metrics.csv")
+    out.mkdir()
+    (out / "selection").symlink_to(elsewhere)
+    files = ["selection/result.json", "selection/metrics.csv"]
+    (out / MANIFEST).write_text(json.dumps({"files": files}))
+
+    assert replace_earlier_run(out).removed == []
+    assert _files(elsewhere) == {"result.json", "metrics.csv"}
+
+
+def test_a_file_that_cannot_be_removed_leaves_everything(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Checked before anything is removed. The directory is read-only as os.access says
+    (a read-only mount, or permissions: root passes every permission check, so the
+    answer is set here rather than made with chmod)."""
+    _write(tmp_path, "best.ckpt", "selection/result.json")
+    (tmp_path / MANIFEST).write_text(json.dumps({"files": ["best.ckpt", "selection/result.json"]}))
+    read_only = tmp_path / "selection"
+    real_access = os.access
+    monkeypatch.setattr(
+        "service.training.run_dir.os.access",
+        lambda path, mode: Path(path) != read_only and real_access(path, mode),
+    )
+
+    with pytest.raises(OSError, match="selection is read-only"):
+        replace_earlier_run(tmp_path)
+
+    assert _files(tmp_path) == {MANIFEST, "best.ckpt", "selection", "selection/result.json"}
+
+
+def test_a_kept_input_is_carried_to_the_next_run(tmp_path: Path) -> None:
+    _write(tmp_path, "selection/best.ckpt", "refit.ckpt")
+    (tmp_path / MANIFEST).write_text(json.dumps({"files": ["selection/best.ckpt", "refit.ckpt"]}))
+
+    start = replace_earlier_run(tmp_path, keep=[tmp_path / "selection" / "best.ckpt"])
+    record_run(tmp_path, start, selection=False)
+
+    assert [p.name for p in start.removed] == ["refit.ckpt"]
+    assert json.loads((tmp_path / MANIFEST).read_text())["files"] == ["selection/best.ckpt"]
 
 
 @pytest.mark.parametrize("text", ["", "not json", "[1, 2]", '{"files": "best.ckpt"}'])
 def test_an_unreadable_manifest_removes_nothing(tmp_path: Path, text: str) -> None:
-    (tmp_path / "best.ckpt").write_text("x\n")
+    _write(tmp_path, "best.ckpt")
     (tmp_path / MANIFEST).write_text(text)
 
-    assert replace_earlier_run(tmp_path, selection=False) == []
+    assert replace_earlier_run(tmp_path).removed == []
     assert (tmp_path / "best.ckpt").exists()
 
 
@@ -70,7 +136,9 @@ def test_inputs_the_run_would_overwrite(tmp_path: Path) -> None:
     out = tmp_path / "run"
     config, data = out / "config.yaml", out / "selection" / "metrics.csv"
 
-    assert overwritten_input(out, [config], selection=True) is None  # rewritten as itself
+    # The config there is rewritten as itself; data named config.yaml would be lost.
+    assert overwritten_input(out, [config], selection=True, config=config) is None
+    assert overwritten_input(out, [config], selection=True) == config
     assert overwritten_input(out, [out / "hparams.yaml"], selection=False) == out / "hparams.yaml"
     assert overwritten_input(out, [data], selection=False) is None
     assert overwritten_input(out, [data], selection=True) == data
