@@ -836,11 +836,12 @@ def status(
                 if json_output:
                     print(page.model_dump_json())
                     return
+                wide = console.width >= WIDE_TABLE_COLUMNS
                 table = _study_table(
                     "state",
                     "finished",
                     "best",
-                    "task",
+                    *(("task",) if wide else ()),
                     title=f"{len(page.items)} of {page.total} studies (newest first)",
                 )
                 for s in page.items:
@@ -850,7 +851,7 @@ def status(
                         s.state,
                         f"{s.n_finished}/{s.n_trials}",
                         _fmt(s.best_value),
-                        s.task,
+                        *((s.task,) if wide else ()),
                     )
                 console.print(table)
                 return
@@ -1062,7 +1063,12 @@ def report(
 
 
 def _print_study(study: StudyPublic) -> None:
-    table = Table(title=f"{study.name} ({study.id})", show_header=False)
+    table = Table(
+        Column(no_wrap=True),
+        Column(overflow="fold"),  # a URL or a note: folded in a narrow terminal, never cut
+        title=f"{study.name} ({study.id})",
+        show_header=False,
+    )
     table.add_row("state", study.state)
     table.add_row("task / metric", f"{study.task} / {study.metric} ({study.direction})")
     table.add_row("finished", f"{study.n_finished}/{study.n_trials}")
@@ -1337,8 +1343,9 @@ def _short_id(study_id: str) -> str:
 
 def _study_table(*columns: str | Column, **options: Any) -> Table:
     """A table of studies for an 80-column terminal: the short id first and never cut (it is
-    what users copy); in a narrower terminal, or with wide values, every other cell folds
-    onto more lines rather than being cut short; rules under the header only."""
+    what users copy); other cells fold onto more lines rather than being cut when values
+    are wide (callers leave columns out below :data:`WIDE_TABLE_COLUMNS`, so that in a
+    narrow terminal ordinary values need not fold); rules under the header only."""
     cells = (c if isinstance(c, Column) else Column(c, overflow="fold") for c in columns)
     return Table(
         Column("id", no_wrap=True, min_width=SHORT_ID),
