@@ -30,6 +30,7 @@ from service.errors import (
     SingleHostOnly,
 )
 from service.training.run_dir import (
+    RUN_FILES,
     SELECTION_DIR,
     RunStart,
     overwritten_input,
@@ -318,6 +319,12 @@ def _check_out_dir(out: Path, subdirs: tuple[str, ...] = ()) -> None:
     for path in (out, *(out / sub for sub in subdirs)):
         if path.exists() and not path.is_dir():
             _usage_error(f"--out {out}: {path} is a file, not a directory")
+    for directory in (out, *(out / sub for sub in subdirs)):
+        for name in RUN_FILES:  # a directory where the run writes a file
+            if (directory / name).is_dir():
+                _usage_error(
+                    f"--out {out}: {directory / name} is a directory; the run writes a file there"
+                )
     existing = out
     while not existing.exists():
         existing = existing.parent

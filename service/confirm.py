@@ -498,6 +498,11 @@ def confirmed_best(
                 f"its confirmation {pending.id} is {pending.state}: its winner is known "
                 "once it has succeeded (lstm-hpo status ID)"
             )
+        if (job.spec.get("study") or {}).get("confirm") and job.state != JobState.SUCCEEDED:
+            raise ConfirmationNotReady(
+                f"study {job_id} is {job.state}: its study.confirm confirms it once it has "
+                "succeeded"
+            )
         raise ConfirmationNotFound(
             f"study {job_id} has no confirmation: lstm-hpo confirm ID (POST /v1/studies/"
             f"{job_id}/confirm), or study.confirm in its spec, makes one"

@@ -540,8 +540,15 @@ def test_the_reported_history_holds_every_epoch_when_the_best_is_not_the_last(
         ("run", ("--refit",), "--out run: run is a file, not a directory"),
         ("deep", ("--out", "deep/run"), "--out deep/run: deep is a file, not a directory"),
         ("run/selection", ("--refit",), "--out run: run/selection is a file, not a directory"),
+        ("run/best.ckpt/x", (), "--out run: run/best.ckpt is a directory; the run writes a file"),
     ],
-    ids=["out-is-a-file", "refit-out-is-a-file", "parent-is-a-file", "selection-is-a-file"],
+    ids=[
+        "out-is-a-file",
+        "refit-out-is-a-file",
+        "parent-is-a-file",
+        "selection-is-a-file",
+        "run-file-is-a-directory",
+    ],
 )
 def test_an_out_that_cannot_be_written_exits_2_before_training(
     tmp_path: Path, file: str, args: tuple[str, ...], says: str
