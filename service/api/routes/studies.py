@@ -324,7 +324,7 @@ def best(
         bool,
         Query(
             description="The config the study's confirmation ranks first (the best mean "
-            "over new seeds) instead of the search's best run; not with k."
+            "over new seeds) instead of the search's best run (with k: a list of it)."
         ),
     ] = False,
 ) -> BestPublic | list[BestPublic] | PlainTextResponse:
@@ -336,13 +336,11 @@ def best(
     config its newest confirmation ranks first; 404 when it was never confirmed, 409 while
     that confirmation has not succeeded.
     """
-    if confirmed and k is not None:
-        raise InvalidSpec([FieldError("k", "not with confirmed: a confirmation has one winner")])
-    if confirmed:
+    if confirmed:  # one winner: with ?k=N, a list of it
         top = confirm.confirmed_best(backend, study_id, principal=principal)
         if format == "yaml":
             return PlainTextResponse(dump_yaml(top[0].config), media_type="application/yaml")
-        return top[0]
+        return top if k is not None else top[0]
     top = studies.best_configs(backend, study_id, k=k, principal=principal)
     front = top[0].values is not None
     if format == "yaml":
