@@ -473,9 +473,9 @@ def _optuna_id(backend: studies.Backend, job: queue.JobRecord) -> int:
 def confirmed_best(
     backend: studies.Backend, job_id: str, *, principal: Principal
 ) -> list[BestPublic]:
-    """The config the newest confirmation of study ``job_id`` ranks first (on a
-    confirmation study: its own), as ``best`` gives a config: the confirmed study's trial
-    whose config won, with its ``confirmation``. What ``best --confirmed`` answers: the
+    """The config the newest confirmation of study ``job_id`` ranks first, as ``best``
+    gives a config: the confirmed study's trial whose config won, with its
+    ``confirmation``. What ``best --confirmed`` answers: the
     config with the best mean over new seeds, not the search's luckiest run. The newest
     confirmation that has succeeded: a newer one cancelled or still running is passed over.
 
