@@ -295,7 +295,8 @@ def confirm_study(
     gives the same confirmation study, never a second; ``keep_notify``: the confirmation
     tells the study's webhook too (``study.confirm``: nobody waits on it).
 
-    Raises ``StudyNotFound`` (another principal's too); ``NotConfirmable`` (409) for a
+    The confirmation belongs to the study's owner, whoever asks (an admin may). Raises
+    ``StudyNotFound`` (another principal's too); ``NotConfirmable`` (409) for a
     confirmation study, a multi-objective one, or fewer than ``top_k`` completed distinct
     configs; ``OptunaStudyDeleted`` (409); ``InvalidSpec`` (422) when top_k x seeds
     passes ``LSTM_HPO_MAX_TRIALS`` or the derived spec no longer validates (its data).
@@ -330,8 +331,11 @@ def confirm_study(
     derived = parse_spec(
         confirmation_spec(spec, job_id, top, chosen, keep_notify=keep_notify), backend.limits
     )
+    # The confirmation is part of the study's record: its owner's (in their list, their
+    # quota, deleted with their studies), even when an admin asked for it.
+    owner = principal if principal.name == parent.owner else Principal(parent.owner)
     study, _ = studies.submit_study(
-        backend, derived, principal=principal, idempotency_key=idempotency_key
+        backend, derived, principal=owner, idempotency_key=idempotency_key
     )
     configs = [
         {"trial_number": t.number, "value": _value(t), "params": _without_seed(t.params)}

@@ -353,6 +353,30 @@ def test_another_principals_study_is_not_found(tmp_path: Path) -> None:
         assert s.http.post(f"/v1/studies/{study.id}/confirm").status_code == 401
 
 
+def test_an_admins_confirmation_belongs_to_the_studys_owner(tmp_path: Path) -> None:
+    """The confirmation is part of the owner's record: in their list and theirs to read
+    (was: the admin's, invisible to the owner)."""
+    url = f"sqlite:///{tmp_path / 'lstm-hpo.db'}"
+    with serve_in_thread(Settings(data_dir=tmp_path / "data", database_url=url)) as s:
+        alice = auth.create_token(s.backend.sessions, "alice")
+        bob = auth.create_token(s.backend.sessions, "bob")
+        admin = auth.create_token(s.backend.sessions, "root", admin=True)
+        with Client(s.url, token=alice) as client:
+            study = client.submit(PARENT)
+        run_worker_until_idle(url)
+
+        def as_(token: str) -> dict[str, str]:
+            return {"Authorization": f"Bearer {token}"}
+
+        got = s.http.post(f"/v1/studies/{study.id}/confirm", json={"top_k": 2}, headers=as_(admin))
+        assert got.status_code == 202, got.text
+        confirmation = got.json()["id"]
+        assert s.http.get(f"/v1/studies/{confirmation}", headers=as_(alice)).status_code == 200
+        listed = s.http.get("/v1/studies", headers=as_(alice)).json()["items"]
+        assert confirmation in {item["id"] for item in listed}
+        assert s.http.get(f"/v1/studies/{confirmation}", headers=as_(bob)).status_code == 404
+
+
 @pytest.mark.usefixtures("one_torch_thread")
 def test_a_real_confirmation_trial_scores_the_test_split() -> None:
     """The worker's objective on a task that trains (adding, tiny): a confirmation's trial
