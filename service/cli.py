@@ -231,11 +231,19 @@ def train(
             )
         inputs += [init_from] if init_from is not None else []
         replacing = _Replacing(out_dir, inputs, selection)
-    if not json_output:
-        action = f"Evaluating {evaluate}" if evaluate is not None else f"Training -> {out_dir}"
-        if refit:
-            action = f"Refitting on train + validation -> {out_dir}"
-        console.print(f"[bold]{resolved.task.kind}[/bold]: {escape(action)}")
+    action = f"Evaluating {evaluate}" if evaluate is not None else f"Training -> {out_dir}"
+    if refit:
+        action = f"Refitting on train + validation -> {out_dir}"
+
+    def started() -> None:
+        """Once the data and checkpoint are read: a run they refuse says only why."""
+        if not json_output:
+            console.print(f"[bold]{resolved.task.kind}[/bold]: {escape(action)}")
+        if replacing is not None:
+            replacing.begin()
+
+    if evaluate is not None:
+        started()
     try:
         if evaluate is not None:
             assert saved is not None
@@ -252,7 +260,7 @@ def train(
                 accelerator=accelerator,
                 data_roots=data_roots,
                 on_phase=None if json_output else lambda say: console.print(escape(say)),
-                on_start=replacing.begin if replacing else None,
+                on_start=started,
             )
         else:
             result = fit_config(
@@ -262,7 +270,7 @@ def train(
                 accelerator=accelerator,
                 data_roots=data_roots,
                 init_from=saved,
-                on_start=replacing.begin if replacing else None,
+                on_start=started,
             )
         if replacing is not None:
             replacing.finish()

@@ -617,6 +617,7 @@ def test_a_run_that_is_refused_loses_nothing_of_the_earlier_one(tmp_path: Path) 
 
     assert refused.returncode == 2, refused.stderr
     assert "hidden_size" in refused.stderr and "held an earlier run" not in refused.stderr
+    assert "Training ->" not in refused.stdout
     assert {p: p.read_bytes() for p in (tmp_path / "run").rglob("*")} == before
 
 
@@ -667,6 +668,7 @@ def test_data_that_do_not_fit_the_config_exit_2_and_keep_the_earlier_run(
 
     assert proc.returncode == 2, proc.stderr
     assert "no column 'y'" in proc.stderr and "Traceback" not in proc.stderr
+    assert "Training ->" not in proc.stdout  # a refused run says only why
     assert (tmp_path / "run" / "best.ckpt").read_text() == "an earlier run's\n"
 
 
