@@ -30,6 +30,7 @@ from service.errors import (
     SingleHostOnly,
 )
 from service.training.run_dir import (
+    MANIFEST,
     RUN_FILES,
     SELECTION_DIR,
     RunStart,
@@ -370,6 +371,12 @@ class _Replacing:
 
     def begin(self) -> None:
         self.start = replace_earlier_run(self.out_dir, keep=self.inputs)
+        if self.start.unreadable is not None:
+            err_console.print(
+                f"note: cannot read {escape(str(self.out_dir / MANIFEST))} "
+                f"({escape(self.start.unreadable)}): the earlier run's files there are left "
+                "as they are; files of this run replace those of the same name"
+            )
         if not (removed := self.start.removed):
             return
         names = [str(path.relative_to(self.out_dir)) for path in removed]

@@ -58,17 +58,21 @@ class RunStart:
     started_ns: int
     #: The earlier run's files the new run reads (kept): the run after removes them.
     carried: list[str] = field(default_factory=list)
+    #: Why DIR's manifest could not be read (a damaged or foreign file), when it was there:
+    #: the earlier run's files then stay, which the user should be told.
+    unreadable: str | None = None
 
 
 def replace_earlier_run(out_dir: Path, *, keep: Iterable[Path] = ()) -> RunStart:
     """Remove the files the earlier run in ``out_dir`` listed in its manifest, and the
     manifest (except ``keep``: what the new run reads; ``selection/`` goes too once
     empty). A directory without a manifest (new, the user's own, or from lstm-hpo before
-    2026-12) loses nothing. Raises OSError, having removed nothing, when a listed file
+    2026-12) loses nothing; nor does one whose manifest cannot be read (the result's
+    ``unreadable`` says why). Raises OSError, having removed nothing, when a listed file
     cannot be removed (a read-only directory)."""
     started = time.time_ns()
     kept = {path.resolve() for path in keep}
-    listed = _listed(out_dir)
+    listed, unreadable = _listed(out_dir)
     doomed = [out_dir / f for f in listed if (out_dir / f).resolve() not in kept]
     carried = [f for f in listed if (out_dir / f).resolve() in kept]
     for directory in {path.parent for path in doomed} | ({out_dir} if listed else set()):
@@ -88,7 +92,7 @@ def replace_earlier_run(out_dir: Path, *, keep: Iterable[Path] = ()) -> RunStart
     ):
         selection_dir.rmdir()
         removed.append(selection_dir)
-    return RunStart(removed, started, carried)
+    return RunStart(removed, started, carried, unreadable)
 
 
 def record_run(out_dir: Path, start: RunStart, *, selection: bool) -> None:
@@ -105,17 +109,23 @@ def record_run(out_dir: Path, start: RunStart, *, selection: bool) -> None:
     (out_dir / MANIFEST).write_text(json.dumps(document) + "\n", encoding="utf-8")
 
 
-def _listed(out_dir: Path) -> list[str]:
+def _listed(out_dir: Path) -> tuple[list[str], str | None]:
     """The manifest's files that a run can have written and that lie in ``out_dir`` (a
     hand-edited manifest or a symlinked ``selection/`` cannot make a run remove anything
-    else); none when there is no readable manifest."""
+    else), and why the manifest could not be read (None: it could, or there is none)."""
+    path = out_dir / MANIFEST
+    if not path.exists() and not path.is_symlink():
+        return [], None
     try:
-        text = (out_dir / MANIFEST).read_text(encoding="utf-8")
-        files = json.loads(text).get("files", [])
-    except (OSError, ValueError, AttributeError):
-        return []
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:  # UnicodeDecodeError is a ValueError
+        return [], str(err) or type(err).__name__
+    files = document.get("files") if isinstance(document, dict) else None
+    if not isinstance(files, list):
+        return [], 'not a JSON object with a "files" list'
     allowed = set(RUN_FILES) | {f"{SELECTION_DIR}/{name}" for name in RUN_FILES}
-    return [f for f in files if isinstance(f, str) and f in allowed and _ours(out_dir, out_dir / f)]
+    ours = [f for f in files if isinstance(f, str) and f in allowed and _ours(out_dir, out_dir / f)]
+    return ours, None
 
 
 def _ours(out_dir: Path, path: Path) -> bool:

@@ -700,3 +700,23 @@ def test_data_named_as_the_run_s_config_is_refused_and_a_quoted_tilde_out_is_exp
     assert quoted.returncode == 0, quoted.stderr
     assert {p.name for p in (home / "x").iterdir()} == set(PLAIN_RUN_FILES)
     assert not (tmp_path / "~").exists()
+
+
+def test_a_damaged_manifest_is_reported_and_replaced(tmp_path: Path) -> None:
+    """The earlier run's files stay (nothing says which were its), the user is told, and
+    the new run's manifest makes the next run clean again."""
+    one_epoch = {**TINY_ADDING, "params": {**TINY_ADDING["params"], "max_epochs": 1}}
+    write_config(tmp_path / "config.yaml", one_epoch)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / ".lstm-hpo-run.json").write_text("{truncated")
+    (tmp_path / "run" / "refit.ckpt").write_text("an earlier run's\n")
+
+    proc = run_cli("train", "config.yaml", "--out", "run", *CPU, cwd=tmp_path)
+
+    assert proc.returncode == 0, proc.stderr
+    said = " ".join(proc.stderr.split())
+    assert f"note: cannot read {Path('run') / '.lstm-hpo-run.json'}" in said, said
+    assert "the earlier run's files there are left as they are" in said
+    assert (tmp_path / "run" / "refit.ckpt").exists()
+    manifest = json.loads((tmp_path / "run" / ".lstm-hpo-run.json").read_text())
+    assert "best.ckpt" in manifest["files"] and "refit.ckpt" not in manifest["files"]

@@ -123,13 +123,33 @@ def test_a_kept_input_is_carried_to_the_next_run(tmp_path: Path) -> None:
     assert json.loads((tmp_path / MANIFEST).read_text())["files"] == ["selection/best.ckpt"]
 
 
-@pytest.mark.parametrize("text", ["", "not json", "[1, 2]", '{"files": "best.ckpt"}'])
-def test_an_unreadable_manifest_removes_nothing(tmp_path: Path, text: str) -> None:
+@pytest.mark.parametrize(
+    ("text", "why"),
+    [
+        ("", "Expecting value"),
+        ("not json", "Expecting value"),
+        ("[1, 2]", '"files" list'),
+        ('{"files": "best.ckpt"}', '"files" list'),
+        ('{"written_by": "lstm-hpo train"}', '"files" list'),
+    ],
+)
+def test_an_unreadable_manifest_removes_nothing_and_says_why(
+    tmp_path: Path, text: str, why: str
+) -> None:
     _write(tmp_path, "best.ckpt")
     (tmp_path / MANIFEST).write_text(text)
 
-    assert replace_earlier_run(tmp_path).removed == []
+    start = replace_earlier_run(tmp_path)
+
+    assert start.removed == []
+    assert start.unreadable is not None and why in start.unreadable
     assert (tmp_path / "best.ckpt").exists()
+
+
+def test_no_manifest_and_an_empty_one_are_no_problem(tmp_path: Path) -> None:
+    assert replace_earlier_run(tmp_path).unreadable is None
+    (tmp_path / MANIFEST).write_text('{"files": []}')
+    assert replace_earlier_run(tmp_path).unreadable is None
 
 
 def test_inputs_the_run_would_overwrite(tmp_path: Path) -> None:
