@@ -221,3 +221,17 @@ class ApiToken(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_used_at: Mapped[datetime | None]
     revoked_at: Mapped[datetime | None]
+
+
+class WebhookEvent(Base):
+    """A webhook event one server has claimed to send (:mod:`service.notify`): the primary
+    key makes the claim atomic, so servers sharing a database send each event once."""
+
+    __tablename__ = "webhook_events"
+
+    #: As the payload's ``event_id``: ``<study id>:new_best:7``, ``<study id>:finished:20``.
+    event_id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    job_id: Mapped[str] = mapped_column(
+        String(32), ForeignKey("search_jobs.id", ondelete="CASCADE"), index=True
+    )
+    claimed_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -8,13 +8,15 @@ truth, whichever process changed it), and sender threads POST what it found. A s
 dead receiver delays only other webhooks, never a trial. Deliveries are not ordered (two
 senders; retries): a receiver orders by ``sent_at`` or by the study's state.
 
-Once per event: what was told is recorded on the study's Optuna record (system attribute
-:data:`NOTIFIED_ATTR`: the best trial told, whether the end was told), read again just
-before and written before the POST. Servers sharing a database therefore rarely both send
-one event, and a restarted server neither repeats what was sent nor misses a study that
-ended while it was down (within :data:`LOOKBACK`). Delivery is at most once; each POST
-carries an ``event_id`` a receiver can drop duplicates by. ``new_best`` is coalesced: one
-POST for the newest best a look finds.
+Once per event: each event is claimed before it is queued, by inserting its
+``event_id`` into ``webhook_events`` (primary key: of servers sharing a database exactly
+one wins). What was told is also recorded on the study's Optuna record (system attribute
+:data:`NOTIFIED_ATTR`: the best trial told, the ``n_trials`` whose end was told), so a
+restarted server neither repeats what was sent nor misses a study that ended while it was
+down (within :data:`LOOKBACK`). An extended study ends again at its new ``n_trials``: a
+new end event. Delivery is at most once; each POST carries the ``event_id``
+(``<study id>:new_best:<trial>``, ``<study id>:finished:<n_trials>``). ``new_best`` is
+coalesced: one POST for the newest best a look finds.
 
 Delivery: a JSON POST (:func:`payload`), 10 s timeout, redirects not followed (a
 redirect could lead anywhere), the URL checked against ``LSTM_HPO_WEBHOOK_ALLOW`` again
@@ -43,10 +45,10 @@ from sqlalchemy import or_, select
 from service import confirm, studies
 from service.auth import LOCAL
 from service.db import session_scope
-from service.errors import LstmHpoError, NotFound, OptunaStudyDeleted
+from service.errors import AlreadyExists, LstmHpoError, NotFound, OptunaStudyDeleted
 from service.logs import log_context
 from service.metrics import WEBHOOK_DELIVERIES
-from service.models import SearchJob
+from service.models import SearchJob, WebhookEvent
 from service.periodic import look_every
 from service.search_space import NotifyEvent, NotifySettings
 from service.states import ACTIVE_JOB_STATES, JobState
@@ -54,7 +56,8 @@ from service.webhooks import url_allowed
 
 log = logging.getLogger("lstm_hpo.notify")
 
-#: Optuna study system attribute: ``{"best_trial": n | null, "ended": bool}``, what was told.
+#: Optuna study system attribute, what was told: ``{"best_trial": n | null, "ended": bool,
+#: "ended_for": n_trials | null}`` (``ended`` alone: before 2026-12-02, the first end).
 NOTIFIED_ATTR: Final = "lstm_hpo:notified"
 #: A study that ended longer ago than this is not looked at (a server down for longer
 #: does not send its end).
@@ -90,7 +93,17 @@ class _Seen:
 
     optuna_id: int
     best_trial: int | None = None
-    ended: bool = False
+    #: The study's ``n_trials`` when its end was told (an extension raises it: a new end).
+    ended_for: int | None = None
+    #: Its spec's ``study.n_trials``: what an old record's ``"ended": true`` was told for.
+    first_n_trials: int | None = None
+
+
+def _ended_for(told: dict[str, Any], first_n_trials: int | None) -> int | None:
+    """The ``n_trials`` whose end :data:`NOTIFIED_ATTR` ``told`` says was told, or None."""
+    if told.get("ended_for") is not None:
+        return int(told["ended_for"])
+    return first_n_trials if told.get("ended") else None
 
 
 def payload(
@@ -99,6 +112,7 @@ def payload(
     event: NotifyEvent,
     *,
     best: tuple[int, float | None, dict[str, Any]] | None = None,
+    ended_for: int | None = None,
 ) -> dict[str, Any]:
     """The JSON a webhook receives::
 
@@ -111,7 +125,9 @@ def payload(
                    "winner_trial_number", "verdict", "best_url"}}}
 
     ``best``: the trial a ``new_best`` tells of (number, value, params); else the study's
-    best now. Raises ``StudyNotFound`` for a study deleted meanwhile.
+    best now. ``ended_for``: the ``n_trials`` an end event is for (its ``event_id``: an
+    extended study ends again; default the study's now). Raises ``StudyNotFound`` for a
+    study deleted meanwhile.
     """
     study = studies.get_study(backend, job_id, principal=LOCAL)
     summary = study.model_dump(mode="json", exclude={"spec", "optuna_study_name"})
@@ -135,8 +151,10 @@ def payload(
             "best_url": f"{backend.base_url}/v1/studies/{found.confirms}/best?confirmed=true",
         }
     event_id = f"{job_id}:{event}"
-    if event == "new_best" and best is not None:
-        event_id += f":{best[0]}"
+    if event == "new_best":
+        event_id += f":{best[0]}" if best is not None else ""
+    else:
+        event_id += f":{study.n_trials if ended_for is None else ended_for}"
     return {
         "event": event,
         "event_id": event_id,
@@ -175,8 +193,9 @@ class Notifier:
         self._pending: queue_mod.PriorityQueue[Delivery] = queue_mod.PriorityQueue(MAX_PENDING)
         self._stop = threading.Event()
         self._seen: dict[str, _Seen] = {}
-        #: Studies whose end was told (or that are gone): never looked at again.
-        self._done: set[str] = set()
+        #: (study, n_trials) whose end was told (or that are gone): not looked at again
+        #: unless extended (a new n_trials).
+        self._done: set[tuple[str, int]] = set()
         self._seq = 0
         self._threads = [threading.Thread(target=self._watch, name="lstm-hpo-notify", daemon=True)]
         self._threads += [
@@ -212,7 +231,13 @@ class Notifier:
         url = SearchJob.spec[("study", "notify", "url")].as_string()
         with session_scope(self.backend.sessions) as session:
             rows = session.execute(
-                select(SearchJob.id, SearchJob.state, SearchJob.optuna_study_name, SearchJob.spec)
+                select(
+                    SearchJob.id,
+                    SearchJob.state,
+                    SearchJob.optuna_study_name,
+                    SearchJob.spec,
+                    SearchJob.n_trials,
+                )
                 .where(
                     url.is_not(None),
                     or_(
@@ -223,58 +248,76 @@ class Notifier:
                 .order_by(SearchJob.created_at)
             ).all()
         queued = 0
-        for job_id, state, study_name, spec in rows:
-            if job_id in self._done:
+        for job_id, state, study_name, spec, n_trials in rows:
+            if (job_id, n_trials) in self._done:
                 continue
             with log_context(study_id=job_id):
                 try:
-                    queued += self._scan_job(job_id, JobState(state), study_name, spec)
+                    queued += self._scan_job(job_id, JobState(state), study_name, spec, n_trials)
                 except LstmHpoError as err:
                     if err.retryable:
                         raise
                     log.error("webhooks: study %s skipped: %s", job_id, err.message)
                 except Exception:
                     log.exception("webhooks: study %s skipped", job_id)
-        self._done.intersection_update(row[0] for row in rows)  # the rest are out of sight
+        self._done.intersection_update((row[0], row[4]) for row in rows)  # the rest: gone
         return queued
 
-    def _scan_job(self, job_id: str, state: JobState, study_name: str, spec: Any) -> int:
+    def _scan_job(
+        self, job_id: str, state: JobState, study_name: str, spec: Any, n_trials: int
+    ) -> int:
         try:
             notify = NotifySettings.model_validate(spec["study"]["notify"])
         except (ValidationError, KeyError, TypeError):
             log.error("webhooks: study %s: its study.notify is not valid; ignored", job_id)
-            self._done.add(job_id)
+            self._done.add((job_id, n_trials))
             return 0
         seen = self._seen.get(job_id)
         try:
             if seen is None:
-                seen = self._seen[job_id] = self._read_seen(study_name)
+                seen = self._seen[job_id] = self._read_seen(study_name, spec["study"]["n_trials"])
             queued = 0
             if "new_best" in notify.on:
                 queued += self._check_best(job_id, seen, notify)
             if state.is_terminal:
-                queued += self._check_end(job_id, seen, notify, state)
+                queued += self._check_end(job_id, seen, notify, state, n_trials)
         except (OptunaStudyDeleted, NotFound):  # deleted meanwhile: nothing to tell
-            self._done.add(job_id)
+            self._done.add((job_id, n_trials))
             self._seen.pop(job_id, None)
             return 0
         return queued
 
-    def _read_seen(self, study_name: str) -> _Seen:
+    def _read_seen(self, study_name: str, first_n_trials: int) -> _Seen:
         optuna_id = studies.optuna_study_id(self.backend, study_name)
         told = self.backend.storage.get_study_system_attrs(optuna_id).get(NOTIFIED_ATTR) or {}
-        return _Seen(optuna_id, told.get("best_trial"), bool(told.get("ended")))
+        ended_for = _ended_for(told, first_n_trials)
+        return _Seen(optuna_id, told.get("best_trial"), ended_for, first_n_trials)
 
     def _record(self, seen: _Seen) -> None:
-        self.backend.storage.set_study_system_attr(
-            seen.optuna_id, NOTIFIED_ATTR, {"best_trial": seen.best_trial, "ended": seen.ended}
-        )
+        told = {
+            "best_trial": seen.best_trial,
+            "ended": seen.ended_for is not None,
+            "ended_for": seen.ended_for,
+        }
+        self.backend.storage.set_study_system_attr(seen.optuna_id, NOTIFIED_ATTR, told)
 
     def _refresh(self, seen: _Seen) -> None:
         """Read what was told again (another server may have told it since)."""
         told = self.backend.storage.get_study_system_attrs(seen.optuna_id).get(NOTIFIED_ATTR)
         if told:
-            seen.best_trial, seen.ended = told.get("best_trial"), bool(told.get("ended"))
+            seen.best_trial = told.get("best_trial")
+            seen.ended_for = _ended_for(told, seen.first_n_trials)
+
+    def _claim(self, job_id: str, event_id: str) -> bool:
+        """Whether this server is the one to send ``event_id``: the insert of its row is
+        atomic, so of servers sharing a database exactly one gets True."""
+        try:
+            with session_scope(self.backend.sessions) as session:
+                session.add(WebhookEvent(event_id=event_id, job_id=job_id))
+        except AlreadyExists:
+            log.info("webhooks: %s: another server sends it", event_id)
+            return False
+        return True
 
     def _check_best(self, job_id: str, seen: _Seen, notify: NotifySettings) -> int:
         try:
@@ -294,21 +337,26 @@ class Notifier:
         body = payload(self.backend, job_id, "new_best", best=told)
         return self._queue(notify.url, body)
 
-    def _check_end(self, job_id: str, seen: _Seen, notify: NotifySettings, state: JobState) -> int:
+    def _check_end(
+        self, job_id: str, seen: _Seen, notify: NotifySettings, state: JobState, n_trials: int
+    ) -> int:
         queued = 0
-        if not seen.ended:
+        if seen.ended_for != n_trials:
             self._refresh(seen)
-        if not seen.ended:
-            seen.ended = True
+        if seen.ended_for != n_trials:
+            seen.ended_for = n_trials
             self._record(seen)
             event = _END_EVENTS[state]
             if event in notify.on:
-                queued = self._queue(notify.url, payload(self.backend, job_id, event))
-        self._done.add(job_id)
-        self._seen.pop(job_id, None)
+                body = payload(self.backend, job_id, event, ended_for=n_trials)
+                queued = self._queue(notify.url, body)
+        self._done.add((job_id, n_trials))
+        self._seen.pop(job_id, None)  # read again should it be extended
         return queued
 
     def _queue(self, url: str, body: dict[str, Any]) -> int:
+        if not self._claim(body["study"]["id"], body["event_id"]):
+            return 0
         self._seq += 1
         delivery = Delivery(
             time.monotonic(), self._seq, url, body["event_id"], json.dumps(body).encode()

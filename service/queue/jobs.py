@@ -11,7 +11,7 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
 from service import errors
-from service.models import SearchJob, TrialLease, new_job_id
+from service.models import SearchJob, TrialLease, WebhookEvent, new_job_id
 from service.queue._plumbing import resolve_now, transact
 from service.queue._records import (
     MAX_DEADLINE_S,
@@ -282,7 +282,8 @@ def fail_job(sm: SessionSource, job_id: str, reason: str, *, now: datetime | Non
 
 
 def delete_job(sm: SessionSource, job_id: str) -> bool:
-    """Delete a job row and its leases (the caller removed its Optuna study first).
+    """Delete a job row, its leases and its webhook claims (the caller removed its Optuna
+    study first).
 
     Returns False when there was no such job. A worker still running one of its trials
     gets ``LeaseLost`` when it finishes (its result has nowhere to go).
@@ -301,6 +302,7 @@ def delete_job(sm: SessionSource, job_id: str) -> bool:
             .execution_options(synchronize_session=False)
         )
         session.execute(delete(TrialLease).where(TrialLease.job_id == job_id))
+        session.execute(delete(WebhookEvent).where(WebhookEvent.job_id == job_id))
         session.delete(job)
         return True
 

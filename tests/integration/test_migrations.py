@@ -27,7 +27,7 @@ from service.migrate import (
 )
 from service.studies import optuna_storage
 
-OUR_TABLES = {"api_tokens", "search_jobs", "trial_leases", "workers"}
+OUR_TABLES = {"api_tokens", "search_jobs", "trial_leases", "webhook_events", "workers"}
 
 
 def _schema_diff(engine: Engine) -> list[Any]:
@@ -63,7 +63,7 @@ def test_upgrade_produces_exactly_the_orm_schema(db_url: str) -> None:
 
         assert _table_names(engine) == {*OUR_TABLES, VERSION_TABLE}
         assert _schema_diff(engine) == []
-        head = "0006_worker_device"
+        head = "0007_webhook_events"
         assert _versions(engine, VERSION_TABLE) == [head_revision()] == [head]
         assert schema_is_current(engine)
     finally:

@@ -14,9 +14,17 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import optuna
 import pytest
+from sqlalchemy import func, select
 
+from service import queue, studies
 from service.config import Settings
+from service.db import make_engine, make_session_factory
+from service.migrate import upgrade_schema
+from service.models import WebhookEvent
+from service.notify import Notifier
+from service.search_space import SpecLimits
 from service.worker import Worker, WorkerOptions
 from tests.servers import InProcessServer, serve_in_thread
 
@@ -284,3 +292,100 @@ def test_a_study_confirm_confirmation_tells_the_webhook_its_winner(
     searched = [b for b in receiver.delivered() if b["study"]["id"] == parent]
     assert {b["event"] for b in searched} >= {"finished"}
     assert all(b["study"]["confirmation"] is None for b in searched)
+
+
+def _events_of(receiver: Receiver, study_id: str, event: str) -> list[str]:
+    return sorted(
+        b["event_id"]
+        for b in receiver.delivered()
+        if b["study"]["id"] == study_id and b["event"] == event
+    )
+
+
+def _wait_until(check: Any, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_an_extended_study_tells_its_new_end(
+    tmp_path: Path, db_url: str, receiver: Receiver
+) -> None:
+    """Extending an ended study makes a new end (was: never told, nor its new bests: the
+    study counted as done for good), with its own event_id; deleting the study deletes
+    its claims."""
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        database_url=db_url,
+        webhook_allow=(receiver.url,),
+        notify_interval_s=0.1,
+    )
+    with serve_in_thread(settings) as server:
+        study = server.http.post(
+            "/v1/studies", json=_spec(2, {"url": receiver.url, "on": ["finished", "new_best"]})
+        ).json()["id"]
+        assert _run_worker(db_url) == 2
+        _wait_until(lambda: _events_of(receiver, study, "finished"))
+        extended = server.http.post(f"/v1/studies/{study}/extend", json={"n_trials": 2})
+        assert extended.status_code == 200, extended.text
+        assert _run_worker(db_url) == 2
+        _wait_until(lambda: len(_events_of(receiver, study, "finished")) == 2)
+        time.sleep(0.5)  # five more looks: nothing else may come
+
+        assert _events_of(receiver, study, "finished") == [
+            f"{study}:finished:2",
+            f"{study}:finished:4",
+        ]
+        last = next(b for b in receiver.delivered() if b["event_id"] == f"{study}:finished:4")
+        assert (last["study"]["n_trials"], last["study"]["n_finished"]) == (4, 4)
+        final = server.http.get(f"/v1/studies/{study}").json()
+        bests = _events_of(receiver, study, "new_best")
+        assert f"{study}:new_best:{final['best_trial_number']}" in bests
+        ids = [b["event_id"] for _h, b in receiver.posts]
+        assert len(ids) == len(set(ids))
+
+        assert server.http.delete(f"/v1/studies/{study}").status_code == 204
+        with server.backend.sessions() as session:
+            assert session.scalar(select(func.count()).select_from(WebhookEvent)) == 0
+
+
+def test_servers_sharing_a_database_claim_each_event_once(tmp_path: Path, db_url: str) -> None:
+    """The claim is one INSERT on a primary key: of many notifiers (each its own engine,
+    as separate servers have) racing for one event, exactly one may send it."""
+    upgrade_schema(db_url)
+    engine = make_engine(db_url)
+    job, _ = queue.create_job(
+        make_session_factory(engine), spec={}, name="x", optuna_study_name="x", n_trials=1
+    )
+    engine.dispose()
+    engines = [make_engine(db_url) for _ in range(6)]  # one per server
+    notifiers = [
+        Notifier(
+            studies.Backend(
+                sessions=make_session_factory(e),
+                storage=optuna.storages.InMemoryStorage(),  # a claim reads no Optuna record
+                limits=SpecLimits(),
+                base_url="http://127.0.0.1",
+            ),
+            allow=(),
+            interval_s=1.0,
+        )
+        for e in engines
+    ]
+    start = threading.Barrier(len(notifiers))
+    won: list[bool] = []
+
+    def claim(notifier: Notifier) -> None:
+        start.wait()
+        won.append(notifier._claim(job.id, f"{job.id}:finished:1"))
+
+    threads = [threading.Thread(target=claim, args=(n,)) for n in notifiers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for e in engines:
+        e.dispose()
+
+    assert sorted(won) == [False] * (len(notifiers) - 1) + [True]
