@@ -30,6 +30,7 @@ faint and the mean bold).
     python -m bench.evaluate --budget-minutes 60 --seeds 3
     python -m bench.evaluate --tasks adding,forecast --families stacked_lstm,gru --seeds 3
     python -m bench.evaluate --tasks adding --seeds 2 --first-seed 1  # seeds 1, 2: add to a seed 0
+    python -m bench.evaluate --merge RUN_S0 RUN_S12 --out ALL  # one table over both runs
 """
 
 from __future__ import annotations
@@ -197,13 +198,15 @@ def _fmt(x: float | None, digits: int = 4) -> str:
 
 def markdown(results: dict[str, Any]) -> str:
     """The tables BENCHMARKS.md gathers: one per task."""
-    m = results["machine"]
-    lines = [
-        f"Command: `{results['command']}`  ",
-        f"{machine_line(m)}  ",
+    lines = [f"Command: `{results['command']}`  "]
+    for source in results.get("sources", ()):  # --merge: the runs it gathers
+        lines += [f"- from `{source['command']}`  ", f"  {machine_line(source['machine'])}  "]
+    if "sources" not in results:
+        lines.append(f"{machine_line(results['machine'])}  ")
+    seeds = ", ".join(map(str, results.get("seed_list") or range(results["seeds"])))
+    lines += [
         f"Budget: {results['budget_minutes']:g} min of search per study, "
-        f"{results['workers']} worker process(es) x 1 thread; seeds "
-        f"{', '.join(map(str, results.get('seed_list') or range(results['seeds'])))}.",
+        f"{results['workers']} worker process(es) x 1 thread; seeds {seeds}.",
         "",
     ]
     for task, t in results["tasks"].items():
@@ -325,8 +328,11 @@ def report_task(
     out: Path,
     budget_minutes: float,
     baselines_found: dict[str, Any] | None = None,
+    importances_n: Mapping[str, int] | None = None,
 ) -> dict[str, Any]:
-    """One task's entry of results.json, and its plots under ``out``."""
+    """One task's entry of results.json, and its plots under ``out``. ``found``: each
+    family's mean importances, over ``importances_n[family]`` studies (:func:`merge`
+    weighs by it; default: every study of the family)."""
     metric = task_metric(task)
     if baselines_found is None:
         baselines_found = baselines(task, base)
@@ -361,6 +367,9 @@ def report_task(
         "baselines": baselines_found,
         "references": references_for(task),
         "importances": found,
+        "importances_n": {
+            f: (importances_n or {}).get(f, len(runs.get(f, ()))) for f in found if found[f]
+        },
         "studies": {f: [to_jsonable(run) for run in r] for f, r in runs.items()},
     }
 
@@ -391,9 +400,109 @@ def rescore(out: Path, workers: int) -> dict[str, Any]:
                 out=out,
                 budget_minutes=results["budget_minutes"],
                 baselines_found=entry.get("baselines"),
+                importances_n=entry.get("importances_n"),
             )
     results["rescored"] = Machine.describe().date
     return results
+
+
+def run_seed(run: Mapping[str, Any]) -> int | None:
+    """The search seed of a study in results.json (its spec's ``study.seed``)."""
+    seed = ((run.get("study") or {}).get("spec") or {}).get("study", {}).get("seed")
+    return int(seed) if seed is not None else None
+
+
+def merge(sources: Sequence[Path], out: Path) -> dict[str, Any]:
+    """One results.json from several runs of the suite (``--first-seed`` splits a long
+    suite across runs or machines; families may be split too): each task's studies side
+    by side per family, importances averaged over every study they came from, tables and
+    plots rebuilt under ``out``. The searches are not run again.
+
+    Raises ValueError (naming the run and what differs) for a run without results.json;
+    runs of another budget or worker count (no longer an equal budget); a refit run with
+    one that is not (they score different models; checkpoint and retrain score the same);
+    a task whose spec differs (the shipped spec changed between runs); a (task, family,
+    seed) in two runs.
+    """
+    loaded: list[tuple[Path, dict[str, Any]]] = []
+    for source in sources:
+        path = source / "results.json"
+        try:
+            loaded.append((source, json.loads(path.read_text(encoding="utf-8"))))
+        except (OSError, ValueError) as err:
+            raise ValueError(f"{path}: cannot read it ({err})") from None
+    (first_dir, first), rest = loaded[0], loaded[1:]
+    for source, results in rest:
+        for setting in ("budget_minutes", "workers"):
+            if results.get(setting) != first.get(setting):
+                raise ValueError(
+                    f"{source}: {setting} {results.get(setting)} but {first.get(setting)} in "
+                    f"{first_dir}: "
+                    "only runs at an equal budget compare"
+                )
+        if (results.get("finalists") == "refit") != (first.get("finalists") == "refit"):
+            raise ValueError(
+                f"{source}: finalists {results.get('finalists')} but {first.get('finalists')} "
+                f"in {first_dir}: a refit scores another model than the search's"
+            )
+    specs: dict[str, tuple[Path, dict[str, Any]]] = {}
+    runs: dict[str, dict[str, list[StudyRun]]] = {}
+    weighed: dict[str, dict[str, list[tuple[Mapping[str, float], int]]]] = {}
+    where: dict[tuple[str, str, int | None], Path] = {}
+    for source, results in loaded:
+        for task, entry in results["tasks"].items():
+            spec_from, first_entry = specs.setdefault(task, (source, entry))
+            if entry["spec"] != first_entry["spec"]:
+                raise ValueError(
+                    f"{source}: the {task} spec differs from {spec_from}'s (the shipped spec "
+                    "changed between the runs): their studies searched different spaces"
+                )
+            for family, studies in entry["studies"].items():
+                for study in studies:
+                    key = (task, family, run_seed(study))
+                    if key in where:
+                        raise ValueError(
+                            f"{source}: {task} {family} seed {key[2]} is in {where[key]} too"
+                        )
+                    where[key] = source
+                    runs.setdefault(task, {}).setdefault(family, []).append(StudyRun(**study))
+                found = (entry.get("importances") or {}).get(family)
+                if found:
+                    n = (entry.get("importances_n") or {}).get(family, len(studies))
+                    weighed.setdefault(task, {}).setdefault(family, []).append((found, n))
+    merged: dict[str, Any] = {
+        "command": "",
+        "machine": first["machine"],
+        "sources": [
+            {"dir": str(d), "command": r["command"], "machine": r["machine"]} for d, r in loaded
+        ],
+        "budget_minutes": first["budget_minutes"],
+        "workers": first["workers"],
+        "seeds": len({key[2] for key in where}),
+        "seed_list": sorted({key[2] for key in where if key[2] is not None}),
+        "finalists": first.get("finalists"),
+        "tasks": {},
+    }
+    for task, families in runs.items():
+        found, counts = {}, {}
+        for family, parts in weighed.get(task, {}).items():
+            counts[family] = sum(n for _, n in parts)
+            params = {p for importance, _ in parts for p in importance}
+            means = {
+                p: sum(imp.get(p, 0.0) * n for imp, n in parts) / counts[family] for p in params
+            }
+            found[family] = dict(sorted(means.items(), key=lambda kv: -kv[1]))
+        merged["tasks"][task] = report_task(
+            task,
+            specs[task][1]["spec"],
+            families,
+            found,
+            out=out,
+            budget_minutes=first["budget_minutes"],
+            baselines_found=specs[task][1].get("baselines"),
+            importances_n=counts,
+        )
+    return merged
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -446,7 +555,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="no search: retrain the finalists of DIR/results.json that have no test score, "
         "then rewrite its tables and plots",
     )
+    parser.add_argument(
+        "--merge",
+        type=Path,
+        nargs="+",
+        metavar="DIR",
+        help="no search: gather the results.json of several runs (seeds or families split "
+        "across runs or machines, at one budget) into --out, with their tables and plots",
+    )
     args = parser.parse_args(argv)
+    if args.merge is not None:
+        if args.out is None:
+            parser.error("--merge needs --out: where the merged results go")
+        if args.out.resolve() in {d.resolve() for d in args.merge}:
+            parser.error("--out must be a new directory, not one of the --merge runs")
+        args.out.mkdir(parents=True, exist_ok=True)
+        try:
+            merged = merge(args.merge, args.out)
+        except ValueError as err:
+            parser.error(str(err))
+        merged["command"] = "python -m bench.evaluate " + " ".join(
+            argv if argv is not None else sys.argv[1:]
+        )
+        (args.out / "results.json").write_text(json.dumps(merged, indent=1))
+        summary = markdown(merged)
+        (args.out / "summary.md").write_text(summary + "\n")
+        print(summary)
+        return 0
     exit_on_sigterm()  # a stopped run leaves no server or worker behind
     if args.rescore is not None:
         rescored = rescore(args.rescore, args.workers)
@@ -523,14 +658,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 how = "refitting" if args.finalists == "refit" else "retraining"
                 print(f"  {how} {len(finalists)} finalists of {task} ...")
                 retrain_all(finalists, parallel=args.workers, refit=args.finalists == "refit")
-            found = {
-                family: importances(
-                    server.storage_url, [r.study["optuna_study_name"] for r in family_runs]
-                )
-                for family, family_runs in runs.items()
-            }
+            found, counts = {}, {}
+            for family, family_runs in runs.items():
+                names = [r.study["optuna_study_name"] for r in family_runs]
+                found[family], counts[family] = importances(server.storage_url, names)
             results["tasks"][task] = report_task(
-                task, base, runs, found, out=out, budget_minutes=budget_min
+                task, base, runs, found, out=out, budget_minutes=budget_min, importances_n=counts
             )
             (out / "results.json").write_text(json.dumps(results, indent=1))
     results["wall_minutes"] = (time.monotonic() - started) / 60

@@ -389,9 +389,11 @@ def retrain_all(runs: list[tuple[StudyRun, Path]], parallel: int, *, refit: bool
         list(pool.map(lambda pair: retrain(*pair, refit=refit), runs))
 
 
-def importances(storage_url: str, study_names: Sequence[str]) -> dict[str, float]:
+def importances(storage_url: str, study_names: Sequence[str]) -> tuple[dict[str, float], int]:
     """Mean fANOVA importance (Hutter et al. 2014, Optuna's default evaluator) of each
-    parameter over the given studies' completed trials (each study's importances sum to 1)."""
+    parameter over the given studies' completed trials (each study's importances sum to 1),
+    most important first, and how many studies the mean is over (a study with fewer than
+    4 completed trials, or all on one plateau, has none: they would be noise)."""
     storage = optuna.storages.RDBStorage(storage_url)
     totals: dict[str, list[float]] = {}
     for name in study_names:
@@ -408,9 +410,9 @@ def importances(storage_url: str, study_names: Sequence[str]) -> dict[str, float
             continue  # e.g. no parameter common to every completed trial
         for param, value in found.items():
             totals.setdefault(param, []).append(value)
-    n = max((len(v) for v in totals.values()), default=1)
+    n = max((len(v) for v in totals.values()), default=0)
     means = {p: sum(v) / n for p, v in totals.items()}
-    return dict(sorted(means.items(), key=lambda kv: -kv[1]))
+    return dict(sorted(means.items(), key=lambda kv: -kv[1])), n
 
 
 def plot_importances(found: Mapping[str, float], title: str, path: Path) -> None:

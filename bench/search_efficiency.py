@@ -252,7 +252,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     run_study(server, spec, budget_s=args.budget_minutes * 60)
                 )
         names = [r.study["optuna_study_name"] for rs in runs.values() for r in rs]
-        found = importances(server.storage_url, names)
+        found, _ = importances(server.storage_url, names)
     results: dict[str, Any] = {
         "command": command.strip(),
         "machine": to_jsonable(machine),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -160,3 +162,131 @@ def test_refit_pairs_are_compared_per_seed_in_the_better_direction() -> None:
     acc = compare([{"validated": 0.97, "refit": 0.96}, {"validated": 0.98, "refit": 0.97}], True)
     assert acc["gain_mean"] == pytest.approx(-0.01) and acc["worse"] == 2
     assert compare([{"validated": None, "refit": 0.9}], True) == {"n": 0}
+
+
+def _suite_run(out: Path, studies: dict[str, list[tuple[int, float]]], **settings: Any) -> Path:
+    """A results.json as `bench.evaluate` writes it: adding, ``studies`` = family -> (seed,
+    test value) per study, each family's importances ranking lr by its first seed."""
+    from bench.evaluate import load_base_spec, report_task
+
+    runs: dict[str, list[StudyRun]] = {}
+    found: dict[str, dict[str, float]] = {}
+    for family, seeded in studies.items():
+        for seed, test in seeded:
+            r = run(test * 10, 4, 1)
+            r.study = {"optuna_study_name": f"{family}-{seed}", "spec": {"study": {"seed": seed}}}
+            r.best_so_far = [(10.0, test * 10)]
+            r.test_value = test
+            runs.setdefault(family, []).append(r)
+        lr = 0.2 + 0.1 * seeded[0][0]
+        found[family] = {"lr": lr, "hidden_size": 1 - lr}
+    out.mkdir()
+    results = {
+        "command": f"python -m bench.evaluate --out {out.name}",
+        "machine": {
+            "cores": 2,
+            "cpu": "x",
+            "gpu": None,
+            "python": "3",
+            "torch": "2",
+            "date": "2026-12-01",
+            "commit": out.name,
+        },
+        "budget_minutes": 25.0,
+        "workers": 2,
+        "seeds": 1,
+        "finalists": "checkpoint",
+        "tasks": {
+            "adding": report_task(
+                "adding",
+                load_base_spec("adding", quick=False),
+                runs,
+                found,
+                out=out,
+                budget_minutes=25.0,
+                baselines_found={},
+            )
+        },
+    } | settings
+    (out / "results.json").write_text(json.dumps(results))
+    return out
+
+
+def test_merge_gathers_seeds_and_families_split_across_runs(tmp_path: Path) -> None:
+    from bench.evaluate import main
+
+    a = _suite_run(tmp_path / "a", {"stacked_lstm": [(1, 0.001)]})
+    b = _suite_run(tmp_path / "b", {"stacked_lstm": [(2, 0.003)], "gru": [(0, 0.5)]})
+
+    assert main(["--merge", str(a), str(b), "--out", str(tmp_path / "all")]) == 0
+
+    merged = json.loads((tmp_path / "all" / "results.json").read_text())
+    adding = merged["tasks"]["adding"]
+    stacked = adding["families"]["stacked_lstm"]["test"]
+    assert (stacked["n"], stacked["best"]) == (2, 0.001)
+    assert stacked["mean"] == pytest.approx(0.002)
+    assert adding["families"]["gru"]["test"]["n"] == 1
+    # Weighed by the studies each mean is over: (0.3 + 0.4) / 2.
+    assert adding["importances"]["stacked_lstm"]["lr"] == pytest.approx(0.35)
+    assert adding["importances_n"] == {"stacked_lstm": 2, "gru": 1}
+    assert merged["seed_list"] == [0, 1, 2]
+    summary = (tmp_path / "all" / "summary.md").read_text()
+    assert "- from `python -m bench.evaluate --out a`" in summary
+    assert "commit b." in summary
+    assert "| stacked_lstm (searched) | 0.002 ± 0.0014 (n=2) | 0.001 |" in summary
+    assert (tmp_path / "all" / "adding_best_so_far.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    ("other", "settings", "says"),
+    [
+        ({"stacked_lstm": [(2, 0.1)]}, {"budget_minutes": 15.0}, "budget_minutes 15.0 but 25.0"),
+        ({"stacked_lstm": [(2, 0.1)]}, {"workers": 1}, "workers 1 but 2"),
+        ({"stacked_lstm": [(2, 0.1)]}, {"finalists": "refit"}, "a refit scores another"),
+        ({"stacked_lstm": [(1, 0.1)]}, {}, "adding stacked_lstm seed 1 is in"),
+    ],
+    ids=["budget", "workers", "refit", "same-seed"],
+)
+def test_merge_refuses_runs_that_do_not_compare(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    other: dict[str, list[tuple[int, float]]],
+    settings: dict[str, Any],
+    says: str,
+) -> None:
+    from bench.evaluate import main
+
+    a = _suite_run(tmp_path / "a", {"stacked_lstm": [(1, 0.001)]})
+    b = _suite_run(tmp_path / "b", other, **settings)
+
+    with pytest.raises(SystemExit) as exited:
+        main(["--merge", str(a), str(b), "--out", str(tmp_path / "all")])
+
+    assert exited.value.code == 2
+    assert says in capsys.readouterr().err
+    assert not (tmp_path / "all" / "results.json").exists()
+
+
+def test_merge_refuses_a_changed_spec_a_missing_run_and_no_out(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from bench.evaluate import main
+
+    a = _suite_run(tmp_path / "a", {"stacked_lstm": [(1, 0.001)]})
+    b = _suite_run(tmp_path / "b", {"stacked_lstm": [(2, 0.1)]})
+    changed = json.loads((b / "results.json").read_text())
+    changed["tasks"]["adding"]["spec"]["space"]["max_epochs"] = 99
+    (b / "results.json").write_text(json.dumps(changed))
+
+    all_ = str(tmp_path / "all")
+    cases: list[tuple[list[str], str]] = [
+        ([str(a), str(b), "--out", all_], "the adding spec differs"),
+        ([str(a), str(tmp_path / "nowhere"), "--out", all_], "cannot read it"),
+        ([str(a), str(b)], "--merge needs --out"),
+        ([str(a), str(b), "--out", str(a)], "--out must be a new directory"),
+    ]
+    for args, says in cases:
+        with pytest.raises(SystemExit) as exited:
+            main(["--merge", *args])
+        assert exited.value.code == 2
+        assert says in capsys.readouterr().err
