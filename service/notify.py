@@ -331,11 +331,13 @@ class Notifier:
         self._refresh(seen)
         if best.number == seen.best_trial:
             return 0
-        seen.best_trial = best.number
-        self._record(seen)  # before the POST: at most once
         told = (best.number, best.value, dict(best.params))
-        body = payload(self.backend, job_id, "new_best", best=told)
-        return self._queue(notify.url, body)
+        queued = self._queue(notify.url, payload(self.backend, job_id, "new_best", best=told))
+        # Recorded once claimed (the claim makes it once): a database error before this
+        # leaves it to the next look, not lost.
+        seen.best_trial = best.number
+        self._record(seen)
+        return queued
 
     def _check_end(
         self, job_id: str, seen: _Seen, notify: NotifySettings, state: JobState, n_trials: int
@@ -344,12 +346,12 @@ class Notifier:
         if seen.ended_for != n_trials:
             self._refresh(seen)
         if seen.ended_for != n_trials:
-            seen.ended_for = n_trials
-            self._record(seen)
             event = _END_EVENTS[state]
             if event in notify.on:
                 body = payload(self.backend, job_id, event, ended_for=n_trials)
                 queued = self._queue(notify.url, body)
+            seen.ended_for = n_trials  # as for a new best: recorded once claimed
+            self._record(seen)
         self._done.add((job_id, n_trials))
         self._seen.pop(job_id, None)  # read again should it be extended
         return queued
