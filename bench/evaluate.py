@@ -38,11 +38,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -254,8 +256,9 @@ def plot(
     budget_minutes: float,
     baseline: tuple[str, float] | None = None,
 ) -> None:
-    """Best validation metric so far against wall time, per family (seeds faint), with the
-    budget (dotted) and the primary baseline's validation score (dashed) for scale."""
+    """Best validation metric so far against wall time, per family (seeds faint, their mean
+    bold), with the budget (dotted) and the primary baseline's validation score (dashed)
+    for scale."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -264,19 +267,21 @@ def plot(
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for i, (family, family_runs) in enumerate(runs.items()):
         color = f"C{i}"
-        for j, run in enumerate(family_runs):
-            if not run.best_so_far:
-                continue
-            xs = [t / 60 for t, _ in run.best_so_far] + [run.wall_s / 60]
-            ys = [v for _, v in run.best_so_far] + [run.best_so_far[-1][1]]
+        curves = [_step_curve(run) for run in family_runs if run.best_so_far]
+        several = len(curves) > 1
+        for j, (xs, ys) in enumerate(curves):
             ax.step(
                 xs,
                 ys,
                 where="post",
                 color=color,
-                alpha=0.35 if len(family_runs) > 1 else 1,
-                label=family if j == 0 else None,
+                alpha=0.3 if several else 1,
+                linewidth=1 if several else 1.5,
+                label=family if j == 0 and not several else None,
             )
+        if several:
+            xs, ys = mean_curve(curves)
+            ax.step(xs, ys, where="post", color=color, linewidth=2.2, label=f"{family} (mean)")
     ax.axvline(budget_minutes, color="grey", linestyle=":", label="budget")
     if baseline is not None:
         ax.axhline(baseline[1], color="black", linestyle="--", label=f"{baseline[0]} (val)")
@@ -290,6 +295,28 @@ def plot(
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _step_curve(run: StudyRun) -> tuple[list[float], list[float]]:
+    """A run's best-so-far as a step curve in minutes, held to the end of its search."""
+    xs = [t / 60 for t, _ in run.best_so_far] + [run.wall_s / 60]
+    ys = [v for _, v in run.best_so_far] + [run.best_so_far[-1][1]]
+    return xs, ys
+
+
+def mean_curve(
+    curves: Sequence[tuple[Sequence[float], Sequence[float]]],
+) -> tuple[list[float], list[float]]:
+    """The mean of step curves (each ``(xs, ys)``, ys held after each x) at every x of any
+    of them, from the time every curve has a value to the time the first one ends."""
+    start = max(xs[0] for xs, _ in curves)
+    end = min(xs[-1] for xs, _ in curves)
+    grid = sorted({x for xs, _ in curves for x in xs if start <= x <= end})
+    means = []
+    for x in grid:
+        held = [ys[max(i for i, t in enumerate(xs) if t <= x)] for xs, ys in curves]
+        means.append(statistics.fmean(held))
+    return grid, means
 
 
 def references_for(task: str) -> list[dict[str, Any]]:
@@ -407,9 +434,13 @@ def rescore(out: Path, workers: int) -> dict[str, Any]:
 
 
 def run_seed(run: Mapping[str, Any]) -> int | None:
-    """The search seed of a study in results.json (its spec's ``study.seed``)."""
-    seed = ((run.get("study") or {}).get("spec") or {}).get("study", {}).get("seed")
-    return int(seed) if seed is not None else None
+    """The search seed of a study in results.json: recorded as ``study.seed`` since
+    2026-12-01, before that only in the study's name (``eval-<task>-<family>-s<seed>``)."""
+    study = run.get("study") or {}
+    if study.get("seed") is not None:
+        return int(study["seed"])
+    named = re.fullmatch(r"eval-.+-s(\d+)", str(study.get("name", "")))
+    return int(named.group(1)) if named else None
 
 
 def merge(sources: Sequence[Path], out: Path) -> dict[str, Any]:
@@ -428,9 +459,20 @@ def merge(sources: Sequence[Path], out: Path) -> dict[str, Any]:
     for source in sources:
         path = source / "results.json"
         try:
-            loaded.append((source, json.loads(path.read_text(encoding="utf-8"))))
+            results = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as err:
             raise ValueError(f"{path}: cannot read it ({err})") from None
+        if not (
+            isinstance(results, dict)
+            and isinstance(results.get("tasks"), dict)
+            and all(k in results for k in ("budget_minutes", "workers", "command", "machine"))
+            and all(
+                isinstance(t, dict) and {"spec", "studies"} <= t.keys()
+                for t in results["tasks"].values()
+            )
+        ):
+            raise ValueError(f"{path}: not the results.json of a bench.evaluate run")
+        loaded.append((source, results))
     (first_dir, first), rest = loaded[0], loaded[1:]
     for source, results in rest:
         for setting in ("budget_minutes", "workers"):
@@ -483,6 +525,7 @@ def merge(sources: Sequence[Path], out: Path) -> dict[str, Any]:
         "finalists": first.get("finalists"),
         "tasks": {},
     }
+    out.mkdir(parents=True, exist_ok=True)  # only once the runs are known to merge
     for task, families in runs.items():
         found, counts = {}, {}
         for family, parts in weighed.get(task, {}).items():
@@ -569,7 +612,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error("--merge needs --out: where the merged results go")
         if args.out.resolve() in {d.resolve() for d in args.merge}:
             parser.error("--out must be a new directory, not one of the --merge runs")
-        args.out.mkdir(parents=True, exist_ok=True)
+        with suppress(OSError, ValueError, TypeError):  # nothing readable: a new one
+            held = json.loads((args.out / "results.json").read_text(encoding="utf-8"))
+            if "sources" not in held:
+                parser.error(f"--out {args.out} holds a run's results: merge into a new directory")
         try:
             merged = merge(args.merge, args.out)
         except ValueError as err:
@@ -644,6 +690,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     spec = family_spec(base, family, seed, name)
                     run = run_study(server, spec, budget_s=budget_min * 60)
                     run.test_metric = task_metric(task).test_key
+                    run.study["seed"] = seed  # for --merge
                     runs.setdefault(family, []).append(run)
             finalists = [
                 (run, Path(scratch) / "runs" / task / family / f"s{seed}")

@@ -174,7 +174,11 @@ def _suite_run(out: Path, studies: dict[str, list[tuple[int, float]]], **setting
     for family, seeded in studies.items():
         for seed, test in seeded:
             r = run(test * 10, 4, 1)
-            r.study = {"optuna_study_name": f"{family}-{seed}", "spec": {"study": {"seed": seed}}}
+            # As run_study reads a study back (no spec); the seed in its name, as
+            # bench.evaluate names it (and since 2026-12-01 as "seed" too).
+            r.study = {"name": f"eval-adding-{family}-s{seed}", "optuna_study_name": "x"}
+            if family == "gru":
+                r.study["seed"] = seed
             r.best_so_far = [(10.0, test * 10)]
             r.test_value = test
             runs.setdefault(family, []).append(r)
@@ -278,15 +282,34 @@ def test_merge_refuses_a_changed_spec_a_missing_run_and_no_out(
     changed["tasks"]["adding"]["spec"]["space"]["max_epochs"] = 99
     (b / "results.json").write_text(json.dumps(changed))
 
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / "results.json").write_text("[]")
+    other_run = _suite_run(tmp_path / "other", {"gru": [(5, 0.2)]})
     all_ = str(tmp_path / "all")
     cases: list[tuple[list[str], str]] = [
         ([str(a), str(b), "--out", all_], "the adding spec differs"),
         ([str(a), str(tmp_path / "nowhere"), "--out", all_], "cannot read it"),
+        ([str(a), str(damaged), "--out", all_], "not the results.json of a bench.evaluate run"),
         ([str(a), str(b)], "--merge needs --out"),
         ([str(a), str(b), "--out", str(a)], "--out must be a new directory"),
+        ([str(a), str(b), "--out", str(other_run)], "holds a run's results"),
     ]
     for args, says in cases:
         with pytest.raises(SystemExit) as exited:
             main(["--merge", *args])
         assert exited.value.code == 2
         assert says in capsys.readouterr().err
+    assert not (tmp_path / "all").exists()  # a refused merge leaves nothing behind
+
+
+def test_the_mean_best_so_far_is_taken_where_every_seed_has_a_value() -> None:
+    from bench.evaluate import mean_curve
+
+    first = ([1.0, 3.0, 10.0], [0.5, 0.2, 0.2])
+    second = ([2.0, 4.0, 8.0], [0.7, 0.1, 0.1])  # ends first: the mean stops at 8
+
+    xs, ys = mean_curve([first, second])
+
+    assert xs == [2.0, 3.0, 4.0, 8.0]
+    assert ys == pytest.approx([0.6, 0.45, 0.15, 0.15])
