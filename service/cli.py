@@ -329,7 +329,8 @@ def _check_out_dir(out: Path, subdirs: tuple[str, ...] = ()) -> None:
         if path.exists() and not path.is_dir():
             _usage_error(f"--out {out}: {path} is a file, not a directory")
     for directory in (out, *(out / sub for sub in subdirs)):
-        for name in RUN_FILES:  # a directory where the run writes a file
+        names = (*RUN_FILES, MANIFEST) if directory == out else RUN_FILES
+        for name in names:  # a directory where the run writes a file
             if (directory / name).is_dir():
                 _usage_error(
                     f"--out {out}: {directory / name} is a directory; the run writes a file there"

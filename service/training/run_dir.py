@@ -37,13 +37,11 @@ def overwritten_input(
     """The first of ``inputs`` (files the run reads: its config, its data) that the run
     would overwrite, or None. ``config`` may be DIR/config.yaml: the run writes the same
     config there; any other input there would be lost."""
-    written = {path.resolve() for path in run_outputs(out_dir, selection=selection)}
-    same = (out_dir / "config.yaml").resolve()
+    written = {_real(path) for path in run_outputs(out_dir, selection=selection)}
+    same = _real(out_dir / "config.yaml")
     for path in inputs:
-        resolved = path.resolve()
-        if resolved in written and not (
-            config is not None and resolved == same == config.resolve()
-        ):
+        resolved = _real(path)
+        if resolved in written and not (config is not None and resolved == same == _real(config)):
             return path
     return None
 
@@ -71,10 +69,10 @@ def replace_earlier_run(out_dir: Path, *, keep: Iterable[Path] = ()) -> RunStart
     ``unreadable`` says why). Raises OSError, having removed nothing, when a listed file
     cannot be removed (a read-only directory)."""
     started = time.time_ns()
-    kept = {path.resolve() for path in keep}
+    kept = {_real(path) for path in keep}
     listed, unreadable = _listed(out_dir)
-    doomed = [out_dir / f for f in listed if (out_dir / f).resolve() not in kept]
-    carried = [f for f in listed if (out_dir / f).resolve() in kept]
+    doomed = [out_dir / f for f in listed if _real(out_dir / f) not in kept]
+    carried = [f for f in listed if _real(out_dir / f) in kept]
     for directory in {path.parent for path in doomed} | ({out_dir} if listed else set()):
         if not os.access(directory, os.W_OK | os.X_OK):
             raise OSError(f"cannot replace the earlier run in {out_dir}: {directory} is read-only")
@@ -106,7 +104,17 @@ def record_run(out_dir: Path, start: RunStart, *, selection: bool) -> None:
     ]
     written += [f for f in start.carried if f not in written and _ours(out_dir, out_dir / f)]
     document = {"written_by": "lstm-hpo train", "files": written}
-    (out_dir / MANIFEST).write_text(json.dumps(document) + "\n", encoding="utf-8")
+    # Written aside, then renamed over: a link there is replaced, never written through,
+    # and an unreadable or damaged manifest is replaced as a whole.
+    partial = out_dir / f"{MANIFEST}.{os.getpid()}.tmp"
+    partial.write_text(json.dumps(document) + "\n", encoding="utf-8")
+    os.replace(partial, out_dir / MANIFEST)
+
+
+def _real(path: Path) -> Path:
+    """``path`` with every link followed, as far as they lead: a link loop (which
+    ``Path.resolve`` raises RuntimeError for on Python 3.11) stays as it is."""
+    return Path(os.path.realpath(path))
 
 
 def _listed(out_dir: Path) -> tuple[list[str], str | None]:
@@ -114,7 +122,9 @@ def _listed(out_dir: Path) -> tuple[list[str], str | None]:
     hand-edited manifest or a symlinked ``selection/`` cannot make a run remove anything
     else), and why the manifest could not be read (None: it could, or there is none)."""
     path = out_dir / MANIFEST
-    if not path.exists() and not path.is_symlink():
+    if path.is_symlink():  # not written by a run (it replaces the file): may list anything
+        return [], "a symbolic link, not a run's list"
+    if not path.exists():
         return [], None
     try:
         document = json.loads(path.read_text(encoding="utf-8"))
@@ -136,4 +146,4 @@ def _ours(out_dir: Path, path: Path) -> bool:
         or (path.parent.is_symlink() and path.parent != out_dir)
     ):
         return False
-    return path.resolve().parent in {out_dir.resolve(), (out_dir / SELECTION_DIR).resolve()}
+    return _real(path).parent in {_real(out_dir), _real(out_dir / SELECTION_DIR)}

@@ -541,6 +541,11 @@ def test_the_reported_history_holds_every_epoch_when_the_best_is_not_the_last(
         ("deep", ("--out", "deep/run"), "--out deep/run: deep is a file, not a directory"),
         ("run/selection", ("--refit",), "--out run: run/selection is a file, not a directory"),
         ("run/best.ckpt/x", (), "--out run: run/best.ckpt is a directory; the run writes a file"),
+        (
+            "run/.lstm-hpo-run.json/x",
+            (),
+            "--out run: run/.lstm-hpo-run.json is a directory; the run writes a file",
+        ),
     ],
     ids=[
         "out-is-a-file",
@@ -548,6 +553,7 @@ def test_the_reported_history_holds_every_epoch_when_the_best_is_not_the_last(
         "parent-is-a-file",
         "selection-is-a-file",
         "run-file-is-a-directory",
+        "manifest-is-a-directory",
     ],
 )
 def test_an_out_that_cannot_be_written_exits_2_before_training(

@@ -146,6 +146,30 @@ def test_an_unreadable_manifest_removes_nothing_and_says_why(
     assert (tmp_path / "best.ckpt").exists()
 
 
+@pytest.mark.parametrize("target", ["elsewhere.json", "missing.json", MANIFEST])
+def test_a_linked_manifest_is_not_read_and_is_replaced_not_written_through(
+    tmp_path: Path, target: str
+) -> None:
+    """A link there (to a file of the user's, dangling, or to itself) is not a run's list:
+    nothing is removed, and the run's manifest replaces the link, outside untouched."""
+    out = tmp_path / "run"
+    _write(out, "best.ckpt")
+    (tmp_path / "elsewhere.json").write_text('{"files": ["best.ckpt"]}')
+    (out / MANIFEST).symlink_to(tmp_path / target if target != MANIFEST else MANIFEST)
+
+    start = replace_earlier_run(out)
+    assert start.removed == [] and start.unreadable == "a symbolic link, not a run's list"
+    assert overwritten_input(out, [out / MANIFEST], selection=False) == out / MANIFEST
+    _write(out, "best.ckpt")  # the new run's
+    record_run(out, start, selection=False)
+
+    assert not (out / MANIFEST).is_symlink()
+    assert json.loads((out / MANIFEST).read_text())["files"] == ["best.ckpt"]
+    assert (tmp_path / "elsewhere.json").read_text() == '{"files": ["best.ckpt"]}'
+    assert not (tmp_path / "missing.json").exists()
+    assert sorted(p.name for p in out.iterdir()) == [MANIFEST, "best.ckpt"]
+
+
 def test_no_manifest_and_an_empty_one_are_no_problem(tmp_path: Path) -> None:
     assert replace_earlier_run(tmp_path).unreadable is None
     (tmp_path / MANIFEST).write_text('{"files": []}')
