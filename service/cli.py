@@ -243,13 +243,11 @@ def train(
         if replacing is not None:
             replacing.begin()
 
-    if evaluate is not None:
-        started()
     try:
         if evaluate is not None:
             assert saved is not None
             result = evaluate_checkpoint(
-                resolved, saved, accelerator=accelerator, data_roots=data_roots
+                resolved, saved, accelerator=accelerator, data_roots=data_roots, on_start=started
             )
         elif refit:
             assert out_dir is not None

@@ -57,7 +57,8 @@ from service.webhooks import url_allowed
 log = logging.getLogger("lstm_hpo.notify")
 
 #: Optuna study system attribute, what was told: ``{"best_trial": n | null, "ended": bool,
-#: "ended_for": n_trials | null}`` (``ended`` alone: before 2026-12-02, the first end).
+#: "ended_for": n_trials | null}`` (``ended`` alone: a server before 2026-12-02, see
+#: :func:`_ended_for`).
 NOTIFIED_ATTR: Final = "lstm_hpo:notified"
 #: A study that ended longer ago than this is not looked at (a server down for longer
 #: does not send its end).
@@ -95,15 +96,28 @@ class _Seen:
     best_trial: int | None = None
     #: The study's ``n_trials`` when its end was told (an extension raises it: a new end).
     ended_for: int | None = None
-    #: Its spec's ``study.n_trials``: what an old record's ``"ended": true`` was told for.
-    first_n_trials: int | None = None
+    #: :data:`NOTIFIED_ATTR` as last read or written: an old server's record is read
+    #: (:func:`_ended_for`) only when it changes.
+    record: dict[str, Any] | None = None
 
 
-def _ended_for(told: dict[str, Any], first_n_trials: int | None) -> int | None:
-    """The ``n_trials`` whose end :data:`NOTIFIED_ATTR` ``told`` says was told, or None."""
+#: ``ended_for`` of an end told for an ``n_trials`` no longer known (see :func:`_ended_for`).
+_AN_EARLIER_END: Final = -1
+
+
+def _ended_for(told: dict[str, Any], ended_now: int | None) -> int | None:
+    """The ``n_trials`` whose end :data:`NOTIFIED_ATTR` ``told`` says was told, or None.
+
+    A record of a server before 2026-12-02 (or of one in a rolling upgrade) says only
+    ``"ended": true``: the end of a study ended now (``ended_now``: its ``n_trials``) is
+    taken as told (the old server told the end it saw, and never a later one); for a
+    study running again it was an earlier end, and the coming one is new.
+    """
     if told.get("ended_for") is not None:
         return int(told["ended_for"])
-    return first_n_trials if told.get("ended") else None
+    if not told.get("ended"):
+        return None
+    return ended_now if ended_now is not None else _AN_EARLIER_END
 
 
 def payload(
@@ -273,12 +287,13 @@ class Notifier:
             self._done.add((job_id, n_trials))
             return 0
         seen = self._seen.get(job_id)
+        ended_now = n_trials if state.is_terminal else None
         try:
             if seen is None:
-                seen = self._seen[job_id] = self._read_seen(study_name, spec["study"]["n_trials"])
+                seen = self._seen[job_id] = self._read_seen(study_name, ended_now)
             queued = 0
             if "new_best" in notify.on:
-                queued += self._check_best(job_id, seen, notify)
+                queued += self._check_best(job_id, seen, notify, ended_now)
             if state.is_terminal:
                 queued += self._check_end(job_id, seen, notify, state, n_trials)
         except (OptunaStudyDeleted, NotFound):  # deleted meanwhile: nothing to tell
@@ -287,11 +302,10 @@ class Notifier:
             return 0
         return queued
 
-    def _read_seen(self, study_name: str, first_n_trials: int) -> _Seen:
+    def _read_seen(self, study_name: str, ended_now: int | None) -> _Seen:
         optuna_id = studies.optuna_study_id(self.backend, study_name)
         told = self.backend.storage.get_study_system_attrs(optuna_id).get(NOTIFIED_ATTR) or {}
-        ended_for = _ended_for(told, first_n_trials)
-        return _Seen(optuna_id, told.get("best_trial"), ended_for, first_n_trials)
+        return _Seen(optuna_id, told.get("best_trial"), _ended_for(told, ended_now), told)
 
     def _record(self, seen: _Seen) -> None:
         told = {
@@ -300,13 +314,15 @@ class Notifier:
             "ended_for": seen.ended_for,
         }
         self.backend.storage.set_study_system_attr(seen.optuna_id, NOTIFIED_ATTR, told)
+        seen.record = told
 
-    def _refresh(self, seen: _Seen) -> None:
+    def _refresh(self, seen: _Seen, ended_now: int | None) -> None:
         """Read what was told again (another server may have told it since)."""
         told = self.backend.storage.get_study_system_attrs(seen.optuna_id).get(NOTIFIED_ATTR)
-        if told:
+        if told and told != seen.record:
             seen.best_trial = told.get("best_trial")
-            seen.ended_for = _ended_for(told, seen.first_n_trials)
+            seen.ended_for = _ended_for(told, ended_now)
+            seen.record = told
 
     def _claim(self, job_id: str, event_id: str) -> bool:
         """Whether this server is the one to send ``event_id``: the insert of its row is
@@ -319,7 +335,9 @@ class Notifier:
             return False
         return True
 
-    def _check_best(self, job_id: str, seen: _Seen, notify: NotifySettings) -> int:
+    def _check_best(
+        self, job_id: str, seen: _Seen, notify: NotifySettings, ended_now: int | None
+    ) -> int:
         try:
             best = self.backend.storage.get_best_trial(seen.optuna_id)
         except ValueError:  # no trial has completed yet
@@ -328,7 +346,7 @@ class Notifier:
             return 0
         if best.number == seen.best_trial:
             return 0
-        self._refresh(seen)
+        self._refresh(seen, ended_now)
         if best.number == seen.best_trial:
             return 0
         told = (best.number, best.value, dict(best.params))
@@ -344,7 +362,7 @@ class Notifier:
     ) -> int:
         queued = 0
         if seen.ended_for != n_trials:
-            self._refresh(seen)
+            self._refresh(seen, n_trials)
         if seen.ended_for != n_trials:
             event = _END_EVENTS[state]
             if event in notify.on:

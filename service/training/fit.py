@@ -410,14 +410,20 @@ def refit_config(
     say = on_phase or (lambda _: None)
     selection: FitResult | None = None
     if epochs is None:
-        say(f"1/2 validated fit (train; validation picks the epoch) -> {out_dir / SELECTION_DIR}")
+
+        def selection_started() -> None:  # its line once the data are read: after the CLI's
+            if on_start is not None:
+                on_start()
+            where = out_dir / SELECTION_DIR
+            say(f"1/2 validated fit (train; validation picks the epoch) -> {where}")
+
         selection = fit_config(
             config,
             out_dir=out_dir / SELECTION_DIR,
             progress=progress,
             accelerator=accelerator,
             data_roots=data_roots,
-            on_start=on_start,
+            on_start=selection_started,
         )
         if selection.best_epoch is None:
             raise RuntimeError("refit: the validated fit had no epoch with a finite metric")
@@ -491,9 +497,11 @@ def evaluate_checkpoint(
     *,
     accelerator: str = "auto",
     data_roots: tuple[Path, ...] | None = None,
+    on_start: Callable[[], None] | None = None,
 ) -> FitResult:
     """Score a checkpoint's model on the validation and test splits of ``config``'s task,
-    without training (`lstm-hpo train --evaluate`).
+    without training (`lstm-hpo train --evaluate`); ``on_start`` is called once the data
+    and model are ready.
 
     The data are built exactly as :func:`fit_config` builds them (same seed, same splits),
     so the best checkpoint of a fit scores what that fit reported. ``value`` is the
@@ -503,6 +511,8 @@ def evaluate_checkpoint(
     :func:`fit_config` does.
     """
     metric, data, model = _prepare(config, saved, data_roots)
+    if on_start is not None:
+        on_start()
     val_metrics = _score_all(model, data, "val", accelerator)
     test_metrics = _score_all(model, data, "test", accelerator)
     return FitResult(

@@ -356,6 +356,21 @@ def test_init_from_another_architecture_exits_2_naming_the_fields(
     assert not (tmp_path / "run").exists()
 
 
+def test_evaluating_a_checkpoint_of_another_architecture_says_only_why(
+    trained: tuple[Path, dict[str, Any]], tmp_path: Path
+) -> None:
+    root, _ = trained
+    other = {**TINY_ADDING, "params": {**TINY_ADDING["params"], "hidden_size": 8}}
+    write_config(tmp_path / "other.yaml", other)
+
+    proc = run_cli(
+        "train", "other.yaml", "--evaluate", root / "run" / "best.ckpt", *CPU, cwd=tmp_path
+    )
+
+    assert proc.returncode == 2, proc.stderr
+    assert "params.hidden_size" in proc.stderr and proc.stdout == ""
+
+
 @pytest.mark.parametrize("option", ["--evaluate", "--init-from"])
 @pytest.mark.parametrize(
     ("content", "says"),
@@ -670,12 +685,13 @@ def test_data_that_do_not_fit_the_config_exit_2_and_keep_the_earlier_run(
     task = {"kind": "forecast", "path": str(tmp_path / "series.csv"), "column": "y"}
     write_config(tmp_path / "config.yaml", {"task": task, "params": {"max_epochs": 1}})
 
-    proc = run_cli("train", "config.yaml", "--out", "run", *CPU, cwd=tmp_path)
+    for refit in ((), ("--refit",)):
+        proc = run_cli("train", "config.yaml", "--out", "run", *refit, *CPU, cwd=tmp_path)
 
-    assert proc.returncode == 2, proc.stderr
-    assert "no column 'y'" in proc.stderr and "Traceback" not in proc.stderr
-    assert "Training ->" not in proc.stdout  # a refused run says only why
-    assert (tmp_path / "run" / "best.ckpt").read_text() == "an earlier run's\n"
+        assert proc.returncode == 2, proc.stderr
+        assert "no column 'y'" in proc.stderr and "Traceback" not in proc.stderr
+        assert proc.stdout == ""  # a refused run says only why: no "Training ->", no phase
+        assert (tmp_path / "run" / "best.ckpt").read_text() == "an earlier run's\n"
 
 
 def test_data_named_as_the_run_s_config_is_refused_and_a_quoted_tilde_out_is_expanded(

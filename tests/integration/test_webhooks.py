@@ -23,7 +23,7 @@ from service.config import Settings
 from service.db import make_engine, make_session_factory
 from service.migrate import upgrade_schema
 from service.models import WebhookEvent
-from service.notify import Notifier
+from service.notify import NOTIFIED_ATTR, Notifier
 from service.search_space import SpecLimits
 from service.worker import Worker, WorkerOptions
 from tests.servers import InProcessServer, serve_in_thread
@@ -389,3 +389,37 @@ def test_servers_sharing_a_database_claim_each_event_once(tmp_path: Path, db_url
         e.dispose()
 
     assert sorted(won) == [False] * (len(notifiers) - 1) + [True]
+
+
+def test_an_end_told_by_a_server_before_the_upgrade_is_not_told_again(
+    tmp_path: Path, db_url: str, receiver: Receiver
+) -> None:
+    """A record as servers before 2026-12-02 wrote it ("ended": true, no n_trials): an
+    ended study's end counts as told, whatever n_trials it ended at (it may have been
+    extended before), and its next end, after an extension, is told."""
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        database_url=db_url,
+        webhook_allow=(receiver.url,),
+        notify_interval_s=0.1,
+    )
+    with serve_in_thread(settings) as server:
+        study = server.http.post("/v1/studies", json=_spec(2, {"url": receiver.url})).json()
+        extended = server.http.post(f"/v1/studies/{study['id']}/extend", json={"n_trials": 1})
+        assert extended.status_code == 200, extended.text
+    assert _run_worker(db_url) == 3  # no server: nothing is told yet
+    storage = optuna.storages.RDBStorage(db_url)
+    optuna_id = storage.get_study_id_from_name(study["optuna_study_name"])
+    storage.set_study_system_attr(optuna_id, NOTIFIED_ATTR, {"best_trial": None, "ended": True})
+    storage.engine.dispose()
+
+    with serve_in_thread(settings) as server:
+        time.sleep(1.0)  # ten looks
+        assert receiver.posts == []
+        extended = server.http.post(f"/v1/studies/{study['id']}/extend", json={"n_trials": 1})
+        assert extended.status_code == 200, extended.text
+        assert _run_worker(db_url) == 1
+        _wait_until(lambda: _events_of(receiver, study["id"], "finished"))
+        time.sleep(0.5)
+
+    assert [b["event_id"] for _h, b in receiver.posts] == [f"{study['id']}:finished:4"]
