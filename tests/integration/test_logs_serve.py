@@ -74,7 +74,7 @@ def test_serve_logs_json_lines_with_the_study_id(tmp_path: Path) -> None:
     lines = _lines(stderr)  # json.loads of every line: each is one JSON object
     assert all({"time", "level", "logger", "message"} <= set(line) for line in lines)
     about = [line for line in lines if line["logger"] == "lstm_hpo.notify"]
-    queued = next(line for line in about if line["message"].endswith(":cancelled queued"))
+    queued = next(line for line in about if line["message"].endswith(":cancelled:2 queued"))
     retrying = next(line for line in about if "retrying" in line["message"])
     assert queued["study_id"] == retrying["study_id"] == study["id"]
     assert retrying["level"] == "WARNING"
