@@ -113,6 +113,16 @@ def _run_worker(db_url: str) -> int:
             worker.storage.engine.dispose()
 
 
+def _settings(tmp_path: Path, db_url: str, receiver: Receiver) -> Settings:
+    """A server that allows the receiver's webhooks and looks for events every 0.1 s."""
+    return Settings(
+        data_dir=tmp_path / "data",
+        database_url=db_url,
+        webhook_allow=(receiver.url,),
+        notify_interval_s=0.1,
+    )
+
+
 def _refused_loc(server: InProcessServer, spec: dict[str, Any]) -> list[str]:
     response = server.http.post("/v1/studies", json=spec)
     assert response.status_code == 422, response.text
@@ -122,12 +132,7 @@ def _refused_loc(server: InProcessServer, spec: dict[str, Any]) -> list[str]:
 def test_webhooks_tell_new_bests_and_ends_once(
     tmp_path: Path, db_url: str, receiver: Receiver
 ) -> None:
-    settings = Settings(
-        data_dir=tmp_path / "data",
-        database_url=db_url,
-        webhook_allow=(receiver.url,),
-        notify_interval_s=0.1,
-    )
+    settings = _settings(tmp_path, db_url, receiver)
     receiver.fail_first = 1
     with serve_in_thread(settings) as server:
         # Refused at the door, naming the field: outside the allow-list, other schemes.
@@ -245,12 +250,7 @@ def test_a_study_confirm_confirmation_tells_the_webhook_its_winner(
     """study.confirm keeps the study's webhook (end events only): the confirmation's
     ``finished`` names the study it confirms, its winner and verdict, and where the
     winner's config is; the search's own ``finished`` carries no confirmation."""
-    settings = Settings(
-        data_dir=tmp_path / "data",
-        database_url=db_url,
-        webhook_allow=(receiver.url,),
-        notify_interval_s=0.1,
-    )
+    settings = _settings(tmp_path, db_url, receiver)
     spec = _spec(4, {"url": receiver.url, "on": ["finished", "new_best"]})
     spec["study"]["confirm"] = {"top_k": 2, "seeds": 2}
     with serve_in_thread(settings) as server:
@@ -315,12 +315,7 @@ def test_an_extended_study_tells_its_new_end(
     """Extending an ended study makes a new end (was: never told, nor its new bests: the
     study counted as done for good), with its own event_id; deleting the study deletes
     its claims."""
-    settings = Settings(
-        data_dir=tmp_path / "data",
-        database_url=db_url,
-        webhook_allow=(receiver.url,),
-        notify_interval_s=0.1,
-    )
+    settings = _settings(tmp_path, db_url, receiver)
     with serve_in_thread(settings) as server:
         study = server.http.post(
             "/v1/studies", json=_spec(2, {"url": receiver.url, "on": ["finished", "new_best"]})
@@ -397,12 +392,7 @@ def test_an_end_told_by_a_server_before_the_upgrade_is_not_told_again(
     """A record as servers before 2026-12-02 wrote it ("ended": true, no n_trials): an
     ended study's end counts as told, whatever n_trials it ended at (it may have been
     extended before), and its next end, after an extension, is told."""
-    settings = Settings(
-        data_dir=tmp_path / "data",
-        database_url=db_url,
-        webhook_allow=(receiver.url,),
-        notify_interval_s=0.1,
-    )
+    settings = _settings(tmp_path, db_url, receiver)
     with serve_in_thread(settings) as server:
         study = server.http.post("/v1/studies", json=_spec(2, {"url": receiver.url})).json()
         extended = server.http.post(f"/v1/studies/{study['id']}/extend", json={"n_trials": 1})
