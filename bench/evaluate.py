@@ -443,6 +443,38 @@ def run_seed(run: Mapping[str, Any]) -> int | None:
     return int(named.group(1)) if named else None
 
 
+def _gather(
+    source: Path,
+    results: Mapping[str, Any],
+    *,
+    specs: dict[str, tuple[Path, dict[str, Any]]],
+    runs: dict[str, dict[str, list[StudyRun]]],
+    weighed: dict[str, dict[str, list[tuple[Mapping[str, float], int]]]],
+    where: dict[tuple[str, str, int | None], Path],
+) -> None:
+    """Add one run's studies and importances to :func:`merge`'s tables."""
+    for task, entry in results["tasks"].items():
+        spec_from, first_entry = specs.setdefault(task, (source, entry))
+        if entry["spec"] != first_entry["spec"]:
+            raise ValueError(
+                f"{source}: the {task} spec differs from {spec_from}'s (the shipped spec "
+                "changed between the runs): their studies searched different spaces"
+            )
+        for family, studies in entry["studies"].items():
+            for study in studies:
+                key = (task, family, run_seed(study))
+                if key in where:
+                    raise ValueError(
+                        f"{source}: {task} {family} seed {key[2]} is in {where[key]} too"
+                    )
+                where[key] = source
+                runs.setdefault(task, {}).setdefault(family, []).append(StudyRun(**study))
+            found = (entry.get("importances") or {}).get(family)
+            if found:
+                n = (entry.get("importances_n") or {}).get(family, len(studies))
+                weighed.setdefault(task, {}).setdefault(family, []).append((found, n))
+
+
 def merge(sources: Sequence[Path], out: Path) -> dict[str, Any]:
     """One results.json from several runs of the suite (``--first-seed`` splits a long
     suite across runs or machines; families may be split too): each task's studies side
@@ -492,26 +524,13 @@ def merge(sources: Sequence[Path], out: Path) -> dict[str, Any]:
     weighed: dict[str, dict[str, list[tuple[Mapping[str, float], int]]]] = {}
     where: dict[tuple[str, str, int | None], Path] = {}
     for source, results in loaded:
-        for task, entry in results["tasks"].items():
-            spec_from, first_entry = specs.setdefault(task, (source, entry))
-            if entry["spec"] != first_entry["spec"]:
-                raise ValueError(
-                    f"{source}: the {task} spec differs from {spec_from}'s (the shipped spec "
-                    "changed between the runs): their studies searched different spaces"
-                )
-            for family, studies in entry["studies"].items():
-                for study in studies:
-                    key = (task, family, run_seed(study))
-                    if key in where:
-                        raise ValueError(
-                            f"{source}: {task} {family} seed {key[2]} is in {where[key]} too"
-                        )
-                    where[key] = source
-                    runs.setdefault(task, {}).setdefault(family, []).append(StudyRun(**study))
-                found = (entry.get("importances") or {}).get(family)
-                if found:
-                    n = (entry.get("importances_n") or {}).get(family, len(studies))
-                    weighed.setdefault(task, {}).setdefault(family, []).append((found, n))
+        try:
+            _gather(source, results, specs=specs, runs=runs, weighed=weighed, where=where)
+        except (AttributeError, KeyError, TypeError) as err:  # a damaged inside
+            raise ValueError(
+                f"{source / 'results.json'}: not the results.json of a bench.evaluate run "
+                f"({type(err).__name__}: {err})"
+            ) from None
     merged: dict[str, Any] = {
         "command": "",
         "machine": first["machine"],

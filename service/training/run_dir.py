@@ -126,6 +126,8 @@ def _listed(out_dir: Path) -> tuple[list[str], str | None]:
         return [], "a symbolic link, not a run's list"
     if not path.exists():
         return [], None
+    if not path.is_file():  # a FIFO would block the read; a directory is refused earlier
+        return [], "not a regular file"
     try:
         document = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:  # UnicodeDecodeError is a ValueError

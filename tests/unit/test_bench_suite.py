@@ -285,12 +285,18 @@ def test_merge_refuses_a_changed_spec_a_missing_run_and_no_out(
     damaged = tmp_path / "damaged"
     damaged.mkdir()
     (damaged / "results.json").write_text("[]")
+    inside = tmp_path / "inside"
+    inside.mkdir()
+    broken = json.loads((b / "results.json").read_text())
+    broken["tasks"]["adding"]["studies"] = {"stacked_lstm": "x"}
+    (inside / "results.json").write_text(json.dumps(broken))
     other_run = _suite_run(tmp_path / "other", {"gru": [(5, 0.2)]})
     all_ = str(tmp_path / "all")
     cases: list[tuple[list[str], str]] = [
         ([str(a), str(b), "--out", all_], "the adding spec differs"),
         ([str(a), str(tmp_path / "nowhere"), "--out", all_], "cannot read it"),
         ([str(a), str(damaged), "--out", all_], "not the results.json of a bench.evaluate run"),
+        ([str(inside), "--out", all_], "not the results.json of a bench.evaluate run"),
         ([str(a), str(b)], "--merge needs --out"),
         ([str(a), str(b), "--out", str(a)], "--out must be a new directory"),
         ([str(a), str(b), "--out", str(other_run)], "holds a run's results"),

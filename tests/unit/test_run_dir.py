@@ -170,6 +170,13 @@ def test_a_linked_manifest_is_not_read_and_is_replaced_not_written_through(
     assert sorted(p.name for p in out.iterdir()) == [MANIFEST, "best.ckpt"]
 
 
+def test_a_manifest_that_is_no_regular_file_is_not_read(tmp_path: Path) -> None:
+    """A named pipe would block the read forever."""
+    os.mkfifo(tmp_path / MANIFEST)
+
+    assert replace_earlier_run(tmp_path).unreadable == "not a regular file"
+
+
 def test_no_manifest_and_an_empty_one_are_no_problem(tmp_path: Path) -> None:
     assert replace_earlier_run(tmp_path).unreadable is None
     (tmp_path / MANIFEST).write_text('{"files": []}')
