@@ -18,10 +18,7 @@ No torch here: the server deletes and serves checkpoints without loading it.
 
 from __future__ import annotations
 
-import contextlib
-import os
 import shutil
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Literal
@@ -30,6 +27,7 @@ from urllib.parse import urlparse
 from optuna.artifacts import Boto3ArtifactStore, FileSystemArtifactStore
 from optuna.artifacts.exceptions import ArtifactNotFound
 
+from service.atomic_file import replace_atomically
 from service.states import ORIGINAL_TRIAL_ATTR, RETRY_OF_ATTR
 
 if TYPE_CHECKING:
@@ -49,19 +47,9 @@ class AtomicFileSystemArtifactStore(FileSystemArtifactStore):
     """
 
     def write(self, artifact_id: str, content_body: BinaryIO) -> None:
-        path = self._get_filepath(artifact_id)
+        path = Path(self._get_filepath(artifact_id))
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                shutil.copyfileobj(content_body, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+        replace_atomically(path, lambda f: shutil.copyfileobj(content_body, f))
 
     def remove_tree(self, prefix: str) -> None:
         """Remove a whole directory of artifacts (temporary files a crash left included)."""

@@ -16,6 +16,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from service.atomic_file import replace_atomically
+
 #: What a `train --out DIR` run writes into DIR (Lightning's CSVLogger: metrics.csv and
 #: hparams.yaml), and the validated fit a refit writes into DIR/selection.
 RUN_FILES = ("config.yaml", "best.ckpt", "refit.ckpt", "metrics.csv", "hparams.yaml", "result.json")
@@ -104,11 +106,10 @@ def record_run(out_dir: Path, start: RunStart, *, selection: bool) -> None:
     ]
     written += [f for f in start.carried if f not in written and _ours(out_dir, out_dir / f)]
     document = {"written_by": "lstm-hpo train", "files": written}
-    # Written aside, then renamed over: a link there is replaced, never written through,
-    # and an unreadable or damaged manifest is replaced as a whole.
-    partial = out_dir / f"{MANIFEST}.{os.getpid()}.tmp"
-    partial.write_text(json.dumps(document) + "\n", encoding="utf-8")
-    os.replace(partial, out_dir / MANIFEST)
+    # Replaced, not written into: a link there is never written through, and an
+    # unreadable or damaged manifest goes as a whole.
+    text = (json.dumps(document) + "\n").encode("utf-8")
+    replace_atomically(out_dir / MANIFEST, lambda f: f.write(text))
 
 
 def _real(path: Path) -> Path:
