@@ -77,6 +77,7 @@ from service.search_space import (
     StudySettings,
     StudySpec,
     parse_spec,
+    whole_number,
 )
 from service.states import (
     CONFIRMATION_ATTR,
@@ -256,10 +257,8 @@ def confirm_request(document: Any) -> tuple[int, int]:
         ("top_k", DEFAULT_TOP_K, TOP_K_RANGE, "configs to confirm"),
         ("seeds", DEFAULT_SEEDS, SEEDS_RANGE, "a mean's interval and the paired test need 2"),
     ):
-        value = document.get(name, default)
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        if isinstance(value, bool) or not isinstance(value, int):
+        value = whole_number(document.get(name, default))
+        if value is None:
             errors.append(FieldError(name, "must be a whole number"))
         elif not low <= value <= high:
             errors.append(FieldError(name, f"must be within {low}..{high} ({why})"))

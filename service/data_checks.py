@@ -26,6 +26,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import islice, pairwise
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -86,6 +87,12 @@ _TEST_SPLIT_SEED = 0
 _VAL_SPLIT_SEED = 1
 #: Problems reported from one JSON Lines file before giving up.
 _MAX_REPORTED = 10
+#: The largest finite float32: the model trains in float32, and a larger value (a corrupt
+#: 1e308) overflows the standardisation or the cast, failing every trial with a NaN metric.
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+#: How much of a bad value an error message shows (an unclosed quote makes a cell run to
+#: the end of the file).
+_SHOWN_CHARS = 40
 #: Bytes read at a time when decoding.
 _CHUNK = 1 << 20
 _INTEGER = re.compile(r"[+-]?\d+")
@@ -133,7 +140,10 @@ def _decode_error_position(path: Path, encoding: str) -> tuple[int, int, str] | 
             try:
                 text = decoder.decode(chunk, final)
             except UnicodeDecodeError as err:
-                head = err.object[: err.start].decode(encoding, errors="replace")
+                try:
+                    head = err.object[: err.start].decode(encoding, errors="replace")
+                except UnicodeError:  # a codec without the "replace" handler (idna)
+                    head = err.object[: err.start].decode("latin-1")
                 return consumed - pending + err.start, newlines + head.count("\n") + 1, err.reason
             newlines += text.count("\n")
             consumed += len(chunk)
@@ -314,8 +324,19 @@ def _extra_fields(row: list[str]) -> str:
     return "an unquoted ',' inside a value? quote the value"
 
 
+def _clipped(text: str) -> str:
+    """``text`` for an error message: quoted, at most :data:`_SHOWN_CHARS` characters."""
+    return repr(text) if len(text) <= _SHOWN_CHARS else repr(text[:_SHOWN_CHARS]) + "..."
+
+
+def _shown_json(value: Any) -> str:
+    """``value`` as JSON for an error message, at most :data:`_SHOWN_CHARS` characters."""
+    text = json.dumps(value)
+    return text if len(text) <= _SHOWN_CHARS else text[:_SHOWN_CHARS] + "..."
+
+
 def _column_not_found(path: Path, column: str, names: list[str]) -> DataError:
-    shown = ", ".join(repr(n) for n in names[:20])
+    shown = ", ".join(_clipped(n) for n in names[:20])
     hint = ""
     if len(names) == 1 and any(sep in names[0] for sep in ";\t|"):
         hint = " - only ',' separates fields: is the file separated by ';', tabs or '|'?"
@@ -326,10 +347,13 @@ def read_csv_column(path: Path, column: str, encoding: str = "utf-8") -> tuple[n
     """The numbers in ``column`` (a header row is required) and how many missing rows were dropped.
 
     Returns (float64[n], dropped). Empty cells and NA/NaN/null are missing. Raises
-    :class:`DataError` naming the file and line for: a row with more fields than the header
-    (an unquoted ',' such as a decimal comma), a row too short to have ``column``, a value
-    that is not a number or not finite; and naming the file for a missing, empty or
-    undecodable file (with the byte offset) or a missing column.
+    :class:`DataError` naming the file and line (a quoted field over several lines: the
+    lines it spans) for: a row with more fields than the header (an unquoted ',' such as a
+    decimal comma), a row too short to have ``column``, a value that is not a number
+    (``1_000`` neither: Python's digit separator is no CSV's), not finite or beyond the
+    float32 range (:data:`FLOAT32_MAX`); and naming the file for a missing, empty or
+    undecodable file (with the byte offset), a missing column or one whose name two
+    columns of the header share.
     """
     values: list[float] = []
     dropped = 0
@@ -345,12 +369,20 @@ def read_csv_column(path: Path, column: str, encoding: str = "utf-8") -> tuple[n
             names = [h.strip() for h in header]
             if column not in names:
                 raise _column_not_found(path, column, names)
+            if names.count(column) > 1:
+                places = [str(i + 1) for i, name in enumerate(names) if name == column]
+                raise DataError(
+                    f"forecast: {path}: {len(places)} columns are named {column!r} (columns "
+                    f"{', '.join(places)} of the header): rename all but the one to use"
+                )
             col = names.index(column)
+            end = reader.line_num
             for row in reader:
+                start, end = end + 1, reader.line_num
                 if not row or (len(row) == 1 and not row[0].strip()):
                     continue  # a blank line
-                line = reader.line_num
-                where = f"forecast: {path} line {line}"
+                spans = f"lines {start}-{end} (one quoted field: is a quote unclosed?)"
+                where = f"forecast: {path} " + (f"line {end}" if start == end else spans)
                 if len(row) > len(names):
                     raise DataError(
                         f"{where} has {len(row)} fields but the header has {len(names)}: "
@@ -366,22 +398,63 @@ def read_csv_column(path: Path, column: str, encoding: str = "utf-8") -> tuple[n
                     dropped += 1
                     continue
                 try:
+                    if "_" in cell:
+                        raise ValueError(cell)
                     value = float(cell)
                 except ValueError:
                     raise DataError(
-                        f"{where}: column {column!r} is not numeric ({cell!r})"
+                        f"{where}: column {column!r} is not numeric ({_clipped(cell)})"
                     ) from None
                 if math.isnan(value):
                     dropped += 1
                     continue
                 if not math.isfinite(value):
                     raise DataError(f"{where}: column {column!r} is not finite ({cell!r})")
+                if abs(value) > FLOAT32_MAX:
+                    raise DataError(
+                        f"{where}: column {column!r} is {cell!r}, beyond the float32 range "
+                        f"(+-{FLOAT32_MAX:.3g}) the model trains in"
+                    )
                 values.append(value)
         except csv.Error as err:
             raise DataError(
                 f"forecast: {path} line {reader.line_num}: malformed CSV ({err})"
             ) from None
     return np.asarray(values, dtype=np.float64), dropped
+
+
+def standardise_series(
+    series: np.ndarray, val_start: int, source: str
+) -> tuple[np.ndarray, float, float]:
+    """``series`` standardised by its training part ``series[:val_start]`` (mean 0, sd 1; a
+    constant training part keeps its units): (float64[n], mean, sd).
+
+    Raises :class:`DataError` naming ``source`` and the point when a standardised value
+    lies beyond the float32 range (a spike of 1e30 after a training part of sd 1e-10):
+    checked at submission, not left to fail every trial with a NaN metric.
+    """
+    train = series[:val_start]
+    mean = float(train.mean())
+    sd = float(train.std()) or 1.0
+    scaled = (series - mean) / sd
+    if (i := _first_beyond_float32(scaled)) is not None:
+        raise _beyond_float32(f"{source}: point {i + 1} of the series")
+    return scaled, mean, sd
+
+
+def _first_beyond_float32(scaled: np.ndarray) -> int | None:
+    """The first row of ``scaled`` (of a 1-D array: element) holding a value beyond the
+    float32 range, or None."""
+    fits = (np.abs(scaled) <= FLOAT32_MAX).reshape(len(scaled), -1).all(axis=1)
+    rows = np.flatnonzero(~fits)
+    return int(rows[0]) if rows.size else None
+
+
+def _beyond_float32(where: str) -> DataError:
+    return DataError(
+        f"{where} is beyond the float32 range once standardised by the training split's mean "
+        "and sd: a corrupt value, or a spike far outside the spread of the training values?"
+    )
 
 
 def split_bounds(
@@ -508,8 +581,10 @@ def _parse_line(line: str, lineno: int) -> _Row | str:
     """One line's sequence, label and split; or what is wrong with it."""
     try:
         obj = json.loads(line)
-    except json.JSONDecodeError as err:
-        return f"not valid JSON ({err.msg} at column {err.colno})"
+    except json.JSONDecodeError as err:  # its msg may end in "at" ("control character at")
+        return f"not valid JSON ({err.msg.removesuffix(' at')} at column {err.colno})"
+    except ValueError:  # Python's cap on an integer's digits (CVE-2020-10735)
+        return f"not valid JSON (a number of more than {sys.get_int_max_str_digits()} digits)"
     if not isinstance(obj, dict):
         return "expected a JSON object with `x` and `label`"
     if "x" not in obj or "label" not in obj:
@@ -524,12 +599,15 @@ def _parse_line(line: str, lineno: int) -> _Row | str:
         # numpy would silently turn "1.5" or true into numbers: check the JSON types here.
         if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in step):
             return f"`x` time step {t} has a value that is not a number"
-        if not all(math.isfinite(v) for v in step):
+        # abs() of an int never overflows, as math.isfinite(10**400) does.
+        if not all(isinstance(v, int) or math.isfinite(v) for v in step):
             return f"`x` time step {t} has a value that is not finite"
+        if not all(abs(v) <= FLOAT32_MAX for v in step):
+            return f"`x` time step {t} has a value beyond the float32 range (+-{FLOAT32_MAX:.3g})"
     if not isinstance(label, str | int) or isinstance(label, bool):
-        return f"`label` must be a string or an integer, not {json.dumps(label)}"
+        return f"`label` must be a string or an integer, not {_shown_json(label)}"
     if split is not None and split not in ("train", "test"):
-        return f'`split` must be "train" or "test", not {json.dumps(split)}'
+        return f'`split` must be "train" or "test", not {_shown_json(split)}'
     return _Row(lineno, np.asarray(x, dtype=np.float64), label, split)
 
 
@@ -575,6 +653,24 @@ class ClassifySplits:
     train: np.ndarray
     val: np.ndarray
     test: np.ndarray
+
+
+def feature_scaling(
+    data: LabelledSequences, train: np.ndarray, source: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, sd) of each feature over the time steps of the training sequences ``train``
+    (a constant feature: sd 1), as two float64[F]; what classify trials standardise by.
+
+    Raises :class:`DataError` naming ``source`` and the sequence when a standardised value
+    lies beyond the float32 range.
+    """
+    stacked = np.concatenate([data.xs[i] for i in train])
+    mean, sd = stacked.mean(axis=0), stacked.std(axis=0)
+    sd[sd == 0.0] = 1.0  # a constant feature: centre it, do not blow it up
+    for n, x in enumerate(data.xs):
+        if _first_beyond_float32((x - mean) / sd) is not None:
+            raise _beyond_float32(f"{source}: sequence {n + 1}")
+    return mean, sd
 
 
 def split_classify(
@@ -695,9 +791,11 @@ def _file_error(
                 return size_error
             bounds = forecast_bounds(task, len(series))
             check_series_fits(bounds, task.lookback, task.horizon)
+            standardise_series(series, bounds.val_start, f"forecast: {path}")
         elif isinstance(task, ClassifyTask):
             data = read_jsonl(path, task.encoding)
-            split_classify(data, task.val_fraction, task.test_fraction, path.name)
+            splits = split_classify(data, task.val_fraction, task.test_fraction, path.name)
+            feature_scaling(data, splits.train, f"classify: {path}")
     except DataError as err:
         # Say the path as the user wrote it: the server's own directories stay private.
         message = err.message.replace(str(path), user_path)

@@ -19,7 +19,9 @@ import codecs
 import contextlib
 import functools
 import math
+import os
 import re
+import sys
 import typing
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -244,6 +246,15 @@ class SyntheticTask(_Frozen):
     fail_when: dict[str, Any] | None = None
     nan_when: dict[str, Any] | None = None
     hang_when: dict[str, Any] | None = None
+
+    @field_validator("fail_when", "nan_when", "hang_when")
+    @classmethod
+    def _known_params(cls, when: dict[str, Any] | None) -> dict[str, Any] | None:
+        # A misspelt name would make a condition that never fires: a test that passes idly.
+        unknown = sorted(set(when or {}) - set(LSTMConfig.model_fields))
+        if unknown:
+            raise ValueError(f"unknown parameter(s) {', '.join(map(repr, unknown))}")
+        return when
 
 
 TaskSpec: TypeAlias = Annotated[
@@ -557,7 +568,7 @@ class IntDistribution(_Frozen):
     low: int
     high: int
     step: int = Field(default=1, ge=1)
-    log: bool = False
+    log: StrictBool = False
 
 
 class FloatDistribution(_Frozen):
@@ -565,7 +576,7 @@ class FloatDistribution(_Frozen):
     low: float
     high: float
     step: float | None = Field(default=None, gt=0.0)
-    log: bool = False
+    log: StrictBool = False
 
 
 class CategoricalDistribution(_Frozen):
@@ -956,8 +967,31 @@ def _message(e: Any) -> str:
         return "required"
     if e["type"] == "union_tag_invalid":
         return f"must be one of {e['ctx']['expected_tags']} (got {e['ctx']['tag']!r})"
+    if e["type"] == "bool_type":  # a StrictBool field
+        return _not_a_bool(e["input"])
     msg: str = e["msg"].removeprefix("Value error, ")
     return msg[0].lower() + msg[1:] if msg else msg
+
+
+_INT_ADAPTER = TypeAdapter(int)
+
+
+def whole_number(value: Any) -> int | None:
+    """``value`` read as a spec's integer fields read it (``2``, ``2.0``, ``"2"``; not
+    ``true``, ``2.5`` or ``"1e3"``), so request bodies (extend, confirm) take what a spec
+    takes; None when it is not a whole number."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return _INT_ADAPTER.validate_python(value)
+    except ValidationError:
+        return None
+
+
+def _not_a_bool(value: Any) -> str:
+    if isinstance(value, str):
+        return f"must be true or false (got the text {value!r}: YAML 1.2 reads yes/no as text)"
+    return f"must be true or false (got {'null' if value is None else repr(value)})"
 
 
 def _from_validation_error(
@@ -1005,7 +1039,7 @@ def _bound_messages(name: str, value: Any) -> list[str]:
     if isinstance(value, bool) and _is_numeric_param(name):
         return ["must be a number, not true/false"]
     if isinstance(value, str) and _PARAM_FIELDS[name].annotation is bool:
-        return [f"must be true or false (got the text {value!r}: YAML 1.2 reads yes/no as text)"]
+        return [_not_a_bool(value)]
     try:
         _param_adapter(name).validate_python(value)
     except ValidationError as err:
@@ -1431,22 +1465,29 @@ def _check_notify(spec: StudySpec, limits: SpecLimits) -> list[FieldError]:
 
 
 def check_data_paths(task: TaskSpec, data_roots: tuple[Path, ...] | None) -> list[FieldError]:
-    """A user's ``task.path`` must resolve inside one of ``data_roots`` (None: anywhere)."""
+    """A user's ``task.path`` must resolve inside one of ``data_roots`` (None: anywhere).
+
+    Checks the file the workers will read (:func:`resolve_data_path`: ``~`` expanded, the
+    first root that has it), with every symlink and ``..`` followed: not the text, which
+    ``~/..`` or a link in the first root could take elsewhere.
+    """
     path = getattr(task, "path", None)
     if path is None or data_roots is None:
         return []
-    candidates = [Path(path)] if Path(path).is_absolute() else [r / path for r in data_roots]
-    for candidate in candidates:
-        resolved = candidate.resolve()
-        if any(resolved.is_relative_to(r.resolve()) for r in data_roots):
-            return []
+    located = Path(os.path.realpath(resolve_data_path(path, data_roots)))
+    if any(located.is_relative_to(os.path.realpath(r)) for r in data_roots):
+        return []
     roots = ", ".join(str(r) for r in data_roots) or "(none configured)"
     return [FieldError("task.path", f"must be a file inside the data directories: {roots}")]
 
 
 def resolve_data_path(path: str, data_roots: tuple[Path, ...] | None) -> Path:
-    """The file a (validated) ``task.path`` names: relative paths are tried in each root."""
-    p = Path(path).expanduser()
+    """The file a (validated) ``task.path`` names: ``~`` or ``~user`` expanded (kept as
+    written when that home is unknown), relative paths tried in each root in turn."""
+    try:
+        p = Path(path).expanduser()
+    except RuntimeError:  # "~nobody-here/x": no such home
+        p = Path(path)
     if p.is_absolute() or not data_roots:
         return p
     for root in data_roots:
@@ -1660,8 +1701,11 @@ def _load_yaml(text: str | bytes, error: type[InvalidSpec]) -> Any:
         raise error([FieldError("", f"not valid YAML or JSON: {problem}")]) from None
     except RecursionError:
         raise error([FieldError("", f"nested more than {MAX_DEPTH} levels deep")]) from None
-    except ValueError as err:  # e.g. an integer of more than 4300 digits
-        raise error([FieldError("", f"not valid YAML or JSON: {err}")]) from None
+    except ValueError as err:  # e.g. an integer past Python's digit cap (CVE-2020-10735)
+        problem = str(err)
+        if "integer string conversion" in problem:  # its advice is for Python programmers
+            problem = f"a number of more than {sys.get_int_max_str_digits()} digits"
+        raise error([FieldError("", f"not valid YAML or JSON: {problem}")]) from None
 
 
 _BRACKETS = re.compile(r"[\[\]{}]")

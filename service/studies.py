@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import uuid
 import warnings
 from collections import Counter
@@ -69,6 +70,7 @@ from service.search_space import (
     sample_config,
     searched_distributions,
     stored_metric,
+    whole_number,
 )
 from service.states import (
     CONFIG_ATTR,
@@ -294,12 +296,10 @@ def extend_request(document: Any) -> int:
     if not isinstance(document, Mapping):
         raise InvalidSpec([FieldError("", 'the body must be a JSON object: {"n_trials": N}')])
     errors = [FieldError(str(key), "unknown field") for key in document if key != "n_trials"]
-    n = document.get("n_trials")
-    if isinstance(n, float) and n.is_integer():
-        n = int(n)
+    n = whole_number(document.get("n_trials"))
     if "n_trials" not in document:
         errors.append(FieldError("n_trials", "required (how many trials to add)"))
-    elif isinstance(n, bool) or not isinstance(n, int):
+    elif n is None:
         errors.append(FieldError("n_trials", "must be a whole number"))
     elif n < 1:
         errors.append(FieldError("n_trials", "must be >= 1"))
@@ -945,8 +945,8 @@ def _with_data_located(
     path = task.get("path")
     if not isinstance(path, str) or Path(path).is_absolute():
         return config
-    located = resolve_data_path(path, data_roots).resolve()
-    return {**config, "task": {**task, "path": str(located)}}
+    located = os.path.realpath(resolve_data_path(path, data_roots))  # a link loop: no error
+    return {**config, "task": {**task, "path": located}}
 
 
 def _utc(moment: datetime | None) -> datetime | None:

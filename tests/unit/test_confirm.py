@@ -104,10 +104,11 @@ def test_confirm_request_defaults_bounds_and_fields() -> None:
         ("top_k", "must be within 1..20 (configs to confirm)"),
         ("seeds", "must be a whole number"),
     ]
-    assert errors({"top_k": "3", "k": 2}) == [
+    assert errors({"top_k": "3.5", "k": 2}) == [
         ("k", "unknown field (top_k, seeds)"),
         ("top_k", "must be a whole number"),
     ]
+    assert confirm_request({"top_k": "3", "seeds": "4"}) == (3, 4)  # as a spec reads "3"
     assert errors([3, 5])[0][0] == ""
 
 

@@ -379,6 +379,49 @@ def test_values_must_be_numbers_and_finite(tmp_path: Path) -> None:
     )
 
 
+def test_values_beyond_float32_or_with_digit_separators_are_refused(tmp_path: Path) -> None:
+    """A corrupt 1e308 used to pass and fail every trial with a NaN metric; ``1_000`` was
+    read as 1000 by Python's float()."""
+    _write(tmp_path, "s.csv", _series_csv(30) + "30,1e308\n")
+    assert refused(tmp_path, _csv_task()).msg == (
+        "forecast: s.csv line 32: column 'y' is '1e308', beyond the float32 range "
+        "(+-3.4e+38) the model trains in"
+    )
+    _write(tmp_path, "s.csv", _series_csv(30) + "30,-3e38\n")  # a float32 is read
+    assert read_csv_column(tmp_path / "s.csv", "y")[0][-1] == -3e38
+    _write(tmp_path, "s.csv", _series_csv(30) + "30,1_000\n")
+    assert refused(tmp_path, _csv_task()).msg == (
+        "forecast: s.csv line 32: column 'y' is not numeric ('1_000')"
+    )
+
+
+def test_a_column_name_two_columns_share_is_refused(tmp_path: Path) -> None:
+    # Silently the first column was used, whichever the user meant.
+    _write(tmp_path, "s.csv", "t,y,y\n" + "".join(f"{i},{i},{-i}\n" for i in range(30)))
+    assert refused(tmp_path, _csv_task()).msg == (
+        "forecast: s.csv: 2 columns are named 'y' (columns 2, 3 of the header): "
+        "rename all but the one to use"
+    )
+    accepted(tmp_path, _csv_task(column="t"))  # another column's twin does not matter
+
+
+def test_an_unclosed_quote_names_the_lines_it_spans_and_shows_little(tmp_path: Path) -> None:
+    _write(tmp_path, "s.csv", 't,y\n1,"100\n' + "".join(f"{i},{i}.5\n" for i in range(2, 60)))
+    error = refused(tmp_path, _csv_task())
+    assert error.msg.startswith(
+        "forecast: s.csv lines 2-60 (one quoted field: is a quote unclosed?): "
+        "column 'y' is not numeric ('100\\n2,2.5\\n3,3.5\\n"
+    ), error.msg
+    assert len(error.msg) < 200, error.msg
+
+
+def test_a_codec_without_the_replace_handler_still_names_the_byte(tmp_path: Path) -> None:
+    # idna cannot decode with errors="replace": locating the bad byte raised a 500.
+    _write(tmp_path, "t.txt", "Caf\u00e9 na\u00efve\n".encode() * 400)
+    error = refused(tmp_path, {"kind": "char_lm", "path": "t.txt", "encoding": "idna"})
+    assert error.loc == "task.path" and "t.txt" in error.msg, error
+
+
 def test_a_missing_column_lists_the_columns_and_spots_another_separator(tmp_path: Path) -> None:
     _write(tmp_path, "s.csv", _series_csv(30))
     assert refused(tmp_path, _csv_task(column="price")).msg == (
@@ -413,6 +456,33 @@ def test_jsonl_problems_name_their_lines(tmp_path: Path) -> None:
     error = refused(tmp_path, {"kind": "classify", "path": "c.jsonl"})
     assert error.loc == "task.path"
     assert error.msg.startswith("classify: c.jsonl: line 2: `x` must be a non-empty list")
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("1" + "0" * 400, "line 2: `x` time step 0 has a value beyond the float32 range"),
+        ("1e39", "line 2: `x` time step 0 has a value beyond the float32 range"),
+        ("1" * 5001, "line 2: not valid JSON (a number of more than 4300 digits)"),
+    ],
+)
+def test_jsonl_numbers_too_large_are_refused_naming_the_line(
+    tmp_path: Path, value: str, expected: str
+) -> None:
+    """An integer too large for a float made the check raise OverflowError (HTTP 500), one
+    past Python's 4300 digits a ValueError."""
+    rows = [_seq(c, "train") for c in "ab" * 5] + [_seq(c, "test") for c in "ab"]
+    lines = _jsonl(rows).splitlines(keepends=True)
+    lines.insert(1, '{"x": [[' + value + ', 0.5]], "label": "a", "split": "train"}\n')
+    _write(tmp_path, "c.jsonl", "".join(lines))
+    error = refused(tmp_path, {"kind": "classify", "path": "c.jsonl"})
+    assert error.msg.startswith(f"classify: c.jsonl: {expected}"), error.msg
+
+
+def test_jsonl_decode_errors_read_as_sentences(tmp_path: Path) -> None:
+    _write(tmp_path, "c.jsonl", '{"x": [[1]], "label": "a\tb"}\n')
+    error = refused(tmp_path, {"kind": "classify", "path": "c.jsonl"})
+    assert "not valid JSON (Invalid control character at column" in error.msg, error.msg
 
 
 def test_one_class_in_train_is_refused_even_when_test_has_two(tmp_path: Path) -> None:
@@ -548,6 +618,34 @@ def test_training_uses_the_same_readers_and_refuses_the_same_data(tmp_path: Path
     cp1252 = CharLMTask(kind="char_lm", path="cp1252.txt", max_chars=1000, encoding="cp1252")
     text = build_task_data(cp1252, LSTMConfig(bptt=20), (tmp_path,))
     assert "cp1252.txt, 1,000 chars" in text.description
+
+
+def test_values_beyond_float32_once_standardised_are_refused_at_submission_and_in_training(
+    tmp_path: Path,
+) -> None:
+    """Each value fits a float32, but standardised by a training split of tiny spread a
+    later spike does not: every trial would fail with a NaN metric, blaming the model."""
+    from service.search_space import ClassifyTask, ForecastTask, LSTMConfig
+    from service.training.data import build_task_data
+
+    values = [1e-10 * (i % 3) for i in range(39)] + [1e30]
+    _write(tmp_path, "s.csv", "t,y\n" + "".join(f"{i},{v!r}\n" for i, v in enumerate(values)))
+    expected = "forecast: s.csv: point 40 of the series is beyond the float32 range once"
+    assert refused(tmp_path, _csv_task()).msg.startswith(expected)
+    task = ForecastTask(kind="forecast", path="s.csv", column="y", lookback=3, horizon=1)
+    with pytest.raises(DataError, match=r"point 40 of the series is beyond the float32"):
+        build_task_data(task, LSTMConfig(), (tmp_path,))
+
+    rows = [_seq(c, "train") for c in "ab" * 5] + [_seq(c, "test") for c in "ab"]
+    for row in rows[:-1]:
+        row["x"] = [[1.0, 1e-20 * (n % 2)] for n in range(2)]
+    rows[-1]["x"] = [[1.0, 1e30], [1.0, 0.0]]
+    _write(tmp_path, "c.jsonl", _jsonl(rows))
+    assert refused(tmp_path, {"kind": "classify", "path": "c.jsonl"}).msg.startswith(
+        "classify: c.jsonl: sequence 12 is beyond the float32 range once standardised"
+    )
+    with pytest.raises(DataError, match=r"sequence 12 is beyond the float32 range"):
+        build_task_data(ClassifyTask(kind="classify", path="c.jsonl"), LSTMConfig(), (tmp_path,))
 
 
 def test_the_check_imports_neither_torch_nor_training() -> None:

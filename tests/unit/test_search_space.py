@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 import json
 from pathlib import Path
 from typing import Any
@@ -162,6 +163,19 @@ def test_every_shipped_search_space_is_valid() -> None:
         ("task: [", "not valid YAML or JSON at line 1"),
         ("- just\n- a list\n", "a spec must be a mapping"),
         (_spec(name="has spaces"), "name: must be 1-100 letters"),
+        # As a parameter's true/false: YAML 1.1's words and numbers are not booleans.
+        (
+            _spec({"hidden_size": {"type": "int", "low": 8, "high": 64, "log": "yes"}}),
+            "space.hidden_size.log: must be true or false (got the text 'yes'",
+        ),
+        (
+            _spec({"lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": 1}}),
+            "space.lr.log: must be true or false (got 1)",
+        ),
+        (
+            {"task": {"kind": "synthetic", "fail_when": {"num_layer": 2}}},
+            "task.fail_when: unknown parameter(s) 'num_layer'",
+        ),
     ],
 )
 def test_malformed_spec_names_field_and_rule(data: Any, expected: str) -> None:
@@ -193,6 +207,42 @@ def test_limits_from_settings(tmp_path: Path) -> None:
         {"task": {"kind": "char_lm", "path": "corpus.txt"}, "study": {"n_trials": 5}}, limits
     )
     assert inside.task.kind == "char_lm"
+
+
+def test_data_path_is_checked_as_the_file_the_workers_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The check follows ``~``, ``..`` and links as reading does (a tester read files
+    outside the data directories through ``~/..`` and saw their first line in the error)."""
+    first, second, outside = tmp_path / "first", tmp_path / "second", tmp_path / "outside"
+    for folder in (first, second, outside):
+        folder.mkdir()
+    (outside / "secret.txt").write_text("secret\n")
+    (second / "corpus.txt").write_text("text\n")
+    limits = SpecLimits(data_roots=(first, second))
+    monkeypatch.setenv("HOME", str(outside))
+
+    def refused(path: str) -> bool:
+        try:
+            parse_spec({"task": {"kind": "char_lm", "path": path}}, limits)
+        except InvalidSpec as err:
+            assert [e.loc for e in err.errors] == ["task.path"], err
+            return True
+        return False
+
+    assert refused("~/secret.txt")
+    assert refused("~/../outside/secret.txt")
+    assert refused(f"~{getpass.getuser()}/../../../etc/passwd")
+    assert not refused("corpus.txt")  # found in the second root
+    # A link in the first root shadows the second root's file: what is read is outside.
+    (first / "corpus.txt").symlink_to(outside / "secret.txt")
+    assert refused("corpus.txt")
+    monkeypatch.setenv("HOME", str(second))
+    (first / "corpus.txt").unlink()
+    assert not refused("~/corpus.txt")  # a home inside a root is fine
+    assert not refused("~nobody-of-that-name/corpus.txt")  # no such home: a relative path
+    (first / "loop").symlink_to(first / "loop")
+    assert not refused("loop")  # inside; the data check says it cannot be read
 
 
 def test_direction_defaults_from_task_metric() -> None:
@@ -590,12 +640,12 @@ def test_yaml_nan_and_inf_are_refused() -> None:
             "more than 10,000 values",
         ),
         (b"task: {kind: \xff}", "not UTF-8 text (byte 13)"),
-        ("task: " + "9" * 5000, "not valid YAML or JSON"),
+        ("task: " + "9" * 5000, "not valid YAML or JSON: a number of more than 4300 digits"),
         ("[" * 5000, "nested more than 32 levels deep"),
         ("task: !!binary aGVsbG8=", "task: not a JSON value (a bytes)"),
     ],
 )
-def test_documents_a_spec_cannot_be_are_refused_cleanly(data: Any, expected: str) -> None:
+def test_documents_that_cannot_be_a_spec_are_refused_cleanly(data: Any, expected: str) -> None:
     with pytest.raises(InvalidSpec) as info:
         parse_spec(data)
     assert expected in str(info.value), str(info.value)

@@ -14,6 +14,7 @@ from service.data_checks import (
     BUNDLED_PACKAGES,
     Label,
     LabelledSequences,
+    feature_scaling,
     needs_datasets_extra,
     read_jsonl,
     split_classify,
@@ -99,9 +100,7 @@ def build_classify(
     classes, y = splits.classes, splits.y
     train_idx, val_idx, test_idx = splits.train, splits.val, splits.test
 
-    stacked = np.concatenate([data.xs[i] for i in train_idx])
-    mean, std = stacked.mean(axis=0), stacked.std(axis=0)
-    std[std == 0.0] = 1.0  # a constant feature: centre it, do not blow it up
+    mean, std = feature_scaling(data, train_idx, f"classify: {source}")
 
     def dataset(idx: np.ndarray) -> SequenceDataset:
         xs = [torch.from_numpy(((data.xs[i] - mean) / std).astype(np.float32)) for i in idx]

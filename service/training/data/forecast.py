@@ -14,6 +14,7 @@ from service.data_checks import (
     forecast_bounds,
     needs_datasets_extra,
     read_csv_column,
+    standardise_series,
 )
 from service.errors import DataError, MissingExtra
 from service.search_space import ForecastTask, LSTMConfig, resolve_data_path
@@ -128,12 +129,7 @@ def build_forecast(
     check_series_fits(bounds, lookback, horizon)
     n_train, n_val, n_test = bounds.sizes
 
-    train_part = series[: bounds.val_start]
-    mean = float(train_part.mean())
-    std = float(train_part.std())
-    if std == 0.0:  # a constant training part: nothing to scale, keep the units
-        std = 1.0
-    scaled = (series - mean) / std
+    scaled, mean, std = standardise_series(series, bounds.val_start, f"forecast: {source}")
 
     starts = {
         "train": window_starts(lookback, bounds.val_start, horizon),
