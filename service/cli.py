@@ -20,6 +20,7 @@ from rich.markup import escape
 from rich.table import Column, Table
 from rich.text import Text
 
+from service.atomic_file import replace_atomically
 from service.config import Settings
 from service.durations import fmt_duration
 from service.errors import (
@@ -171,7 +172,7 @@ def train(
     A config that is not valid (or data that do not fit it), and a checkpoint that cannot
     be read or does not fit the config, exit 2 with the reasons; a training failure exits 1.
     """
-    from service.search_space import check_refit, load_config_file
+    from service.search_space import check_refit, expand_home, load_config_file
 
     if evaluate is not None and init_from is not None:
         _usage_error("--evaluate and --init-from exclude each other: --evaluate trains nothing")
@@ -200,7 +201,7 @@ def train(
                 _usage_error("; ".join(str(e) for e in err.errors))  # the config is fine
             raise _fail(err, 2) from None
     if out is not None:
-        out = out.expanduser()  # also when quoted: Lightning expands it, so must we
+        out = expand_home(out)  # also when quoted: Lightning expands it, so must we
         _check_out_dir(out, (SELECTION_DIR,) if refit and refit_epochs is None else ())
     # torch + Lightning take seconds to import: only once the config is known to be good.
     from service.training.fit import (
@@ -347,10 +348,12 @@ def _run_inputs(
 ) -> list[Path]:
     """The files a `train` run reads: ``files`` (its config, checkpoint) and every place
     its ``task.path`` may be found (``~`` expanded, as the data loader does)."""
+    from service.search_space import expand_home
+
     inputs = [path for path in files if path is not None]
     task_path = getattr(config.task, "path", None)
     if task_path is not None:
-        data = Path(task_path).expanduser()
+        data = expand_home(task_path)
         inputs += [data] if data.is_absolute() else [r / data for r in data_roots or (Path.cwd(),)]
     return inputs
 
@@ -432,7 +435,9 @@ def _train_data_roots(path: str | None) -> tuple[Path, ...] | None:
     """Where `train` looks for a relative ``task.path``: the working directory, then the
     data directories the server's workers read (so a config from `lstm-hpo best` trains
     from anywhere). Exits 2 naming every place it looked when the file is in none."""
-    if path is None or Path(path).expanduser().is_absolute():
+    from service.search_space import expand_home
+
+    if path is None or expand_home(path).is_absolute():
         return None
     roots = (Path.cwd(), *_settings().allowed_data_roots())
     if any((root / path).exists() for root in roots):
@@ -1140,6 +1145,10 @@ def best(
             "--checkpoint saves the search's best trial's; retrain the confirmed config "
             "with lstm-hpo train"
         )
+    # Before asking the server: a path that cannot be written is a usage error, not a
+    # traceback after the download.
+    output = _file_to_write(output, "--output")
+    checkpoint = _file_to_write(checkpoint, "--checkpoint")
     with Client(server, token=token) as client:
         try:
             study_id = client.resolve(study_id)
@@ -1150,13 +1159,40 @@ def best(
             found = _best_confirmation(client, study_id)
         except LstmHpoError as err:
             raise _fail(err) from None
+        except OSError as err:  # the checkpoint's file (its temporary file is removed)
+            raise _cannot_write(checkpoint, err) from None
     if found is not None:  # on stderr: stdout is the YAML
         err_console.print(found)
     if output is None:
         print(text, end="")
         return
-    output.write_text(text, encoding="utf-8")
+    try:
+        replace_atomically(output, lambda f: f.write(text.encode("utf-8")))
+    except OSError as err:
+        raise _cannot_write(output, err) from None
     err_console.print(f"wrote {output}; train it with: lstm-hpo train {output}")
+
+
+def _file_to_write(path: Path | None, option: str) -> Path | None:
+    """``path`` (``~`` expanded), its directory made as ``report --output`` makes its own.
+    Exits 2 for a directory, or a directory that cannot be made or written in."""
+    if path is None:
+        return None
+    path = Path(os.path.expanduser(path))  # no error for an unknown ~user, as Path's
+    if path.is_dir():
+        _usage_error(f"{option} {path}: is a directory; give a file name")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        _usage_error(f"{option} {path}: cannot make {path.parent} ({err.strerror or err})")
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        _usage_error(f"{option} {path}: cannot write in {path.parent} (permissions or read-only)")
+    return path
+
+
+def _cannot_write(path: Path | None, err: OSError) -> typer.Exit:
+    err_console.print(f"[red]error:[/red] cannot write {escape(str(path))}: {err.strerror or err}")
+    return typer.Exit(1)
 
 
 @app.command()

@@ -44,7 +44,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Generator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from pathlib import Path
 from typing import IO, Any, Generic, TypeAlias, TypeVar, cast, overload
@@ -53,6 +53,7 @@ from urllib.parse import quote
 import httpx
 from pydantic import BaseModel
 
+from service.atomic_file import replace_atomically
 from service.errors import (
     AmbiguousStudyId,
     ApiError,
@@ -103,6 +104,9 @@ ProgressTo: TypeAlias = "bool | IO[str]"
 #: Errors raised before any byte of the request left: sending it again cannot do it twice.
 _UNSENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 _SPEC_SUFFIXES = (".yaml", ".yml", ".json")
+_CHECKPOINT = "application/octet-stream"
+#: In every report's <head> (service.report): a text/html answer without it is not one.
+_REPORT_MARK = '<meta name="generator" content="lstm-hpo">'
 
 
 class _Retry(Enum):
@@ -123,6 +127,9 @@ class _Request:
     content: bytes | None = None
     headers: Mapping[str, str] | None = None
     retry: _Retry = _Retry.REPEATABLE
+    #: The media type of a success answer (None: any, or no body): anything else did not
+    #: come from lstm-hpo's API (the server URL names the dashboard or a proxy's page).
+    expect: str | None = "application/json"
     #: Server error classes that, after an attempt that may have reached the server, mean
     #: that attempt did what was asked (e.g. ``StudyNotFound`` for a retried delete).
     done_if: frozenset[str] = field(default_factory=frozenset)
@@ -172,7 +179,7 @@ class _Api:
             assert reply is not None
             if isinstance(reply, httpx.Response):
                 if not reply.is_error:
-                    return reply
+                    return _checked(reply, request.expect, self.base_url)
                 error = _api_error(reply)
                 if reached and error.error in request.done_if:
                     return reply
@@ -199,8 +206,8 @@ class _Api:
         response = yield from self.exchange(request)
         return model.model_validate(response.json())
 
-    def text(self, request: _Request) -> _Program[str]:
-        response = yield from self.exchange(request)
+    def text(self, request: _Request, expect: str) -> _Program[str]:
+        response = yield from self.exchange(replace(request, expect=expect))
         return response.text
 
     # -- studies ---------------------------------------------------------------------
@@ -249,10 +256,12 @@ class _Api:
         return self.model(request, Page[TrialPublic])
 
     def trials_csv(self, study_id: str, state: str | None) -> _Program[str]:
-        return self.text(_Request("GET", _study(study_id, "trials.csv"), _params(state=state)))
+        request = _Request("GET", _study(study_id, "trials.csv"), _params(state=state))
+        return self.text(request, "text/csv")
 
     def report(self, study_id: str, top_k: int | None) -> _Program[str]:
-        return self.text(_Request("GET", _study(study_id, "report"), _params(top_k=top_k)))
+        request = _Request("GET", _study(study_id, "report"), _params(top_k=top_k))
+        return self.text(request, "text/html")
 
     def progress(self, study_id: str) -> _Program[ProgressPublic]:
         return self.model(_Request("GET", _study(study_id, "progress")), ProgressPublic)
@@ -272,18 +281,18 @@ class _Api:
 
     def best_yaml(self, study_id: str, confirmed: bool = False) -> _Program[str]:
         params = {"format": "yaml", **({"confirmed": "true"} if confirmed else {})}
-        return self.text(_Request("GET", _study(study_id, "best"), params))
+        return self.text(_Request("GET", _study(study_id, "best"), params), "application/yaml")
 
     def confirmed_best(self, study_id: str) -> _Program[BestPublic]:
         request = _Request("GET", _study(study_id, "best"), {"confirmed": "true"})
         return self.model(request, BestPublic)
 
     def best_checkpoint(self, study_id: str, dest: str | os.PathLike[str]) -> _Program[Path]:
-        response = yield from self.exchange(_Request("GET", _study(study_id, "best/checkpoint")))
+        request = _Request("GET", _study(study_id, "best/checkpoint"), expect=_CHECKPOINT)
+        response = yield from self.exchange(request)
         path = Path(dest)
-        tmp = path.with_name(path.name + ".part")
-        tmp.write_bytes(response.content)
-        tmp.replace(path)  # never a torn file at dest
+        # Never a torn file at dest, nor a temporary file left when it cannot be written.
+        replace_atomically(path, lambda f: f.write(response.content))
         return path
 
     def cancel(self, study_id: str) -> _Program[StudyPublic]:
@@ -296,7 +305,9 @@ class _Api:
         return StudyPublic.model_validate(response.json())
 
     def delete(self, study_id: str) -> _Program[None]:
-        request = _Request("DELETE", _study(study_id), done_if=frozenset({"StudyNotFound"}))
+        request = _Request(
+            "DELETE", _study(study_id), done_if=frozenset({"StudyNotFound"}), expect=None
+        )
         yield from self.exchange(request)
 
     def extend(self, study_id: str, n_trials: int) -> _Program[StudyPublic]:
@@ -352,8 +363,15 @@ class _Api:
                 line.close()
 
 
+#: What a study id may hold (ours are 32 hex digits; ``search_space.StudyId``'s rule).
+_STUDY_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
 def _study(study_id: str, *rest: str) -> str:
-    # Quoted: an id is one path segment, whatever it holds ("../", "?").
+    """The path of a study's route. Raises StudyNotFound for text that cannot be an id:
+    quoted, "ID/trials" would still reach the trials route (servers decode %2F)."""
+    if not _STUDY_ID.fullmatch(study_id):
+        raise StudyNotFound(f"{study_id[:80]!r} is not a study id")
     return "/".join(("/v1/studies", quote(study_id, safe=""), *rest))
 
 
@@ -388,10 +406,34 @@ def _names_a_file(text: str) -> bool:
     return one_line and text.strip().lower().endswith(_SPEC_SUFFIXES)
 
 
+def _media_type(response: httpx.Response) -> str:
+    return str(response.headers.get("content-type", "")).partition(";")[0].strip().lower()
+
+
+def _checked(response: httpx.Response, expect: str | None, base_url: str) -> httpx.Response:
+    """``response``, when it is what lstm-hpo's API answers (``expect``; a report also
+    says it is ours). Raises ApiError naming the server URL otherwise."""
+    got = _media_type(response)
+    if expect is None or response.status_code == 204:
+        return response
+    if got == expect and (expect != "text/html" or _REPORT_MARK in response.text):
+        return response
+    what = "an HTML page" if got == "text/html" else (got or "no content type")
+    raise ApiError(
+        response.status_code,
+        f"{response.request.url} answered {what}, not lstm-hpo's API: is {base_url} the "
+        "service's root URL (the one `lstm-hpo serve` prints, not /dashboard)?",
+    )
+
+
 def _api_error(response: httpx.Response) -> ApiError:
     """The error an answer says: the server's ``{"detail", "error", "errors"}``, or the
     text of whatever else answered (a proxy's page)."""
     detail = response.text.strip() or response.reason_phrase
+    if _media_type(response) == "text/html":  # a proxy's or the dashboard's page, not ours
+        detail = f"{response.reason_phrase or 'error'} (an HTML page, not lstm-hpo's API)"
+    elif len(detail) > 300:
+        detail = detail[:300] + "..."
     name: str | None = None
     fields: list[FieldError] = []
     try:
@@ -623,7 +665,8 @@ class Client(_Base[httpx.Client]):
 
     def best_checkpoint(self, study_id: str, dest: str | os.PathLike[str]) -> Path:
         """Save the best trial's checkpoint to ``dest`` and return it (ApiError 409 before
-        a trial has completed, 404 when it has no checkpoint)."""
+        a trial has completed, 404 when it has no checkpoint; OSError when ``dest`` cannot
+        be written, with nothing left behind)."""
         return self._run(self._api.best_checkpoint(study_id, dest))
 
     def cancel(self, study_id: str) -> StudyPublic:

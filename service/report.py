@@ -611,6 +611,7 @@ def render_html(
     return (
         '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
         '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
+        '<meta name="generator" content="lstm-hpo">\n'
         f"<title>{_e(study.name)} - lstm-hpo report</title>\n<style>{_CSS}</style>\n</head>\n"
         f"<body>\n<h1>{_e(study.name)}</h1>\n"
         f'<p class="sub">Study <code>{_e(study.id)}</code>, report made {_e(when)}'

@@ -236,7 +236,9 @@ class SyntheticTask(_Frozen):
     """No training: a deterministic function of the params, reported once per "epoch".
 
     For tests and benchmarks of the service path. ``fail_when`` / ``nan_when`` make chosen
-    configurations raise or report NaN, so failure handling can be driven end to end;
+    configurations raise or report NaN (``{num_layers: [1, 2], lr: 0.01}``: every named
+    parameter of the resolved config has its value, or one of a list's), so failure
+    handling can be driven end to end;
     ``hang_when`` makes them hang inside a step (a stuck data loader: no step boundary is
     ever reached), so the supervisor's kill of a hung trial can be too.
     """
@@ -1481,13 +1483,19 @@ def check_data_paths(task: TaskSpec, data_roots: tuple[Path, ...] | None) -> lis
     return [FieldError("task.path", f"must be a file inside the data directories: {roots}")]
 
 
+def expand_home(path: str | Path) -> Path:
+    """``path`` with a leading ``~`` or ``~user`` expanded; as written when that home is
+    unknown (``Path.expanduser`` raises RuntimeError there)."""
+    try:
+        return Path(path).expanduser()
+    except RuntimeError:  # "~nobody-here/x"
+        return Path(path)
+
+
 def resolve_data_path(path: str, data_roots: tuple[Path, ...] | None) -> Path:
     """The file a (validated) ``task.path`` names: ``~`` or ``~user`` expanded (kept as
     written when that home is unknown), relative paths tried in each root in turn."""
-    try:
-        p = Path(path).expanduser()
-    except RuntimeError:  # "~nobody-here/x": no such home
-        p = Path(path)
+    p = expand_home(path)
     if p.is_absolute() or not data_roots:
         return p
     for root in data_roots:

@@ -830,12 +830,7 @@ def best_configs(
         )
         ids = [t.trial_id for t in top]
     if not ids:
-        if job.state.is_terminal:
-            raise NoCompletedTrials(
-                f"the study ended ({job.state}) without a completed trial: see its trials' "
-                "failure reasons (GET /v1/studies/{id}/trials)"
-            )
-        raise NoCompletedTrials()
+        raise _no_completed_trial(job)
     return _best_public(backend, spec, trial_queries.trials_by_id(storage, ids))
 
 
@@ -904,6 +899,16 @@ def progress_inputs(
     return job, running, n_timed, mean_s
 
 
+def _no_completed_trial(job: queue.JobRecord) -> NoCompletedTrials:
+    """ "Try again later" while a trial may still complete; why none will once it ended."""
+    if job.state.is_terminal:
+        return NoCompletedTrials(
+            f"the study ended ({job.state}) without a completed trial: see its trials' "
+            "failure reasons (GET /v1/studies/{id}/trials)"
+        )
+    return NoCompletedTrials()
+
+
 def best_checkpoint(backend: Backend, job_id: str, *, principal: Principal) -> tuple[BinaryIO, int]:
     """A reader of the best trial's best-epoch checkpoint (close it) and that trial's number.
 
@@ -923,7 +928,7 @@ def best_checkpoint(backend: Backend, job_id: str, *, principal: Principal) -> t
         limit=1,
     )
     if not top:
-        raise NoCompletedTrials()
+        raise _no_completed_trial(job)
     (best,) = trial_queries.trials_by_id(storage, [top[0].trial_id])
     if backend.checkpoints is None:
         raise CheckpointMissing()

@@ -28,7 +28,6 @@ its finished trials, so that its reread every 10 s fetches only new and unfinish
 from __future__ import annotations
 
 import base64
-import binascii
 import json
 import re
 import threading
@@ -49,6 +48,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service import auth, studies
 from service.errors import LstmHpoError, NotFound, Unauthorized
 
+_NOT_HITL = (
+    "lstm-hpo studies are not preferential (human-in-the-loop) studies: their trials are "
+    "ranked by the metric the workers report"
+)
 _SUBMIT_HINT = "submit studies to lstm-hpo with POST /v1/studies (or `lstm-hpo submit SPEC`)"
 _WORKERS_OWN_TRIALS = (
     "trial states and attributes are set by lstm-hpo's workers; cancel or delete the study "
@@ -73,7 +76,17 @@ _REFUSED: list[tuple[str, re.Pattern[str], str]] = [
         re.compile(r"/incompatible-rdb-schema/?"),
         "the schema is upgraded by the lstm-hpo server at start (or `lstm-hpo migrate`)",
     ),
+    *(
+        (method, re.compile(r"/api/studies/\d+/preference(?:_feedback_component|/.*)?"), _NOT_HITL)
+        for method in ("POST", "PUT", "DELETE")
+    ),
 ]
+#: The dashboard reads these routes' bodies as a JSON object and answers 500 to anything else.
+_NOTE = re.compile(r"/api/studies/\d+(?:/\d+)?/note")
+#: Optuna's ids are SQL INTEGERs (32 bits on PostgreSQL): a larger one in a path made the
+#: database raise (HTTP 500) where no such study or trial exists (404).
+_MAX_ID = 2**31 - 1
+_NUMBER = re.compile(r"/(\d+)(?=/|$)")
 _DELETE_STUDY = re.compile(r"/api/studies/(\d+)")
 #: Routes that name an Optuna study by its id (group 1).
 _STUDY_ROUTES = re.compile(
@@ -172,6 +185,16 @@ class DashboardGuard:
         if by_cookie and method in _UNSAFE and not _same_origin(headers):
             await _reason(403, "cross-site request refused")(scope, receive, send)
             return
+        if any(int(n) > _MAX_ID for n in _NUMBER.findall(path)):
+            await _reason(404, "not found")(scope, receive, send)
+            return
+        if method == "PUT" and _NOTE.fullmatch(path):
+            body = await _read_body(receive)
+            if not _is_json_object(headers, body):
+                msg = 'the body must be a JSON object ({"version": N, "body": "..."})'
+                await _reason(400, msg)(scope, receive, send)
+                return
+            receive = _replay(body, receive)
         response = await run_in_threadpool(self._intercept, method, path, principal)
         if response is not None:
             await response(scope, receive, send)
@@ -246,6 +269,41 @@ class DashboardGuard:
         return studies.optuna_study_names(self.backend, principal=principal)
 
 
+async def _read_body(receive: Receive) -> bytes:
+    body = bytearray()
+    while True:
+        message = await receive()
+        body.extend(message.get("body", b""))
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            return bytes(body)
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """A ``receive`` that gives the app ``body``, read here already, then is ``receive``
+    (which waits for the client to disconnect)."""
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
+def _is_json_object(headers: Headers, body: bytes) -> bool:
+    """As bottle's ``request.json`` reads it: a JSON media type and a JSON object."""
+    media_type = headers.get("content-type", "").partition(";")[0].strip().lower()
+    if media_type not in ("application/json", "application/json-rpc"):
+        return False
+    try:
+        return isinstance(json.loads(body), dict)
+    except ValueError:
+        return False
+
+
 def _routed_path(path: str) -> str:
     """``path`` with repeated slashes collapsed and the trailing one dropped."""
     return re.sub(r"/{2,}", "/", path).rstrip("/") or "/"
@@ -277,7 +335,7 @@ def _token_from_authorization(value: str | None) -> str | None:
     if scheme.lower() == "basic":
         try:
             decoded = base64.b64decode(credentials.strip(), validate=True).decode("utf-8")
-        except (binascii.Error, UnicodeDecodeError):
+        except ValueError:  # binascii.Error, UnicodeDecodeError, non-ASCII text
             return ""
         return decoded.partition(":")[2]
     return ""

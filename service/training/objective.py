@@ -332,7 +332,12 @@ def _finite_metric_callback(metric: str) -> Any:
 
 
 def _matches(params: Mapping[str, Any], when: Mapping[str, Any] | None) -> bool:
-    return bool(when) and all(params.get(k) == v for k, v in (when or {}).items())
+    """Every name in ``when`` has its value (a list: one of them; an absent one is None)."""
+    return bool(when) and all(_holds(params.get(k), v) for k, v in (when or {}).items())
+
+
+def _holds(value: Any, wanted: Any) -> bool:
+    return value == wanted or (isinstance(wanted, list) and value in wanted)
 
 
 def synthetic_value(params: Mapping[str, Any]) -> float:

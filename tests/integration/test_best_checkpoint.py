@@ -82,4 +82,9 @@ def test_best_checkpoint_download(tmp_path: Path, sqlite_url: str) -> None:
         with pytest.raises(ApiError, match="404"):
             client.best_checkpoint(study_id, tmp_path / "other.ckpt")
         assert not (tmp_path / "other.ckpt").exists()
+        # A destination that cannot be written: OSError, and no temporary file left.
+        client._http = TestClient(app, headers=alice)
+        with pytest.raises(IsADirectoryError):
+            client.best_checkpoint(study_id, tmp_path)
+        assert sorted(p.name for p in tmp_path.iterdir() if ".tmp" in p.name) == []
     backend.sessions.kw["bind"].dispose()

@@ -34,7 +34,7 @@ from service.client import (
     _Request,
 )
 from service.config import Settings
-from service.errors import InvalidSpec
+from service.errors import InvalidSpec, StudyNotFound
 from service.schemas import BestPublic
 from service.states import JobState
 from tests.acceptance.conftest import free_port
@@ -170,6 +170,38 @@ def test_the_servers_errors_are_exceptions_with_its_words(server: InProcessServe
         with pytest.raises(InvalidRequest, match="top_k"):
             client.confirm(study.id, top_k=0)
         client.delete(study.id)  # the server is the module's: leave nothing behind
+
+
+def test_a_url_that_is_not_the_api_or_an_id_that_is_not_one_is_a_clean_error(
+    server: InProcessServer, tmp_path: Path
+) -> None:
+    """A tester's tracebacks: JSONDecodeError from the dashboard's page at --server
+    .../dashboard (and a report that saved that page), ValidationError for "ID/trials"
+    (the server decodes %2F), and a checkpoint that could not be written left a .part."""
+    with Client(server.url) as client:
+        study = client.submit(_spec(1))
+        with pytest.raises(StudyNotFound, match="is not a study id"):
+            client.get(study.id + "/trials")
+        with pytest.raises(StudyNotFound):
+            client.get(study.id + "?x=1")
+        with pytest.raises(ApiError) as busy:  # no trial yet: the server's 409, not ours
+            client.best_checkpoint(study.id, tmp_path / "a-directory-not-made" / "x.ckpt")
+        assert busy.value.status_code == 409
+        client.delete(study.id)
+    with Client(server.url + "/dashboard") as wrong:
+        for call in (
+            wrong.list,
+            lambda: wrong.get(study.id),
+            lambda: wrong.report(study.id),
+            lambda: wrong.trials_csv(study.id),
+            lambda: wrong.submit(_spec(1)),
+        ):
+            with pytest.raises(ApiError) as caught:
+                call()
+            assert "not lstm-hpo's API" in str(caught.value), caught.value
+            assert "<html" not in str(caught.value).lower()
+    with Client(server.url) as client:
+        assert client.list().total == 0  # nothing was made through the wrong URL
 
 
 def test_a_pareto_front(server: InProcessServer) -> None:

@@ -233,8 +233,10 @@ def test_refusals_name_the_reason(server: InProcessServer) -> None:
     assert _errors(http.post(path, content=b'{"top_k": 2, "top_k": 3}'))[0][0] == "top_k"
     plain = http.post(path, content=b"top_k=3", headers={"Content-Type": "text/plain"})
     assert plain.status_code == 415, plain.text
-    unknown = http.post("/v1/studies/no-such-study/confirm", json={})
-    assert unknown.status_code == 404 and unknown.json()["detail"] == "No study with that id."
+    for body in ({}, {"top_k": 99}):  # a bad body too: the id is what is wrong first
+        unknown = http.post("/v1/studies/no-such-study/confirm", json=body)
+        assert unknown.status_code == 404, (body, unknown.text)
+        assert unknown.json()["detail"] == "No study with that id."
     assert http.get("/v1/studies/no-such-study/confirmation").status_code == 404
 
     # top_k 1 (no body: seeds 5): the statistics, and no comparison.

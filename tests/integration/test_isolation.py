@@ -116,6 +116,34 @@ def test_dashboard_create_rename_and_tell_are_refused_with_a_message(
     assert server.http.get(f"/v1/studies/{study['id']}").status_code == 200
 
 
+def test_dashboard_requests_it_would_answer_with_a_500_get_a_4xx(server: InProcessServer) -> None:
+    """A tester's 500s: ids past a SQL INTEGER (PostgreSQL: 32 bits), a preference write on
+    a study that is not preferential, a note that is no JSON object, non-ASCII basic auth."""
+    study = _submit(server)
+    sid = _optuna_id(study)
+    for path in (f"/api/studies/{2**31}", f"/csv/{2**63}", f"/api/studies/{sid}/{2**40}/note"):
+        for method in ("GET", "DELETE", "PUT"):
+            response = server.http.request(method, path, json={"version": 1, "body": "x"})
+            assert response.status_code == 404, (method, path, response.text)
+    preference = server.http.post(f"/api/studies/{sid}/preference", content=b"{}")
+    assert preference.status_code == 403, preference.text
+    assert "not preferential" in preference.json()["reason"]
+    for body, headers in (
+        (b"{}", {}),  # a form body: bottle's request.json is None
+        (b"[1]", {"Content-Type": "application/json"}),
+        (b"{", {"Content-Type": "application/json"}),
+    ):
+        note = server.http.put(f"/api/studies/{sid}/note", content=body, headers=headers)
+        assert note.status_code == 400, (body, note.text)
+        assert "JSON object" in note.json()["reason"]
+    saved = server.http.put(f"/api/studies/{sid}/note", json={"version": 1, "body": "kept"})
+    assert saved.status_code == 204, saved.text  # the body read by the guard reaches the note
+    detail = server.http.get(f"/api/studies/{sid}").json()
+    assert detail["note"]["body"] == "kept", detail["note"]
+    odd = server.http.get("/api/meta", headers={b"Authorization": b"Basic \xff\xff"})
+    assert odd.status_code < 500, odd.text
+
+
 def test_a_study_whose_optuna_record_was_deleted_elsewhere_is_failed_not_a_500(
     server: InProcessServer,
 ) -> None:

@@ -4,6 +4,7 @@ consumption)."""
 
 from __future__ import annotations
 
+import gzip
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -93,6 +94,22 @@ def test_open_mode_refuses_other_hosts_and_sites(server: InProcessServer) -> Non
     before = server.http.get("/v1/studies").json()["total"]
     ok = server.http.post("/v1/studies", content=spec, headers={"Content-Type": "application/json"})
     assert ok.status_code == 201 and server.http.get("/v1/studies").json()["total"] == before + 1
+
+
+def test_media_types_are_case_insensitive_and_compressed_bodies_are_415(
+    server: InProcessServer,
+) -> None:
+    spec = "task: {kind: synthetic}\nspace: {max_epochs: 1}\nstudy: {n_trials: 1}\n"
+    upper = server.http.post(
+        "/v1/studies", content=spec, headers={"Content-Type": "Application/YAML"}
+    )
+    assert upper.status_code == 201, upper.text  # RFC 9110: media types ignore case
+    zipped = server.http.post(
+        "/v1/studies",
+        content=gzip.compress(spec.encode()),
+        headers={"Content-Type": "application/yaml", "Content-Encoding": "gzip"},
+    )
+    assert zipped.status_code == 415 and "Content-Encoding gzip" in zipped.text, zipped.text
 
 
 def test_health_is_public_and_names_only_the_kind_of_database(server: InProcessServer) -> None:

@@ -41,11 +41,14 @@ from tests.workers import run_worker_until_idle
 
 EVIL = "<script>alert('pwned')</script>"
 #: A grid of 3 x 3 points, each run once; num_layers 1 fails: 3 failures, 6 complete. The
-#: failure's reason (and the task in every trial's config) holds EVIL: a parameter that
-#: no trial has is None, so the condition holds.
+#: failure's reason (and the task in every trial's config) holds EVIL: every trial's init
+#: is the default, one of the list, so the condition holds.
 GRID_SPEC: dict[str, Any] = {
     "name": "report-grid",
-    "task": {"kind": "synthetic", "fail_when": {"num_layers": 1, EVIL: None}},
+    "task": {
+        "kind": "synthetic",
+        "fail_when": {"num_layers": 1, "init": ["pytorch_default", EVIL]},
+    },
     "space": {
         "num_layers": {"type": "int", "low": 1, "high": 3},
         "lr": {"type": "categorical", "choices": [0.001, 0.003, 0.01]},

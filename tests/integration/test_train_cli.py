@@ -436,6 +436,23 @@ def test_misuse_is_a_usage_error(tmp_path: Path, args: tuple[str, ...], says: st
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("option", ["--output", "--checkpoint"])
+def test_best_refuses_a_file_it_could_not_write_before_asking_the_server(
+    tmp_path: Path, option: str
+) -> None:
+    """Was a traceback after the download (and a stray .part for --checkpoint). No server
+    runs here: the refusal comes first."""
+    server = ("--server", "http://127.0.0.1:9")
+    into_dir = run_cli("best", "0123abcd", option, tmp_path, *server, cwd=tmp_path)
+    assert into_dir.returncode == 2, into_dir.stderr
+    assert "is a directory; give a file name" in into_dir.stderr
+    (tmp_path / "file").write_text("")
+    under_file = run_cli("best", "0123abcd", option, "file/best.yaml", *server, cwd=tmp_path)
+    assert under_file.returncode == 2 and "cannot make" in under_file.stderr, under_file.stderr
+    for proc in (into_dir, under_file):
+        assert "Traceback" not in proc.stderr and proc.stdout == ""
+
+
 # --------------------------------------------------------------------------------------
 # --refit: retrain on train + validation for the validated fit's epochs
 # --------------------------------------------------------------------------------------

@@ -27,6 +27,10 @@ def test_unknown_v1_paths_are_json_404_and_wrong_methods_json_405(tmp_path: Path
         nested = client.put("/v1/studies/some-id/best")  # a path parameter is one segment
         assert (nested.status_code, nested.headers["allow"]) == (405, "GET")
         assert client.get("/v1/studies/some-id/best/extra/parts").status_code == 404
+        root = client.get("/v1")  # was the dashboard's HTML 404 page
+        assert (root.status_code, root.headers["content-type"]) == (404, "application/json")
+        trace = client.request("TRACE", "/v1/studies")
+        assert (trace.status_code, trace.json()["error"]) == (405, "MethodNotAllowed")
         # The routes themselves and the dashboard are unchanged.
         assert client.get("/v1/health").status_code == 200
         assert client.get("/dashboard").status_code == 200

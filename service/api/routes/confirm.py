@@ -8,10 +8,10 @@ from functools import partial
 from fastapi import APIRouter, Request, Response
 from starlette.concurrency import run_in_threadpool
 
-from service import confirm
+from service import confirm, studies
 from service.api.deps import BackendDep, PrincipalDep
 from service.api.errors import ERROR_RESPONSES
-from service.api.routes.studies import _bounded_body, _json_document
+from service.api.routes.studies import _bounded_body, _json_document, media_type
 from service.errors import UnsupportedMediaType
 from service.schemas import ConfirmationPublic, StudyPublic
 
@@ -67,12 +67,13 @@ async def confirm_winner(
 
     409 when the study has fewer completed distinct configs than ``top_k``, is itself a
     confirmation, or has several objectives; 422 naming ``top_k`` / ``seeds`` out of range
-    (1..20, 2..20)."""
+    (1..20, 2..20); 404 for another principal's study, whatever the body."""
+    # Another principal's study is a 404 whatever the body, as for extend.
+    await run_in_threadpool(partial(studies.get_study, principal=principal), backend, study_id)
     body = await _bounded_body(request, request.app.state.max_request_bytes)
     document = None
     if body.strip():
-        content_type = request.headers.get("content-type", "application/json")
-        content_type = content_type.split(";")[0].strip()
+        content_type = media_type(request)
         if content_type != "application/json":
             raise UnsupportedMediaType(
                 f'send {{"top_k": K, "seeds": S}} as JSON (Content-Type: application/json), '

@@ -50,7 +50,7 @@ async def _spec_document(request: Request) -> Any:
     keys, NaN or Infinity included); parse_spec reports bad YAML.
     """
     body = await _bounded_body(request, request.app.state.max_request_bytes)
-    content_type = request.headers.get("content-type", "application/json").split(";")[0].strip()
+    content_type = media_type(request)
     if content_type in _SIMPLE_FORM_TYPES:
         # What a cross-site form or a no-cors fetch can send without a CORS preflight.
         raise UnsupportedMediaType(
@@ -62,9 +62,24 @@ async def _spec_document(request: Request) -> Any:
     return _json_document(body)
 
 
+def media_type(request: Request) -> str:
+    """The body's media type, lower case (RFC 9110: it is case-insensitive); JSON when the
+    request names none."""
+    content_type = request.headers.get("content-type", "application/json")
+    return content_type.partition(";")[0].strip().lower()
+
+
 async def _bounded_body(request: Request, limit: int) -> bytes:
     """The body, read only up to ``limit`` bytes (a declared or streamed larger one is
-    refused before it fills the server's memory)."""
+    refused before it fills the server's memory).
+
+    Raises :class:`UnsupportedMediaType` (415, RFC 7694) for a compressed body: read as
+    it is, gzip would be "not UTF-8 text"."""
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        raise UnsupportedMediaType(
+            f"Content-Encoding {encoding} is not supported: send the body uncompressed"
+        )
     too_large = PayloadTooLarge(f"the request body is larger than {limit:,} bytes")
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
@@ -418,7 +433,7 @@ async def extend(
     another principal's study, whatever the body (it must not learn that the id exists)."""
     await run_in_threadpool(partial(studies.get_study, principal=principal), backend, study_id)
     body = await _bounded_body(request, request.app.state.max_request_bytes)
-    content_type = request.headers.get("content-type", "application/json").split(";")[0].strip()
+    content_type = media_type(request)
     if content_type != "application/json":
         raise UnsupportedMediaType(
             f'send {{"n_trials": N}} as JSON (Content-Type: application/json), not {content_type}'

@@ -15,7 +15,7 @@ from service.schemas import ErrorPublic
 
 router = APIRouter()
 
-_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
+_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS", "TRACE"]
 
 
 def _allowed_methods(request: Request) -> set[str]:
@@ -29,8 +29,9 @@ def _allowed_methods(request: Request) -> set[str]:
     return allowed
 
 
+@router.api_route("", methods=_METHODS, include_in_schema=False)  # "/v1" itself
 @router.api_route("/{path:path}", methods=_METHODS, include_in_schema=False)
-def unmatched(request: Request, path: str) -> JSONResponse:
+def unmatched(request: Request, path: str = "") -> JSONResponse:
     """405 with ``Allow`` when the path exists under other methods, else 404."""
     where = f"{request.method} {request.url.path}"
     allowed = _allowed_methods(request)
