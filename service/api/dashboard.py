@@ -46,6 +46,7 @@ from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import auth, studies
+from service.api.guards import replay
 from service.errors import LstmHpoError, NotFound, Unauthorized
 
 _NOT_HITL = (
@@ -194,7 +195,7 @@ class DashboardGuard:
                 msg = 'the body must be a JSON object ({"version": N, "body": "..."})'
                 await _reason(400, msg)(scope, receive, send)
                 return
-            receive = _replay(body, receive)
+            receive = replay([{"type": "http.request", "body": body}], receive)
         response = await run_in_threadpool(self._intercept, method, path, principal)
         if response is not None:
             await response(scope, receive, send)
@@ -276,21 +277,6 @@ async def _read_body(receive: Receive) -> bytes:
         body.extend(message.get("body", b""))
         if message["type"] != "http.request" or not message.get("more_body", False):
             return bytes(body)
-
-
-def _replay(body: bytes, receive: Receive) -> Receive:
-    """A ``receive`` that gives the app ``body``, read here already, then is ``receive``
-    (which waits for the client to disconnect)."""
-    sent = False
-
-    async def replay() -> Message:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
-
-    return replay
 
 
 def _is_json_object(headers: Headers, body: bytes) -> bool:

@@ -51,7 +51,7 @@ class BodyLimit:
         while True:
             message = await receive()
             if message["type"] != "http.request":  # the client went away
-                await self.app(scope, _replay([message]), send)
+                await self.app(scope, replay([message]), send)
                 return
             body.extend(message.get("body", b""))
             if len(body) > self.limit:
@@ -60,11 +60,13 @@ class BodyLimit:
             if not message.get("more_body", False):
                 break
         await self.app(
-            scope, _replay([{"type": "http.request", "body": bytes(body)}], receive), send
+            scope, replay([{"type": "http.request", "body": bytes(body)}], receive), send
         )
 
 
-def _replay(messages: list[Message], then: Receive | None = None) -> Receive:
+def replay(messages: list[Message], then: Receive | None = None) -> Receive:
+    """A ``receive`` that gives ``messages`` (read already), then is ``then`` (the server's,
+    which waits for the client to disconnect; None: a disconnect)."""
     pending = list(messages)
 
     async def receive() -> Message:
@@ -75,6 +77,33 @@ def _replay(messages: list[Message], then: Receive | None = None) -> Receive:
         return {"type": "http.disconnect"}
 
     return receive
+
+
+class HeadAsGet:
+    """``HEAD`` on an API route answers as ``GET`` without the body (RFC 9110 9.3.2: the
+    same headers, Content-Length included); FastAPI routes only the methods they name."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD" or not _is_api(scope):
+            await self.app(scope, receive, send)
+            return
+
+        async def headers_only(message: Message) -> None:
+            if message["type"] == "http.response.body":
+                if not message.get("more_body", False):
+                    await send({"type": "http.response.body", "body": b""})
+                return
+            await send(message)
+
+        await self.app({**scope, "method": "GET"}, receive, headers_only)
+
+
+def _is_api(scope: Scope) -> bool:
+    path: str = scope["path"]
+    return path == "/v1" or path.startswith("/v1/")
 
 
 class OpenModeGuard:

@@ -31,6 +31,11 @@ def test_unknown_v1_paths_are_json_404_and_wrong_methods_json_405(tmp_path: Path
         assert (root.status_code, root.headers["content-type"]) == (404, "application/json")
         trace = client.request("TRACE", "/v1/studies")
         assert (trace.status_code, trace.json()["error"]) == (405, "MethodNotAllowed")
+        # HEAD answers as GET does, without the body (was 405 on every GET route).
+        get, head = client.get("/v1/health"), client.head("/v1/health")
+        assert (head.status_code, head.content) == (200, b""), head.text
+        assert head.headers["content-length"] == get.headers["content-length"]
+        assert client.head("/v1/no-such-thing").status_code == 404
         # The routes themselves and the dashboard are unchanged.
         assert client.get("/v1/health").status_code == 200
         assert client.get("/dashboard").status_code == 200
