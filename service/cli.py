@@ -20,7 +20,7 @@ from rich.markup import escape
 from rich.table import Column, Table
 from rich.text import Text
 
-from service.atomic_file import replace_atomically
+from service.atomic_file import write_file
 from service.config import Settings
 from service.durations import fmt_duration
 from service.errors import (
@@ -1149,11 +1149,14 @@ def best(
     # traceback after the download.
     output = _file_to_write(output, "--output")
     checkpoint = _file_to_write(checkpoint, "--checkpoint")
+    if output is not None and checkpoint is not None and output.resolve() == checkpoint.resolve():
+        _usage_error(f"--output and --checkpoint are both {output}: give two files")
     with Client(server, token=token) as client:
         try:
             study_id = client.resolve(study_id)
             text = client.best_yaml(study_id, confirmed=confirmed)
             if checkpoint is not None:
+                checkpoint.parent.mkdir(parents=True, exist_ok=True)
                 client.best_checkpoint(study_id, checkpoint)
                 err_console.print(f"wrote {checkpoint}")
             found = _best_confirmation(client, study_id)
@@ -1167,26 +1170,29 @@ def best(
         print(text, end="")
         return
     try:
-        replace_atomically(output, lambda f: f.write(text.encode("utf-8")))
+        output.parent.mkdir(parents=True, exist_ok=True)
+        write_file(output, text.encode("utf-8"))
     except OSError as err:
         raise _cannot_write(output, err) from None
     err_console.print(f"wrote {output}; train it with: lstm-hpo train {output}")
 
 
 def _file_to_write(path: Path | None, option: str) -> Path | None:
-    """``path`` (``~`` expanded), its directory made as ``report --output`` makes its own.
-    Exits 2 for a directory, or a directory that cannot be made or written in."""
+    """``path`` (``~`` expanded), checked before anything is asked of the server; its
+    missing directories are made only when it is written (as ``report --output`` makes
+    its own). Exits 2 for a directory, or a place no directory can be made or written in."""
     if path is None:
         return None
     path = Path(os.path.expanduser(path))  # no error for an unknown ~user, as Path's
     if path.is_dir():
         _usage_error(f"{option} {path}: is a directory; give a file name")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        _usage_error(f"{option} {path}: cannot make {path.parent} ({err.strerror or err})")
-    if not os.access(path.parent, os.W_OK | os.X_OK):
-        _usage_error(f"{option} {path}: cannot write in {path.parent} (permissions or read-only)")
+    existing = path.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent  # the nearest directory that exists
+    if not existing.is_dir():
+        _usage_error(f"{option} {path}: cannot make {path.parent} ({existing} is a file)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        _usage_error(f"{option} {path}: cannot write in {existing} (permissions or read-only)")
     return path
 
 

@@ -53,7 +53,7 @@ from urllib.parse import quote
 import httpx
 from pydantic import BaseModel
 
-from service.atomic_file import replace_atomically
+from service.atomic_file import write_file
 from service.errors import (
     AmbiguousStudyId,
     ApiError,
@@ -292,7 +292,7 @@ class _Api:
         response = yield from self.exchange(request)
         path = Path(dest)
         # Never a torn file at dest, nor a temporary file left when it cannot be written.
-        replace_atomically(path, lambda f: f.write(response.content))
+        write_file(path, response.content)
         return path
 
     def cancel(self, study_id: str) -> _Program[StudyPublic]:
@@ -368,10 +368,11 @@ _STUDY_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 def _study(study_id: str, *rest: str) -> str:
-    """The path of a study's route. Raises StudyNotFound for text that cannot be an id:
-    quoted, "ID/trials" would still reach the trials route (servers decode %2F)."""
+    """The path of a study's route. Raises the ApiError 404 the server gives a missing
+    study for text that cannot be an id: quoted, "ID/trials" would still reach the trials
+    route (servers decode %2F)."""
     if not _STUDY_ID.fullmatch(study_id):
-        raise StudyNotFound(f"{study_id[:80]!r} is not a study id")
+        raise ApiError(404, f"{study_id[:80]!r} is not a study id", error="StudyNotFound")
     return "/".join(("/v1/studies", quote(study_id, safe=""), *rest))
 
 

@@ -93,6 +93,11 @@ FLOAT32_MAX = float(np.finfo(np.float32).max)
 #: How much of a bad value an error message shows (an unclosed quote makes a cell run to
 #: the end of the file).
 _SHOWN_CHARS = 40
+#: The largest standardised value (in training standard deviations from the training mean)
+#: a trial can train on: a forecast's squared errors, summed over a batch, must stay
+#: finite in float32 (sqrt(3.4e38) = 1.8e19, with room for 10^8 terms). No real series
+#: holds a value 10^15 standard deviations out; a corrupt one does.
+STANDARDISED_MAX = 1e15
 #: Bytes read at a time when decoding.
 _CHUNK = 1 << 20
 _INTEGER = re.compile(r"[+-]?\d+")
@@ -408,11 +413,13 @@ def read_csv_column(path: Path, column: str, encoding: str = "utf-8") -> tuple[n
                 if math.isnan(value):
                     dropped += 1
                     continue
+                if math.isinf(value) and cell.lower().lstrip("+-") not in ("inf", "infinity"):
+                    value = math.copysign(FLOAT32_MAX * 2, value)  # digits past float64
                 if not math.isfinite(value):
                     raise DataError(f"{where}: column {column!r} is not finite ({cell!r})")
                 if abs(value) > FLOAT32_MAX:
                     raise DataError(
-                        f"{where}: column {column!r} is {cell!r}, beyond the float32 range "
+                        f"{where}: column {column!r} is {_clipped(cell)}, beyond the float32 range "
                         f"(+-{FLOAT32_MAX:.3g}) the model trains in"
                     )
                 values.append(value)
@@ -443,17 +450,17 @@ def standardise_series(
 
 
 def _first_beyond_float32(scaled: np.ndarray) -> int | None:
-    """The first row of ``scaled`` (of a 1-D array: element) holding a value beyond the
-    float32 range, or None."""
-    fits = (np.abs(scaled) <= FLOAT32_MAX).reshape(len(scaled), -1).all(axis=1)
+    """The first row of ``scaled`` (of a 1-D array: element) holding a value beyond
+    :data:`STANDARDISED_MAX`, or None."""
+    fits = (np.abs(scaled) <= STANDARDISED_MAX).reshape(len(scaled), -1).all(axis=1)
     rows = np.flatnonzero(~fits)
     return int(rows[0]) if rows.size else None
 
 
 def _beyond_float32(where: str) -> DataError:
     return DataError(
-        f"{where} is beyond the float32 range once standardised by the training split's mean "
-        "and sd: a corrupt value, or a spike far outside the spread of the training values?"
+        f"{where} lies more than {STANDARDISED_MAX:.0e} standard deviations of the training "
+        "split from its mean (beyond what float32 training can square): a corrupt value?"
     )
 
 
@@ -585,6 +592,8 @@ def _parse_line(line: str, lineno: int) -> _Row | str:
         return f"not valid JSON ({err.msg.removesuffix(' at')} at column {err.colno})"
     except ValueError:  # Python's cap on an integer's digits (CVE-2020-10735)
         return f"not valid JSON (a number of more than {sys.get_int_max_str_digits()} digits)"
+    except RecursionError:
+        return "not valid JSON (nested too deeply)"
     if not isinstance(obj, dict):
         return "expected a JSON object with `x` and `label`"
     if "x" not in obj or "label" not in obj:

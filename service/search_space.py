@@ -1499,7 +1499,7 @@ def resolve_data_path(path: str, data_roots: tuple[Path, ...] | None) -> Path:
     if p.is_absolute() or not data_roots:
         return p
     for root in data_roots:
-        if (root / p).exists():
+        if os.path.exists(root / p):  # False, not OSError, for a name too long
             return root / p
     return data_roots[0] / p
 

@@ -411,13 +411,13 @@ def job_for_optuna_study(
 ) -> queue.JobRecord | None:
     """Our job of the Optuna study with that id, when the principal may see it.
 
-    None for an Optuna study that no job owns (or that does not exist); ``StudyNotFound``
-    for another principal's study (it must look exactly like one that does not exist).
+    None for an Optuna study that no job owns; ``StudyNotFound`` for one that does not
+    exist, and for another principal's study (it must look exactly like one that does not).
     """
     try:
         attrs = backend.storage.get_study_user_attrs(optuna_study_id_)
     except KeyError:
-        return None
+        raise StudyNotFound() from None
     job_id = attrs.get(JOB_ID_ATTR)
     if not isinstance(job_id, str) or queue.find_job(backend.sessions, job_id) is None:
         return None

@@ -16,7 +16,7 @@ from sqlalchemy.engine import make_url
 from service import auth, studies
 from service.api.dashboard import DashboardGuard, DashboardStorage
 from service.api.errors import install_error_handlers
-from service.api.guards import BodyLimit, HeadAsGet, OpenModeGuard
+from service.api.guards import BodyLimit, MethodGuard, OpenModeGuard
 from service.api.routes import confirm as confirm_routes
 from service.api.routes import health, signin, unmatched
 from service.api.routes import metrics as metrics_routes
@@ -131,7 +131,7 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True) -> Fas
     _document_spec_schema(app)
     # Outermost first: bodies bounded for every route (the sign-in page and the dashboard's
     # JSON routes too), then open mode's host and origin checks.
-    app.add_middleware(HeadAsGet)
+    app.add_middleware(MethodGuard)
     app.add_middleware(OpenModeGuard, backend=backend)
     app.add_middleware(BodyLimit, limit=settings.max_request_bytes)
     # Outermost: every answer is timed, a refused one too.

@@ -33,7 +33,7 @@ import re
 import threading
 from collections.abc import Container
 from typing import Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import parse_qs, quote, urlsplit
 
 import optuna
 from optuna.storages._cached_storage import _CachedStorage
@@ -189,10 +189,18 @@ class DashboardGuard:
         if any(int(n) > _MAX_ID for n in _NUMBER.findall(path)):
             await _reason(404, "not found")(scope, receive, send)
             return
+        after = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("after", [])
+        if any(not a.isdigit() for a in after):  # the dashboard int()s it: a 500
+            await _reason(400, "after must be a whole number (a trial number)")(
+                scope, receive, send
+            )
+            return
         if method == "PUT" and _NOTE.fullmatch(path):
             body = await _read_body(receive)
-            if not _is_json_object(headers, body):
-                msg = 'the body must be a JSON object ({"version": N, "body": "..."})'
+            if not _is_note(headers, body):
+                # optuna-dashboard stores any JSON body; one that is not text made the
+                # study's page a 500 for everyone from then on.
+                msg = 'the body must be a JSON object {"version": N, "body": "text"}'
                 await _reason(400, msg)(scope, receive, send)
                 return
             receive = replay([{"type": "http.request", "body": body}], receive)
@@ -279,15 +287,24 @@ async def _read_body(receive: Receive) -> bytes:
             return bytes(body)
 
 
-def _is_json_object(headers: Headers, body: bytes) -> bool:
-    """As bottle's ``request.json`` reads it: a JSON media type and a JSON object."""
+def _is_note(headers: Headers, body: bytes) -> bool:
+    """A note as optuna-dashboard's front end sends it (bottle's ``request.json``: a JSON
+    media type): ``{"version": int, "body": str}``."""
     media_type = headers.get("content-type", "").partition(";")[0].strip().lower()
     if media_type not in ("application/json", "application/json-rpc"):
         return False
     try:
-        return isinstance(json.loads(body), dict)
-    except ValueError:
+        note = json.loads(body)
+    except (ValueError, RecursionError):
         return False
+    if not isinstance(note, dict):
+        return False
+    version = note.get("version")
+    return (
+        isinstance(version, int)
+        and not isinstance(version, bool)
+        and isinstance(note.get("body"), str)
+    )
 
 
 def _routed_path(path: str) -> str:

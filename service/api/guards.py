@@ -79,15 +79,27 @@ def replay(messages: list[Message], then: Receive | None = None) -> Receive:
     return receive
 
 
-class HeadAsGet:
-    """``HEAD`` on an API route answers as ``GET`` without the body (RFC 9110 9.3.2: the
-    same headers, Content-Length included); FastAPI routes only the methods they name."""
+class MethodGuard:
+    """``HEAD`` answers as ``GET`` without the body, on every route (RFC 9110 9.3.2: the
+    same headers, Content-Length included; FastAPI routes only the methods they name).
+    Under ``/v1``, a method no API route takes (``PROPFIND``, a lower-case ``get``) is the
+    API's JSON 405, not the dashboard's HTML page it would fall through to."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] != "HEAD" or not _is_api(scope):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        method: str = scope["method"]
+        if method not in _API_METHODS and _is_api(scope):
+            where = f"{method} {scope['path']}"
+            await _refuse(405, f"method not allowed: {where}", "MethodNotAllowed")(
+                scope, receive, send
+            )
+            return
+        if method != "HEAD":
             await self.app(scope, receive, send)
             return
 
@@ -99,6 +111,10 @@ class HeadAsGet:
             await send(message)
 
         await self.app({**scope, "method": "GET"}, receive, headers_only)
+
+
+#: The methods the API's routes (and its JSON 404 / 405 route) take.
+_API_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS", "TRACE"})
 
 
 def _is_api(scope: Scope) -> bool:

@@ -22,7 +22,7 @@ import optuna
 
 from service.artifacts import CHECKPOINT_KINDS, CheckpointStore
 from service.artifacts import original_trial_number as original_number
-from service.errors import InvalidSpec
+from service.errors import DataError, InvalidSpec
 from service.estimate import GB, estimate_config, too_large_reason
 from service.search_space import (
     CategoricalDistribution,
@@ -31,6 +31,7 @@ from service.search_space import (
     ResolvedConfig,
     StudySpec,
     SyntheticTask,
+    check_data_paths,
     grid_steps,
     parse_bound,
     sample_config,
@@ -99,6 +100,9 @@ def run_trial(
     ``TrialTimedOut`` when the guard stops it, and any training error as is (the worker
     records it as the trial's failure reason).
     """
+    # The submit check, again at the read: a data root's link may have changed since.
+    if outside := check_data_paths(spec.task, data_roots):
+        raise DataError(f"{outside[0]}")
     config = sample_config(trial, spec)
     trial.set_user_attr(CONFIG_ATTR, config.model_dump(mode="json", exclude_none=True))
     if worker_memory_gb is not None:

@@ -136,6 +136,14 @@ def test_dashboard_requests_it_would_answer_with_a_500_get_a_4xx(server: InProce
         note = server.http.put(f"/api/studies/{sid}/note", content=body, headers=headers)
         assert note.status_code == 400, (body, note.text)
         assert "JSON object" in note.json()["reason"]
+    # A body that is no text was stored, and the study's page was a 500 from then on.
+    for bad in ({"version": 1, "body": ["a"]}, {"version": 1, "body": 1}, {"version": "1"}):
+        note = server.http.put(f"/api/studies/{sid}/note", json=bad)
+        assert note.status_code == 400, (bad, note.text)
+    assert server.http.get(f"/api/studies/{sid}").status_code == 200
+    missing = server.http.put(f"/api/studies/{2**31 - 1}/note", json={"version": 1, "body": "x"})
+    assert missing.status_code == 404, missing.text  # open mode's admin too
+    assert server.http.get(f"/api/studies/{sid}?after=abc").status_code == 400
     saved = server.http.put(f"/api/studies/{sid}/note", json={"version": 1, "body": "kept"})
     assert saved.status_code == 204, saved.text  # the body read by the guard reaches the note
     detail = server.http.get(f"/api/studies/{sid}").json()

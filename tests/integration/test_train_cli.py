@@ -449,7 +449,12 @@ def test_best_refuses_a_file_it_could_not_write_before_asking_the_server(
     (tmp_path / "file").write_text("")
     under_file = run_cli("best", "0123abcd", option, "file/best.yaml", *server, cwd=tmp_path)
     assert under_file.returncode == 2 and "cannot make" in under_file.stderr, under_file.stderr
-    for proc in (into_dir, under_file):
+    same = run_cli("best", "0123abcd", "-o", "x", "--checkpoint", "x", *server, cwd=tmp_path)
+    assert same.returncode == 2 and "both" in same.stderr, same.stderr
+    nowhere = run_cli("best", "0123abcd", option, "new/sub/x", *server, cwd=tmp_path)
+    assert nowhere.returncode == 1, nowhere.stderr  # the server is unreachable
+    assert not (tmp_path / "new").exists()  # no directory made for a download that failed
+    for proc in (into_dir, under_file, same, nowhere):
         assert "Traceback" not in proc.stderr and proc.stdout == ""
 
 

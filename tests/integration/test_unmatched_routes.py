@@ -36,6 +36,11 @@ def test_unknown_v1_paths_are_json_404_and_wrong_methods_json_405(tmp_path: Path
         assert (head.status_code, head.content) == (200, b""), head.text
         assert head.headers["content-length"] == get.headers["content-length"]
         assert client.head("/v1/no-such-thing").status_code == 404
+        for odd in ("PROPFIND", "FOO"):  # fell through to the dashboard's HTML page
+            answer = client.request(odd, "/v1/studies")
+            assert (answer.status_code, answer.json()["error"]) == (405, "MethodNotAllowed")
+        metrics_head = client.head("/metrics")  # HEAD on a route outside /v1 too
+        assert metrics_head.status_code == client.get("/metrics").status_code != 404
         # The routes themselves and the dashboard are unchanged.
         assert client.get("/v1/health").status_code == 200
         assert client.get("/dashboard").status_code == 200

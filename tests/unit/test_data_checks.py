@@ -389,6 +389,8 @@ def test_values_beyond_float32_or_with_digit_separators_are_refused(tmp_path: Pa
     )
     _write(tmp_path, "s.csv", _series_csv(30) + "30,-3e38\n")  # a float32 is read
     assert read_csv_column(tmp_path / "s.csv", "y")[0][-1] == -3e38
+    _write(tmp_path, "s.csv", _series_csv(30) + "30," + "9" * 400 + "\n")  # past float64
+    assert f"is '{'9' * 40}'..., beyond the float32" in refused(tmp_path, _csv_task()).msg
     _write(tmp_path, "s.csv", _series_csv(30) + "30,1_000\n")
     assert refused(tmp_path, _csv_task()).msg == (
         "forecast: s.csv line 32: column 'y' is not numeric ('1_000')"
@@ -464,6 +466,7 @@ def test_jsonl_problems_name_their_lines(tmp_path: Path) -> None:
         ("1" + "0" * 400, "line 2: `x` time step 0 has a value beyond the float32 range"),
         ("1e39", "line 2: `x` time step 0 has a value beyond the float32 range"),
         ("1" * 5001, "line 2: not valid JSON (a number of more than 4300 digits)"),
+        ("[" * 100_000 + "]" * 100_000, "line 2: not valid JSON (nested too deeply)"),
     ],
 )
 def test_jsonl_numbers_too_large_are_refused_naming_the_line(
@@ -630,11 +633,16 @@ def test_values_beyond_float32_once_standardised_are_refused_at_submission_and_i
 
     values = [1e-10 * (i % 3) for i in range(39)] + [1e30]
     _write(tmp_path, "s.csv", "t,y\n" + "".join(f"{i},{v!r}\n" for i, v in enumerate(values)))
-    expected = "forecast: s.csv: point 40 of the series is beyond the float32 range once"
+    expected = "forecast: s.csv: point 40 of the series lies more than 1e+15 standard dev"
     assert refused(tmp_path, _csv_task()).msg.startswith(expected)
     task = ForecastTask(kind="forecast", path="s.csv", column="y", lookback=3, horizon=1)
-    with pytest.raises(DataError, match=r"point 40 of the series is beyond the float32"):
+    with pytest.raises(DataError, match=r"point 40 of the series lies more than 1e\+15"):
         build_task_data(task, LSTMConfig(), (tmp_path,))
+    # A float32 value whose squared error would not be one (a tester's 1e20 in validation).
+    values = [100 + 10 * math.sin(i / 3) for i in range(60)]
+    values[45] = 1e20
+    _write(tmp_path, "s.csv", "t,y\n" + "".join(f"{i},{v!r}\n" for i, v in enumerate(values)))
+    assert "point 46 of the series lies more than" in refused(tmp_path, _csv_task()).msg
 
     rows = [_seq(c, "train") for c in "ab" * 5] + [_seq(c, "test") for c in "ab"]
     for row in rows[:-1]:
@@ -642,9 +650,9 @@ def test_values_beyond_float32_once_standardised_are_refused_at_submission_and_i
     rows[-1]["x"] = [[1.0, 1e30], [1.0, 0.0]]
     _write(tmp_path, "c.jsonl", _jsonl(rows))
     assert refused(tmp_path, {"kind": "classify", "path": "c.jsonl"}).msg.startswith(
-        "classify: c.jsonl: sequence 12 is beyond the float32 range once standardised"
+        "classify: c.jsonl: sequence 12 lies more than 1e+15 standard deviations"
     )
-    with pytest.raises(DataError, match=r"sequence 12 is beyond the float32 range"):
+    with pytest.raises(DataError, match=r"sequence 12 lies more than 1e\+15"):
         build_task_data(ClassifyTask(kind="classify", path="c.jsonl"), LSTMConfig(), (tmp_path,))
 
 
