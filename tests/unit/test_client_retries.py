@@ -163,9 +163,14 @@ def test_a_retried_cancel_or_delete_that_was_done_answers_as_done() -> None:
         _drive(api.cancel("s1"), [_error(409, "StudyNotActive")])
 
 
-def test_study_ids_are_one_path_segment() -> None:
-    _, sent, _ = _drive(_api().get("../health?x"), [_answer(200, STUDY)])
-    assert sent[0].path == "/v1/studies/..%2Fhealth%3Fx"
+def test_text_that_cannot_be_a_study_id_is_a_404_before_any_request() -> None:
+    # Quoting was not enough: servers decode %2F, so "ID/trials" reached the trials route.
+    for not_an_id in ("../health?x", "abc/trials", ""):
+        with pytest.raises(ApiError, match="is not a study id") as caught:
+            _api().get(not_an_id)
+        assert (caught.value.status_code, caught.value.error) == (404, "StudyNotFound")
+    _, sent, _ = _drive(_api().get("s1_-Z9"), [_answer(200, STUDY)])
+    assert sent[0].path == "/v1/studies/s1_-Z9"
 
 
 class _Terminal(io.StringIO):
