@@ -1,6 +1,6 @@
 """ASGI middleware in front of everything the server answers (the API, the sign-in page and
-the mounted dashboard alike): request bodies are bounded, and a server in open mode answers
-only requests that name a loopback address and come from no other site.
+the mounted dashboard alike): request bodies are bounded, HEAD answers as GET, and a server
+in open mode answers only requests that name a loopback address and come from no other site.
 
 Why open mode needs more than binding 127.0.0.1: a web page the user visits can make the
 browser send requests to ``http://127.0.0.1:8000`` (a "simple" cross-site POST needs no
@@ -93,7 +93,7 @@ class MethodGuard:
             await self.app(scope, receive, send)
             return
         method: str = scope["method"]
-        if method not in _API_METHODS and _is_api(scope):
+        if method not in API_METHODS and _is_api(scope):
             where = f"{method} {scope['path']}"
             await _refuse(405, f"method not allowed: {where}", "MethodNotAllowed")(
                 scope, receive, send
@@ -114,7 +114,7 @@ class MethodGuard:
 
 
 #: The methods the API's routes (and its JSON 404 / 405 route) take.
-_API_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS", "TRACE"})
+API_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS", "TRACE"})
 
 
 def _is_api(scope: Scope) -> bool:

@@ -11,11 +11,12 @@ import re
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from service.api.guards import API_METHODS
 from service.schemas import ErrorPublic
 
 router = APIRouter()
 
-_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS", "TRACE"]
+_METHODS = sorted(API_METHODS)
 
 
 def _allowed_methods(request: Request) -> set[str]:
