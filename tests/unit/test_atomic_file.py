@@ -7,8 +7,6 @@ import os
 import stat
 from pathlib import Path
 
-import pytest
-
 from service.atomic_file import replace_atomically, write_file
 
 
@@ -46,8 +44,6 @@ def test_write_file_writes_through_a_link_and_replaces_a_regular_file(tmp_path: 
 
 
 def test_write_file_into_a_device_writes_to_it(tmp_path: Path) -> None:
-    if not Path("/dev/null").exists():
-        pytest.skip("no /dev/null")
     link = tmp_path / "out"
     link.symlink_to("/dev/null")
     write_file(Path("/dev/null"), b"x")
