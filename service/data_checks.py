@@ -444,12 +444,12 @@ def standardise_series(
     mean = float(train.mean())
     sd = float(train.std()) or 1.0
     scaled = (series - mean) / sd
-    if (i := _first_beyond_float32(scaled)) is not None:
-        raise _beyond_float32(f"{source}: point {i + 1} of the series")
+    if (i := _first_far_out(scaled)) is not None:
+        raise _far_out(f"{source}: point {i + 1} of the series")
     return scaled, mean, sd
 
 
-def _first_beyond_float32(scaled: np.ndarray) -> int | None:
+def _first_far_out(scaled: np.ndarray) -> int | None:
     """The first row of ``scaled`` (of a 1-D array: element) holding a value beyond
     :data:`STANDARDISED_MAX`, or None."""
     fits = (np.abs(scaled) <= STANDARDISED_MAX).reshape(len(scaled), -1).all(axis=1)
@@ -457,7 +457,7 @@ def _first_beyond_float32(scaled: np.ndarray) -> int | None:
     return int(rows[0]) if rows.size else None
 
 
-def _beyond_float32(where: str) -> DataError:
+def _far_out(where: str) -> DataError:
     return DataError(
         f"{where} lies more than {STANDARDISED_MAX:.0e} standard deviations of the training "
         "split from its mean (beyond what float32 training can square): a corrupt value?"
@@ -677,8 +677,8 @@ def feature_scaling(
     mean, sd = stacked.mean(axis=0), stacked.std(axis=0)
     sd[sd == 0.0] = 1.0  # a constant feature: centre it, do not blow it up
     for n, x in enumerate(data.xs):
-        if _first_beyond_float32((x - mean) / sd) is not None:
-            raise _beyond_float32(f"{source}: sequence {n + 1}")
+        if _first_far_out((x - mean) / sd) is not None:
+            raise _far_out(f"{source}: sequence {n + 1}")
     return mean, sd
 
 

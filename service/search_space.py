@@ -1485,11 +1485,8 @@ def check_data_paths(task: TaskSpec, data_roots: tuple[Path, ...] | None) -> lis
 
 def expand_home(path: str | Path) -> Path:
     """``path`` with a leading ``~`` or ``~user`` expanded; as written when that home is
-    unknown (``Path.expanduser`` raises RuntimeError there)."""
-    try:
-        return Path(path).expanduser()
-    except RuntimeError:  # "~nobody-here/x"
-        return Path(path)
+    unknown (os.path's expanduser; ``Path.expanduser`` raises RuntimeError there)."""
+    return Path(os.path.expanduser(path))
 
 
 def resolve_data_path(path: str, data_roots: tuple[Path, ...] | None) -> Path:
