@@ -370,6 +370,11 @@ class Notifier:
                 queued = self._queue(notify.url, body)
             seen.ended_for = n_trials  # as for a new best: recorded once claimed
             self._record(seen)
+        elif (seen.record or {}).get("ended_for") != n_trials:
+            # An old server's record ("ended" alone) rewritten with the n_trials it is
+            # for: were it kept, a look after an extension and its end could not tell
+            # that end from the one told (and it would never be sent).
+            self._record(seen)
         self._done.add((job_id, n_trials))
         self._seen.pop(job_id, None)  # read again should it be extended
         return queued

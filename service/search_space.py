@@ -256,7 +256,32 @@ class SyntheticTask(_Frozen):
         unknown = sorted(set(when or {}) - set(LSTMConfig.model_fields))
         if unknown:
             raise ValueError(f"unknown parameter(s) {', '.join(map(repr, unknown))}")
-        return when
+        # So is a value the parameter cannot take (``num_layers: "2"`` never equals 2):
+        # each is read as the parameter reads it, and kept in the form the config dumps.
+        if when is None:
+            return None
+        return {name: _condition_value(name, wanted) for name, wanted in when.items()}
+
+
+def _condition_value(name: str, wanted: Any) -> Any:
+    """``wanted`` (a value of LSTMConfig's ``name``, or a list of them: one of) as
+    ``model_dump(mode="json")`` writes it. Raises ValueError naming ``name``."""
+    adapter = _config_field_adapter(name)
+    try:
+        return adapter.dump_python(adapter.validate_python(wanted), mode="json")
+    except ValidationError as err:
+        if not isinstance(wanted, list):
+            why = err.errors(include_url=False)[0]["msg"]
+            raise ValueError(f"{name}: {wanted!r} is not a value it takes ({why})") from None
+    return [_condition_value(name, one) for one in wanted]
+
+
+@functools.cache
+def _config_field_adapter(name: str) -> TypeAdapter[Any]:
+    field = LSTMConfig.model_fields[name]
+    # The field's type with its constraints (ge, le, ...): what LSTMConfig checks it with.
+    typed: Any = Annotated[field.annotation, field]
+    return TypeAdapter(typed)
 
 
 TaskSpec: TypeAlias = Annotated[

@@ -27,6 +27,14 @@ def test_unknown_v1_paths_are_json_404_and_wrong_methods_json_405(tmp_path: Path
         nested = client.put("/v1/studies/some-id/best")  # a path parameter is one segment
         assert (nested.status_code, nested.headers["allow"]) == (405, "GET")
         assert client.get("/v1/studies/some-id/best/extra/parts").status_code == 404
+        # A path of its own is not a study id (was 404 "no study with that id").
+        for method in ("GET", "DELETE", "PUT"):
+            estimate = client.request(method, "/v1/studies/estimate")
+            assert estimate.status_code == 405, (method, estimate.text)
+            assert estimate.headers["allow"] == "POST"
+            assert estimate.json()["error"] == "MethodNotAllowed"
+        assert client.post("/v1/studies/estimate", json={}).status_code == 422  # the route
+        assert client.get("/v1/studies/0123abcd").status_code == 404  # and the study's
         root = client.get("/v1")  # was the dashboard's HTML 404 page
         assert (root.status_code, root.headers["content-type"]) == (404, "application/json")
         trace = client.request("TRACE", "/v1/studies")

@@ -22,6 +22,7 @@ from service.search_space import (
     LSTMConfig,
     ResolvedConfig,
     SpecLimits,
+    SyntheticTask,
     largest_config,
     load_config_file,
     load_spec_file,
@@ -176,6 +177,23 @@ def test_every_shipped_search_space_is_valid() -> None:
             {"task": {"kind": "synthetic", "fail_when": {"num_layer": 2}}},
             "task.fail_when: unknown parameter(s) 'num_layer'",
         ),
+        # A value the parameter never takes: a condition that never fires.
+        (
+            {"task": {"kind": "synthetic", "nan_when": {"num_layers": "two"}}},
+            "task.nan_when: num_layers: 'two' is not a value it takes",
+        ),
+        (
+            {"task": {"kind": "synthetic", "hang_when": {"cell": ["gru", "lsmt"]}}},
+            "cell: 'lsmt' is not a value it takes (Input should be 'lstm', 'gru' or 'rnn')",
+        ),
+        (
+            {"task": {"kind": "synthetic", "fail_when": {"dropout": 5}}},
+            "dropout: 5 is not a value it takes (Input should be less than or equal to 0.9)",
+        ),
+        (
+            {"task": {"kind": "synthetic", "fail_when": {"num_layers": None}}},
+            "num_layers: None is not a value it takes",
+        ),
     ],
 )
 def test_malformed_spec_names_field_and_rule(data: Any, expected: str) -> None:
@@ -183,6 +201,23 @@ def test_malformed_spec_names_field_and_rule(data: Any, expected: str) -> None:
         parse_spec(data)
     assert expected in str(info.value), str(info.value)
     assert all(e.msg for e in info.value.errors)
+
+
+def test_synthetic_conditions_are_read_as_the_parameter_reads_them() -> None:
+    """``num_layers: "2"`` is 2, as everywhere in a spec (was: kept as text, never equal to
+    the config's 2); a list is "one of"; a per-layer width list is a value."""
+    task = parse_spec(
+        {
+            "task": {
+                "kind": "synthetic",
+                "fail_when": {"num_layers": "2", "lr": [0.01, "1e-3"], "cell": ["gru"]},
+                "nan_when": {"hidden_sizes": [8, 16], "forget_bias": None},
+            }
+        }
+    ).task
+    assert isinstance(task, SyntheticTask)
+    assert task.fail_when == {"num_layers": 2, "lr": [0.01, 0.001], "cell": ["gru"]}
+    assert task.nan_when == {"hidden_sizes": [8, 16], "forget_bias": None}
 
 
 def test_all_errors_are_reported_at_once() -> None:

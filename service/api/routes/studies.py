@@ -16,6 +16,8 @@ from starlette.concurrency import run_in_threadpool
 from service import confirm, studies
 from service.api.deps import BackendDep, PrincipalDep
 from service.api.errors import ERROR_RESPONSES
+from service.api.guards import API_METHODS
+from service.api.routes import unmatched
 from service.api.routes.report import CSV_CONTENT, trials_csv_response
 from service.errors import FieldError, InvalidSpec, PayloadTooLarge, UnsupportedMediaType
 from service.estimate import estimate_document
@@ -268,6 +270,16 @@ async def estimate(
         limit_bytes=worst.limit_bytes,
         shape=cost.shape.source if cost.shape is not None else None,
     )
+
+
+# Before the ``/{study_id}`` routes, which would take ``estimate`` for a study id: ``GET``
+# or ``DELETE /v1/studies/estimate`` is a 405 naming POST, not "no study with that id".
+router.add_api_route(
+    "/estimate",
+    unmatched.unmatched,
+    methods=sorted(API_METHODS - {"POST"}),
+    include_in_schema=False,
+)
 
 
 @router.get("")

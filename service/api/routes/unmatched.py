@@ -7,6 +7,7 @@ its HTML 404 page; a client of ``/v1`` always reads ``ErrorPublic``.
 from __future__ import annotations
 
 import re
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
@@ -20,9 +21,14 @@ _METHODS = sorted(API_METHODS)
 
 
 def _allowed_methods(request: Request) -> set[str]:
-    """The methods the OpenAPI schema documents for the request's path (none: unknown)."""
+    """The methods the OpenAPI schema documents for the request's path (none: unknown).
+    A path without parameters names its own resource: ``/v1/studies/estimate`` takes
+    only what its route takes, not also what ``/v1/studies/{study_id}`` does."""
+    paths: dict[str, dict[str, Any]] = request.app.openapi().get("paths", {})
+    if request.url.path in paths:
+        return {method.upper() for method in paths[request.url.path]}
     allowed: set[str] = set()
-    for template, operations in request.app.openapi().get("paths", {}).items():
+    for template, operations in paths.items():
         # re.escape writes {study_id} as \{study_id\}: a path parameter is one segment.
         pattern = re.sub(r"\\\{[^/]+?\\\}", "[^/]+", re.escape(template))
         if re.fullmatch(pattern, request.url.path):
