@@ -5,10 +5,12 @@ consumption)."""
 from __future__ import annotations
 
 import gzip
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from service.config import Settings
@@ -110,6 +112,35 @@ def test_media_types_are_case_insensitive_and_compressed_bodies_are_415(
         headers={"Content-Type": "application/yaml", "Content-Encoding": "gzip"},
     )
     assert zipped.status_code == 415 and "Content-Encoding gzip" in zipped.text, zipped.text
+
+
+def test_a_body_is_read_in_the_charset_its_content_type_names(server: InProcessServer) -> None:
+    """``charset=latin-1`` was ignored: the body had to be UTF-8 whatever the header said."""
+    spec = "# Café crème\ntask: {kind: synthetic}\nspace: {max_epochs: 1}\nstudy: {n_trials: 1}\n"
+    before = server.http.get("/v1/studies").json()["total"]
+
+    def post(body: bytes, content_type: str) -> httpx.Response:
+        return server.http.post("/v1/studies", content=body, headers={"Content-Type": content_type})
+
+    for charset in ("latin-1", '"ISO-8859-1"', "cp1252", "utf-16"):
+        done = post(spec.encode(charset.strip('"')), f"application/yaml; charset={charset}")
+        assert done.status_code == 201, (charset, done.text)
+    as_json = json.dumps({"task": {"kind": "char_lm", "path": "é.txt"}}, ensure_ascii=False)
+    # Read as latin-1: the error names the file é.txt (read as UTF-8: "not UTF-8 text").
+    in_json = post(as_json.encode("latin-1"), "application/json; charset=latin-1")
+    assert in_json.status_code == 422, in_json.text
+    assert in_json.json()["errors"][0]["msg"] == "char_lm: é.txt: no such file"
+    unknown = post(spec.encode(), "application/yaml; charset=klingon")
+    assert unknown.status_code == 415 and "charset 'klingon'" in unknown.text, unknown.text
+    not_text = post(spec.encode(), "application/yaml; charset=base64")
+    assert not_text.status_code == 415, not_text.text
+    wrong = post(spec.encode("latin-1"), "application/yaml; charset=utf-8")  # é is 0xE9
+    assert wrong.status_code == 422 and "not UTF-8 text" in wrong.text, wrong.text
+    undecodable = post(b"name: \x81\n", "application/yaml; charset=cp1252")
+    assert undecodable.status_code == 422, undecodable.text
+    assert undecodable.json()["errors"][0]["loc"] == "body"
+    assert "not cp1252 text (byte 6)" in undecodable.text
+    assert server.http.get("/v1/studies").json()["total"] == before + 4
 
 
 def test_health_is_public_and_names_only_the_kind_of_database(server: InProcessServer) -> None:

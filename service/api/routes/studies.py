@@ -3,9 +3,11 @@ call, return."""
 
 from __future__ import annotations
 
+import codecs
 import json
 import math
 from collections.abc import Iterator
+from email.message import Message
 from functools import partial
 from typing import Annotated, Any, Literal
 
@@ -75,8 +77,12 @@ async def _bounded_body(request: Request, limit: int) -> bytes:
     """The body, read only up to ``limit`` bytes (a declared or streamed larger one is
     refused before it fills the server's memory).
 
-    Raises :class:`UnsupportedMediaType` (415, RFC 7694) for a compressed body: read as
-    it is, gzip would be "not UTF-8 text"."""
+    A body in the ``charset`` its Content-Type names (``application/yaml;
+    charset=latin-1``) is returned as UTF-8, the encoding the parsers read.
+
+    Raises :class:`UnsupportedMediaType` (415, RFC 7694) for a compressed body (read as it
+    is, gzip would be "not UTF-8 text") or a charset Python does not know;
+    :class:`InvalidSpec` for a body that is not text in its declared charset."""
     encoding = request.headers.get("content-encoding", "identity").strip().lower()
     if encoding not in ("", "identity"):
         raise UnsupportedMediaType(
@@ -91,7 +97,30 @@ async def _bounded_body(request: Request, limit: int) -> bytes:
         body.extend(chunk)
         if len(body) > limit:
             raise too_large
-    return bytes(body)
+    return _as_utf8(bytes(body), request.headers.get("content-type", ""))
+
+
+def _as_utf8(body: bytes, content_type: str) -> bytes:
+    header = Message()
+    header["content-type"] = content_type
+    charset = header.get_content_charset()  # lower case, quotes removed; None: not named
+    if charset is None:
+        return body
+    unknown = UnsupportedMediaType(f"charset {charset!r} is not a known text encoding")
+    try:
+        codec = codecs.lookup(charset).name
+    except LookupError:
+        raise unknown from None
+    if codec in ("utf-8", "ascii"):
+        return body  # read as UTF-8 below, naming a byte that is not
+    try:
+        return body.decode(codec).encode()
+    except LookupError:  # a codec of bytes to bytes (base64, zlib) or text to text (rot13)
+        raise unknown from None
+    except UnicodeError as err:  # idna and punycode raise it without a position
+        where = f" (byte {err.start})" if isinstance(err, UnicodeDecodeError) else ""
+        msg = f"not {charset} text{where}, as its Content-Type says"
+        raise InvalidSpec([FieldError("body", msg)]) from None
 
 
 _SIMPLE_FORM_TYPES = frozenset(
