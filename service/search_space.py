@@ -23,7 +23,7 @@ import os
 import re
 import sys
 import typing
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, Protocol, TypeAlias
@@ -260,20 +260,41 @@ class SyntheticTask(_Frozen):
         # each is read as the parameter reads it, and kept in the form the config dumps.
         if when is None:
             return None
+        if not when:
+            raise ValueError("names no parameter: it would never fire")
         return {name: _condition_value(name, wanted) for name, wanted in when.items()}
 
 
-def _condition_value(name: str, wanted: Any) -> Any:
-    """``wanted`` (a value of LSTMConfig's ``name``, or a list of them: one of) as
-    ``model_dump(mode="json")`` writes it. Raises ValueError naming ``name``."""
+def _condition_value(name: str, wanted: Any, *, one_of: bool = True) -> Any:
+    """``wanted`` (a value of LSTMConfig's ``name``, or with ``one_of`` a list of them)
+    as ``model_dump(mode="json")`` writes it. Raises ValueError naming ``name`` for a
+    value the parameter never takes, so that the condition would never fire."""
+    field = LSTMConfig.model_fields[name]
+    kinds = {field.annotation, *typing.get_args(field.annotation)}
+    if _has(wanted, lambda v: isinstance(v, bool)) and bool not in kinds:
+        raise ValueError(f"{name}: true/false is not a value it takes")  # lax reads true as 1
+    if _has(wanted, lambda v: v == []):
+        raise ValueError(f"{name}: an empty list is not a value it takes, nor one of none")
     adapter = _config_field_adapter(name)
     try:
         return adapter.dump_python(adapter.validate_python(wanted), mode="json")
     except ValidationError as err:
-        if not isinstance(wanted, list):
-            why = err.errors(include_url=False)[0]["msg"]
-            raise ValueError(f"{name}: {wanted!r} is not a value it takes ({why})") from None
-    return [_condition_value(name, one) for one in wanted]
+        # A list is "one of" (one level); for a list-valued parameter (per-layer widths) a
+        # list of numbers is its value, whose error is the one to name.
+        takes_lists = any(typing.get_origin(kind) is tuple for kind in kinds)
+        if not (one_of and isinstance(wanted, list)) or (
+            takes_lists and not any(isinstance(one, list) for one in wanted)
+        ):
+            why = err.errors(include_url=False)[0]
+            where = "".join(f"[{i}]" for i in why["loc"])
+            msg = f"{name}{where}: {wanted!r} is not a value it takes ({why['msg']})"
+            raise ValueError(msg) from None
+    return [_condition_value(name, one, one_of=False) for one in wanted]
+
+
+def _has(value: Any, test: Callable[[Any], bool]) -> bool:
+    """Whether ``value``, or any item of a list in it, passes ``test``."""
+    return test(value) or (isinstance(value, list) and any(_has(v, test) for v in value))
 
 
 @functools.cache

@@ -13,7 +13,8 @@ our own origin (``Origin`` check, besides ``SameSite=Strict``).
 What: a principal sees only its own studies. ``GET /api/studies`` is filtered, and every
 route that names a study (``/api/studies/{id}...``, ``/dashboard/studies/{id}...``,
 ``/csv/{id}``, ``/artifacts/{id}...``) answers 404 for another principal's study, exactly as
-for one that does not exist. Admins see all.
+for one that does not exist. Admins see all. A route that also names a trial (its note,
+its artifacts) answers 404 unless the trial is one of that study's.
 
 Nothing split: ``DELETE /api/studies/{id}`` (the trash icon) goes through
 :func:`service.studies.delete_study` (both records, as ``DELETE /v1/studies/{id}``);
@@ -93,6 +94,10 @@ _DELETE_STUDY = re.compile(r"/api/studies/(\d+)")
 _STUDY_ROUTES = re.compile(
     r"/(?:api/studies|dashboard/studies|csv|artifacts|api/artifacts)/(\d+)(?:/.*)?"
 )
+#: Routes that name a trial (group 1) of the study the route names: a trial's note and
+#: artifacts. The dashboard takes the trial id as it is: a note for a trial that does not
+#: exist was stored, and one of another study was written through this study's route.
+_TRIAL_ROUTES = re.compile(r"/(?:api/studies|api/artifacts|artifacts)/\d+/(\d+)(?:/.*)?")
 _STUDY_LIST = "/api/studies"
 _UNSAFE = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 SIGNIN_PATH = "/signin"
@@ -243,7 +248,18 @@ class DashboardGuard:
             return _reason(503 if err.retryable else 409, err.message)
         if job is None and not principal.admin:  # a study lstm-hpo does not own
             return _reason(404, f"study_id={study_id} is not found")
+        trial = _TRIAL_ROUTES.fullmatch(path)
+        if trial is not None and not self._is_trial_of(int(trial.group(1)), study_id):
+            return _reason(404, f"trial_id={trial.group(1)} is not found in study_id={study_id}")
         return None
+
+    def _is_trial_of(self, trial_id: int, study_id: int) -> bool:
+        storage = self.backend.storage
+        try:
+            number = storage.get_trial_number_from_id(trial_id)
+            return storage.get_trial_id_from_study_id_trial_number(study_id, number) == trial_id
+        except KeyError:  # no such trial
+            return False
 
     async def _filtered_study_list(
         self, scope: Scope, receive: Receive, send: Send, principal: auth.Principal

@@ -149,6 +149,9 @@ def test_extend_refusals(server: InProcessServer, db_url: str, tmp_path: Path) -
         headers=headers | {"Content-Type": "application/x-www-form-urlencoded"},
     )
     assert form.status_code == 415, form.text
+    unparsed = server.http.post(url, content="{", headers=headers)
+    assert unparsed.status_code == 422 and "not valid JSON" in unparsed.text, unparsed.text
+    assert "YAML" not in unparsed.text  # extend takes JSON only (was: "send YAML with ...")
     assert post({"n_trials": 47}).status_code == 200  # exactly the limit
 
     with pytest.raises(ApiError, match="404"):

@@ -148,6 +148,25 @@ def test_dashboard_requests_it_would_answer_with_a_500_get_a_4xx(server: InProce
     assert saved.status_code == 204, saved.text  # the body read by the guard reaches the note
     detail = server.http.get(f"/api/studies/{sid}").json()
     assert detail["note"]["body"] == "kept", detail["note"]
+    # A trial's note or artifact route names a trial of that study (was: a note for any
+    # trial id, or one of another study, was stored in this study's record).
+    other = _submit(server)
+    theirs = server.backend.storage.create_new_trial(_optuna_id(other))
+    mine = server.backend.storage.create_new_trial(sid)
+    trial_note = {"version": 1, "body": "x"}
+    for trial_id in (theirs, max(theirs, mine) + 1000):
+        for method, path in (
+            ("PUT", f"/api/studies/{sid}/{trial_id}/note"),
+            ("POST", f"/api/artifacts/{sid}/{trial_id}"),
+            ("GET", f"/artifacts/{sid}/{trial_id}/0123-abcd"),
+        ):
+            answer = server.http.request(method, path, json=trial_note)
+            assert answer.status_code == 404, (method, path, answer.text)
+            assert answer.json()["reason"] == f"trial_id={trial_id} is not found in study_id={sid}"
+    assert server.http.put(f"/api/studies/{sid}/{mine}/note", json=trial_note).status_code == 204
+    attrs = server.backend.storage.get_study_system_attrs(sid)
+    assert any(f":{mine}:" in key for key in attrs)
+    assert not any(f":{theirs}:" in key for key in attrs), attrs
     odd = server.http.get("/api/meta", headers={b"Authorization": b"Basic \xff\xff"})
     assert odd.status_code < 500, odd.text
 

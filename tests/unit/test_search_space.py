@@ -194,6 +194,36 @@ def test_every_shipped_search_space_is_valid() -> None:
             {"task": {"kind": "synthetic", "fail_when": {"num_layers": None}}},
             "num_layers: None is not a value it takes",
         ),
+        # A tester's: lax pydantic read true as 1; an empty list or {} matches nothing; a
+        # list in a list is no value of a number; a per-layer width list names its bad width.
+        (
+            {"task": {"kind": "synthetic", "fail_when": {"num_layers": True}}},
+            "num_layers: true/false is not a value it takes",
+        ),
+        (
+            {"task": {"kind": "synthetic", "fail_when": {"hidden_sizes": [True]}}},
+            "hidden_sizes: true/false is not a value it takes",
+        ),
+        (
+            {"task": {"kind": "synthetic", "nan_when": {"num_layers": []}}},
+            "num_layers: an empty list is not a value it takes",
+        ),
+        (
+            {"task": {"kind": "synthetic", "nan_when": {"hidden_sizes": [[]]}}},
+            "hidden_sizes: an empty list is not a value it takes",
+        ),
+        (
+            {"task": {"kind": "synthetic", "hang_when": {}}},
+            "task.hang_when: names no parameter: it would never fire",
+        ),
+        (
+            {"task": {"kind": "synthetic", "fail_when": {"num_layers": [[1, 2]]}}},
+            "num_layers: [1, 2] is not a value it takes (Input should be a valid integer)",
+        ),
+        (
+            {"task": {"kind": "synthetic", "fail_when": {"hidden_sizes": [64, 0]}}},
+            "hidden_sizes[1]: [64, 0] is not a value it takes (Input should be greater than",
+        ),
     ],
 )
 def test_malformed_spec_names_field_and_rule(data: Any, expected: str) -> None:
@@ -218,6 +248,11 @@ def test_synthetic_conditions_are_read_as_the_parameter_reads_them() -> None:
     assert isinstance(task, SyntheticTask)
     assert task.fail_when == {"num_layers": 2, "lr": [0.01, 0.001], "cell": ["gru"]}
     assert task.nan_when == {"hidden_sizes": [8, 16], "forget_bias": None}
+    one_of = parse_spec(
+        {"task": {"kind": "synthetic", "hang_when": {"hidden_sizes": [[64, 32], [128]]}}}
+    ).task
+    assert isinstance(one_of, SyntheticTask)
+    assert one_of.hang_when == {"hidden_sizes": [[64, 32], [128]]}
 
 
 def test_all_errors_are_reported_at_once() -> None:

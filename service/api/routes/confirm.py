@@ -79,7 +79,7 @@ async def confirm_winner(
                 f'send {{"top_k": K, "seeds": S}} as JSON (Content-Type: application/json), '
                 f"not {content_type}"
             )
-        document = _json_document(body)
+        document = _json_document(body, spec=False)
     top_k, seeds = confirm.confirm_request(document)
     # Reads the study's trials, may read the task's data, writes two databases.
     study = await run_in_threadpool(

@@ -3,11 +3,9 @@ call, return."""
 
 from __future__ import annotations
 
-import codecs
 import json
 import math
 from collections.abc import Iterator
-from email.message import Message
 from functools import partial
 from typing import Annotated, Any, Literal
 
@@ -16,6 +14,7 @@ from fastapi.responses import PlainTextResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from service import confirm, studies
+from service.api.charset import as_utf8
 from service.api.deps import BackendDep, PrincipalDep
 from service.api.errors import ERROR_RESPONSES
 from service.api.guards import API_METHODS
@@ -97,30 +96,8 @@ async def _bounded_body(request: Request, limit: int) -> bytes:
         body.extend(chunk)
         if len(body) > limit:
             raise too_large
-    return _as_utf8(bytes(body), request.headers.get("content-type", ""))
-
-
-def _as_utf8(body: bytes, content_type: str) -> bytes:
-    header = Message()
-    header["content-type"] = content_type
-    charset = header.get_content_charset()  # lower case, quotes removed; None: not named
-    if charset is None:
-        return body
-    unknown = UnsupportedMediaType(f"charset {charset!r} is not a known text encoding")
-    try:
-        codec = codecs.lookup(charset).name
-    except LookupError:
-        raise unknown from None
-    if codec in ("utf-8", "ascii"):
-        return body  # read as UTF-8 below, naming a byte that is not
-    try:
-        return body.decode(codec).encode()
-    except LookupError:  # a codec of bytes to bytes (base64, zlib) or text to text (rot13)
-        raise unknown from None
-    except UnicodeError as err:  # idna and punycode raise it without a position
-        where = f" (byte {err.start})" if isinstance(err, UnicodeDecodeError) else ""
-        msg = f"not {charset} text{where}, as its Content-Type says"
-        raise InvalidSpec([FieldError("body", msg)]) from None
+    content_type = request.headers.get("content-type", "")
+    return await run_in_threadpool(as_utf8, bytes(body), content_type)
 
 
 _SIMPLE_FORM_TYPES = frozenset(
@@ -129,8 +106,9 @@ _SIMPLE_FORM_TYPES = frozenset(
 _SEND_YAML = " (send YAML with Content-Type: application/yaml)"
 
 
-def _json_document(body: bytes) -> Any:
-    """Parse a JSON body strictly: no repeated key in an object, no NaN or Infinity."""
+def _json_document(body: bytes, *, spec: bool = True) -> Any:
+    """Parse a JSON body strictly: no repeated key in an object, no NaN or Infinity.
+    ``spec``: the body is a spec, which may also be sent as YAML (its error says so)."""
     try:
         document = json.loads(
             body,
@@ -141,7 +119,7 @@ def _json_document(body: bytes) -> Any:
         )
     except json.JSONDecodeError as err:
         msg = f"not valid JSON at line {err.lineno}, column {err.colno}: {err.msg}"
-        raise InvalidSpec([FieldError("body", msg + _SEND_YAML)]) from None
+        raise InvalidSpec([FieldError("body", msg + (_SEND_YAML if spec else ""))]) from None
     except UnicodeDecodeError as err:
         raise InvalidSpec([FieldError("body", f"not UTF-8 text (byte {err.start})")]) from None
     except RecursionError:
@@ -479,7 +457,7 @@ async def extend(
         raise UnsupportedMediaType(
             f'send {{"n_trials": N}} as JSON (Content-Type: application/json), not {content_type}'
         )
-    n_trials = studies.extend_request(_json_document(body))
+    n_trials = studies.extend_request(_json_document(body, spec=False))
     # Writes the database: off the event loop.
     return await run_in_threadpool(
         partial(studies.extend_study, principal=principal), backend, study_id, n_trials
