@@ -113,12 +113,28 @@ class WorkerOptions:
 Outcome = Literal["complete", "pruned", "failed"]
 #: What running one slot came to: its outcome, or ``preempted`` (the slot was requeued).
 SlotResult = Outcome | Literal["preempted"]
-#: What a database that is restarting or unreachable raises, through our code or Optuna's.
-_DB_DOWN = (
+
+
+def _driver_outage_errors() -> tuple[type[Exception], ...]:
+    """psycopg's own connection errors, for a call that reaches the driver without
+    SQLAlchemy wrapping what it raises (``Engine.raw_connection`` does not); () without the
+    ``postgres`` extra."""
+    try:
+        import psycopg
+    except ImportError:
+        return ()
+    return (psycopg.OperationalError, psycopg.InterfaceError)
+
+
+#: What a database that is restarting or unreachable raises, through our code, Optuna's or
+#: the driver's: retried (``Worker._db``), never taken for a study that cannot run.
+_DB_DOWN: tuple[type[Exception], ...] = (
     DatabaseUnavailable,
     StorageInternalError,
     sa_exc.OperationalError,
     sa_exc.InterfaceError,
+    sa_exc.TimeoutError,  # no pooled connection came free in time
+    *_driver_outage_errors(),
 )
 _T = TypeVar("_T")
 
@@ -532,17 +548,25 @@ class Worker:
                     raise LeaseLost("the trial's lease was reaped; it stops")
 
             checkpoints = TrialCheckpoints(self.checkpoints, lease.job_id, check_owned)
+        assert isinstance(self.storage, WorkerStorage)
+        storage = self.storage
         try:
-            value = run_trial(
-                trial,
-                spec,
-                data_roots=self.options.data_roots,
-                accelerator=self.options.accelerator,
-                worker_memory_gb=self.options.worker_memory_gb,
-                checkpoints=checkpoints,
-                guard=guard,
-                on_configured=lambda: self._publish_setup(trial),
-            )
+            # A database restart while the trial trains is waited out at its next report
+            # (or pruner read), bounded by db_retry_s: it does not fail the trial.
+            storage.outage_retry = self._db
+            try:
+                value = run_trial(
+                    trial,
+                    spec,
+                    data_roots=self.options.data_roots,
+                    accelerator=self.options.accelerator,
+                    worker_memory_gb=self.options.worker_memory_gb,
+                    checkpoints=checkpoints,
+                    guard=guard,
+                    on_configured=lambda: self._publish_setup(trial),
+                )
+            finally:
+                storage.outage_retry = None
             values = objective_values(spec, value, trial)
             if all(map(math.isfinite, values)):
                 outcome = "complete"
@@ -668,7 +692,14 @@ class Worker:
         slot back as failed, and go on with other jobs."""
         cause = err.message if isinstance(err, LstmHpoError) else _failure_reason(err)
         reason = f"{JobCannotRun.__doc__} {cause}"
-        log.error("study %s (job %s) failed: %s", lease.optuna_study_name, lease.job_id, reason)
+        log.error(
+            "study %s (job %s) failed: %s",
+            lease.optuna_study_name,
+            lease.job_id,
+            reason,
+            # Our own errors say why; anything else is unexpected: its traceback is the clue.
+            exc_info=None if isinstance(err, LstmHpoError) else err,
+        )
         self._jobs.pop(lease.job_id, None)
         self._db("fail the job", lambda: queue.fail_job(self.sessions, lease.job_id, reason))
         self._finish_slot(lease, "failed", reason)

@@ -24,7 +24,11 @@ process runs* are written and read back:
   ONE autocommitted statement (:func:`_postgres_guarded_write`); on SQLite one
   ``BEGIN IMMEDIATE`` transaction;
 - **read back from memory**: ``get_trial`` of such a trial answers the copy this process
-  keeps of it (every write to it went through here) instead of five queries.
+  keeps of it (every write to it went through here) instead of five queries;
+- **a database restart waited out while a trial trains** (:attr:`WorkerStorage.outage_retry`):
+  its set-up, reports, attributes and its pruner's reads are retried (each is a read or an
+  idempotent write: upserts, and parameters inserted ``ON CONFLICT DO NOTHING``), so a
+  few seconds without the database never fail hours of training.
 
 Anything else (enqueued and retry trials popped from WAITING, templates, other processes'
 trials, every read of the study) is Optuna's code, unchanged. Written on SQLAlchemy Core
@@ -37,10 +41,10 @@ from __future__ import annotations
 import copy
 import functools
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import optuna
 from optuna.distributions import (
@@ -220,7 +224,8 @@ def _postgres_guarded_write(shape: _Shape) -> TextClause:
     float_ = "CAST(:{p}_value AS DOUBLE PRECISION)"
     if shape.params:
         row = {"param_name": ":{p}_name", "param_value": float_, "distribution_json": ":{p}_dist"}
-        insert("w_params", _PARAMS, "p", shape.params, row)
+        # DO NOTHING: a write retried after a lost reply finds its parameters stored.
+        insert("w_params", _PARAMS, "p", shape.params, row, tail=" ON CONFLICT DO NOTHING")
     upsert_json = " ON CONFLICT (trial_id, key) DO UPDATE SET value_json = excluded.value_json"
     for name, table, n in (
         ("u", _USER_ATTRS, shape.user_attrs),
@@ -267,6 +272,36 @@ class _OwnTrial:
         return bool(self.params or self.user_attrs or self.system_attrs)
 
 
+_T = TypeVar("_T")
+#: Runs one storage call, retrying it while the database is away (``Worker._db``).
+OutageRetry = Callable[[str, Callable[[], Any]], Any]
+
+
+def _outage_retried(what: str) -> Callable[[Callable[..., _T]], Callable[..., _T]]:
+    """The method run through :attr:`WorkerStorage.outage_retry` when one is set (while a
+    trial trains), named ``what`` in its log lines. Only for reads and idempotent writes: a
+    retry after a lost reply must find the first attempt's rows harmless. The calls it
+    makes are not retried again on their own (the whole call is the unit), so a long
+    outage is waited for once."""
+
+    def decorate(method: Callable[..., _T]) -> Callable[..., _T]:
+        @functools.wraps(method)
+        def retried(self: WorkerStorage, *args: Any, **kwargs: Any) -> _T:
+            retry = self.outage_retry
+            if retry is None:
+                return method(self, *args, **kwargs)
+            self.outage_retry = None
+            try:
+                result: _T = retry(what, lambda: method(self, *args, **kwargs))
+                return result
+            finally:
+                self.outage_retry = retry
+
+        return retried
+
+    return decorate
+
+
 class WorkerStorage(optuna.storages.RDBStorage):
     """``RDBStorage`` with the trials this process creates written in few transactions and
     read back from memory (see the module docstring). Single-threaded use per process, as a
@@ -289,6 +324,10 @@ class WorkerStorage(optuna.storages.RDBStorage):
         self.lease_id: int | None = None
         #: The id of the last trial created attached to :attr:`lease_id`.
         self.attached_trial_id: int | None = None
+        #: Set by the worker while a trial trains: its reports, attributes and the
+        #: pruner's reads wait out a database restart instead of failing the trial (the
+        #: ask and the tell have their own checked retries). None: errors propagate.
+        self.outage_retry: OutageRetry | None = None
 
     # --- creation -------------------------------------------------------------------------
 
@@ -362,7 +401,15 @@ class WorkerStorage(optuna.storages.RDBStorage):
         import psycopg  # the `postgres` extra: only a PostgreSQL worker gets here
 
         statements = [self._psycopg_sql(clause) for clause in (lock, create)]
-        pooled = self.engine.raw_connection()
+        try:
+            pooled = self.engine.raw_connection()
+        except psycopg.Error as error:
+            # The pool hands back the driver's own error (``Engine.connect`` would wrap it):
+            # a refused connection must read as SQLAlchemy's OperationalError, which the
+            # worker retries, not as a study that cannot run.
+            raise sa_exc.DBAPIError.instance(
+                None, None, error, psycopg.Error, connection_invalidated=True
+            ) from error
         try:
             pg = pooled.driver_connection
             assert isinstance(pg, psycopg.Connection)
@@ -417,6 +464,26 @@ class WorkerStorage(optuna.storages.RDBStorage):
 
     # --- reads ----------------------------------------------------------------------------
 
+    # What a training trial reads through Optuna's code (its pruner's look at the study's
+    # other trials): waited out as its reports are, see ``outage_retry``.
+    _get_trials = _outage_retried("read the study's trials")(optuna.storages.RDBStorage._get_trials)
+    _get_best_trial_id = _outage_retried("read the best trial")(
+        optuna.storages.RDBStorage._get_best_trial_id
+    )
+    get_study_directions = _outage_retried("read the study")(
+        optuna.storages.RDBStorage.get_study_directions
+    )
+    get_study_user_attrs = _outage_retried("read the study")(
+        optuna.storages.RDBStorage.get_study_user_attrs
+    )
+    get_study_system_attrs = _outage_retried("read the study")(
+        optuna.storages.RDBStorage.get_study_system_attrs
+    )
+    get_trial_id_from_study_id_trial_number = _outage_retried("read the study's trials")(
+        optuna.storages.RDBStorage.get_trial_id_from_study_id_trial_number
+    )
+
+    @_outage_retried("read the trial")
     def get_trial(self, trial_id: int) -> FrozenTrial:
         own = self._own.get(trial_id)
         if own is not None:
@@ -425,6 +492,7 @@ class WorkerStorage(optuna.storages.RDBStorage):
 
     # --- writes held until the set-up is published ------------------------------------------
 
+    @_outage_retried("record a parameter")
     def _set_trial_param(
         self,
         trial_id: int,
@@ -469,9 +537,11 @@ class WorkerStorage(optuna.storages.RDBStorage):
             ).scalar()
         return None if found is None else json_to_distribution(found)
 
+    @_outage_retried("record an attribute")
     def set_trial_user_attr(self, trial_id: int, key: str, value: Any) -> None:
         self._set_attr(trial_id, key, value, system=False)
 
+    @_outage_retried("record an attribute")
     def set_trial_system_attr(self, trial_id: int, key: str, value: Any) -> None:
         self._set_attr(trial_id, key, value, system=True)
 
@@ -488,6 +558,7 @@ class WorkerStorage(optuna.storages.RDBStorage):
         if own is not None:
             (own.frozen.system_attrs if system else own.frozen.user_attrs)[key] = value
 
+    @_outage_retried("publish the set-up")
     def publish_setup(self, trial_id: int) -> None:
         """Store what was held for ``trial_id`` at once; later writes to it go straight to
         the database. A no-op for a trial this process does not hold.
@@ -503,6 +574,7 @@ class WorkerStorage(optuna.storages.RDBStorage):
 
     # --- writes that publish first ----------------------------------------------------------
 
+    @_outage_retried("report")
     def set_trial_intermediate_value(
         self, trial_id: int, step: int, intermediate_value: float
     ) -> None:
@@ -592,7 +664,7 @@ class WorkerStorage(optuna.storages.RDBStorage):
             if conn.execute(_STATE, {"trial_id": trial_id}).scalar() != TrialState.RUNNING:
                 return False
             if own.params:
-                conn.execute(_PARAMS.insert().values(own.params))
+                conn.execute(_PARAMS.insert().prefix_with("OR IGNORE").values(own.params))
             for table, attrs in ((_USER_ATTRS, own.user_attrs), (_SYSTEM_ATTRS, own.system_attrs)):
                 if attrs:
                     rows = [

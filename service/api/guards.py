@@ -11,6 +11,8 @@ body types a simple request can carry (``service.api.routes.studies``).
 
 from __future__ import annotations
 
+import re
+from typing import Any
 from urllib.parse import urlsplit
 
 from starlette.concurrency import run_in_threadpool
@@ -94,10 +96,7 @@ class MethodGuard:
             return
         method: str = scope["method"]
         if method not in API_METHODS and _is_api(scope):
-            where = f"{method} {scope['path']}"
-            await _refuse(405, f"method not allowed: {where}", "MethodNotAllowed")(
-                scope, receive, send
-            )
+            await _refuse_method(scope, method)(scope, receive, send)
             return
         if method != "HEAD":
             await self.app(scope, receive, send)
@@ -115,6 +114,41 @@ class MethodGuard:
 
 #: The methods the API's routes (and its JSON 404 / 405 route) take.
 API_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS", "TRACE"})
+
+
+def allowed_methods(app: Any, path: str) -> set[str]:
+    """The methods the OpenAPI schema of ``app`` (a FastAPI app) documents for ``path``;
+    empty for a path no route has. A path without parameters names its own resource:
+    ``/v1/studies/estimate`` takes only what its route takes, not also what
+    ``/v1/studies/{study_id}`` does."""
+    paths: dict[str, dict[str, Any]] = app.openapi().get("paths", {})
+    if path in paths:
+        return {method.upper() for method in paths[path]}
+    allowed: set[str] = set()
+    for template, operations in paths.items():
+        # re.escape writes {study_id} as \{study_id\}: a path parameter is one segment.
+        pattern = re.sub(r"\\\{[^/]+?\\\}", "[^/]+", re.escape(template))
+        if re.fullmatch(pattern, path):
+            allowed |= {method.upper() for method in operations}
+    return allowed
+
+
+def method_refusal(method: str, path: str, allowed: set[str]) -> JSONResponse:
+    """The API's 405 for ``method`` on a path that takes ``allowed`` (with ``Allow``, as
+    RFC 9110 15.5.6 requires), or its 404 when no route has the path."""
+    where = f"{method} {path}"
+    if allowed:
+        headers = {"Allow": ", ".join(sorted(allowed))}
+        body = {"detail": f"method not allowed: {where}", "error": "MethodNotAllowed"}
+        return JSONResponse(body, status_code=405, headers=headers)
+    body = {"detail": f"no such endpoint: {where} (see /docs)", "error": "NotFound"}
+    return JSONResponse(body, status_code=404)
+
+
+def _refuse_method(scope: Scope, method: str) -> JSONResponse:
+    path: str = scope["path"]
+    app = scope.get("app")  # set by Starlette before its middleware runs
+    return method_refusal(method, path, allowed_methods(app, path) if app is not None else set())
 
 
 def _is_api(scope: Scope) -> bool:

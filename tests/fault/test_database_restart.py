@@ -11,16 +11,28 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+import optuna
 import pytest
+from optuna.distributions import FloatDistribution
+from optuna.study import StudyDirection
+from optuna.trial import TrialState
 
+from service.reaper import ORPHAN_REASON
+from service.states import RETRY_OF_ATTR
+from service.studies import optuna_storage
+from service.worker import _DB_DOWN, Worker, WorkerOptions
+from service.worker_storage import WorkerStorage
 from tests.fault.conftest import (
     Cluster,
     Database,
     assert_study_finished_exactly,
+    failure_reason,
     free_port,
     live_group_members,
     synthetic_spec,
@@ -140,7 +152,18 @@ def test_workers_reconnect_after_a_postgres_restart_and_lose_nothing(
             what="the study to finish",
             context=cluster.logs,
         )
-        assert_study_finished_exactly(database, job_id)
+        trials = assert_study_finished_exactly(database, job_id)
+        # Lose nothing: the trials that were training, reporting or telling while the
+        # database was away waited for it. A FAIL can only be an orphan (an ask() whose
+        # reply was lost: it never trained) or a lost trial that was retried.
+        failed = [
+            (t.number, failure_reason(t))
+            for t in trials
+            if t.state == TrialState.FAIL
+            and failure_reason(t) != ORPHAN_REASON
+            and not any(u.user_attrs.get(RETRY_OF_ATTR) == t.number for u in trials)
+        ]
+        assert not failed, failed
         # No worker process crashed: the supervisor never had to restart one.
         assert workers.poll() is None
         log = (tmp_path / "workers.log").read_text(errors="replace")
@@ -150,6 +173,59 @@ def test_workers_reconnect_after_a_postgres_restart_and_lose_nothing(
         if db is not None:
             db.close()
         cluster.kill_all()
+
+
+def test_a_stopped_database_is_an_outage_to_every_storage_call_and_a_training_trial_waits(
+    private_postgres: ThrowawayPostgres,
+) -> None:
+    """A refused connection must read as an outage (retried) at every call a worker makes,
+    never as "the study cannot run" (the pipelined trial creation once let psycopg's own
+    error through, and a restart failed whole studies). While a trial trains, its set-up,
+    reports and its pruner's reads wait for the database instead of failing the trial."""
+    url = private_postgres.url
+    storage = optuna_storage(url, storage_class=WorkerStorage)
+    assert isinstance(storage, WorkerStorage)
+    worker = Worker(WorkerOptions(database_url=url, db_retry_s=60.0))
+    try:
+        study_id = storage.create_new_study([StudyDirection.MINIMIZE], "outage")
+        trial_id = storage.create_new_trial(study_id)
+        storage.set_trial_param(trial_id, "lr", 0.01, FloatDistribution(1e-4, 1e-1, log=True))
+        storage.set_trial_user_attr(trial_id, "config", {"lr": 0.01})  # held until published
+        private_postgres.stop("fast")
+        calls: dict[str, Callable[[], Any]] = {
+            "create a trial": lambda: storage.create_new_trial(study_id),
+            "publish the set-up": lambda: storage.publish_setup(trial_id),
+            "report": lambda: storage.set_trial_intermediate_value(trial_id, 0, 1.0),
+            "read the trials": lambda: storage.get_all_trials(study_id),
+            "read the study": lambda: storage.get_study_directions(study_id),
+            "tell": lambda: storage.set_trial_state_values(trial_id, TrialState.COMPLETE, [1.0]),
+        }
+        for what, call in calls.items():
+            with pytest.raises(_DB_DOWN):
+                call()
+                pytest.fail(f"{what}: no error with the database stopped")
+
+        # The worker sets outage_retry while the trial trains: the same calls now wait.
+        restart = threading.Timer(1.5, private_postgres.start)
+        restart.start()
+        storage.outage_retry = worker._db
+        try:
+            storage.publish_setup(trial_id)
+            storage.set_trial_intermediate_value(trial_id, 0, 0.5)
+            others = storage.get_all_trials(study_id, states=(TrialState.COMPLETE,))
+        finally:
+            storage.outage_retry = None
+            restart.join()
+        assert others == []
+        storage.set_trial_state_values(trial_id, TrialState.COMPLETE, [0.5])
+        # What another process reads: everything written once, the trial complete.
+        stored = optuna.storages.RDBStorage(url).get_trial(trial_id)
+        assert stored.state == TrialState.COMPLETE and stored.value == 0.5
+        assert stored.params == {"lr": 0.01} and stored.user_attrs == {"config": {"lr": 0.01}}
+        assert stored.intermediate_values == {0: 0.5}
+    finally:
+        storage.engine.dispose()
+        worker.engine.dispose()
 
 
 def test_twenty_workers_started_before_the_schema_wait_for_the_server(

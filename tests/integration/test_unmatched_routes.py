@@ -47,6 +47,12 @@ def test_unknown_v1_paths_are_json_404_and_wrong_methods_json_405(tmp_path: Path
         for odd in ("PROPFIND", "FOO"):  # fell through to the dashboard's HTML page
             answer = client.request(odd, "/v1/studies")
             assert (answer.status_code, answer.json()["error"]) == (405, "MethodNotAllowed")
+            # With Allow, as any 405 must (RFC 9110 15.5.6): it had none.
+            assert set(answer.headers["allow"].split(", ")) == {"GET", "POST"}
+            study = client.request(odd, "/v1/studies/some-id/best")
+            assert (study.status_code, study.headers["allow"]) == (405, "GET")
+            nowhere = client.request(odd, "/v1/no-such-thing")  # as for any other method
+            assert (nowhere.status_code, nowhere.json()["error"]) == (404, "NotFound")
         metrics_head = client.head("/metrics")  # HEAD on a route outside /v1 too
         assert metrics_head.status_code == client.get("/metrics").status_code != 404
         # The routes themselves and the dashboard are unchanged.
