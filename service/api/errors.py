@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from optuna.exceptions import StorageInternalError
+from sqlalchemy.exc import SQLAlchemyError
 
 from service import errors
+from service.db import translate_db_error
 from service.schemas import ErrorPublic
 
 #: Retry-After of a 429: a quota clears only when one of the principal's studies ends,
@@ -30,6 +34,14 @@ _STATUS: list[tuple[type[errors.LstmHpoError], int]] = [
 ]
 
 
+#: Where the database is, as libpq's connection errors name it (``server at "db" (10.0.0.5),
+#: port 5432``, ``server on socket "/run/postgresql/.s.PGSQL.5432"``, ``host name "db"``):
+#: for the server's log, not for any client (``/v1/health`` never names it either).
+_DATABASE_ADDRESS = re.compile(
+    r'(server at|server on socket|host name) "[^"]*"(?: \([^)]*\))?(?:, port \d+)?'
+)
+
+
 def status_for(error: errors.LstmHpoError) -> int:
     for cls, status in _STATUS:
         if isinstance(error, cls):
@@ -39,8 +51,17 @@ def status_for(error: errors.LstmHpoError) -> int:
 
 async def _handle(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, errors.LstmHpoError)
+    return error_response(exc)
+
+
+def error_response(exc: errors.LstmHpoError) -> JSONResponse:
+    """The API's answer to ``exc`` (``ErrorPublic``, its status, and Retry-After when it
+    is retryable): also for middleware, which runs outside FastAPI's exception handlers."""
     status = status_for(exc)
-    body: dict[str, object] = {"detail": exc.message, "error": type(exc).__name__}
+    detail = exc.message
+    if isinstance(exc, errors.DatabaseUnavailable):
+        detail = _DATABASE_ADDRESS.sub(r"\1 (address not shown)", detail)
+    body: dict[str, object] = {"detail": detail, "error": type(exc).__name__}
     if isinstance(exc, errors.InvalidSpec):
         body["errors"] = [{"loc": e.loc, "msg": e.msg} for e in exc.errors]
     headers = {"Retry-After": "1"} if exc.retryable else {}
@@ -77,6 +98,21 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
+async def _handle_database_error(request: Request, exc: Exception) -> JSONResponse:
+    """A SQLAlchemy error that reached a route untranslated (a query on Optuna's engine),
+    or Optuna's ``StorageInternalError``, which wraps every SQLAlchemy error its storage
+    meets: what it wraps says what it is. A connection the database dropped (a restart)
+    is the 503 our own tables' errors give (:func:`service.db.translate_db_error`);
+    anything else stays a 500."""
+    cause = exc.__cause__ if isinstance(exc, StorageInternalError) else exc
+    translated = translate_db_error(cause) if isinstance(cause, SQLAlchemyError) else None
+    if translated is None:
+        raise exc
+    return error_response(translated)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(errors.LstmHpoError, _handle)
+    app.add_exception_handler(StorageInternalError, _handle_database_error)
+    app.add_exception_handler(SQLAlchemyError, _handle_database_error)
     app.add_exception_handler(RequestValidationError, _handle_request_validation)

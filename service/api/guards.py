@@ -21,6 +21,8 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import auth, studies
+from service.api.errors import error_response
+from service.errors import LstmHpoError
 
 _WITH_BODY = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 _UNSAFE = _WITH_BODY
@@ -165,10 +167,16 @@ class OpenModeGuard:
         self.backend = backend
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
         # Read from the database only while off (auth remembers "on", which is final).
-        if scope["type"] != "http" or await run_in_threadpool(
-            auth.authentication_on, self.backend.sessions
-        ):
+        try:
+            on = await run_in_threadpool(auth.authentication_on, self.backend.sessions)
+        except LstmHpoError as err:  # the database away: the API's 503, not a bare 500
+            await error_response(err)(scope, receive, send)
+            return
+        if on:
             await self.app(scope, receive, send)
             return
         headers = Headers(scope=scope)

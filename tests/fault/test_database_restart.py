@@ -23,6 +23,7 @@ from optuna.distributions import FloatDistribution
 from optuna.study import StudyDirection
 from optuna.trial import TrialState
 
+from service.config import Settings
 from service.reaper import ORPHAN_REASON
 from service.states import RETRY_OF_ATTR
 from service.studies import optuna_storage
@@ -38,6 +39,7 @@ from tests.fault.conftest import (
     synthetic_spec,
     wait_until,
 )
+from tests.servers import serve_in_thread
 
 
 def _pg_bin() -> Path | None:
@@ -226,6 +228,48 @@ def test_a_stopped_database_is_an_outage_to_every_storage_call_and_a_training_tr
     finally:
         storage.engine.dispose()
         worker.engine.dispose()
+
+
+def test_the_api_answers_503_while_the_database_is_away_and_serves_once_it_is_back(
+    tmp_path: Path, private_postgres: ThrowawayPostgres
+) -> None:
+    """Every route a client uses is a JSON 503 with Retry-After while the database is
+    away, never a bare 500: open mode's guard read the database outside FastAPI's error
+    handlers, and Optuna's storage wrapped the dropped connection of a restart in its own
+    StorageInternalError. The answer never names where the database is."""
+    settings = Settings(data_dir=tmp_path / "data", database_url=private_postgres.url)
+    with serve_in_thread(settings) as server:
+        study = server.http.post("/v1/studies", json=synthetic_spec(2, sleep_s=0.1)).json()
+        reads = [
+            "/v1/studies",
+            *(f"/v1/studies/{study['id']}{tail}" for tail in ("", "/trials", "/best", "/report")),
+            f"/v1/studies/{study['id']}/progress",
+            "/v1/health",
+            "/api/studies",  # the dashboard's
+        ]
+        # Pooled connections that a restart will drop. /best: 409, no trial finished yet.
+        before = {path: server.http.get(path).status_code for path in reads}
+        assert set(before.values()) <= {200, 409}, before
+        private_postgres.stop("fast")
+        writes = [
+            ("POST", "/v1/studies", synthetic_spec(2, sleep_s=0.1)),
+            ("POST", f"/v1/studies/{study['id']}/cancel", None),
+        ]
+        answers = [(path, server.http.get(path)) for path in reads]
+        answers += [(path, server.http.request(m, path, json=body)) for m, path, body in writes]
+        for path, answer in answers:
+            assert answer.status_code == 503, (path, answer.status_code, answer.text)
+            assert answer.json()["error"] == "DatabaseUnavailable", path
+            assert answer.headers["retry-after"] == "1", path
+            assert str(private_postgres.port) not in answer.text, (path, answer.text)
+        private_postgres.start()
+        # A pooled connection the restart dropped fails once (503: the pool is then
+        # renewed); the client's retry of a 503 is all it takes.
+        for path in reads:
+            statuses = [server.http.get(path).status_code for _ in range(2)]
+            assert statuses[-1] == before[path], (path, statuses)
+            assert set(statuses) <= {before[path], 503}, (path, statuses)
+        assert server.http.get(f"/v1/studies/{study['id']}").json()["state"] == "queued"
 
 
 def test_twenty_workers_started_before_the_schema_wait_for_the_server(
