@@ -34,14 +34,13 @@ from service.db import session_scope
 from service.errors import (
     Conflict,
     InvalidSpec,
-    LstmHpoError,
     NotFound,
     OptunaStudyDeleted,
     QuotaExceeded,
 )
 from service.logs import log_context
 from service.models import SearchJob
-from service.periodic import look_every
+from service.periodic import look_every, skip_unless_outage
 from service.search_space import ConfirmSettings
 from service.states import NOTES_ATTR, JobState
 
@@ -116,13 +115,8 @@ class AutoConfirmer:
                 except QuotaExceeded:
                     log.info("study.confirm: %s waits: its owner's quota is reached", job_id)
                     continue
-                except LstmHpoError as err:
-                    if err.retryable:
-                        raise
-                    log.error("study.confirm: study %s skipped: %s", job_id, err.message)
-                    found = None
-                except Exception:
-                    log.exception("study.confirm: study %s skipped", job_id)
+                except Exception as err:  # an outage is raised: never marked done
+                    skip_unless_outage(err, f"study.confirm: study {job_id} skipped", log=log)
                     found = None
             self._done.add((job_id, n_trials))
             if found is not None:

@@ -14,6 +14,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, NoReturn
 
+from optuna.exceptions import StorageInternalError
 from sqlalchemy import Engine, create_engine, event, exc
 from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.orm import Session, sessionmaker
@@ -179,6 +180,18 @@ def translate_db_error(error: exc.SQLAlchemyError) -> errors.LstmHpoError | None
     if isinstance(error, exc.TimeoutError):  # no pooled connection became free in time
         return errors.DatabaseUnavailable(f"{errors.DatabaseUnavailable.__doc__} ({error})")
     return None
+
+
+def translate_any(error: BaseException) -> errors.LstmHpoError | None:
+    """Our counterpart of any error a database call raised, or None when it is not the
+    database's: ours as they are, SQLAlchemy's (:func:`translate_db_error`), and Optuna's
+    ``StorageInternalError``, which wraps the SQLAlchemy error its storage met (its
+    ``__cause__``: a pooled connection a restart dropped is an outage, as from our own
+    tables). For the loops and routes that must tell an outage from a bug."""
+    if isinstance(error, errors.LstmHpoError):
+        return error
+    cause = error.__cause__ if isinstance(error, StorageInternalError) else error
+    return translate_db_error(cause) if isinstance(cause, exc.SQLAlchemyError) else None
 
 
 def raise_translated(error: exc.SQLAlchemyError) -> NoReturn:

@@ -45,11 +45,11 @@ from sqlalchemy import or_, select
 from service import confirm, studies
 from service.auth import LOCAL
 from service.db import session_scope
-from service.errors import AlreadyExists, LstmHpoError, NotFound, OptunaStudyDeleted
+from service.errors import AlreadyExists, NotFound, OptunaStudyDeleted
 from service.logs import log_context
 from service.metrics import WEBHOOK_DELIVERIES
 from service.models import SearchJob, WebhookEvent
-from service.periodic import look_every
+from service.periodic import look_every, skip_unless_outage
 from service.search_space import NotifyEvent, NotifySettings
 from service.states import ACTIVE_JOB_STATES, JobState
 from service.webhooks import url_allowed
@@ -268,12 +268,8 @@ class Notifier:
             with log_context(study_id=job_id):
                 try:
                     queued += self._scan_job(job_id, JobState(state), study_name, spec, n_trials)
-                except LstmHpoError as err:
-                    if err.retryable:
-                        raise
-                    log.error("webhooks: study %s skipped: %s", job_id, err.message)
-                except Exception:
-                    log.exception("webhooks: study %s skipped", job_id)
+                except Exception as err:  # an outage is raised: the next look tries again
+                    skip_unless_outage(err, f"webhooks: study {job_id} skipped", log=log)
         self._done.intersection_update((row[0], row[4]) for row in rows)  # the rest: gone
         return queued
 

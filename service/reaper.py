@@ -68,7 +68,9 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from service import metrics, queue, studies
-from service.errors import LeaseLost, LstmHpoError, OptunaStudyDeleted
+from service.db import translate_any
+from service.errors import LeaseLost, OptunaStudyDeleted
+from service.periodic import skip_unless_outage
 from service.states import (
     FAILURE_ATTR,
     ORIGINAL_TRIAL_ATTR,
@@ -129,16 +131,10 @@ def prune_ended_checkpoints(backend: studies.Backend) -> int:
 def _per_job(job_id: str, work: Callable[[], _T], default: _T) -> _T:
     """Run one job's part of a round; log and skip it on anything but a database outage."""
     try:
-        result = work()
-    except LstmHpoError as err:
-        if err.retryable:
-            raise  # the database, not this job: the whole round waits for it
-        log.error("reaper: job %s skipped this round: %s", job_id, err.message)
+        return work()
+    except Exception as err:  # an outage is raised: the whole round waits for it
+        skip_unless_outage(err, f"reaper: job {job_id} skipped this round", log=log)
         return default
-    except Exception:
-        log.exception("reaper: job %s skipped this round", job_id)
-        return default
-    return result
 
 
 def _reap_job(
@@ -363,13 +359,14 @@ class Reaper(threading.Thread):
                 return
             reap_once(self.backend, grace_s=self.grace_s)
             metrics.REAPER_ROUNDS.labels("ok").inc()
-        except LstmHpoError as err:  # database away for a moment: try next round
+        except Exception as err:  # never let one bad round end the reaper
             metrics.REAPER_ROUNDS.labels("error").inc()
-            self._database_down = self._database_down or err.retryable
-            log.warning("reaper: %s", err)
-        except Exception:  # never let one bad round end the reaper
-            metrics.REAPER_ROUNDS.labels("error").inc()
-            log.exception("reaper round failed")
+            ours = translate_any(err)  # the database away for a moment: try next round
+            if ours is None:
+                log.exception("reaper round failed")
+                return
+            self._database_down = self._database_down or ours.retryable
+            log.warning("reaper: %s", ours)
 
     def stop(self) -> None:
         self._stop_event.set()

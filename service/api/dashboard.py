@@ -29,13 +29,15 @@ its finished trials, so that its reread every 10 s fetches only new and unfinish
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import re
 import threading
-from collections.abc import Container
-from typing import Any
+from collections.abc import Callable, Container
+from typing import Any, cast
 from urllib.parse import parse_qs, quote, urlsplit
 
+import bottle
 import optuna
 from optuna.storages._cached_storage import _CachedStorage
 from optuna.study import StudyDirection
@@ -47,7 +49,9 @@ from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import auth, studies
+from service.api.errors import public_message
 from service.api.guards import replay
+from service.db import translate_any
 from service.errors import LstmHpoError, NotFound, Unauthorized
 
 _NOT_HITL = (
@@ -103,6 +107,43 @@ _UNSAFE = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 SIGNIN_PATH = "/signin"
 
 
+class _Reconnecting:
+    """The server's Optuna storage as the dashboard reaches it. A database restart leaves
+    dropped connections in the pool, and the first use of each fails: a call that meets an
+    outage is made once more (on a fresh connection), and if the database is still away it
+    is bottle's ``HTTPError`` 503 with ``Retry-After: 1``, which the dashboard's JSON
+    routes answer as ``{"reason": ...}`` (any other error is its bare 500). Every call the
+    dashboard makes is a read or an idempotent write (a note, a preference: upserts)."""
+
+    def __init__(self, storage: optuna.storages.RDBStorage) -> None:
+        self._storage = storage
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._storage, name)
+        if not callable(attr):
+            return attr
+
+        @functools.wraps(attr)
+        def once_more_on_outage(*args: Any, **kwargs: Any) -> Any:
+            return _once_more_on_outage(attr, args, kwargs)
+
+        return once_more_on_outage
+
+
+def _once_more_on_outage(call: Callable[..., Any], args: Any, kwargs: Any) -> Any:
+    for attempt in (1, 2):
+        try:
+            return call(*args, **kwargs)
+        except Exception as err:
+            ours = translate_any(err)
+            if ours is None or not ours.retryable:
+                raise
+            if attempt == 2:
+                bottle.response.set_header("Retry-After", "1")
+                raise bottle.HTTPError(503, public_message(ours)) from err
+    raise AssertionError("not reached")
+
+
 class DashboardStorage(_CachedStorage):
     """Optuna's storage as the mounted optuna-dashboard reads it: every trial list through
     Optuna's own cache of finished trials (``_CachedStorage``, what each ``optuna.Study``
@@ -124,7 +165,7 @@ class DashboardStorage(_CachedStorage):
     """
 
     def __init__(self, backend: optuna.storages.RDBStorage) -> None:
-        super().__init__(backend)
+        super().__init__(cast(optuna.storages.RDBStorage, _Reconnecting(backend)))
         self._names: dict[int, str] = {}
         self._names_lock = threading.Lock()
 
@@ -245,7 +286,11 @@ class DashboardGuard:
         except NotFound:
             return _reason(404, f"study_id={study_id} is not found")
         except LstmHpoError as err:
-            return _reason(503 if err.retryable else 409, err.message)
+            if not err.retryable:
+                return _reason(409, err.message)
+            unavailable = _reason(503, public_message(err))
+            unavailable.headers["Retry-After"] = "1"
+            return unavailable
         if job is None and not principal.admin:  # a study lstm-hpo does not own
             return _reason(404, f"study_id={study_id} is not found")
         trial = _TRIAL_ROUTES.fullmatch(path)
@@ -278,8 +323,14 @@ class DashboardGuard:
         # HEAD too is answered from the filtered list (its Content-Length would tell the
         # size of every principal's); the server sends no body for HEAD.
         await self.app({**scope, "method": "GET"}, receive, collect)
-        if start.get("status") != 200:
-            await Response(bytes(body), status_code=int(start.get("status", 500)))(
+        if start.get("status") != 200:  # passed on as it is, with its type (and Retry-After)
+            kept = {b"content-type", b"retry-after"}
+            headers = {
+                k.decode("latin-1"): v.decode("latin-1")
+                for k, v in start.get("headers", [])
+                if k.lower() in kept
+            }
+            await Response(bytes(body), status_code=int(start.get("status", 500)), headers=headers)(
                 scope, receive, send
             )
             return

@@ -12,7 +12,7 @@ from optuna.exceptions import StorageInternalError
 from sqlalchemy.exc import SQLAlchemyError
 
 from service import errors
-from service.db import translate_db_error
+from service.db import translate_any
 from service.schemas import ErrorPublic
 
 #: Retry-After of a 429: a quota clears only when one of the principal's studies ends,
@@ -42,6 +42,14 @@ _DATABASE_ADDRESS = re.compile(
 )
 
 
+def public_message(error: errors.LstmHpoError) -> str:
+    """``error``'s message as a client may read it: a database error's without where the
+    database is."""
+    if isinstance(error, errors.DatabaseUnavailable):
+        return _DATABASE_ADDRESS.sub(r"\1 (address not shown)", error.message)
+    return error.message
+
+
 def status_for(error: errors.LstmHpoError) -> int:
     for cls, status in _STATUS:
         if isinstance(error, cls):
@@ -58,10 +66,7 @@ def error_response(exc: errors.LstmHpoError) -> JSONResponse:
     """The API's answer to ``exc`` (``ErrorPublic``, its status, and Retry-After when it
     is retryable): also for middleware, which runs outside FastAPI's exception handlers."""
     status = status_for(exc)
-    detail = exc.message
-    if isinstance(exc, errors.DatabaseUnavailable):
-        detail = _DATABASE_ADDRESS.sub(r"\1 (address not shown)", detail)
-    body: dict[str, object] = {"detail": detail, "error": type(exc).__name__}
+    body: dict[str, object] = {"detail": public_message(exc), "error": type(exc).__name__}
     if isinstance(exc, errors.InvalidSpec):
         body["errors"] = [{"loc": e.loc, "msg": e.msg} for e in exc.errors]
     headers = {"Retry-After": "1"} if exc.retryable else {}
@@ -100,12 +105,10 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 async def _handle_database_error(request: Request, exc: Exception) -> JSONResponse:
     """A SQLAlchemy error that reached a route untranslated (a query on Optuna's engine),
-    or Optuna's ``StorageInternalError``, which wraps every SQLAlchemy error its storage
-    meets: what it wraps says what it is. A connection the database dropped (a restart)
-    is the 503 our own tables' errors give (:func:`service.db.translate_db_error`);
-    anything else stays a 500."""
-    cause = exc.__cause__ if isinstance(exc, StorageInternalError) else exc
-    translated = translate_db_error(cause) if isinstance(cause, SQLAlchemyError) else None
+    or Optuna's ``StorageInternalError``: translated as our own tables' errors are
+    (:func:`service.db.translate_any`: a connection a restart dropped is a 503); anything
+    else stays a 500."""
+    translated = translate_any(exc)
     if translated is None:
         raise exc
     return error_response(translated)
