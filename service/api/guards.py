@@ -119,19 +119,22 @@ API_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIO
 
 
 def allowed_methods(app: Any, path: str) -> set[str]:
-    """The methods the OpenAPI schema of ``app`` (a FastAPI app) documents for ``path``;
-    empty for a path no route has. A path without parameters names its own resource:
-    ``/v1/studies/estimate`` takes only what its route takes, not also what
-    ``/v1/studies/{study_id}`` does."""
+    """The methods the OpenAPI schema of ``app`` (a FastAPI app) documents for ``path``,
+    and HEAD wherever GET is (RFC 9110 9.3.2); empty for a path no route has. A path
+    without parameters names its own resource: ``/v1/studies/estimate`` takes only what
+    its route takes, not also what ``/v1/studies/{study_id}`` does."""
     paths: dict[str, dict[str, Any]] = app.openapi().get("paths", {})
-    if path in paths:
-        return {method.upper() for method in paths[path]}
     allowed: set[str] = set()
-    for template, operations in paths.items():
-        # re.escape writes {study_id} as \{study_id\}: a path parameter is one segment.
-        pattern = re.sub(r"\\\{[^/]+?\\\}", "[^/]+", re.escape(template))
-        if re.fullmatch(pattern, path):
-            allowed |= {method.upper() for method in operations}
+    if path in paths:
+        allowed = {method.upper() for method in paths[path]}
+    else:
+        for template, operations in paths.items():
+            # re.escape writes {study_id} as \{study_id\}: a path parameter is one segment.
+            pattern = re.sub(r"\\\{[^/]+?\\\}", "[^/]+", re.escape(template))
+            if re.fullmatch(pattern, path):
+                allowed |= {method.upper() for method in operations}
+    if "GET" in allowed:
+        allowed.add("HEAD")  # every GET route answers HEAD (MethodGuard)
     return allowed
 
 

@@ -22,10 +22,10 @@ def test_unknown_v1_paths_are_json_404_and_wrong_methods_json_405(tmp_path: Path
         }
         wrong = client.put("/v1/studies")
         assert wrong.status_code == 405
-        assert set(wrong.headers["allow"].split(", ")) == {"GET", "POST"}
+        assert set(wrong.headers["allow"].split(", ")) == {"GET", "HEAD", "POST"}
         assert wrong.json()["error"] == "MethodNotAllowed"
         nested = client.put("/v1/studies/some-id/best")  # a path parameter is one segment
-        assert (nested.status_code, nested.headers["allow"]) == (405, "GET")
+        assert (nested.status_code, nested.headers["allow"]) == (405, "GET, HEAD")
         assert client.get("/v1/studies/some-id/best/extra/parts").status_code == 404
         # A path of its own is not a study id (was 404 "no study with that id").
         for method in ("GET", "DELETE", "PUT"):
@@ -48,9 +48,9 @@ def test_unknown_v1_paths_are_json_404_and_wrong_methods_json_405(tmp_path: Path
             answer = client.request(odd, "/v1/studies")
             assert (answer.status_code, answer.json()["error"]) == (405, "MethodNotAllowed")
             # With Allow, as any 405 must (RFC 9110 15.5.6): it had none.
-            assert set(answer.headers["allow"].split(", ")) == {"GET", "POST"}
+            assert set(answer.headers["allow"].split(", ")) == {"GET", "HEAD", "POST"}
             study = client.request(odd, "/v1/studies/some-id/best")
-            assert (study.status_code, study.headers["allow"]) == (405, "GET")
+            assert (study.status_code, study.headers["allow"]) == (405, "GET, HEAD")
             nowhere = client.request(odd, "/v1/no-such-thing")  # as for any other method
             assert (nowhere.status_code, nowhere.json()["error"]) == (404, "NotFound")
         metrics_head = client.head("/metrics")  # HEAD on a route outside /v1 too
