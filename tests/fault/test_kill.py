@@ -436,7 +436,10 @@ def _decoys(db: Database, study_name: str, spec: dict[str, Any]) -> frozenset[in
             user_attrs={"decoy": "complete -inf"},
         )
     )
-    numbers = {study.trials[-1].number}
+    # By its mark, not as the last trial: a worker may have created one since (a race
+    # that once counted a real FAIL as the decoy and the decoy as a real COMPLETE).
+    numbers = {t.number for t in study.get_trials() if t.user_attrs.get("decoy") == "complete -inf"}
+    assert len(numbers) == 1, numbers
     for state in (TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING):
         template = create_trial(
             state=TrialState.RUNNING,
