@@ -194,6 +194,31 @@ def translate_any(error: BaseException) -> errors.LstmHpoError | None:
     return translate_db_error(cause) if isinstance(cause, exc.SQLAlchemyError) else None
 
 
+def _driver_outage_errors() -> tuple[type[Exception], ...]:
+    """psycopg's own connection errors, for a call that reaches the driver without
+    SQLAlchemy wrapping what it raises (``Engine.raw_connection`` does not); () without the
+    ``postgres`` extra."""
+    try:
+        import psycopg
+    except ImportError:
+        return ()
+    return (psycopg.OperationalError, psycopg.InterfaceError)
+
+
+_DRIVER_OUTAGES = _driver_outage_errors()
+
+
+def is_outage(error: BaseException) -> bool:
+    """Whether ``error`` says the database is away for a moment (restarting, unreachable, a
+    lock or an exhausted pool): a call to wait and retry, never a bug or a study that cannot
+    run. Whoever raised it: ours, SQLAlchemy's, Optuna's wrapping (:func:`translate_any`) or
+    psycopg's own (``Engine.raw_connection``). The one test the worker's retries, the
+    background loops and the API's 503 share."""
+    return isinstance(error, _DRIVER_OUTAGES) or isinstance(
+        translate_any(error), errors.DatabaseUnavailable
+    )
+
+
 def raise_translated(error: exc.SQLAlchemyError) -> NoReturn:
     """Raise ``error``'s :mod:`service.errors` counterpart (:func:`translate_db_error`),
     chained to it, or ``error`` itself when it has none. Call it in an ``except`` block."""

@@ -30,16 +30,13 @@ from types import FrameType
 from typing import Any, Literal, TypeVar
 
 import optuna
-from optuna.exceptions import StorageInternalError
 from optuna.study._tell import _tell_with_warning
 from optuna.trial import TrialState
-from sqlalchemy import exc as sa_exc
 
 from service import queue
 from service.artifacts import CheckpointStore, open_artifact_store
-from service.db import is_sqlite, make_engine, make_session_factory
+from service.db import is_outage, is_sqlite, make_engine, make_session_factory
 from service.errors import (
-    DatabaseUnavailable,
     JobCannotRun,
     LeaseLost,
     LstmHpoError,
@@ -115,27 +112,6 @@ Outcome = Literal["complete", "pruned", "failed"]
 SlotResult = Outcome | Literal["preempted"]
 
 
-def _driver_outage_errors() -> tuple[type[Exception], ...]:
-    """psycopg's own connection errors, for a call that reaches the driver without
-    SQLAlchemy wrapping what it raises (``Engine.raw_connection`` does not); () without the
-    ``postgres`` extra."""
-    try:
-        import psycopg
-    except ImportError:
-        return ()
-    return (psycopg.OperationalError, psycopg.InterfaceError)
-
-
-#: What a database that is restarting or unreachable raises, through our code, Optuna's or
-#: the driver's: retried (``Worker._db``), never taken for a study that cannot run.
-_DB_DOWN: tuple[type[Exception], ...] = (
-    DatabaseUnavailable,
-    StorageInternalError,
-    sa_exc.OperationalError,
-    sa_exc.InterfaceError,
-    sa_exc.TimeoutError,  # no pooled connection came free in time
-    *_driver_outage_errors(),
-)
 _T = TypeVar("_T")
 
 #: How many jobs' parsed spec and loaded study a worker keeps between trials.
@@ -348,8 +324,8 @@ class Worker:
         while True:
             try:
                 return call()
-            except _DB_DOWN as err:
-                if time.monotonic() + delay > deadline:
+            except Exception as err:
+                if not is_outage(err) or time.monotonic() + delay > deadline:
                     raise
                 log.warning(
                     "%s: database unavailable (%s); retrying in %.1fs",
@@ -412,9 +388,9 @@ class Worker:
                     max_running_per_owner=self.options.max_running_per_owner,
                 ),
             )
-        except _DB_DOWN:
-            raise
-        except Exception:
+        except Exception as err:
+            if is_outage(err):
+                raise
             log.exception("claim failed; trying again in %.1fs", self.options.poll_interval_s)
             time.sleep(self.options.poll_interval_s)
             return None
@@ -433,21 +409,21 @@ class Worker:
         """
         try:
             spec, study, trial = self._start_trial(lease)
-        except _DB_DOWN:
-            raise
-        except RetryTrialGone as err:
-            self._finish_slot(lease, "failed", err.message)
-            return None
         except Exception as err:
-            self._fail_job(lease, err)
+            if is_outage(err):
+                raise
+            if isinstance(err, RetryTrialGone):
+                self._finish_slot(lease, "failed", err.message)
+            else:
+                self._fail_job(lease, err)
             return None
         if trial is None:
             return None
         try:
             return self._train_and_record(lease, beat, spec, study, trial)
-        except _DB_DOWN:
-            raise
         except Exception as err:  # recording failed (e.g. the study was deleted meanwhile)
+            if is_outage(err):
+                raise
             reason = (
                 "its study was deleted while the trial ran"
                 if isinstance(err, KeyError)  # Optuna: "Record does not exist."

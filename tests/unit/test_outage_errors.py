@@ -13,7 +13,7 @@ import pytest
 from optuna.exceptions import StorageInternalError
 from sqlalchemy import exc as sa_exc
 
-from service.db import translate_any
+from service.db import is_outage, translate_any
 from service.errors import AlreadyExists, DatabaseUnavailable, InvalidSpec, LstmHpoError
 from service.periodic import skip_unless_outage
 
@@ -69,3 +69,45 @@ def test_anything_else_skips_the_study_and_says_why(
     assert record.getMessage().startswith("study x skipped")
     # Our own errors say why in one line; anything else keeps its traceback.
     assert (record.exc_info is None) is (translated is not None)
+
+
+def _driver_refused() -> Exception:
+    import psycopg  # the dev extra installs it
+
+    refused: Exception = psycopg.OperationalError("connection failed: Connection refused")
+    return refused
+
+
+@pytest.mark.parametrize(
+    ("raised", "outage"),
+    [
+        (_operational(), True),
+        (_wrapped_by_optuna(_operational()), True),
+        (DatabaseUnavailable(), True),
+        (sa_exc.TimeoutError("QueuePool limit of size 5 overflow 10 reached"), True),
+        (_driver_refused(), True),  # Engine.raw_connection() lets psycopg's own through
+        (_wrapped_by_optuna(ValueError("invalid data")), False),
+        (_wrapped_by_optuna(_unique_violation()), False),
+        # sqlite3 says InterfaceError for a value it cannot bind: a bug, not an outage.
+        (sa_exc.InterfaceError("INSERT", {}, sqlite3.InterfaceError("bad binding")), False),
+        (InvalidSpec([]), False),
+        (KeyError("Record does not exist."), False),
+    ],
+    ids=[
+        "sqlalchemy",
+        "wrapped-by-optuna",
+        "ours",
+        "pool-exhausted",
+        "psycopg-raw",
+        "optuna-wrapping-a-bug",
+        "conflict",
+        "sqlite-binding",
+        "ours-not-retryable",
+        "optuna-record-gone",
+    ],
+)
+def test_the_worker_retries_an_outage_and_only_an_outage(raised: Exception, outage: bool) -> None:
+    """``is_outage`` is what the worker's bounded retry (``Worker._db``) waits on: a bug that
+    reached it as an outage was retried for minutes and then ended the worker process, for
+    every study it served; an outage taken for a bug failed the study."""
+    assert is_outage(raised) is outage
