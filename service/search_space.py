@@ -1827,8 +1827,12 @@ def document_errors(data: Any) -> list[FieldError]:
     while stack and len(errors) < 20:
         path, value = stack.pop()
         count += 1
-        if count > MAX_VALUES:
-            return [*errors, FieldError("", f"more than {MAX_VALUES:,} values: not a spec")]
+        if count > MAX_VALUES:  # named where the count ran out: the list that is too long
+            where = list(path)
+            while where and isinstance(where[-1], int):
+                where.pop()
+            msg = f"the document holds more than {MAX_VALUES:,} values: not a spec"
+            return [*errors, FieldError(_loc(where), msg)]
         if len(path) > MAX_DEPTH:
             errors.append(FieldError(_loc(path), f"nested more than {MAX_DEPTH} levels deep"))
             continue

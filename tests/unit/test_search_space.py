@@ -707,7 +707,11 @@ def test_yaml_nan_and_inf_are_refused() -> None:
         (
             "a: &a [1,2,3,4,5,6,7,8,9,0]\nb: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a,*a]\n"
             "c: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b,*b]\nd: [*c,*c,*c,*c,*c,*c,*c,*c,*c,*c]\n",
-            "more than 10,000 values",
+            "d: the document holds more than 10,000 values",
+        ),
+        (  # named at the list that is too long, not left without a field
+            {"task": {"kind": "adding"}, "space": {"init": {"choices": list(range(10_001))}}},
+            "space.init.choices: the document holds more than 10,000 values",
         ),
         (b"task: {kind: \xff}", "not UTF-8 text (byte 13)"),
         ("task: " + "9" * 5000, "not valid YAML or JSON: a number of more than 4300 digits"),
