@@ -21,7 +21,7 @@ import math
 import re
 import stat
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import islice, pairwise
@@ -348,10 +348,14 @@ def _column_not_found(path: Path, column: str, names: list[str]) -> DataError:
     return DataError(f"forecast: {path}: no column {column!r} (columns: {shown}){hint}")
 
 
-def read_csv_column(path: Path, column: str, encoding: str = "utf-8") -> tuple[np.ndarray, int]:
-    """The numbers in ``column`` (a header row is required) and how many missing rows were dropped.
+def read_csv_column(
+    path: Path, column: str, encoding: str = "utf-8"
+) -> tuple[np.ndarray, list[int]]:
+    """The numbers in ``column`` (a header row is required) and the lines of the rows
+    dropped for a missing value.
 
-    Returns (float64[n], dropped). Empty cells and NA/NaN/null are missing. Raises
+    Returns (float64[n], dropped line numbers, 1-based as an editor counts). Empty cells and
+    NA/NaN/null are missing: the series is read without them (a gap closes up). Raises
     :class:`DataError` naming the file and line (a quoted field over several lines: the
     lines it spans) for: a row with more fields than the header (an unquoted ',' such as a
     decimal comma), a row too short to have ``column``, a value that is not a number
@@ -361,7 +365,7 @@ def read_csv_column(path: Path, column: str, encoding: str = "utf-8") -> tuple[n
     columns of the header share.
     """
     values: list[float] = []
-    dropped = 0
+    dropped: list[int] = []
     with (
         _reading("forecast", path, "a CSV file", encoding),
         path.open(encoding=_text_codec(encoding), newline="") as f,
@@ -400,7 +404,7 @@ def read_csv_column(path: Path, column: str, encoding: str = "utf-8") -> tuple[n
                     )
                 cell = row[col].strip()
                 if cell.lower() in _MISSING:
-                    dropped += 1
+                    dropped.append(end)
                     continue
                 try:
                     if "_" in cell:
@@ -411,7 +415,7 @@ def read_csv_column(path: Path, column: str, encoding: str = "utf-8") -> tuple[n
                         f"{where}: column {column!r} is not numeric ({_clipped(cell)})"
                     ) from None
                 if math.isnan(value):
-                    dropped += 1
+                    dropped.append(end)
                     continue
                 if math.isinf(value) and cell.lower().lstrip("+-") not in ("inf", "infinity"):
                     value = math.copysign(FLOAT32_MAX * 2, value)  # digits past float64
@@ -744,8 +748,10 @@ def _installed(package: str) -> bool:
 # --------------------------------------------------------------------------------------
 
 
-def check_task_data(spec: StudySpec, data_roots: tuple[Path, ...] | None) -> None:
-    """Refuse a spec whose data a trial would fail on, before any trial runs.
+def check_task_data(spec: StudySpec, data_roots: tuple[Path, ...] | None) -> list[str]:
+    """Refuse a spec whose data a trial would fail on, before any trial runs; return what
+    the user should know of data that is accepted (the study's notes: rows of a CSV series
+    dropped for a missing value, with their lines).
 
     Checks, from the data and the space alone, what the training builders would fail on:
     the file (exists, is a file, decodes in ``task.encoding``, parses) and whether its
@@ -760,16 +766,18 @@ def check_task_data(spec: StudySpec, data_roots: tuple[Path, ...] | None) -> Non
     ``task.max_chars`` or ``task.lookback``) whose message names the line or byte.
     """
     task = spec.task
+    notes: list[str] = []
     if not isinstance(task, CharLMTask | ForecastTask | ClassifyTask):
-        return  # adding and synthetic tasks generate their data
+        return notes  # adding and synthetic tasks generate their data
     if task.path is not None:
-        error = _encoding_error(task.encoding) or _file_error(spec, task.path, data_roots)
+        error = _encoding_error(task.encoding) or _file_error(spec, task.path, data_roots, notes)
     elif isinstance(task, CharLMTask):
         error = _bundled_corpus_error(spec, task)
     else:
         error = _bundled_error(task)
     if error is not None:
         raise InvalidSpec([error])
+    return notes
 
 
 def _encoding_error(encoding: str) -> FieldError | None:
@@ -779,7 +787,7 @@ def _encoding_error(encoding: str) -> FieldError | None:
 
 
 def _file_error(
-    spec: StudySpec, user_path: str, data_roots: tuple[Path, ...] | None
+    spec: StudySpec, user_path: str, data_roots: tuple[Path, ...] | None, notes: list[str]
 ) -> FieldError | None:
     task = spec.task
     path = resolve_data_path(user_path, data_roots)
@@ -794,7 +802,9 @@ def _file_error(
                 return stream_error
         elif isinstance(task, ForecastTask):
             assert task.column is not None  # the spec guarantees it with a path
-            series, _ = read_csv_column(path, task.column, task.encoding)
+            series, dropped = read_csv_column(path, task.column, task.encoding)
+            if dropped:
+                notes.append(missing_values_note(user_path, task.column, dropped))
             size_error = test_size_error(task, len(series), f"column {task.column!r}")
             if size_error is not None:
                 return size_error
@@ -812,6 +822,20 @@ def _file_error(
             message += _similar_names(path)
         return FieldError("task.path", message)
     return None
+
+
+def missing_values_note(user_path: str, column: str, lines: Sequence[int]) -> str:
+    """What reading a series without its missing values did, for the study's notes: not
+    an error (a gap is common), not silent either (the steps around each gap become
+    neighbours, which a seasonal series may not want)."""
+    more = f" and {len(lines) - 5:,} more" if len(lines) > 5 else ""
+    shown = ("line " if len(lines) == 1 else "lines ") + ", ".join(map(str, lines[:5])) + more
+    rows = "1 row" if len(lines) == 1 else f"{len(lines):,} rows"
+    return (
+        f"task.path: {user_path}: {rows} with no value in column {column!r} dropped "
+        f"({shown}): the series is read without them, so each gap closes up; fill them in "
+        "the file (interpolate) if the time steps must stay evenly spaced"
+    )
 
 
 def _similar_names(path: Path) -> str:

@@ -55,8 +55,9 @@ class StudyPublic(_Public):
     objectives: list[str] | None = None
     error: str | None = None
     spec: dict[str, Any] | None = None
-    #: What the submit did that the spec alone does not say (e.g. warm start's dropped
-    #: parameters); in the answers about one study, not in lists.
+    #: What the submit did that the spec alone does not say (rows of a CSV series dropped
+    #: for a missing value, warm start's dropped parameters); in the answers about one
+    #: study, not in lists.
     notes: list[str] | None = None
 
 

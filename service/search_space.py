@@ -1828,11 +1828,11 @@ def document_errors(data: Any) -> list[FieldError]:
         path, value = stack.pop()
         count += 1
         if count > MAX_VALUES:  # named where the count ran out: the list that is too long
-            where = list(path)
-            while where and isinstance(where[-1], int):
-                where.pop()
-            msg = f"the document holds more than {MAX_VALUES:,} values: not a spec"
-            return [*errors, FieldError(_loc(where), msg)]
+            at = list(path)
+            while at and isinstance(at[-1], int):
+                at.pop()
+            too_many = f"the document holds more than {MAX_VALUES:,} values: not a spec"
+            return [*errors, FieldError(_loc(at), too_many)]
         if len(path) > MAX_DEPTH:
             errors.append(FieldError(_loc(path), f"nested more than {MAX_DEPTH} levels deep"))
             continue

@@ -195,7 +195,7 @@ def submit_study(
     a client retrying after a lost response (or a server killed mid-request) gets the same
     study, never a second one.
     """
-    check_task_data(spec, backend.limits.data_roots)
+    data_notes = check_task_data(spec, backend.limits.data_roots)
     spec_json = spec.model_dump(mode="json")
     if idempotency_key is not None:
         job_id = uuid.uuid5(_IDEMPOTENCY_NAMESPACE, f"{principal.name}\0{idempotency_key}").hex
@@ -221,7 +221,7 @@ def submit_study(
     study.set_user_attr(JOB_ID_ATTR, job_id)
     study.set_user_attr("metric", spec.metric.name)
     study.set_user_attr("spec", spec_json)
-    _seed_study(study, spec, warm)
+    _seed_study(study, spec, warm, [*data_notes, *warm.notes])
     try:
         job, created = queue.create_job(
             backend.sessions,
@@ -659,11 +659,11 @@ def _contains(dist: optuna.distributions.BaseDistribution, value: Any) -> bool:
         return False
 
 
-def _seed_study(study: optuna.Study, spec: StudySpec, warm: _WarmStart) -> None:
+def _seed_study(study: optuna.Study, spec: StudySpec, warm: _WarmStart, notes: list[str]) -> None:
     """Enqueue ``study.enqueue`` (WAITING, marked ``ENQUEUED_ATTR``, in order) and add the
     warm-start copies (COMPLETE, marked ``WARM_START_FROM_ATTR``) to a new Optuna study,
-    and keep the notes on it. What a retried submit (same idempotency key) already added
-    is not added twice."""
+    and keep ``notes`` (the data check's and the warm start's) on it. What a retried
+    submit (same idempotency key) already added is not added twice."""
     present = study.get_trials(deepcopy=False)
     enqueued = {t.user_attrs.get(ENQUEUE_INDEX_ATTR) for t in present}
     copied = {
@@ -683,9 +683,9 @@ def _seed_study(study: optuna.Study, spec: StudySpec, warm: _WarmStart) -> None:
             not in copied
         ]
     )
-    if warm.notes:
-        study.set_user_attr(NOTES_ATTR, warm.notes)
-        log.info("study %s: %s", study.study_name, "; ".join(warm.notes))
+    if notes:
+        study.set_user_attr(NOTES_ATTR, notes)
+        log.info("study %s: %s", study.study_name, "; ".join(notes))
 
 
 # --------------------------------------------------------------------------------------

@@ -62,3 +62,22 @@ def test_cp1252_text_is_accepted_with_its_encoding(server: Server) -> None:
     response = server.http.post("/v1/studies", json=spec)
     assert response.status_code == 201, response.text
     assert server.total() == before + 1
+
+
+def test_missing_values_are_dropped_and_the_study_says_which_lines(server: Server) -> None:
+    """Empty or NA cells in a forecast series are read as gaps and dropped (not an error),
+    but not silently: the 201's notes, kept on the study, name the lines."""
+    rows = "".join(f"{i},{'NA' if i in (7, 30) else 100 + i}\n" for i in range(60))
+    (server.datasets / "gaps.csv").write_text("month,load\n" + rows, encoding="utf-8")
+    spec = {
+        "task": {"kind": "forecast", "path": "gaps.csv", "column": "load", "lookback": 4},
+        "study": {"n_trials": 1},
+    }
+    response = server.http.post("/v1/studies", json=spec)
+    assert response.status_code == 201, response.text
+    expected = "task.path: gaps.csv: 2 rows with no value in column 'load' dropped (lines 9, 32)"
+    [note] = response.json()["notes"]
+    assert note.startswith(expected), note
+    assert str(server.datasets) not in note  # the path as the user wrote it
+    stored = server.http.get(f"/v1/studies/{response.json()['id']}").json()
+    assert stored["notes"] == [note]

@@ -358,11 +358,25 @@ def test_a_row_too_short_to_have_the_column_names_its_line(tmp_path: Path) -> No
         "forecast: s.csv line 22 has 1 fields but the header has 2: no value for column 'y' "
         "(write an empty cell for a missing value)",
     )
-    # An empty cell is a missing value: dropped and counted, not an error.
+    # An empty cell is a missing value: dropped, not an error, and not silent either: the
+    # study's notes say which lines (the series closes up around them).
     _write(tmp_path, "s.csv", _series_csv(30) + "30,\n31,NA\n")
-    accepted(tmp_path, _csv_task())
+    assert check_task_data(_spec(tmp_path, _csv_task()), (tmp_path,)) == [
+        "task.path: s.csv: 2 rows with no value in column 'y' dropped (lines 32, 33): the "
+        "series is read without them, so each gap closes up; fill them in the file "
+        "(interpolate) if the time steps must stay evenly spaced"
+    ]
     values, dropped = read_csv_column(tmp_path / "s.csv", "y")
-    assert (len(values), dropped) == (30, 2)
+    assert (len(values), dropped) == (30, [32, 33])
+    # Many: the first five lines and a count.
+    gappy = "t,y\n" + "".join(f"{i},{'' if i % 7 == 3 else i}\n" for i in range(70))
+    _write(tmp_path, "s.csv", gappy)
+    [note] = check_task_data(_spec(tmp_path, _csv_task()), (tmp_path,))
+    assert (
+        "10 rows with no value in column 'y' dropped (lines 5, 12, 19, 26, 33 and 5 more)" in note
+    )
+    _write(tmp_path, "s.csv", _series_csv(40))
+    assert check_task_data(_spec(tmp_path, _csv_task()), (tmp_path,)) == []
     # A short row that still has the column is fine (the column comes first).
     _write(tmp_path, "y.csv", "y,note\n" + "".join(f"{i}\n" for i in range(30)))
     assert read_csv_column(tmp_path / "y.csv", "y")[0].tolist() == list(range(30))

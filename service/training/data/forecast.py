@@ -111,7 +111,7 @@ def build_forecast(
     task: ForecastTask, params: LSTMConfig, data_roots: tuple[Path, ...] | None = None
 ) -> TaskData:
     """Load a series, split it in time, standardise on train, window it; baselines: naive ones."""
-    dropped = 0
+    dropped: list[int] = []
     source: str
     season: int | None
     if task.dataset is not None:
@@ -164,7 +164,7 @@ def build_forecast(
         test_baselines["seasonal_naive"] = seasonal_naive_rmse(
             series, starts["test"], horizon, season
         )
-    missing = f", {dropped:,} rows with missing values dropped" if dropped else ""
+    missing = f", {len(dropped):,} rows with missing values dropped" if dropped else ""
     counts = " / ".join(f"{len(s):,}" for s in starts.values())
     return TaskData(
         problem=Problem(
