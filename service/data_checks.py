@@ -667,6 +667,36 @@ class ClassifySplits:
     val: np.ndarray
     test: np.ndarray
 
+    def untrained(self) -> dict[Label, tuple[int, int]]:
+        """The classes no training sequence has (a label typo such as ``Cat`` beside
+        ``cat``, or a class only the file's test split holds), each with its number of
+        validation and test sequences: no trial can predict them."""
+        trained = set(self.y[self.train].tolist())
+        return {
+            label: (int((self.y[self.val] == i).sum()), int((self.y[self.test] == i).sum()))
+            for i, label in enumerate(self.classes)
+            if i not in trained
+        }
+
+
+def untrained_classes_note(user_path: str, splits: ClassifySplits) -> str | None:
+    """The study's note on :meth:`ClassifySplits.untrained` classes, or None when every
+    class is trained. Not an error (an open-set test is legitimate), not silent either:
+    every sequence of such a class is an error on the validation and test metrics."""
+    untrained = splits.untrained()
+    if not untrained:
+        return None
+    named = "; ".join(
+        f"{label!r} ({n_val} validation, {n_test} test)"
+        for label, (n_val, n_test) in list(untrained.items())[:5]
+    )
+    more = f" and {len(untrained) - 5:,} more" if len(untrained) > 5 else ""
+    return (
+        f"task.path: {user_path}: {len(untrained):,} of {len(splits.classes):,} classes have "
+        f"no training sequence, so no trial can predict them: {named}{more}; is a label "
+        "misspelt, or does the file's test split hold a class its train split lacks?"
+    )
+
 
 def feature_scaling(
     data: LabelledSequences, train: np.ndarray, source: str
@@ -751,7 +781,7 @@ def _installed(package: str) -> bool:
 def check_task_data(spec: StudySpec, data_roots: tuple[Path, ...] | None) -> list[str]:
     """Refuse a spec whose data a trial would fail on, before any trial runs; return what
     the user should know of data that is accepted (the study's notes: rows of a CSV series
-    dropped for a missing value, with their lines).
+    dropped for a missing value, with their lines; classes with no training sequence).
 
     Checks, from the data and the space alone, what the training builders would fail on:
     the file (exists, is a file, decodes in ``task.encoding``, parses) and whether its
@@ -815,6 +845,8 @@ def _file_error(
             data = read_jsonl(path, task.encoding)
             splits = split_classify(data, task.val_fraction, task.test_fraction, path.name)
             feature_scaling(data, splits.train, f"classify: {path}")
+            if (note := untrained_classes_note(user_path, splits)) is not None:
+                notes.append(note)
     except DataError as err:
         # Say the path as the user wrote it: the server's own directories stay private.
         message = err.message.replace(str(path), user_path)

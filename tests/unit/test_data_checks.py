@@ -515,6 +515,21 @@ def test_one_class_in_train_is_refused_even_when_test_has_two(tmp_path: Path) ->
     assert "only one class (7)" in refused(tmp_path, {"kind": "classify", "path": "n.jsonl"}).msg
 
 
+def test_a_class_no_training_sequence_has_is_a_note(tmp_path: Path) -> None:
+    """A class only the file's test split holds (or a misspelt label) cannot be learnt: the
+    study is accepted (an open-set test is legitimate) but its notes say so."""
+    rows = [_seq(c, "train") for c in "ab" * 10] + [_seq("a", "test"), _seq("b", "test")]
+    task = {"kind": "classify", "path": "d.jsonl"}
+    _write(tmp_path, "d.jsonl", _jsonl(rows))
+    assert check_task_data(_spec(tmp_path, task), (tmp_path,)) == []
+    _write(tmp_path, "d.jsonl", _jsonl([*rows, _seq("B", "test"), _seq("B", "test")]))
+    assert check_task_data(_spec(tmp_path, task), (tmp_path,)) == [
+        "task.path: d.jsonl: 1 of 3 classes have no training sequence, so no trial can "
+        "predict them: 'B' (0 validation, 2 test); is a label misspelt, or does the file's "
+        "test split hold a class its train split lacks?"
+    ]
+
+
 def test_empty_val_or_test_split_is_refused(tmp_path: Path) -> None:
     # Two sequences per class in train: 20 % of 2 rounds to 0 held out for validation.
     rows = [_seq(c, "train") for c in "aabb"] + [_seq("a", "test")]
