@@ -7,14 +7,13 @@ from contextlib import asynccontextmanager
 from importlib.metadata import version
 from typing import Any
 
-import optuna_dashboard
 from a2wsgi import WSGIMiddleware
 from fastapi import FastAPI
 from fastapi.responses import RedirectResponse
 from sqlalchemy.engine import make_url
 
 from service import auth, studies
-from service.api.dashboard import DashboardGuard, DashboardStorage
+from service.api.dashboard import DashboardGuard, DashboardStorage, LazyDashboard
 from service.api.errors import install_error_handlers
 from service.api.guards import BodyLimit, MethodGuard, OpenModeGuard
 from service.api.routes import confirm as confirm_routes
@@ -145,7 +144,7 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True) -> Fas
     # cannot live under a prefix; everything the API did not match falls through to it,
     # behind the guard: sign-in, each principal's own studies, and nothing that splits a
     # study's two records (service.api.dashboard).
-    dashboard = WSGIMiddleware(optuna_dashboard.wsgi(DashboardStorage(storage)))
+    dashboard = WSGIMiddleware(LazyDashboard(DashboardStorage(storage)))
     app.mount(
         "/",
         DashboardGuard(dashboard, backend, cookies),  # type: ignore[arg-type]

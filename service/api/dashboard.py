@@ -30,15 +30,17 @@ from __future__ import annotations
 
 import base64
 import functools
+import importlib.util
 import json
 import re
 import threading
-from collections.abc import Callable, Container
+from collections.abc import Callable, Container, Iterable
 from typing import Any, cast
 from urllib.parse import parse_qs, quote, urlsplit
 
 import bottle
 import optuna
+from a2wsgi.wsgi_typing import Environ, StartResponse, WSGIApp
 from optuna.storages._cached_storage import _CachedStorage
 from optuna.study import StudyDirection
 from optuna.study._frozen import FrozenStudy
@@ -142,6 +144,33 @@ def _once_more_on_outage(call: Callable[..., Any], args: Any, kwargs: Any) -> An
                 bottle.response.set_header("Retry-After", "1")
                 raise bottle.HTTPError(503, public_message(ours)) from err
     raise AssertionError("not reached")
+
+
+class LazyDashboard:
+    """optuna-dashboard's WSGI app (``optuna_dashboard.wsgi(storage)``), built at its first
+    request. Importing optuna-dashboard costs about 2 s of CPU (its importance view imports
+    Optuna's fANOVA, which imports scikit-learn when it is installed): twice the rest of
+    the server's start, paid by every ``serve``, restart and test server, most of which
+    never show the dashboard. Its presence is checked at start (:func:`find_spec`), so a
+    missing package still stops the server then, not at the first page view."""
+
+    def __init__(self, storage: optuna.storages.BaseStorage) -> None:
+        if importlib.util.find_spec("optuna_dashboard") is None:
+            raise ModuleNotFoundError("optuna-dashboard is not installed: pip install -e .")
+        self._storage = storage
+        self._app: WSGIApp | None = None
+        self._lock = threading.Lock()
+
+    def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+        app = self._app
+        if app is None:
+            with self._lock:  # a2wsgi calls from a thread pool: build it once
+                if self._app is None:
+                    import optuna_dashboard
+
+                    self._app = optuna_dashboard.wsgi(self._storage)
+                app = self._app
+        return app(environ, start_response)
 
 
 class DashboardStorage(_CachedStorage):
