@@ -149,14 +149,16 @@ def _once_more_on_outage(call: Callable[..., Any], args: Any, kwargs: Any) -> An
 class LazyDashboard:
     """optuna-dashboard's WSGI app (``optuna_dashboard.wsgi(storage)``), built at its first
     request. Importing optuna-dashboard costs about 2 s of CPU (its importance view imports
-    Optuna's fANOVA, which imports scikit-learn when it is installed): twice the rest of
+    Optuna's fANOVA, which imports scikit-learn when it is installed): as much as the rest of
     the server's start, paid by every ``serve``, restart and test server, most of which
     never show the dashboard. Its presence is checked at start (:func:`find_spec`), so a
     missing package still stops the server then, not at the first page view."""
 
     def __init__(self, storage: optuna.storages.BaseStorage) -> None:
         if importlib.util.find_spec("optuna_dashboard") is None:
-            raise ModuleNotFoundError("optuna-dashboard is not installed: pip install -e .")
+            raise ModuleNotFoundError(
+                "optuna-dashboard is not installed: pip install optuna-dashboard"
+            )
         self._storage = storage
         self._app: WSGIApp | None = None
         self._lock = threading.Lock()
