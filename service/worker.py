@@ -1053,11 +1053,16 @@ def worker_main(options: WorkerOptions, watch: TrialWatch | None = None) -> int:
 def _child(
     options: WorkerOptions, plan: ProcessPlan | None = None, watch_array: Any = None
 ) -> None:
-    """The spawn target: this process's environment first, then the worker loop.
+    """The child's target: this process's environment first, then the worker loop.
 
     Runs before anything in the child imports torch (``service.worker`` does not), so
     ``CUDA_VISIBLE_DEVICES`` and the thread counts are in place when a trial loads it.
+    A forked child (:func:`_start_method`) first drops the supervisor's signal handlers,
+    which would forward a stop to its siblings, for a fresh process's defaults.
     """
+    for signum in STOP_SIGNALS:
+        default = signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL
+        signal.signal(signum, default)
     if plan is not None:
         os.environ.update(process_environment(plan, plan.torch_threads, os.getpid()))
         options = replace(
@@ -1067,6 +1072,28 @@ def _child(
             device=plan.device,
         )
     worker_main(options, None if watch_array is None else TrialWatch(watch_array))
+
+
+def _start_method(main_thread_supervisor: bool) -> Literal["fork", "spawn"]:
+    """``fork`` when the supervisor is the ``worker`` command on Linux with one thread and
+    no torch loaded, else ``spawn``.
+
+    A spawned child imports this module afresh: about 1.7 s of CPU each (SQLAlchemy,
+    Optuna, pydantic), paid per process and per restart, 20 processes on a 2-core machine
+    start in half a minute. A forked one inherits it. Forking is unsafe in a process with
+    other threads (``serve`` runs this loop in a thread beside the server: a lock held by
+    another thread stays held in the child) or with torch or CUDA initialised (PyTorch's
+    multiprocessing notes), and macOS's system libraries do not support it (Python's own
+    default there is spawn); the supervisor's database engine is disposed before (the
+    ``worker`` command), so no connection is shared.
+    """
+    safe = (
+        main_thread_supervisor
+        and sys.platform == "linux"
+        and threading.active_count() == 1
+        and "torch" not in sys.modules
+    )
+    return "fork" if safe else "spawn"
 
 
 def run_worker_processes(
@@ -1081,7 +1108,7 @@ def run_worker_processes(
 
     ``processes``: a count (each process inherits the environment and uses ``options``), or
     the plans :func:`plan_worker_processes` made (device and threads per process).
-    Uses the ``spawn`` start method: CUDA and forked torch state do not mix.
+    Starts them by ``fork`` where that is safe (:func:`_start_method`), else ``spawn``.
 
     Stopping: a stop signal (``install_signals``, the ``worker`` command) is forwarded to
     every child; ``stop_event`` (``serve``, which runs this in a thread) sends them SIGTERM.
@@ -1097,7 +1124,11 @@ def run_worker_processes(
     plans: list[ProcessPlan | None] = (
         [None] * processes if isinstance(processes, int) else list(processes)
     )
-    ctx = mp.get_context("spawn")
+    ctx = (
+        mp.get_context("fork")
+        if _start_method(install_signals) == "fork"
+        else mp.get_context("spawn")
+    )
     children: dict[int, mp.process.BaseProcess] = {}
     watches = [TrialWatch(ctx.Array("d", TrialWatch.FIELDS)) for _ in plans]
     restarts = 0
