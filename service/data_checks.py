@@ -57,6 +57,7 @@ __all__ = [
     "check_stream_split",
     "check_task_data",
     "forecast_bounds",
+    "in_user_terms",
     "needs_datasets_extra",
     "read_csv_column",
     "read_jsonl",
@@ -848,12 +849,19 @@ def _file_error(
             if (note := untrained_classes_note(user_path, splits)) is not None:
                 notes.append(note)
     except DataError as err:
-        # Say the path as the user wrote it: the server's own directories stay private.
-        message = err.message.replace(str(path), user_path)
+        message = in_user_terms(err.message, user_path, data_roots)
         if message.endswith(": no such file"):
             message += _similar_names(path)
         return FieldError("task.path", message)
     return None
+
+
+def in_user_terms(message: str, user_path: str, data_roots: tuple[Path, ...] | None) -> str:
+    """``message`` with the file ``user_path`` resolved to (:func:`resolve_data_path`)
+    written as the user wrote it: the server's own directories stay private, at submit and
+    in a trial's failure reason alike."""
+    resolved = str(resolve_data_path(user_path, data_roots))
+    return message.replace(resolved, user_path) if resolved != user_path else message
 
 
 def missing_values_note(user_path: str, column: str, lines: Sequence[int]) -> str:

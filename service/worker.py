@@ -35,6 +35,7 @@ from optuna.trial import TrialState
 
 from service import queue
 from service.artifacts import CheckpointStore, open_artifact_store
+from service.data_checks import in_user_terms
 from service.db import is_outage, is_sqlite, make_engine, make_session_factory
 from service.errors import (
     JobCannotRun,
@@ -557,6 +558,9 @@ class Worker:
             return self._give_back_preempted(lease, study, trial, preempted)
         except Exception as err:  # any training error: record it, keep the worker alive
             outcome, reason = "failed", _failure_reason(err)
+            user_path = getattr(spec.task, "path", None)
+            if user_path is not None:  # users read it: not the server's directories
+                reason = in_user_terms(reason, user_path, self.options.data_roots)
         if (lease.id, lease.claimed_at) in beat.lost:
             log.warning(
                 "trial %d of %s: result rejected, the lease was reaped (%s)",

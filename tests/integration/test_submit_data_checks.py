@@ -14,6 +14,7 @@ import yaml
 from service.config import Settings
 from tests.servers import serve_in_thread
 from tests.unit.test_data_checks import CASES, write_case_data
+from tests.workers import run_worker_until_idle
 
 YAML = {"Content-Type": "application/yaml"}
 
@@ -22,6 +23,7 @@ YAML = {"Content-Type": "application/yaml"}
 class Server:
     http: httpx.Client
     datasets: Path
+    database_url: str
 
     def total(self) -> int:
         response = self.http.get("/v1/studies")
@@ -34,8 +36,9 @@ class Server:
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """The real app (SQLite, no workers) served by uvicorn in a thread on a loopback port."""
     data_dir = tmp_path_factory.mktemp("data")
-    with serve_in_thread(Settings(data_dir=data_dir, data_roots=[])) as running:
-        yield Server(running.http, data_dir / "datasets")
+    settings = Settings(data_dir=data_dir, data_roots=[])
+    with serve_in_thread(settings) as running:
+        yield Server(running.http, data_dir / "datasets", settings.resolved_database_url())
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -81,3 +84,26 @@ def test_missing_values_are_dropped_and_the_study_says_which_lines(server: Serve
     assert str(server.datasets) not in note  # the path as the user wrote it
     stored = server.http.get(f"/v1/studies/{response.json()['id']}").json()
     assert stored["notes"] == [note]
+
+
+def test_data_spoilt_after_submit_fail_the_trial_naming_the_file_as_the_user_did(
+    server: Server,
+) -> None:
+    """Data that pass at submit and change before a trial reads them fail that trial with
+    the reason; the reason names the file as the spec did, not the server's directory."""
+    rows = "".join(f"{i},{100 + i}\n" for i in range(60))
+    (server.datasets / "later.csv").write_text("month,load\n" + rows, encoding="utf-8")
+    spec = {
+        "task": {"kind": "forecast", "path": "later.csv", "column": "load", "lookback": 4},
+        "study": {"n_trials": 1},
+    }
+    response = server.http.post("/v1/studies", json=spec)
+    assert response.status_code == 201, response.text
+    (server.datasets / "later.csv").write_text("month,demand\n" + rows, encoding="utf-8")
+
+    run_worker_until_idle(server.database_url, data_roots=(server.datasets,))
+
+    [trial] = server.http.get(f"/v1/studies/{response.json()['id']}/trials").json()["items"]
+    assert trial["state"] == "failed", trial
+    assert "later.csv: no column 'load'" in trial["failure_reason"], trial
+    assert str(server.datasets) not in trial["failure_reason"], trial
