@@ -67,17 +67,24 @@ def test_cp1252_text_is_accepted_with_its_encoding(server: Server) -> None:
     assert server.total() == before + 1
 
 
-def test_missing_values_are_dropped_and_the_study_says_which_lines(server: Server) -> None:
-    """Empty or NA cells in a forecast series are read as gaps and dropped (not an error),
-    but not silently: the 201's notes, kept on the study, name the lines."""
-    rows = "".join(f"{i},{'NA' if i in (7, 30) else 100 + i}\n" for i in range(60))
-    (server.datasets / "gaps.csv").write_text("month,load\n" + rows, encoding="utf-8")
+def _submit_forecast(server: Server, name: str, csv_text: str) -> httpx.Response:
+    """Write ``csv_text`` as datasets/``name`` and submit a one-trial forecast study of its
+    ``load`` column; the 201."""
+    (server.datasets / name).write_text(csv_text, encoding="utf-8")
     spec = {
-        "task": {"kind": "forecast", "path": "gaps.csv", "column": "load", "lookback": 4},
+        "task": {"kind": "forecast", "path": name, "column": "load", "lookback": 4},
         "study": {"n_trials": 1},
     }
     response = server.http.post("/v1/studies", json=spec)
     assert response.status_code == 201, response.text
+    return response
+
+
+def test_missing_values_are_dropped_and_the_study_says_which_lines(server: Server) -> None:
+    """Empty or NA cells in a forecast series are read as gaps and dropped (not an error),
+    but not silently: the 201's notes, kept on the study, name the lines."""
+    rows = "".join(f"{i},{'NA' if i in (7, 30) else 100 + i}\n" for i in range(60))
+    response = _submit_forecast(server, "gaps.csv", "month,load\n" + rows)
     expected = "task.path: gaps.csv: 2 rows with no value in column 'load' dropped (lines 9, 32)"
     [note] = response.json()["notes"]
     assert note.startswith(expected), note
@@ -92,13 +99,7 @@ def test_data_spoilt_after_submit_fail_the_trial_naming_the_file_as_the_user_did
     """Data that pass at submit and change before a trial reads them fail that trial with
     the reason; the reason names the file as the spec did, not the server's directory."""
     rows = "".join(f"{i},{100 + i}\n" for i in range(60))
-    (server.datasets / "later.csv").write_text("month,load\n" + rows, encoding="utf-8")
-    spec = {
-        "task": {"kind": "forecast", "path": "later.csv", "column": "load", "lookback": 4},
-        "study": {"n_trials": 1},
-    }
-    response = server.http.post("/v1/studies", json=spec)
-    assert response.status_code == 201, response.text
+    response = _submit_forecast(server, "later.csv", "month,load\n" + rows)
     (server.datasets / "later.csv").write_text("month,demand\n" + rows, encoding="utf-8")
 
     run_worker_until_idle(server.database_url, data_roots=(server.datasets,))
