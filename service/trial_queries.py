@@ -24,14 +24,14 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from itertools import groupby
-from typing import Any
+from typing import Any, cast
 
 import optuna
 from optuna.distributions import BaseDistribution, json_to_distribution
 from optuna.storages._rdb import models
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy import ColumnElement, Row, Select, and_, func, or_, select
-from sqlalchemy.orm import Session, aliased
+from sqlalchemy.orm import InstrumentedAttribute, Session, aliased
 
 from service.states import WARM_START_FROM_ATTR
 
@@ -110,7 +110,7 @@ class RankedTrial:
 
 def _ranking(
     study_id: int, objective: int, objectives: int, maximize: bool, limit: int | None
-) -> Select[Any]:
+) -> Select[Any, Any, Any]:
     value = aliased(models.TrialValueModel)
     order = value.value.desc() if maximize else value.value.asc()
     if objectives == 1:  # the value ranked by is the trial's only one
@@ -311,7 +311,7 @@ def complete_finite_trials(storage: optuna.storages.RDBStorage, study_id: int) -
     )
     system = models.TrialSystemAttributeModel
     system_query = (
-        select(system.trial_id, system.key, system.value_json)
+        select(_T.trial_id, system.key, system.value_json)
         .join(_T, _T.trial_id == system.trial_id)
         .where(_complete_and_finite(study_id))
     )
@@ -320,6 +320,7 @@ def complete_finite_trials(storage: optuna.storages.RDBStorage, study_id: int) -
     system_attrs: dict[int, dict[str, Any]] = {}
     with Session(storage.engine) as session:
         for trial_id, number, value in session.execute(values_query):
+            assert value is not None  # the query keeps finite values only
             numbers[trial_id] = int(number)
             values.setdefault(trial_id, []).append(float(value))
         for trial_id, key, text in session.execute(system_query):
@@ -402,6 +403,12 @@ def _trial_columns() -> Select[Any, Any, Any, Any, Any]:
     )
 
 
+def _owned(trial_id: InstrumentedAttribute[int | None]) -> InstrumentedAttribute[int]:
+    """An attribute table's ``trial_id``, which Optuna (5.1) types nullable: rows selected by
+    ``trial_id IN (...)`` or joined to their trial always have one."""
+    return cast("InstrumentedAttribute[int]", trial_id)
+
+
 def _chunks(ids: list[int]) -> list[list[int]]:
     return [ids[i : i + _IN_CHUNK] for i in range(0, len(ids), _IN_CHUNK)]
 
@@ -431,41 +438,43 @@ def _build_trials(
     parsed: dict[str, BaseDistribution] = {}  # a page's trials share a few distributions
     for chunk in _chunks(ids):
         for trial_id, name, internal, text in session.execute(
-            select(param.trial_id, param.param_name, param.param_value, param.distribution_json)
+            select(
+                _owned(param.trial_id), param.param_name, param.param_value, param.distribution_json
+            )
             .where(param.trial_id.in_(chunk))
             .order_by(param.param_id)
         ):
             dist = parsed.get(text) or parsed.setdefault(text, json_to_distribution(text))
             params[trial_id][name] = dist.to_external_repr(internal)
             dists[trial_id][name] = dist
-        for trial_id, objective, stored, kind in session.execute(
+        for trial_id, objective, stored, value_type in session.execute(
             select(value.trial_id, value.objective, value.value, value.value_type).where(
                 value.trial_id.in_(chunk)
             )
         ):
-            values[trial_id][objective] = value.stored_repr_to_value(stored, kind)
+            values[trial_id][objective] = value.stored_repr_to_value(stored, value_type)
         for attrs, query in (
             (
                 user_attrs,
-                select(user.trial_id, user.key, user.value_json)
+                select(_owned(user.trial_id), user.key, user.value_json)
                 .where(user.trial_id.in_(chunk))
                 .order_by(user.trial_user_attribute_id),
             ),
             (
                 system_attrs,
-                select(system.trial_id, system.key, system.value_json)
+                select(_owned(system.trial_id), system.key, system.value_json)
                 .where(system.trial_id.in_(chunk))
                 .order_by(system.trial_system_attribute_id),
             ),
         ):
             for trial_id, key, text in session.execute(query):
                 attrs[trial_id][key] = json.loads(text)
-        for trial_id, number, stored, kind in session.execute(
+        for trial_id, number, stored, step_type in session.execute(
             select(step.trial_id, step.step, step.intermediate_value, step.intermediate_value_type)
             .where(step.trial_id.in_(chunk))
             .order_by(step.trial_intermediate_value_id)
         ):
-            curves[trial_id][number] = step.stored_repr_to_intermediate_value(stored, kind)
+            curves[trial_id][number] = step.stored_repr_to_intermediate_value(stored, step_type)
     return [
         FrozenTrial(
             number=number,
