@@ -15,7 +15,7 @@ from sqlalchemy.engine import make_url
 from service import auth, studies
 from service.api.dashboard import DashboardGuard, DashboardStorage, LazyDashboard
 from service.api.errors import install_error_handlers
-from service.api.guards import BodyLimit, MethodGuard, OpenModeGuard
+from service.api.guards import BodyLimit, CanonicalPath, MethodGuard, OpenModeGuard
 from service.api.routes import confirm as confirm_routes
 from service.api.routes import health, signin, unmatched
 from service.api.routes import metrics as metrics_routes
@@ -128,11 +128,13 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True) -> Fas
     app.include_router(metrics_routes.router)  # /metrics: before the dashboard's mount
 
     _document_spec_schema(app)
-    # Outermost first: bodies bounded for every route (the sign-in page and the dashboard's
-    # JSON routes too), then open mode's host and origin checks.
+    # Added innermost first. From the outside: one spelling of each path, bodies bounded for
+    # every route (the sign-in page and the dashboard's JSON routes too), then open mode's
+    # host and origin checks.
     app.add_middleware(MethodGuard)
     app.add_middleware(OpenModeGuard, backend=backend)
     app.add_middleware(BodyLimit, limit=settings.max_request_bytes)
+    app.add_middleware(CanonicalPath)
     # Outermost: every answer is timed, a refused one too.
     app.add_middleware(metrics_routes.RequestLatency, histogram=requests)
 

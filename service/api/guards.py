@@ -32,6 +32,43 @@ def _refuse(status: int, detail: str, error: str) -> JSONResponse:
     return JSONResponse({"detail": detail, "error": error}, status_code=status)
 
 
+_SLASHES = re.compile(r"//+")
+_RAW_SLASHES = re.compile(rb"//+")
+
+
+class CanonicalPath:
+    """Routes see one spelling of a path: runs of slashes merged (as nginx's default
+    ``merge_slashes`` does: ``//v1/studies`` from a base URL ending in ``/``), and under
+    ``/v1`` no trailing slash (``/v1/studies/``; no resource's id is empty). Every guard
+    and route behind it sees the same path, so none can be passed by another spelling.
+    ``/V1/...`` is the API's JSON 404 naming ``/v1``: paths are case-sensitive, and it
+    would otherwise fall through to the dashboard's HTML page."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        path: str = _SLASHES.sub("/", scope["path"])
+        raw: bytes = _RAW_SLASHES.sub(b"/", scope.get("raw_path") or path.encode())
+        if (path == "/v1/" or path.startswith("/v1/")) and path.endswith("/"):
+            path, raw = path.rstrip("/"), raw.rstrip(b"/")
+        first = path.split("/", 2)[1]
+        if first != "v1" and first.lower() == "v1":
+            await _refuse(
+                404,
+                f"no such endpoint: {scope.get('method', 'GET')} {path} "
+                "(paths are case-sensitive: the API is under /v1; see /docs)",
+                "NotFound",
+            )(scope, receive, send)
+            return
+        if path != scope["path"]:
+            scope = {**scope, "path": path, "raw_path": raw}
+        await self.app(scope, receive, send)
+
+
 class BodyLimit:
     """413 for a request body over ``limit`` bytes, declared or streamed, before the app
     reads it; smaller bodies are buffered (at most ``limit`` bytes) and replayed."""

@@ -58,3 +58,34 @@ def test_unknown_v1_paths_are_json_404_and_wrong_methods_json_405(tmp_path: Path
         # The routes themselves and the dashboard are unchanged.
         assert client.get("/v1/health").status_code == 200
         assert client.get("/dashboard").status_code == 200
+
+
+def test_one_spelling_of_each_path_reaches_the_routes(tmp_path: Path) -> None:
+    """Doubled and trailing slashes reach the route the path names; ``/V1`` is the API's
+    JSON 404 naming ``/v1``. All three were the dashboard's HTML 404 page."""
+    app = create_app(Settings(data_dir=tmp_path))
+    base = "http://127.0.0.1:8000"
+    with TestClient(app, base_url=base) as client:
+        health = client.get("/v1/health").json()
+        for spelling in ("//v1/health", "/v1//health", "///v1///health/", "/v1/health/"):
+            answer = client.get(base + spelling)
+            assert answer.status_code == 200, (spelling, answer.text)
+            assert answer.json() == health
+        listed = client.get(base + "//v1/studies/")
+        assert (listed.status_code, listed.json()) == (200, client.get("/v1/studies").json())
+        bad = client.post(
+            base + "//v1/studies", content=b"{}", headers={"content-type": "application/json"}
+        )
+        assert bad.status_code == 422, bad.text  # the route's own validation, not a 404
+        missing = client.get(base + "//v1/no-such-thing/")
+        assert (missing.status_code, missing.json()["detail"]) == (
+            404,
+            "no such endpoint: GET /v1/no-such-thing (see /docs)",
+        )
+        for upper in ("/V1/health", "/V1/studies/abc"):
+            answer = client.get(base + upper)
+            assert answer.status_code == 404
+            assert answer.headers["content-type"] == "application/json"
+            assert "the API is under /v1" in answer.json()["detail"], answer.text
+        assert client.get(base + "//dashboard").status_code == 200
+        assert client.get(base + "/v1vx").status_code == 404  # not an API path
