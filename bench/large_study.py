@@ -337,9 +337,10 @@ def _worker_child(url: str, n_trials: int, pipe: Connection) -> None:
     stamps: list[tuple[float, float]] = []
 
     class StampedWorker(Worker):
-        def start(self) -> None:
-            super().start()
+        def start(self) -> bool:
+            started = super().start()
             stamps.append(_stamp())
+            return started
 
         def run_lease(self, lease: Any, beat: Any) -> Any:
             result = super().run_lease(lease, beat)

@@ -183,9 +183,10 @@ class _TimedWorker(Worker):
 
     started: Stamp | None = None
 
-    def start(self) -> None:
-        super().start()
+    def start(self) -> bool:
+        started = super().start()
         self.started = _stamp()
+        return started
 
 
 def _dispose_backend(backend: Backend) -> None:

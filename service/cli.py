@@ -8,6 +8,8 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -25,7 +27,9 @@ from service.config import Settings
 from service.durations import fmt_duration
 from service.errors import (
     CheckpointMismatch,
+    DatabaseUnusable,
     DataError,
+    InvalidServerUrl,
     InvalidSpec,
     LstmHpoError,
     SingleHostOnly,
@@ -393,6 +397,16 @@ class _Replacing:
             record_run(self.out_dir, self.start, selection=self.selection)
 
 
+def _client(server: str, token: str | None, timeout: float = 30.0) -> Client:
+    """The API client for ``--server``; a URL that cannot work is a usage error (exit 2)."""
+    from service.client import Client
+
+    try:
+        return Client(server, token=token, timeout=timeout)
+    except InvalidServerUrl as err:
+        raise _usage_error(f"--server: {err.message}") from None
+
+
 def _usage_error(message: str) -> typer.Exit:
     """Print ``message`` as a usage error and exit 2."""
     err_console.print(f"[red]error:[/red] {escape(message)}")
@@ -474,9 +488,35 @@ def _settings(database_url: str | None = None) -> Settings:
     try:
         settings = Settings() if database_url is None else Settings(database_url=database_url)
     except ValidationError as err:
-        err_console.print(f"[red]invalid settings:[/red] {err}")
+        # Each field by the name the user set it under, without the value (a database
+        # URL's password): pydantic's own text shows input_value.
+        err_console.print("[red]invalid settings:[/red]")
+        for error in err.errors(include_url=False, include_input=False):
+            field = ".".join(str(part) for part in error["loc"])
+            name = (
+                "--database-url"
+                if field == "database_url" and database_url is not None
+                else f"LSTM_HPO_{field.upper()}"
+            )
+            message = error["msg"].removeprefix("Value error, ")
+            err_console.print(f"  - {escape(name + ': ' + message if field else message)}")
         raise typer.Exit(2) from None
     return settings
+
+
+@contextmanager
+def _database_errors() -> Iterator[None]:
+    """A database that cannot be reached, opened or migrated: its error line and exit 1,
+    not SQLAlchemy's traceback (a wrong host, a server not up yet)."""
+    from service.db import translate_any
+
+    try:
+        yield
+    except Exception as err:
+        translated = translate_any(err)
+        if translated is None:
+            raise
+        raise _fail(translated) from None
 
 
 def _worker_options(settings: Settings, accelerator: str) -> WorkerOptions:
@@ -571,7 +611,7 @@ ThreadsOption = Annotated[
 def serve(
     *,
     host: Annotated[str | None, typer.Option(help="Bind address (default 127.0.0.1).")] = None,
-    port: Annotated[int | None, typer.Option(help="Port (default 8000).")] = None,
+    port: Annotated[int | None, typer.Option(min=1, max=65535, help="Port (default 8000).")] = None,
     workers: Annotated[
         int, typer.Option("--workers", "-w", min=0, help="Local worker processes (0: none).")
     ] = 1,
@@ -598,10 +638,8 @@ def serve(
     logging.getLogger("alembic").setLevel(logging.WARNING)  # "Context impl ..." per start
     # Name the server's connections in pg_stat_activity (workers name theirs by pid).
     os.environ.setdefault("PGAPPNAME", "lstm-hpo-server")
-    try:
+    with _database_errors():
         api = create_app(settings)
-    except LstmHpoError as err:
-        raise _fail(err) from None
     base = settings.base_url()
     console.print(f"[bold]lstm-hpo[/bold] {base}")
     console.print(f"  REST API   {base}/v1  (OpenAPI: {base}/docs)")
@@ -685,7 +723,10 @@ def worker(
         f"{_describe_plans(plans)}"
     )
     options = _worker_options(settings, accelerator)
-    engine = make_engine(options.database_url, pool_size=1)
+    try:
+        engine = make_engine(options.database_url, pool_size=1)
+    except DatabaseUnusable as err:
+        raise _fail(err, 2) from None
     try:
         check_single_host(make_session_factory(engine), options)
     except SingleHostOnly as err:
@@ -709,11 +750,9 @@ def migrate(
     url = settings.resolved_database_url()
     if url.startswith("sqlite"):
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-    try:
+    with _database_errors():
         optuna_storage(url)  # Optuna creates (or checks) its own tables
         upgrade_schema(url)
-    except LstmHpoError as err:
-        raise _fail(err) from None
     console.print(f"schema is current on {settings.safe_database_url()}")
 
 
@@ -738,11 +777,9 @@ def _token_sessions(database_url: str | None) -> sessionmaker[Session]:
     url = settings.resolved_database_url()
     if url.startswith("sqlite"):
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-    try:
+    with _database_errors():
         upgrade_schema(url)
-    except LstmHpoError as err:
-        raise _fail(err) from None
-    return make_session_factory(make_engine(url, pool_size=1))
+        return make_session_factory(make_engine(url, pool_size=1))
 
 
 @token_app.command("create")
@@ -814,16 +851,14 @@ def submit(
     ] = None,
 ) -> None:
     """Submit a study; prints its id."""
-    from service.client import Client
-
     try:
-        text = spec.read_text(encoding="utf-8")
-    except OSError as err:
+        spec.open("rb").close()  # the client sends its bytes: the server names a byte
+    except OSError as err:  # that is not UTF-8 (a 422), as ``train`` does locally
         err_console.print(f"[red]error:[/red] cannot read {spec}: {err.strerror}")
         raise typer.Exit(2) from None
-    with Client(server, token=token) as client:
+    with _client(server, token) as client:
         try:
-            study = client.submit(text, idempotency_key=idempotency_key)
+            study = client.submit(spec, idempotency_key=idempotency_key)
         except LstmHpoError as err:
             raise _fail(err, 2 if isinstance(err, InvalidSpec) else 1) from None
     err_console.print(f"queued {study.name} -> {study.dashboard_url}")
@@ -853,9 +888,9 @@ def status(
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
-    from service.client import TERMINAL_STATES, Client
+    from service.client import TERMINAL_STATES
 
-    with Client(server, token=token) as client:
+    with _client(server, token) as client:
         try:
             if study_id is None:
                 page = client.studies(limit=50)
@@ -972,9 +1007,8 @@ def watch(
 ) -> None:
     """A live table of every study (yours; an admin's: everyone's): state, trials finished
     and running, best value, ETA and timeout left. Ctrl-C exits (code 0)."""
-    from service.client import Client
 
-    with Client(server, token=token) as client:
+    with _client(server, token) as client:
         if once:
             try:
                 console.print(_studies_table(client, limit))
@@ -1061,10 +1095,9 @@ def report(
     """Write the study's report into a directory: report.html (self-contained, the page
     GET /v1/studies/ID/report serves), each of its figures as NAME.png, and trials.csv.
     Works while the study runs (a snapshot)."""
-    from service.client import Client
     from service.report import extract_pngs
 
-    with Client(server, token=token, timeout=300) as client:
+    with _client(server, token, timeout=300) as client:
         try:
             study_id = client.resolve(study_id)
             page = client.report(study_id, top_k=top_k)
@@ -1138,7 +1171,6 @@ def best(
 ) -> None:
     """The best config as YAML (for `lstm-hpo train`), to stdout or --output; with
     --checkpoint, the best trial's checkpoint too."""
-    from service.client import Client
 
     if confirmed and checkpoint is not None:
         _usage_error(
@@ -1151,7 +1183,7 @@ def best(
     checkpoint = _file_to_write(checkpoint, "--checkpoint")
     if output is not None and checkpoint is not None and output.resolve() == checkpoint.resolve():
         _usage_error(f"--output and --checkpoint are both {output}: give two files")
-    with Client(server, token=token) as client:
+    with _client(server, token) as client:
         try:
             study_id = client.resolve(study_id)
             text = client.best_yaml(study_id, confirmed=confirmed)
@@ -1208,9 +1240,8 @@ def cancel(
     token: TokenOption = None,
 ) -> None:
     """Cancel a study: no new trials start; running ones finish."""
-    from service.client import Client
 
-    with Client(server, token=token) as client:
+    with _client(server, token) as client:
         try:
             study = client.cancel(client.resolve(study_id))
         except LstmHpoError as err:
@@ -1226,9 +1257,8 @@ def extend(
     token: TokenOption = None,
 ) -> None:
     """Add trials to a study (running, succeeded, cancelled): its sampler keeps its history."""
-    from service.client import Client
 
-    with Client(server, token=token) as client:
+    with _client(server, token) as client:
         try:
             study = client.extend(client.resolve(study_id), n_trials)
         except LstmHpoError as err:
@@ -1256,9 +1286,8 @@ def confirm(
     validation and the test split. --wait: until it ends, then per config the mean, sd and
     95% interval, and whether the best beats the runner-up beyond noise (a paired t-test
     over seeds). `lstm-hpo best ID` then names the winner."""
-    from service.client import Client
 
-    with Client(server, token=token) as client:
+    with _client(server, token) as client:
         try:
             study = client.confirm(client.resolve(study_id), top_k=top_k, seeds=seeds)
             err_console.print(
@@ -1378,12 +1407,11 @@ def delete(
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
 ) -> None:
     """Delete a study and all its trials (a running study is cancelled first)."""
-    from service.client import Client
 
     if not yes and not sys.stdin.isatty():  # a script: never delete without being told to
         err_console.print("[red]error:[/red] add --yes to delete without a terminal to ask")
         raise typer.Exit(2)
-    with Client(server, token=token) as client:
+    with _client(server, token) as client:
         try:
             study_id = client.resolve(study_id)
             if not yes:

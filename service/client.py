@@ -59,6 +59,7 @@ from service.errors import (
     ApiError,
     FieldError,
     InvalidRequest,
+    InvalidServerUrl,
     ServerUnreachable,
     StudyNotFound,
     WaitTimeout,
@@ -499,6 +500,26 @@ class _ProgressLine:
             self._stream.flush()
 
 
+def server_url(text: str) -> str:
+    """``text`` as the base URL requests are made from: no trailing ``/``, and no
+    trailing ``/v1`` (the client adds it; ``http://host:8000/v1`` is a common paste).
+
+    Raises :class:`InvalidServerUrl` naming what is wrong: not http(s), no host, a port
+    outside 1-65535, or no URL at all (``127.0.0.1:8000`` needs ``http://``)."""
+    shown = text.strip()
+    try:
+        url = httpx.URL(shown)
+        port = url.port
+    except (httpx.InvalidURL, ValueError) as err:
+        raise InvalidServerUrl(f"server URL {shown!r} is not a valid URL: {err}") from None
+    if url.scheme not in ("http", "https") or not url.host:
+        hint = f" (did you mean http://{shown}?)" if "://" not in shown else ""
+        raise InvalidServerUrl(f"server URL {shown!r} needs http:// or https:// and a host{hint}")
+    if port is not None and not 1 <= port <= 65535:
+        raise InvalidServerUrl(f"server URL {shown!r}: port {port} is not in 1-65535")
+    return str(url.copy_with(query=None, fragment=None)).rstrip("/").removesuffix("/v1")
+
+
 # -- the two clients ---------------------------------------------------------------------
 
 
@@ -521,7 +542,7 @@ class _Base(Generic[H]):
         ``retry_budget_s``: see the module's docstring (``retries=0``: never retry)."""
         token = token or os.environ.get("LSTM_HPO_TOKEN")
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        base_url = base_url.rstrip("/")
+        base_url = server_url(base_url)
         self._api = _Api(base_url, RetryPolicy(retries, backoff_s, retry_budget_s))
         self._http: H = self._connect(base_url, timeout, headers)
 

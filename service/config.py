@@ -10,7 +10,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
-from sqlalchemy.engine import make_url
+from sqlalchemy import exc
+from sqlalchemy.engine import URL, make_url
 
 from service.search_space import MAX_TIMEOUT_S
 from service.webhooks import parse_prefix
@@ -18,6 +19,30 @@ from service.webhooks import parse_prefix
 
 def _default_data_dir() -> Path:
     return Path.home() / ".local" / "share" / "lstm-hpo"
+
+
+_URL_FORMS = "sqlite:///PATH or postgresql+psycopg://USER:PASSWORD@HOST:PORT/DATABASE"
+
+
+def check_database_url(text: str) -> URL:
+    """``text`` as a URL lstm-hpo can run on: SQLite, or PostgreSQL through an installed
+    driver. Raises ValueError saying what is wrong, without the text (it may hold a
+    password): what SQLAlchemy would only say at the first connection, in a traceback."""
+    try:
+        url = make_url(text)
+    except exc.ArgumentError:
+        raise ValueError(f"not a database URL; write {_URL_FORMS}") from None
+    backend = url.get_backend_name()
+    if backend not in ("sqlite", "postgresql"):
+        raise ValueError(f"{backend!r}: lstm-hpo runs on SQLite or PostgreSQL ({_URL_FORMS})")
+    try:
+        url.get_dialect().import_dbapi()
+    except (exc.NoSuchModuleError, ImportError) as err:
+        raise ValueError(
+            f"driver {url.drivername!r} cannot be loaded ({err}); postgresql+psycopg "
+            "comes with lstm-hpo's postgres extra: pip install 'lstm-hpo[postgres]'"
+        ) from None
+    return url
 
 
 class Settings(BaseSettings):
@@ -125,6 +150,13 @@ class Settings(BaseSettings):
     def _prefixes_are_urls(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         for prefix in value:
             parse_prefix(prefix)  # ValueError naming the bad entry
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url_is_usable(cls, value: str | None) -> str | None:
+        if value:
+            check_database_url(value)
         return value
 
     @model_validator(mode="after")

@@ -106,7 +106,13 @@ _IDLE_SINCE = "lstm_hpo_idle_since"
 def _make_sqlite_engine(url: URL) -> Engine:
     database = url.database
     if database and database != ":memory:" and not database.startswith("file:"):
-        Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        folder = Path(database).expanduser().parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise errors.DatabaseUnusable(
+                f"cannot create {folder} for the SQLite database: {err.strerror}"
+            ) from None
     engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S})
     configure_sqlite_engine(engine)
     return engine

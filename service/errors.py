@@ -140,6 +140,13 @@ class DatabaseUnavailable(LstmHpoError):
     retryable = True
 
 
+class DatabaseUnusable(LstmHpoError):
+    """The database cannot be used as configured; waiting will not help."""
+
+    # A SQLite file whose directory cannot be created (a path under /proc, a read-only
+    # mount): unlike DatabaseUnavailable, no worker retries it.
+
+
 class SchemaNotReady(LstmHpoError):
     """The database schema is missing or out of date: start the server or run `lstm-hpo migrate`."""
 
@@ -246,6 +253,13 @@ class InvalidRequest(ApiError, InvalidSpec):
 
     # HTTP 422; ``errors`` names every bad field (at least one: a 422 without field errors,
     # such as a task's unreadable data, has its message as the one error).
+
+
+class InvalidServerUrl(LstmHpoError, ValueError):
+    """The server URL is not an http:// or https:// URL with a host."""
+
+    # Raised before any request: no retry can make such a URL work (was: five retries and
+    # "cannot reach", or httpx's own InvalidURL).
 
 
 class ServerUnreachable(ApiError):

@@ -16,8 +16,9 @@ against a database upgraded to the current head, then review the generated file.
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
@@ -32,6 +33,8 @@ from sqlalchemy.engine import URL, Connection
 
 from service import errors, models
 from service.db import is_postgresql, make_engine, translate_db_error
+
+log = logging.getLogger("lstm_hpo.migrate")
 
 VERSION_TABLE = "service_alembic_version"
 #: pg_advisory_xact_lock key serialising concurrent upgrades: any fixed 64-bit number
@@ -173,15 +176,32 @@ def schema_is_current(engine: Engine) -> bool:
     return current_revisions(engine) == {head_revision()}
 
 
-def wait_for_schema(engine: Engine, *, timeout_s: float, poll_s: float = 1.0) -> None:
-    """Block until :func:`schema_is_current`, or raise ``SchemaNotReady`` after ``timeout_s``."""
+def wait_for_schema(
+    engine: Engine,
+    *,
+    timeout_s: float,
+    poll_s: float = 1.0,
+    stopping: Callable[[], bool] = lambda: False,
+    say_every_s: float = 30.0,
+) -> bool:
+    """Block until :func:`schema_is_current` (True), or until ``stopping()`` (False: a stop
+    signal came while waiting); raise ``SchemaNotReady`` after ``timeout_s``, naming what
+    was last in the way. What it waits for is logged at once and every ``say_every_s``:
+    a worker started before the server (or with a wrong database URL) is not silent."""
     deadline = time.monotonic() + timeout_s
-    while True:
+    said_at: float | None = None
+    while not stopping():
         try:
             if schema_is_current(engine):
-                return
-        except errors.DatabaseUnavailable:
-            pass  # the server may be creating the database right now; poll again
-        if time.monotonic() >= deadline:
-            raise errors.SchemaNotReady()
+                return True
+            why = "the schema is not there yet (lstm-hpo serve or lstm-hpo migrate creates it)"
+        except errors.DatabaseUnavailable as err:  # the server may be creating the database
+            why = err.message
+        now = time.monotonic()
+        if now >= deadline:
+            raise errors.SchemaNotReady(f"{errors.SchemaNotReady.__doc__} Last: {why}")
+        if said_at is None or now - said_at >= say_every_s:
+            log.warning("waiting for the database (%.0fs left): %s", deadline - now, why)
+            said_at = now
         time.sleep(poll_s)
+    return False

@@ -290,9 +290,15 @@ class Worker:
                 options.artifacts_url, options.artifacts_data_dir or Path(".")
             )
 
-    def start(self) -> None:
-        """Wait for the schema (workers never run DDL) and register."""
-        wait_for_schema(self.engine, timeout_s=self.options.schema_timeout_s)
+    def start(self) -> bool:
+        """Wait for the schema (workers never run DDL) and register; False when a stop
+        signal came while waiting."""
+        if not wait_for_schema(
+            self.engine,
+            timeout_s=self.options.schema_timeout_s,
+            stopping=lambda: self.stopping,
+        ):
+            return False
         check_single_host(self.sessions, self.options)
         storage = self._db(
             "connect to Optuna's storage",
@@ -312,6 +318,7 @@ class Worker:
                 device=self.options.device,
             ),
         )
+        return True
 
     def _db(self, what: str, call: Callable[[], _T]) -> _T:
         """Run one database step, retrying while the database is unreachable.
@@ -339,7 +346,8 @@ class Worker:
 
     def run(self) -> int:
         """Claim and run trials until stopped; returns how many trials this worker ran."""
-        self.start()
+        if not self.start():
+            return 0
         beat = _Heartbeat(self.sessions, self.worker_id, self.options.heartbeat_interval_s)
         beat.start()
         done = 0

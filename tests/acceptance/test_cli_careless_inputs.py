@@ -1,0 +1,136 @@
+"""Careless input to the CLI ends in one ``error:`` line and a usage exit, never a Python
+traceback or minutes of retries: a spec that is not UTF-8, a server URL that cannot work,
+a database URL that cannot, a port out of range. Real subprocesses, a real server."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from service.client import server_url
+from service.errors import InvalidServerUrl
+from tests.acceptance.conftest import CLI, LiveServer, start_server, stop_server
+
+
+def _run(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*CLI, *args], env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+def _refused(result: subprocess.CompletedProcess[str], code: int, *needles: str) -> None:
+    output = result.stdout + result.stderr
+    assert result.returncode == code, output
+    assert "Traceback" not in output, output
+    for needle in needles:
+        assert needle in output, output
+
+
+@pytest.fixture
+def server(tmp_path: Path, sqlite_url: str) -> Iterator[LiveServer]:
+    live = start_server(tmp_path, sqlite_url, workers=0)
+    try:
+        yield live
+    finally:
+        stop_server(live)
+
+
+def test_client_commands_refuse_what_cannot_work(server: LiveServer, tmp_path: Path) -> None:
+    binary = tmp_path / "bin.yaml"
+    binary.write_bytes(b"\xff\xfe\x00name: x\n")
+    # Was a UnicodeDecodeError traceback; the server names the byte, as `train` does.
+    _refused(server.cli("submit", str(binary)), 2, "not UTF-8")
+    _refused(server.cli("submit", str(tmp_path)), 2, "cannot read")
+    port = server.url.rsplit(":", 1)[1]
+    # Every client command builds its client in one place (cli._client): one each here.
+    for bad, needle, command in (
+        ("http://[::1", "not a valid URL", ("status",)),  # was httpx.InvalidURL's traceback
+        (f"127.0.0.1:{port}", f"did you mean http://127.0.0.1:{port}?", ("watch", "--once")),
+        ("ftp://127.0.0.1", "needs http:// or https://", ("submit", str(binary))),
+        ("http://127.0.0.1:99999", "port 99999 is not in 1-65535", ("status",)),
+    ):
+        result = server.cli(*command, "--server", bad)  # the last two were 5 retries
+        _refused(result, 2, "--server", needle)
+        assert "attempt" not in result.stderr, result.stderr  # no retry was made
+    # The base URL as a user pastes it, with the API's /v1 (forms: test_server_url_forms).
+    listed = server.cli("status", "--server", server.url + "/v1/")
+    assert listed.returncode == 0, listed.stderr
+
+
+def test_server_url_forms() -> None:
+    assert server_url(" http://h:8000/v1/ ") == "http://h:8000"
+    assert server_url("HTTPS://Example.org/prefix/") == "https://example.org/prefix"
+    for bad in ("", "localhost:8000", "http://", "http:///v1", "file:///tmp/x", "http://h:0"):
+        with pytest.raises(InvalidServerUrl):
+            server_url(bad)
+    with pytest.raises(ValueError, match="http://localhost:8000"):  # also a ValueError
+        server_url("localhost:8000")
+
+
+def test_database_and_port_settings_are_refused_by_name(tmp_path: Path) -> None:
+    env = dict(os.environ) | {"LSTM_HPO_DATA_DIR": str(tmp_path / "data")}
+    for url, needle, command in (
+        ("garbage", "not a database URL", ("migrate",)),
+        (
+            "mysql://u:pw@127.0.0.1:1/x",
+            "'mysql': lstm-hpo runs on SQLite or PostgreSQL",
+            ("token", "list"),
+        ),
+        (
+            "postgresql+pg8000://u:pw@127.0.0.1:1/x",
+            "driver 'postgresql+pg8000' cannot be loaded",
+            ("worker", "-p", "1"),
+        ),
+    ):
+        result = _run(*command, env=env | {"LSTM_HPO_DATABASE_URL": url})
+        _refused(result, 2, f"LSTM_HPO_DATABASE_URL: {needle}")
+        assert "pw" not in result.stderr  # pydantic's own text showed the input
+    _refused(_run("migrate", "--database-url", "garbage", env=env), 2, "--database-url: not a")
+    # Well-formed but unusable: the cause in one line (were SQLAlchemy's tracebacks).
+    unreachable = "postgresql+psycopg://nobody:pw@127.0.0.1:1/x"
+    for command in (("migrate",), ("token", "list"), ("serve", "--workers", "0")):
+        result = _run(*command, env=env | {"LSTM_HPO_DATABASE_URL": unreachable})
+        _refused(result, 1, "The database is unreachable", "Connection refused")
+    result = _run(
+        "worker", "-p", "1", env=env | {"LSTM_HPO_DATABASE_URL": "sqlite:////proc/x/y.db"}
+    )
+    _refused(result, 2, "cannot create /proc/x for the SQLite database")
+    _refused(_run("serve", "--port", "99999", env=env), 2, "65535")  # was OverflowError
+
+
+def test_a_worker_waiting_for_the_database_says_so_and_stops_at_once(tmp_path: Path) -> None:
+    """Was silent while it waited, and ignored SIGTERM until its supervisor gave up (28 s)."""
+    env = dict(os.environ) | {
+        "LSTM_HPO_DATA_DIR": str(tmp_path / "data"),
+        "LSTM_HPO_DATABASE_URL": "postgresql+psycopg://nobody@127.0.0.1:1/x",
+        "PYTHONUNBUFFERED": "1",
+    }
+    worker = subprocess.Popen(
+        [*CLI, "worker", "-p", "1"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert worker.stdout is not None
+        lines: list[str] = []
+        for line in worker.stdout:
+            lines.append(line)
+            if "waiting for the database" in line:
+                break
+        assert "Connection refused" in lines[-1], "".join(lines)
+        worker.send_signal(signal.SIGTERM)
+        rest, _ = worker.communicate(timeout=15)  # the wait checks for a stop every second
+        assert worker.returncode == 0, "".join(lines) + rest
+        assert "still running" not in rest, rest
+    finally:
+        if worker.poll() is None:
+            os.killpg(worker.pid, signal.SIGKILL)
+            worker.wait()
