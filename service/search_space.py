@@ -1776,8 +1776,12 @@ def _flow_depth(text: str) -> int:
     return deepest
 
 
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
 def _duplicate_keys(root: Node) -> list[FieldError]:
-    """Every key given twice in one mapping of the node tree, with its path and lines."""
+    """Every key given twice in one mapping of the node tree, with its path and lines, and
+    every merge key (``<<``): what it merges would be a second, silent source of a key."""
     errors: list[tuple[int, FieldError]] = []
     seen: set[int] = set()  # an alias points at a node already walked (and may loop)
     stack: list[tuple[tuple[str | int, ...], Node]] = [((), root)]
@@ -1792,6 +1796,13 @@ def _duplicate_keys(root: Node) -> list[FieldError]:
                 key = key_node.value if isinstance(key_node, ScalarNode) else None
                 if key is None:
                     pass
+                elif key_node.tag == _MERGE_TAG:  # YAML 1.1's <<, which ruamel also reads
+                    line = key_node.start_mark.line
+                    msg = (
+                        f"merge key `<<` (line {line + 1}): YAML 1.1, not 1.2; write the "
+                        "keys out (it let a key given twice pass silently)"
+                    )
+                    errors.append((line, FieldError(_as_text(_loc(path)), msg)))
                 elif key in first:
                     (line0, col0), mark = first[key], key_node.start_mark
                     where = (

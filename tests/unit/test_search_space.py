@@ -491,6 +491,25 @@ def test_duplicate_key_in_yaml_names_the_key_its_path_and_both_lines() -> None:
     ]
 
 
+def test_yaml_merge_keys_are_refused_naming_their_mapping() -> None:
+    """``<<`` is YAML 1.1 (the spec is 1.2): it let ``lr`` come from two places, the merged
+    one silently losing, and ``<<: [a, b]`` silently took the first."""
+    merged = (
+        "task: {kind: adding}\nspace:\n  <<: {lr: {type: float, low: 0.001, high: 0.1}}\n"
+        "  lr: 0.5\n"
+    )
+    assert _errors(merged) == [
+        (
+            "space",
+            "merge key `<<` (line 3): YAML 1.1, not 1.2; write the keys out (it let a "
+            "key given twice pass silently)",
+        )
+    ]
+    anchored = "base: &b {lr: 0.7}\ntask: {kind: adding}\nspace: {<<: [*b, {lr: 0.9}]}\n"
+    assert [loc for loc, _ in _errors(anchored)] == ["space"]
+    assert _errors('task: {kind: adding}\nspace: {"<<": 1}\n') != []  # quoted: a plain key
+
+
 def test_duplicate_key_in_json_is_refused() -> None:
     text = '{"task": {"kind": "adding"},\n "space": {"lr": 0.1,\n "lr": 0.5}}'
     assert _errors(text) == [("space.lr", "duplicate key `lr` (lines 2 and 3)")]
