@@ -34,6 +34,7 @@ def _refuse(status: int, detail: str, error: str) -> JSONResponse:
 
 _SLASHES = re.compile(r"//+")
 _RAW_SLASHES = re.compile(rb"//+")
+_ENCODED_SLASH = re.compile(rb"%2f", re.IGNORECASE)
 
 
 class CanonicalPath:
@@ -42,7 +43,8 @@ class CanonicalPath:
     ``/v1`` no trailing slash (``/v1/studies/``; no resource's id is empty). Every guard
     and route behind it sees the same path, so none can be passed by another spelling.
     ``/V1/...`` is the API's JSON 404 naming ``/v1``: paths are case-sensitive, and it
-    would otherwise fall through to the dashboard's HTML page."""
+    would otherwise fall through to the dashboard's HTML page. So is a ``/v1`` path with an
+    encoded slash, which the client refuses too (an id never holds one)."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -56,13 +58,18 @@ class CanonicalPath:
         if (path == "/v1/" or path.startswith("/v1/")) and path.endswith("/"):
             path, raw = path.rstrip("/"), raw.rstrip(b"/")
         first = path.split("/", 2)[1]
+        why = None
         if first != "v1" and first.lower() == "v1":
-            await _refuse(
-                404,
-                f"no such endpoint: {scope.get('method', 'GET')} {path} "
-                "(paths are case-sensitive: the API is under /v1; see /docs)",
-                "NotFound",
-            )(scope, receive, send)
+            why = "paths are case-sensitive: the API is under /v1"
+        elif first == "v1" and _ENCODED_SLASH.search(raw):
+            # Starlette routes the decoded path, where ID%2Fbest would be ID/best: an
+            # encoded slash is part of a segment (RFC 3986 2.2), and no id holds one.
+            why = "an encoded slash (%2F) is not a path separator"
+        if why is not None:
+            where = f"{scope.get('method', 'GET')} {path}"
+            await _refuse(404, f"no such endpoint: {where} ({why}; see /docs)", "NotFound")(
+                scope, receive, send
+            )
             return
         if path != scope["path"]:
             scope = {**scope, "path": path, "raw_path": raw}

@@ -87,5 +87,9 @@ def test_one_spelling_of_each_path_reaches_the_routes(tmp_path: Path) -> None:
             assert answer.status_code == 404
             assert answer.headers["content-type"] == "application/json"
             assert "the API is under /v1" in answer.json()["detail"], answer.text
+        for encoded in ("/v1/studies/abc%2Fbest", "/v1%2Fhealth", "/v1/studies%2fabc"):
+            answer = client.get(base + encoded)  # were /best, /health and the study
+            assert answer.status_code == 404, (encoded, answer.text)
+            assert "an encoded slash (%2F)" in answer.json()["detail"], answer.text
         assert client.get(base + "//dashboard").status_code == 200
         assert client.get(base + "/v1vx").status_code == 404  # not an API path
