@@ -79,7 +79,7 @@ def check_name(name: str) -> str:
             [
                 errors.FieldError(
                     "name",
-                    "must be 1-100 letters, digits, '.', '_', '-' or '@', and not 'local' "
+                    "must be 1-100 ASCII letters, digits, '.', '_', '-' or '@', and not 'local' "
                     "(the open-mode user)",
                 )
             ]

@@ -85,7 +85,7 @@ def _fit_output_to_the_terminal() -> None:
 
 def _fail(err: LstmHpoError, code: int = 1) -> typer.Exit:
     if isinstance(err, InvalidSpec):
-        headline = err.__doc__ or ""
+        headline = err.default_message()
         if isinstance(err, CheckpointMismatch):
             headline = f"{err.path}: {headline}"
         err_console.print(f"[red]error:[/red] {escape(headline)}")

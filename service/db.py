@@ -174,17 +174,21 @@ def translate_db_error(error: exc.SQLAlchemyError) -> errors.LstmHpoError | None
     if isinstance(error, exc.IntegrityError):
         if not _is_unique_violation(error):
             return None  # a CHECK / foreign key / NOT NULL violation is a bug, not a conflict
-        return errors.AlreadyExists(f"{errors.AlreadyExists.__doc__} ({_describe(error)})")
+        return errors.AlreadyExists(
+            f"{errors.AlreadyExists.default_message()} ({_describe(error)})"
+        )
     if isinstance(error, exc.DBAPIError) and _is_missing_table(error):
         return errors.SchemaNotReady()
     if isinstance(error, exc.OperationalError) or (
         isinstance(error, exc.DBAPIError) and error.connection_invalidated
     ):
         return errors.DatabaseUnavailable(
-            f"{errors.DatabaseUnavailable.__doc__} ({_describe(error)})"
+            f"{errors.DatabaseUnavailable.default_message()} ({_describe(error)})"
         )
     if isinstance(error, exc.TimeoutError):  # no pooled connection became free in time
-        return errors.DatabaseUnavailable(f"{errors.DatabaseUnavailable.__doc__} ({error})")
+        return errors.DatabaseUnavailable(
+            f"{errors.DatabaseUnavailable.default_message()} ({error})"
+        )
     return None
 
 

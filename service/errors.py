@@ -17,8 +17,14 @@ class LstmHpoError(Exception):
     retryable: bool = False
 
     def __init__(self, message: str | None = None) -> None:
-        self.message = message or (self.__doc__ or self.__class__.__name__).strip()
+        self.message = message or self.default_message()
         super().__init__(self.message)
+
+    @classmethod
+    def default_message(cls) -> str:
+        """The class's docstring on one line: its breaks and indentation are not the
+        message's (a 404's detail read "trains none;\n    or it was deleted")."""
+        return " ".join((cls.__doc__ or cls.__name__).split())
 
 
 @dataclass(frozen=True)
@@ -40,7 +46,7 @@ class InvalidSpec(LstmHpoError):
 
     def __init__(self, errors: Sequence[FieldError]) -> None:
         self.errors = list(errors)
-        super().__init__("; ".join(str(e) for e in self.errors) or self.__doc__)
+        super().__init__("; ".join(str(e) for e in self.errors) or self.default_message())
 
 
 class InvalidConfig(InvalidSpec):

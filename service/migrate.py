@@ -199,7 +199,7 @@ def wait_for_schema(
             why = err.message
         now = time.monotonic()
         if now >= deadline:
-            raise errors.SchemaNotReady(f"{errors.SchemaNotReady.__doc__} Last: {why}")
+            raise errors.SchemaNotReady(f"{errors.SchemaNotReady.default_message()} Last: {why}")
         if said_at is None or now - said_at >= say_every_s:
             log.warning("waiting for the database (%.0fs left): %s", deadline - now, why)
             said_at = now

@@ -597,7 +597,7 @@ _STUDY_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 def _study_id(value: str) -> str:
     if not _STUDY_ID_RE.match(value):
-        raise ValueError("must be a study id (1-64 letters, digits, '-' or '_')")
+        raise ValueError("must be a study id (1-64 ASCII letters, digits, '-' or '_')")
     return value
 
 
@@ -931,7 +931,7 @@ class StudySpec(_Frozen):
     def _name_ok(cls, v: str | None) -> str | None:
         if v is not None and not _NAME_RE.match(v):
             raise ValueError(
-                "must be 1-100 letters, digits, '.', '_' or '-', starting alphanumeric"
+                "must be 1-100 ASCII letters, digits, '.', '_' or '-', starting alphanumeric"
             )
         return v
 

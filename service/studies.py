@@ -350,9 +350,13 @@ def extend_study(
     try:
         extended = queue.extend_job(backend.sessions, job_id, n_trials, max_n_trials=most)
     except InvalidSpec:
+        room = max(most - job.n_trials, 0)
         msg = (
-            f"must be <= {max(most - job.n_trials, 0)}: the study has {job.n_trials} trials "
+            f"must be <= {room}: the study has {job.n_trials} trials "
             f"and may have at most {most} ({why})"
+            if room
+            else f"the study has its most trials already ({job.n_trials} of {most}: {why}); "
+            "submit a new study, warm-started from this one (study.warm_start_from)"
         )
         raise InvalidSpec([FieldError("n_trials", msg)]) from None
     # Its checkpoints are pruned again (study.keep_checkpoints) once it ends again.

@@ -679,7 +679,7 @@ class Worker:
         its sampler cannot be built or asked): end it ``failed`` with the cause, give the
         slot back as failed, and go on with other jobs."""
         cause = err.message if isinstance(err, LstmHpoError) else _failure_reason(err)
-        reason = f"{JobCannotRun.__doc__} {cause}"
+        reason = f"{JobCannotRun.default_message()} {cause}"
         log.error(
             "study %s (job %s) failed: %s",
             lease.optuna_study_name,

@@ -35,7 +35,8 @@ def listen_for_work(engine: Engine, timeout_s: float) -> bool:
             except engine.dialect.loaded_dbapi.Error as error:  # psycopg's own, unwrapped
                 connection.invalidate()  # never hand this connection out again
                 raise errors.DatabaseUnavailable(
-                    f"{errors.DatabaseUnavailable.__doc__} ({type(error).__name__}: {error})"
+                    f"{errors.DatabaseUnavailable.default_message()} "
+                    f"({type(error).__name__}: {error})"
                 ) from error
             connection.exec_driver_sql(f"UNLISTEN {WORK_CHANNEL}")
             return woken

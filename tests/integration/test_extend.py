@@ -158,8 +158,11 @@ def test_extend_refusals(server: InProcessServer, db_url: str, tmp_path: Path) -
         bob.extend(study.id, 1)  # another principal's study looks like none at all
     with pytest.raises(ApiError, match="404"):
         alice.extend("no-such-study", 1)
-    with pytest.raises(InvalidSpec, match="n_trials"):
+    with pytest.raises(InvalidSpec, match="n_trials") as full:
         alice.extend(study.id, 1)  # now at 50
+    # Not "must be <= 0": what to do instead.
+    assert "has its most trials already (50 of 50" in str(full.value)
+    assert "warm_start_from" in str(full.value)
 
     grid = _spec(2, sampler="grid")
     grid["space"] = {"num_layers": {"type": "int", "low": 1, "high": 3}, "max_epochs": 2}

@@ -659,5 +659,5 @@ def test_slurm_script_refuses_early(
 
 def test_slurm_sqlite_refusal_is_the_services_own_message(slurm_stubs: Path) -> None:
     done, _ = _run_sbatch(slurm_stubs, LSTM_HPO_DATABASE_URL="sqlite:///x.db")
-    expected = " ".join((SingleHostOnly.__doc__ or "").split())
+    expected = SingleHostOnly.default_message()
     assert expected and expected in " ".join(done.stderr.split())

@@ -163,7 +163,8 @@ def test_every_shipped_search_space_is_valid() -> None:
         ),
         ("task: [", "not valid YAML or JSON at line 1"),
         ("- just\n- a list\n", "a spec must be a mapping"),
-        (_spec(name="has spaces"), "name: must be 1-100 letters"),
+        (_spec(name="has spaces"), "name: must be 1-100 ASCII letters"),
+        (_spec(name="café"), "name: must be 1-100 ASCII letters"),
         # As a parameter's true/false: YAML 1.1's words and numbers are not booleans.
         (
             _spec({"hidden_size": {"type": "int", "low": 8, "high": 64, "log": "yes"}}),
