@@ -319,3 +319,42 @@ def test_the_mean_best_so_far_is_taken_where_every_seed_has_a_value() -> None:
 
     assert xs == [2.0, 3.0, 4.0, 8.0]
     assert ys == pytest.approx([0.6, 0.45, 0.15, 0.15])
+
+
+def _adding_results(folder: Path, trials: list[tuple[int, str, float]]) -> Path:
+    """A bench.evaluate results.json of one stacked_lstm adding study (2 layers fixed by
+    the family): ``trials`` as (hidden units, init, lowest val MSE)."""
+    folder.mkdir()
+    study = {
+        "best_config": {"params": {"cell": "lstm", "num_layers": 2}},
+        "trials": [
+            {
+                "params": {"hidden_size": hidden, "init": init, "lr": 0.005},
+                "intermediate_values": {"0": 0.17, "1": lowest},
+            }
+            for hidden, init, lowest in trials
+        ],
+    }
+    space = {"hidden_size": {"type": "int", "low": 32, "high": 96}, "max_epochs": 2}
+    task = {"spec": {"space": space}, "studies": {"stacked_lstm": [study]}}
+    (folder / "results.json").write_text(json.dumps({"tasks": {"adding": task}}))
+    return folder
+
+
+def test_plateau_counts_trials_by_depth_width_and_init(tmp_path: Path) -> None:
+    from bench.plateau import fisher, plateau_trials, table
+
+    run = _adding_results(
+        tmp_path / "run",
+        [(40, "orthogonal", 0.0001), (90, "orthogonal", 0.17), (50, "xavier_uniform", 0.003)],
+    )
+    trials = list(plateau_trials([run]))
+    assert [(t.layers, t.hidden, t.init, t.left) for t in trials] == [
+        (2, 40, "orthogonal", True),
+        (2, 90, "orthogonal", False),
+        (2, 50, "xavier_uniform", False),  # 0.003: near, not below 0.002
+    ]
+    rows = table(trials, width_split=56).splitlines()
+    assert "| 2 | <= 56 | orthogonal | 1 of 1 |" in rows
+    assert "| 2 | > 56 | orthogonal | 0 of 1 |" in rows
+    assert fisher([True] * 9, [False] * 9) < 0.001 < fisher([True, False], [True, False]) == 1.0
