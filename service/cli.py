@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import signal
+import stat
 import sys
 import time
 from collections.abc import Iterator
@@ -516,7 +517,7 @@ def _database_errors() -> Iterator[None]:
         translated = translate_any(err)
         if translated is None:
             raise
-        raise _fail(translated) from None
+        raise _fail(translated, 2 if isinstance(translated, DatabaseUnusable) else 1) from None
 
 
 def _worker_options(settings: Settings, accelerator: str) -> WorkerOptions:
@@ -743,6 +744,7 @@ def migrate(
     database_url: Annotated[str | None, typer.Option(help="Database URL.")] = None,
 ) -> None:
     """Create or upgrade the database schema (the server also does this at start)."""
+    from service.db import make_engine
     from service.migrate import upgrade_schema
     from service.studies import optuna_storage
 
@@ -751,6 +753,7 @@ def migrate(
     if url.startswith("sqlite"):
         settings.data_dir.mkdir(parents=True, exist_ok=True)
     with _database_errors():
+        make_engine(url).dispose()  # a SQLite file's folder is created (or refused)
         optuna_storage(url)  # Optuna creates (or checks) its own tables
         upgrade_schema(url)
     console.print(f"schema is current on {settings.safe_database_url()}")
@@ -851,9 +854,11 @@ def submit(
     ] = None,
 ) -> None:
     """Submit a study; prints its id."""
-    try:
-        spec.open("rb").close()  # the client sends its bytes: the server names a byte
-    except OSError as err:  # that is not UTF-8 (a 422), as ``train`` does locally
+    try:  # the client reads and sends its bytes: the server names one that is not UTF-8
+        if not stat.S_ISREG(spec.stat().st_mode):  # a FIFO would block, a device never end
+            err_console.print(f"[red]error:[/red] {spec} is not a regular file")
+            raise typer.Exit(2)
+    except OSError as err:
         err_console.print(f"[red]error:[/red] cannot read {spec}: {err.strerror}")
         raise typer.Exit(2) from None
     with _client(server, token) as client:

@@ -37,6 +37,7 @@ blocking and one awaiting. Requests, retries, parsing and polling are written on
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import os
 import re
@@ -504,20 +505,58 @@ def server_url(text: str) -> str:
     """``text`` as the base URL requests are made from: no trailing ``/``, and no
     trailing ``/v1`` (the client adds it; ``http://host:8000/v1`` is a common paste).
 
-    Raises :class:`InvalidServerUrl` naming what is wrong: not http(s), no host, a port
-    outside 1-65535, or no URL at all (``127.0.0.1:8000`` needs ``http://``)."""
-    shown = text.strip()
+    Raises :class:`InvalidServerUrl` naming what is wrong, before any request (no retry
+    can mend these): not http(s), no host or not a host name (RFC 1123 labels, an IP
+    address), a port outside 1-65535, a user or password (the API takes a token:
+    ``--token``; httpx would send them as Basic auth in its place), or no URL at all
+    (``127.0.0.1:8000`` needs ``http://``). The message never shows a password."""
+    shown = _masked(text.strip())
     try:
-        url = httpx.URL(shown)
+        url = httpx.URL(text.strip())
         port = url.port
     except (httpx.InvalidURL, ValueError) as err:
         raise InvalidServerUrl(f"server URL {shown!r} is not a valid URL: {err}") from None
     if url.scheme not in ("http", "https") or not url.host:
-        hint = f" (did you mean http://{shown}?)" if "://" not in shown else ""
+        plain = "://" not in shown and ":/" not in shown and not shown.startswith("/")
+        hint = f" (did you mean http://{shown}?)" if plain and shown else ""
         raise InvalidServerUrl(f"server URL {shown!r} needs http:// or https:// and a host{hint}")
+    if url.userinfo:
+        raise InvalidServerUrl(
+            f"server URL {shown!r}: no user or password in it; the API takes a token "
+            "(--token or LSTM_HPO_TOKEN)"
+        )
+    if not _is_host(url.host):
+        raise InvalidServerUrl(f"server URL {shown!r}: {url.host[:80]!r} is not a host name")
     if port is not None and not 1 <= port <= 65535:
         raise InvalidServerUrl(f"server URL {shown!r}: port {port} is not in 1-65535")
-    return str(url.copy_with(query=None, fragment=None)).rstrip("/").removesuffix("/v1")
+    base = str(url.copy_with(query=None, fragment=None)).rstrip("/")
+    return base[:-3] if base.lower().endswith("/v1") else base
+
+
+_USERINFO_PASSWORD = re.compile(r"(//[^/@:]*:)[^/@]*@")
+_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")  # _: Docker service names
+
+
+def _masked(text: str) -> str:
+    """``text`` shortened to 200 characters, with any ``user:password@`` as ``user:***@``."""
+    masked = _USERINFO_PASSWORD.sub(r"\1***@", text)
+    return masked if len(masked) <= 200 else masked[:200] + "..."
+
+
+def _is_host(host: str) -> bool:
+    """An IP address, or a DNS name whose IDNA labels are RFC 1123's (httpx would fail
+    on it only when sending, with a UnicodeError)."""
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        pass
+    try:
+        ascii_name = host.encode("idna").decode("ascii")
+    except UnicodeError:
+        return False
+    labels = ascii_name.removesuffix(".").split(".")
+    return len(ascii_name) <= 253 and all(_HOST_LABEL.fullmatch(label) for label in labels)
 
 
 # -- the two clients ---------------------------------------------------------------------

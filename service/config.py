@@ -33,7 +33,9 @@ def check_database_url(text: str) -> URL:
     except exc.ArgumentError:
         raise ValueError(f"not a database URL; write {_URL_FORMS}") from None
     backend = url.get_backend_name()
-    if backend not in ("sqlite", "postgresql"):
+    if backend == "sqlite":
+        _check_sqlite_file(url.database)
+    elif backend != "postgresql":
         raise ValueError(f"{backend!r}: lstm-hpo runs on SQLite or PostgreSQL ({_URL_FORMS})")
     try:
         url.get_dialect().import_dbapi()
@@ -43,6 +45,21 @@ def check_database_url(text: str) -> URL:
             "comes with lstm-hpo's postgres extra: pip install 'lstm-hpo[postgres]'"
         ) from None
     return url
+
+
+def _check_sqlite_file(database: str | None) -> None:
+    """A SQLite URL's file: one every process opens (the server, each worker), never an
+    in-memory database (one per process, empty in each) or a path sqlite reads otherwise
+    than the user meant (``~`` is not expanded: it would be a folder named ``~``)."""
+    if not database or database == ":memory:" or "mode=memory" in database:
+        raise ValueError(
+            "an in-memory SQLite database is private to each process (the server and every "
+            "worker would have their own, empty): name a file, sqlite:///PATH"
+        )
+    if database.startswith("~"):
+        raise ValueError(f"{database!r}: ~ is not expanded in a database URL; write the full path")
+    if Path(database).is_dir():
+        raise ValueError(f"{database!r} is a directory: name the database file in it")
 
 
 class Settings(BaseSettings):

@@ -1712,10 +1712,14 @@ class _Yaml12Constructor(SafeConstructor):
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
+_MERGE_TAG = "tag:yaml.org,2002:merge"
 _Yaml12Constructor.add_constructor(_STR_TAG, _Yaml12Constructor.construct_yaml_str)
 _Yaml12Constructor.add_constructor(
     "tag:yaml.org,2002:timestamp", _Yaml12Constructor.construct_yaml_str
 )
+# A plain << as a value (``name: <<``) is text in YAML 1.2; as a key, _duplicate_keys
+# refuses it before anything is constructed.
+_Yaml12Constructor.add_constructor(_MERGE_TAG, _Yaml12Constructor.construct_yaml_str)
 
 
 def _load_yaml(text: str | bytes, error: type[InvalidSpec]) -> Any:
@@ -1774,9 +1778,6 @@ def _flow_depth(text: str) -> int:
         else:
             depth = max(depth - 1, 0)
     return deepest
-
-
-_MERGE_TAG = "tag:yaml.org,2002:merge"
 
 
 def _duplicate_keys(root: Node) -> list[FieldError]:

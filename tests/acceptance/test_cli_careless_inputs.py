@@ -45,7 +45,11 @@ def test_client_commands_refuse_what_cannot_work(server: LiveServer, tmp_path: P
     binary.write_bytes(b"\xff\xfe\x00name: x\n")
     # Was a UnicodeDecodeError traceback; the server names the byte, as `train` does.
     _refused(server.cli("submit", str(binary)), 2, "not UTF-8")
-    _refused(server.cli("submit", str(tmp_path)), 2, "cannot read")
+    _refused(server.cli("submit", str(tmp_path / "missing.yaml")), 2, "cannot read")
+    fifo = tmp_path / "fifo.yaml"
+    os.mkfifo(fifo)  # was a hang: read to check, then read again by the client
+    for not_a_file in (tmp_path, fifo):
+        _refused(server.cli("submit", str(not_a_file), timeout=60), 2, "not a regular file")
     port = server.url.rsplit(":", 1)[1]
     # Every client command builds its client in one place (cli._client): one each here.
     for bad, needle, command in (
@@ -53,10 +57,14 @@ def test_client_commands_refuse_what_cannot_work(server: LiveServer, tmp_path: P
         (f"127.0.0.1:{port}", f"did you mean http://127.0.0.1:{port}?", ("watch", "--once")),
         ("ftp://127.0.0.1", "needs http:// or https://", ("submit", str(binary))),
         ("http://127.0.0.1:99999", "port 99999 is not in 1-65535", ("status",)),
+        # httpx sent these as Basic auth in place of the token, and showed the password.
+        (f"http://me:s3cret@127.0.0.1:{port}", "no user or password in it", ("status",)),
+        ("http://a..b:1", "'a..b' is not a host name", ("status",)),  # was a UnicodeError
     ):
         result = server.cli(*command, "--server", bad)  # the last two were 5 retries
         _refused(result, 2, "--server", needle)
         assert "attempt" not in result.stderr, result.stderr  # no retry was made
+        assert "s3cret" not in result.stderr, result.stderr
     # The base URL as a user pastes it, with the API's /v1 (forms: test_server_url_forms).
     listed = server.cli("status", "--server", server.url + "/v1/")
     assert listed.returncode == 0, listed.stderr
@@ -64,12 +72,30 @@ def test_client_commands_refuse_what_cannot_work(server: LiveServer, tmp_path: P
 
 def test_server_url_forms() -> None:
     assert server_url(" http://h:8000/v1/ ") == "http://h:8000"
-    assert server_url("HTTPS://Example.org/prefix/") == "https://example.org/prefix"
-    for bad in ("", "localhost:8000", "http://", "http:///v1", "file:///tmp/x", "http://h:0"):
+    assert server_url("HTTPS://Example.org/prefix/V1") == "https://example.org/prefix"
+    assert server_url("http://lstm_hpo:8000") == "http://lstm_hpo:8000"  # a Compose service
+    assert server_url("http://[::1]:8000") == "http://[::1]:8000"
+    for bad in (
+        "",
+        "localhost:8000",
+        "http://",
+        "http:///v1",
+        "file:///tmp/x",
+        "http://h:0",
+        "http://a b:8000",
+        "http://-h-:8000",
+        "http://" + "a" * 64 + ":8000",
+        "http://u:pw@h:8000",
+    ):
         with pytest.raises(InvalidServerUrl):
             server_url(bad)
     with pytest.raises(ValueError, match="http://localhost:8000"):  # also a ValueError
         server_url("localhost:8000")
+    with pytest.raises(InvalidServerUrl) as unparsable:
+        server_url("http://u:s3cret@[::1")
+    assert "u:***@" in str(unparsable.value) and "s3cret" not in str(unparsable.value)
+    with pytest.raises(InvalidServerUrl, match=r"needs http:// or https:// and a host$"):
+        server_url("http:/h:8000")  # no "did you mean http://http:/h:8000"
 
 
 def test_database_and_port_settings_are_refused_by_name(tmp_path: Path) -> None:
@@ -91,6 +117,14 @@ def test_database_and_port_settings_are_refused_by_name(tmp_path: Path) -> None:
         _refused(result, 2, f"LSTM_HPO_DATABASE_URL: {needle}")
         assert "pw" not in result.stderr  # pydantic's own text showed the input
     _refused(_run("migrate", "--database-url", "garbage", env=env), 2, "--database-url: not a")
+    (tmp_path / "folder").mkdir()
+    for url, needle in (
+        ("sqlite://", "in-memory SQLite database is private to each process"),
+        ("sqlite:///:memory:", "in-memory SQLite database is private to each process"),
+        ("sqlite:///~/x.db", "~ is not expanded"),
+        (f"sqlite:///{tmp_path / 'folder'}", "is a directory"),
+    ):  # were "schema is current" on a database gone at exit, a traceback, 300 s waits
+        _refused(_run("migrate", "--database-url", url, env=env), 2, needle)
     # Well-formed but unusable: the cause in one line (were SQLAlchemy's tracebacks).
     unreachable = "postgresql+psycopg://nobody:pw@127.0.0.1:1/x"
     for command in (("migrate",), ("token", "list"), ("serve", "--workers", "0")):

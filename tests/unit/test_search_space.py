@@ -509,6 +509,12 @@ def test_yaml_merge_keys_are_refused_naming_their_mapping() -> None:
     anchored = "base: &b {lr: 0.7}\ntask: {kind: adding}\nspace: {<<: [*b, {lr: 0.9}]}\n"
     assert [loc for loc, _ in _errors(anchored)] == ["space"]
     assert _errors('task: {kind: adding}\nspace: {"<<": 1}\n') != []  # quoted: a plain key
+    # As a value, << is text (YAML 1.2): was "could not determine a constructor".
+    named = parse_spec("name: x\ntask: {kind: adding}\nspace: {max_epochs: 1}\n")
+    assert _errors("name: <<\ntask: {kind: adding}\nspace: {max_epochs: 1}\n") == [
+        ("name", "must be 1-100 ASCII letters, digits, '.', '_' or '-', starting alphanumeric")
+    ]
+    assert named.name == "x"
 
 
 def test_duplicate_key_in_json_is_refused() -> None:
