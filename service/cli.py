@@ -507,8 +507,9 @@ def _settings(database_url: str | None = None) -> Settings:
 
 @contextmanager
 def _database_errors() -> Iterator[None]:
-    """A database that cannot be reached, opened or migrated: its error line and exit 1,
-    not SQLAlchemy's traceback (a wrong host, a server not up yet)."""
+    """A database that cannot be reached, opened or migrated: its error line, not
+    SQLAlchemy's traceback (a wrong host, a server not up yet); exit 1, or 2 when the
+    setting itself cannot work (``DatabaseUnusable``)."""
     from service.db import translate_any
 
     try:
@@ -724,10 +725,8 @@ def worker(
         f"{_describe_plans(plans)}"
     )
     options = _worker_options(settings, accelerator)
-    try:
+    with _database_errors():
         engine = make_engine(options.database_url, pool_size=1)
-    except DatabaseUnusable as err:
-        raise _fail(err, 2) from None
     try:
         check_single_host(make_session_factory(engine), options)
     except SingleHostOnly as err:
