@@ -34,7 +34,7 @@ def check_database_url(text: str) -> URL:
         raise ValueError(f"not a database URL; write {_URL_FORMS}") from None
     backend = url.get_backend_name()
     if backend == "sqlite":
-        _check_sqlite_file(url.database)
+        _check_sqlite_file(url.database, url.query.get("mode"))
     elif backend != "postgresql":
         raise ValueError(f"{backend!r}: lstm-hpo runs on SQLite or PostgreSQL ({_URL_FORMS})")
     try:
@@ -47,11 +47,11 @@ def check_database_url(text: str) -> URL:
     return url
 
 
-def _check_sqlite_file(database: str | None) -> None:
+def _check_sqlite_file(database: str | None, mode: object = None) -> None:
     """A SQLite URL's file: one every process opens (the server, each worker), never an
     in-memory database (one per process, empty in each) or a path sqlite reads otherwise
     than the user meant (``~`` is not expanded: it would be a folder named ``~``)."""
-    if not database or database == ":memory:" or "mode=memory" in database:
+    if not database or database == ":memory:" or mode == "memory":
         raise ValueError(
             "an in-memory SQLite database is private to each process (the server and every "
             "worker would have their own, empty): name a file, sqlite:///PATH"

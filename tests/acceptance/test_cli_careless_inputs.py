@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from service.client import server_url
+from service.config import check_database_url
 from service.errors import InvalidServerUrl
 from tests.acceptance.conftest import CLI, LiveServer, start_server, stop_server
 
@@ -117,6 +118,9 @@ def test_database_and_port_settings_are_refused_by_name(tmp_path: Path) -> None:
         _refused(result, 2, f"LSTM_HPO_DATABASE_URL: {needle}")
         assert "pw" not in result.stderr  # pydantic's own text showed the input
     _refused(_run("migrate", "--database-url", "garbage", env=env), 2, "--database-url: not a")
+    with pytest.raises(ValueError, match="in-memory"):  # SQLite's URI form of the same
+        check_database_url("sqlite:///file:x?mode=memory&uri=true")
+    check_database_url(f"sqlite:///file:{tmp_path / 'x.db'}?uri=true")  # a file URI is fine
     (tmp_path / "folder").mkdir()
     for url, needle in (
         ("sqlite://", "in-memory SQLite database is private to each process"),
