@@ -81,8 +81,17 @@ class _Frozen(BaseModel):
                 continue
             kinds = {field.annotation, *typing.get_args(field.annotation)}
             if bool not in kinds and kinds & {int, float}:
-                raise ValueError(f"{name}: must be a number, not true/false")
+                raise _FieldValueError(name, "must be a number, not true/false")
         return data
+
+
+class _FieldValueError(ValueError):
+    """A model validator's finding about one of its fields: reported at that field's path
+    (``study.n_trials``), not at the model's (``study``) as a plain ValueError would be."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 def _known_encoding(name: str) -> str:
@@ -1050,6 +1059,8 @@ def _from_validation_error(
         loc = [*prefix, *(p for p in e["loc"] if p not in _UNION_TAGS)]
         if e["type"] in ("union_tag_invalid", "union_tag_not_found"):
             loc.append(e["ctx"]["discriminator"].strip("'"))
+        if isinstance(cause := (e.get("ctx") or {}).get("error"), _FieldValueError):
+            loc.append(cause.field)
         error = FieldError(_loc(loc), _message(e))
         if error not in out:
             out.append(error)

@@ -165,6 +165,8 @@ def test_every_shipped_search_space_is_valid() -> None:
         ("- just\n- a list\n", "a spec must be a mapping"),
         (_spec(name="has spaces"), "name: must be 1-100 ASCII letters"),
         (_spec(name="café"), "name: must be 1-100 ASCII letters"),
+        # At the field's path (was "study: n_trials: must be ...").
+        (_spec(study={"n_trials": True}), "study.n_trials: must be a number, not true/false"),
         # As a parameter's true/false: YAML 1.1's words and numbers are not booleans.
         (
             _spec({"hidden_size": {"type": "int", "low": 8, "high": 64, "log": "yes"}}),
