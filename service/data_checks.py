@@ -58,6 +58,7 @@ __all__ = [
     "check_task_data",
     "forecast_bounds",
     "in_user_terms",
+    "log_series",
     "needs_datasets_extra",
     "read_csv_column",
     "read_jsonl",
@@ -80,6 +81,9 @@ BUNDLED_PACKAGES: Mapping[str, str] = {
 #: Points in each bundled series (monthly airline passengers 1949-1960; yearly sunspots
 #: 1700-2008), so that lookback + horizon is checked at submit without loading them.
 BUNDLED_SERIES_LENGTHS: Mapping[str, int] = {"airline": 144, "sunspots": 309}
+#: The first point (1-based) of each bundled series that is not > 0, which ``transform:
+#: log`` cannot take (sunspots: 1711, a year without any), or None: checked at submit too.
+BUNDLED_SERIES_FIRST_NONPOSITIVE: Mapping[str, int | None] = {"airline": None, "sunspots": 12}
 
 #: CSV cells that mean "no value" (the row is dropped and counted).
 _MISSING = frozenset({"", "na", "nan", "null", "none", "n/a"})
@@ -433,6 +437,27 @@ def read_csv_column(
                 f"forecast: {path} line {reader.line_num}: malformed CSV ({err})"
             ) from None
     return np.asarray(values, dtype=np.float64), dropped
+
+
+def log_series(series: np.ndarray, source: str) -> np.ndarray:
+    """``log(series)`` for ``task.transform: log`` (float64[n] -> float64[n]).
+
+    Raises :class:`DataError` naming ``source`` and the first point that is not > 0 (the
+    logarithm of 0 or of a negative number is no number: every trial would fail on it).
+    """
+    bad = np.flatnonzero(~(series > 0))
+    if bad.size:
+        first = int(bad[0])
+        raise DataError(_not_positive(source, first + 1, float(series[first])))
+    logs: np.ndarray = np.log(series)
+    return logs
+
+
+def _not_positive(source: str, point: int, value: float) -> str:
+    return (
+        f"{source}: point {point:,} of the series is {value:g}: `transform: log` needs every "
+        "value > 0 (use `transform: none`, or shift the series in the file)"
+    )
 
 
 def standardise_series(
@@ -841,6 +866,11 @@ def _file_error(
                 return size_error
             bounds = forecast_bounds(task, len(series))
             check_series_fits(bounds, task.lookback, task.horizon)
+            if task.transform == "log":
+                try:
+                    series = log_series(series, f"forecast: column {task.column!r}")
+                except DataError as err:
+                    return FieldError("task.transform", err.message)
             standardise_series(series, bounds.val_start, f"forecast: {path}")
         elif isinstance(task, ClassifyTask):
             data = read_jsonl(path, task.encoding)
@@ -939,4 +969,8 @@ def _bundled_error(task: ForecastTask | ClassifyTask) -> FieldError | None:
         except DataError as err:
             message = err.message.replace("the series", f"the {task.dataset} series", 1)
             return FieldError("task.lookback", message)
+        point = BUNDLED_SERIES_FIRST_NONPOSITIVE[task.dataset]
+        if task.transform == "log" and point is not None:
+            message = _not_positive(f"forecast: {task.dataset}", point, 0.0)
+            return FieldError("task.transform", message)
     return None

@@ -166,6 +166,14 @@ class ForecastTask(_Frozen):
     #: model learns changes, so a trend beyond the training range does not break it);
     #: none: absolute (standardised) levels.
     normalize: Literal["last_value", "none"] = "last_value"
+    #: log: the model sees and forecasts the logarithm of the series (every value must be
+    #: > 0), so a seasonal swing that grows with the level becomes a constant one, as the
+    #: airline model assumes (Box & Jenkins 1976); RMSE stays on the original scale.
+    transform: Literal["none", "log"] = Field(
+        default="none",
+        description="log: model the series' logarithm (values > 0; swings proportional to "
+        "the level, as in the airline model); RMSE stays on the original scale.",
+    )
     #: Seasonal period for the seasonal-naive baseline (default: 12 airline, 11 sunspots).
     season: int | None = Field(default=None, ge=2, le=10_000)
     val_fraction: float = Field(default=0.15, gt=0.0, lt=0.5)

@@ -31,7 +31,7 @@ from service.search_space import (
 )
 from service.training.checkpoints import REFIT_KEY, SavedModel, load_model_weights
 from service.training.data import TaskData, build_task_data
-from service.training.data.base import InMemoryDataModule
+from service.training.data.base import InMemoryDataModule, split_batch
 from service.training.model import count_parameters
 from service.training.module import LSTMLightningModule
 from service.training.run_dir import SELECTION_DIR
@@ -588,8 +588,9 @@ def measure_model_cost(
     module = module.to(device).eval()
     data.datamodule.setup("fit")
     batch = next(iter(data.datamodule.val_dataloader()))
-    x = batch[0][:1].to(device)
-    lengths = batch[2][:1] if len(batch) > 2 else None
+    parts = split_batch(data.problem, batch)
+    x = parts.x[:1].to(device)
+    lengths = parts.lengths[:1] if parts.lengths is not None else None
     times = []
     with torch.inference_mode():
         for i in range(5 + repeats):

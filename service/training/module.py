@@ -21,7 +21,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from torchmetrics.regression import MeanSquaredError
 
 from service.search_space import CLASSIFY_LOSS_METRIC, TASK_METRICS, LSTMConfig
-from service.training.data.base import Problem
+from service.training.data.base import Problem, split_batch
 from service.training.model import RecurrentState, StackedLSTM, detach_state
 
 STAGES = ("train", "val", "test")
@@ -113,8 +113,8 @@ class LSTMLightningModule(L.LightningModule):
         return out
 
     def _common_step(self, batch: Sequence[Tensor], stage: str) -> Tensor:
-        x, y = batch[0], batch[1]
-        lengths = batch[2] if len(batch) > 2 else None
+        parts = split_batch(self.problem, batch)
+        x, y, lengths = parts.x, parts.y, parts.lengths
         if self.config.stateful:
             # Truncated BPTT: start from where the previous batch ended, stop the gradient there.
             out, state = self.model.forward_stateful(x, self._states.get(stage))
@@ -138,7 +138,7 @@ class LSTMLightningModule(L.LightningModule):
             y = y.reshape(out.shape).to(out.dtype)  # never broadcast [B, 1] against [B]
             loss = F.mse_loss(out, y)
 
-        metric = self._update_metric(stage, out.detach(), y)
+        metric = self._update_metric(stage, out.detach(), y, parts.anchor)
         if stage == "train":
             # A self.log call costs ~0.5 ms on a CPU (Lightning re-homes its whole result record
             # each time), as much as the rest of its per-step overhead; so a training step logs
@@ -156,15 +156,17 @@ class LSTMLightningModule(L.LightningModule):
             self.log(name, metric, on_step=False, on_epoch=True, batch_size=y.shape[0])
         return loss
 
-    def _update_metric(self, stage: str, out: Tensor, y: Tensor) -> Metric | None:
+    def _update_metric(
+        self, stage: str, out: Tensor, y: Tensor, anchor: Tensor | None
+    ) -> Metric | None:
         if self._metric_name is None:
             return None
         metric = cast(Metric, self.metrics[f"{stage}_{self._metric_name}"])
         if self._metric_name == "rmse":
-            # RMSE(s * a, s * b) = s * RMSE(a, b): the metric accumulates the epoch's squared
-            # errors on the original scale, so the logged value is the exact epoch RMSE.
-            scale = self.problem.target_scale
-            metric.update(out * scale, y * scale)
+            # The metric accumulates the epoch's squared errors on the original scale (not
+            # the standardised, perhaps logged one), so the logged value is the exact RMSE.
+            to_original = self.problem.to_original
+            metric.update(to_original(out, anchor), to_original(y, anchor))
         elif self._metric_name == "acc":
             metric.update(out.argmax(dim=-1), y)
         else:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -15,11 +15,13 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, TensorDataset
 class Problem:
     """The shape of a task, as the model and the LightningModule need it.
 
-    Batches are ``(x, y)`` for fixed-length tasks and ``(x, y, lengths)`` for
-    variable-length ones (``lengths``: LongTensor[B] on the CPU, x right-padded):
+    Batches are ``(x, y)`` for fixed-length tasks, ``(x, y, lengths)`` for
+    variable-length ones (``lengths``: LongTensor[B] on the CPU, x right-padded) and
+    ``(x, y, anchor)`` for log-transformed forecasts (see :func:`split_batch`):
 
     - tokens / every_step / cross_entropy (char_lm): x Long[B, T], y Long[B, T]
-    - features / last_step / mse (forecast): x Float[B, lookback, 1], y Float[B, horizon]
+    - features / last_step / mse (forecast): x Float[B, lookback, 1], y Float[B, horizon],
+      with ``target_transform="log"`` also anchor Float[B, 1]
     - features / last_step / cross_entropy (classify): x Float[B, T, F], y Long[B], lengths
     - features / last_step / mse (adding): x Float[B, T, 2], y Float[B, 1]
     """
@@ -35,6 +37,40 @@ class Problem:
     metric: str
     #: forecast: targets are standardised; RMSE on the original scale = RMSE * target_scale.
     target_scale: float = 1.0
+    #: forecast with ``task.transform: log``: targets are standardised logs, relative to a
+    #: per-window anchor (the batch's third tensor); a value on the original scale is
+    #: ``exp((y + anchor) * target_scale + target_offset)`` (:meth:`to_original`).
+    target_transform: Literal["none", "log"] = "none"
+    target_offset: float = 0.0
+
+    def to_original(self, y: torch.Tensor, anchor: torch.Tensor | None) -> torch.Tensor:
+        """Predictions or targets ``y`` (Float[B, horizon], standardised) on the original
+        scale; ``anchor`` (Float[B, 1]) is required with ``target_transform="log"``."""
+        if self.target_transform == "none":
+            return y * self.target_scale
+        if anchor is None:
+            raise ValueError("a log-transformed forecast needs each window's anchor")
+        return torch.exp((y + anchor) * self.target_scale + self.target_offset)
+
+
+@dataclass(frozen=True)
+class Batch:
+    """A batch's tensors by role: see :class:`Problem` for the shapes."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    lengths: torch.Tensor | None = None
+    anchor: torch.Tensor | None = None
+
+
+def split_batch(problem: Problem, batch: Sequence[torch.Tensor]) -> Batch:
+    """``batch`` as the data module made it, its optional third tensor named by ``problem``:
+    the anchors of a log-transformed forecast, else variable lengths."""
+    x, y = batch[0], batch[1]
+    third = batch[2] if len(batch) > 2 else None
+    if problem.target_transform == "log":
+        return Batch(x, y, anchor=third)
+    return Batch(x, y, lengths=third)
 
 
 @dataclass(frozen=True)

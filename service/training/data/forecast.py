@@ -12,6 +12,7 @@ from service.data_checks import (
     BUNDLED_PACKAGES,
     check_series_fits,
     forecast_bounds,
+    log_series,
     needs_datasets_extra,
     read_csv_column,
     standardise_series,
@@ -29,9 +30,9 @@ class ForecastDataModule(InMemoryDataModule):
 
     def __init__(
         self,
-        train: tuple[torch.Tensor, torch.Tensor],
-        val: tuple[torch.Tensor, torch.Tensor],
-        test: tuple[torch.Tensor, torch.Tensor],
+        train: tuple[torch.Tensor, ...],
+        val: tuple[torch.Tensor, ...],
+        test: tuple[torch.Tensor, ...],
         batch_size: int,
         *,
         mean: float,
@@ -75,20 +76,22 @@ def make_windows(
     horizon: int,
     *,
     relative_to_last: bool = False,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Inputs ``series[t-lookback:t]`` and targets ``series[t:t+horizon]`` for each ``t``.
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Inputs ``series[t-lookback:t]``, targets ``series[t:t+horizon]`` and the anchor
+    each is relative to, for each ``t``: float[N, lookback], float[N, horizon], float[N, 1].
 
-    ``relative_to_last`` subtracts each window's last input value from its inputs and
-    targets: the network learns changes, not levels, so it keeps working when the test
-    period lies outside the range of the training levels (a trending series). The error,
-    and so the RMSE, is the same in both forms: (last + predicted change) - target.
+    ``relative_to_last`` subtracts each window's last input value (its anchor; else 0) from
+    its inputs and targets: the network learns changes, not levels, so it keeps working
+    when the test period lies outside the range of the training levels (a trending
+    series). The error, and so the RMSE, is the same in both forms: (last + predicted
+    change) - target.
     """
     x = sliding_window_view(series, lookback)[starts - lookback]
     y = sliding_window_view(series, horizon)[starts]
     if relative_to_last:
         last = x[:, -1:]
-        return x - last, y - last
-    return x, y
+        return x - last, y - last, last
+    return x, y, np.zeros((len(starts), 1))
 
 
 def naive_rmse(series: np.ndarray, starts: np.ndarray, horizon: int) -> float:
@@ -105,6 +108,15 @@ def seasonal_naive_rmse(series: np.ndarray, starts: np.ndarray, horizon: int, se
     target_idx = starts[:, None] + k[None, :]
     source_idx = target_idx - season * (k // season + 1)[None, :]
     return float(np.sqrt(np.mean((series[target_idx] - series[source_idx]) ** 2)))
+
+
+def _split_tensors(
+    windows: tuple[np.ndarray, np.ndarray, np.ndarray], *, with_anchor: bool
+) -> tuple[torch.Tensor, ...]:
+    """A split's batch tensors (:class:`~service.training.data.base.Problem`): (x, y),
+    with the anchors third when a log transform needs them to recover the original scale."""
+    x, y, anchor = (torch.from_numpy(a.astype(np.float32)) for a in windows)
+    return (x.unsqueeze(-1), y, anchor) if with_anchor else (x.unsqueeze(-1), y)
 
 
 def build_forecast(
@@ -129,7 +141,9 @@ def build_forecast(
     check_series_fits(bounds, lookback, horizon)
     n_train, n_val, n_test = bounds.sizes
 
-    scaled, mean, std = standardise_series(series, bounds.val_start, f"forecast: {source}")
+    logged = task.transform == "log"
+    modelled = log_series(series, f"forecast: {source}") if logged else series
+    scaled, mean, std = standardise_series(modelled, bounds.val_start, f"forecast: {source}")
 
     starts = {
         "train": window_starts(lookback, bounds.val_start, horizon),
@@ -137,21 +151,16 @@ def build_forecast(
         "test": window_starts(bounds.test_start, bounds.n, horizon),
     }
     train, val, test = (
-        tuple(
-            torch.from_numpy(a.astype(np.float32))
-            for a in make_windows(
+        _split_tensors(
+            make_windows(
                 scaled, s, lookback, horizon, relative_to_last=task.normalize == "last_value"
-            )
+            ),
+            with_anchor=logged,
         )
         for s in starts.values()
     )
     datamodule = ForecastDataModule(
-        (train[0].unsqueeze(-1), train[1]),
-        (val[0].unsqueeze(-1), val[1]),
-        (test[0].unsqueeze(-1), test[1]),
-        batch_size=params.batch_size,
-        mean=mean,
-        std=std,
+        train, val, test, batch_size=params.batch_size, mean=mean, std=std
     )
 
     val_baselines = {"naive": naive_rmse(series, starts["val"], horizon)}
@@ -175,6 +184,8 @@ def build_forecast(
             loss="mse",
             metric="val_rmse",
             target_scale=std,
+            target_transform=task.transform,
+            target_offset=mean if logged else 0.0,
         ),
         datamodule=datamodule,
         val_baselines=val_baselines,
@@ -182,7 +193,8 @@ def build_forecast(
         primary_baseline="naive",
         description=(
             f"forecast: {source}, {bounds.n:,} points{missing} (train {n_train:,} / "
-            f"val {n_val:,} / test {n_test:,}), lookback {lookback}, horizon {horizon}: "
+            f"val {n_val:,} / test {n_test:,}){', log values' if logged else ''}, "
+            f"lookback {lookback}, horizon {horizon}: "
             f"{counts} windows"
         ),
     )
