@@ -93,6 +93,25 @@ def test_missing_values_are_dropped_and_the_study_says_which_lines(server: Serve
     assert stored["notes"] == [note]
 
 
+def test_log_transform_of_a_series_with_a_zero_is_refused_naming_the_field(
+    server: Server,
+) -> None:
+    """log(0) would fail every trial: a 422 at task.transform naming the point; nothing kept."""
+    rows = "".join(f"{i},{0 if i == 9 else 100 + i}\n" for i in range(60))
+    (server.datasets / "zero.csv").write_text("month,load\n" + rows, encoding="utf-8")
+    task = {"kind": "forecast", "path": "zero.csv", "column": "load", "lookback": 4}
+    before = server.total()
+
+    response = server.http.post("/v1/studies", json={"task": {**task, "transform": "log"}})
+
+    assert response.status_code == 422, response.text
+    [error] = response.json()["errors"]
+    assert error["loc"] == "task.transform", error
+    assert "point 10 of the series is 0: `transform: log` needs every value > 0" in error["msg"]
+    assert server.total() == before
+    assert server.http.post("/v1/studies", json={"task": task}).status_code == 201
+
+
 def test_data_spoilt_after_submit_fail_the_trial_naming_the_file_as_the_user_did(
     server: Server,
 ) -> None:

@@ -257,6 +257,52 @@ def test_forecast_last_value_windows_hold_changes_not_levels(tmp_path: Path) -> 
         np.testing.assert_allclose(y.numpy() * std, np.tile([3.0, 6.0], (len(y), 1)), rtol=1e-5)
 
 
+@pytest.mark.parametrize("normalize", ["last_value", "none"])
+def test_forecast_log_transform_recovers_the_original_values(
+    tmp_path: Path, normalize: str
+) -> None:
+    """``transform: log``: the windows hold standardised logs (relative to each window's
+    anchor, the batch's third tensor) and the problem maps them back to the series."""
+    series = 100.0 * 1.1 ** np.arange(20)  # exponential growth: a straight line in logs
+    path = _write_csv(tmp_path / "g.csv", [repr(float(v)) for v in series])
+    td = build_task_data(_forecast_task(path, transform="log", normalize=normalize), PARAMS)
+
+    logs = np.log(series[:12])
+    assert td.problem.target_transform == "log"
+    assert td.problem.target_offset == pytest.approx(logs.mean())
+    assert td.problem.target_scale == pytest.approx(logs.std())
+    assert "(train 12 / val 4 / test 4), log values, lookback 3" in td.description
+    first_targets = {"train": 3, "val": 12, "test": 16}
+    for split, t0 in first_targets.items():
+        x, y, anchor = split_tensors(td, split)
+        assert anchor.shape == (len(y), 1) and anchor.dtype == torch.float32
+        expected = np.stack([series[t0 + i : t0 + i + 2] for i in range(len(y))])
+        np.testing.assert_allclose(td.problem.to_original(y, anchor).numpy(), expected, rtol=1e-5)
+        if normalize == "last_value":
+            # Every step multiplies by 1.1: each target is a constant change of the log.
+            np.testing.assert_allclose(
+                y.numpy() * logs.std(), np.tile(np.log([1.1, 1.21]), (len(y), 1)), rtol=1e-4
+            )
+    x, y, anchor = next(iter(loader(td, "train")))
+    assert x.shape == (4, 3, 1) and y.shape == (4, 2) and anchor.shape == (4, 1)
+    # The baselines are the series' own, untouched by the transform.
+    assert td.test_baselines["naive"] == pytest.approx(
+        build_task_data(_forecast_task(path), PARAMS).test_baselines["naive"]
+    )
+
+
+@pytest.mark.parametrize("value", ["0", "-3.5"])
+def test_forecast_log_of_a_value_that_is_not_positive_names_the_point(
+    tmp_path: Path, value: str
+) -> None:
+    values = [str(v) for v in range(1, 21)]
+    values[14] = value
+    path = _write_csv(tmp_path / "z.csv", values)
+    with pytest.raises(DataError, match=r"point 15 of the series is -?[\d.]+: `transform: log`"):
+        build_task_data(_forecast_task(path, transform="log"), PARAMS)
+    build_task_data(_forecast_task(path), PARAMS)  # without the transform it is data
+
+
 def test_forecast_scaling_ignores_val_and_test(tmp_path: Path) -> None:
     base = [str(v) for v in range(12)]
     a = build_task_data(_forecast_task(_write_csv(tmp_path / "a.csv", base + ["0"] * 8)), PARAMS)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from service.data_checks import check_task_data, read_csv_column, read_text_file
@@ -616,12 +617,38 @@ def test_a_bundled_series_too_short_for_lookback_is_refused(tmp_path: Path) -> N
 
 
 def test_bundled_series_lengths_are_the_real_ones() -> None:
-    from service.data_checks import BUNDLED_SERIES_LENGTHS
+    from service.data_checks import BUNDLED_SERIES_FIRST_NONPOSITIVE, BUNDLED_SERIES_LENGTHS
     from service.training.data.forecast import load_bundled_series
 
+    assert BUNDLED_SERIES_FIRST_NONPOSITIVE.keys() == BUNDLED_SERIES_LENGTHS.keys()
     for name, n in BUNDLED_SERIES_LENGTHS.items():
         pytest.importorskip({"airline": "aeon", "sunspots": "statsmodels"}[name])
-        assert len(load_bundled_series(name)) == n
+        series = load_bundled_series(name)
+        assert len(series) == n
+        bad = np.flatnonzero(series <= 0)
+        assert BUNDLED_SERIES_FIRST_NONPOSITIVE[name] == (int(bad[0]) + 1 if bad.size else None)
+
+
+def test_log_transform_of_a_series_with_zeros_is_refused_at_submit(tmp_path: Path) -> None:
+    """Every trial would fail on log(0): the spec is refused naming task.transform."""
+    pytest.importorskip("aeon")
+    pytest.importorskip("statsmodels")
+    accepted(tmp_path, {"kind": "forecast", "dataset": "airline", "transform": "log"})
+    error = refused(tmp_path, {"kind": "forecast", "dataset": "sunspots", "transform": "log"})
+    assert error == FieldError(
+        "task.transform",
+        "forecast: sunspots: point 12 of the series is 0: `transform: log` needs every value "
+        "> 0 (use `transform: none`, or shift the series in the file)",
+    )
+    accepted(tmp_path, {"kind": "forecast", "dataset": "sunspots"})
+
+    _write(tmp_path, "s.csv", "t,y\n" + "".join(f"{i},{i - 2}\n" for i in range(30)))
+    error = refused(tmp_path, _csv_task(transform="log"))
+    assert error.loc == "task.transform"
+    assert error.msg.startswith("forecast: column 'y': point 1 of the series is -2: ")
+    accepted(tmp_path, _csv_task())
+    _write(tmp_path, "s.csv", "t,y\n" + "".join(f"{i},{i + 0.5}\n" for i in range(30)))
+    accepted(tmp_path, _csv_task(transform="log"))
 
 
 # --------------------------------------------------------------------------------------

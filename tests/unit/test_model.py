@@ -428,6 +428,32 @@ def test_rmse_is_the_exact_epoch_rmse_on_the_original_scale() -> None:
     assert result["val_loss"] == pytest.approx(squared.mean().item(), rel=1e-5)
 
 
+def test_log_forecast_rmse_is_on_the_original_scale_not_the_log() -> None:
+    """``task.transform: log``: the model works on standardised logs relative to each
+    window's anchor; the logged RMSE is that of exp() of both, i.e. in the series' units."""
+    torch.manual_seed(0)
+    problem = dataclasses.replace(FORECAST, target_transform="log", target_offset=4.0)
+    module = LSTMLightningModule.from_config(problem, LSTMConfig(num_layers=1, hidden_size=8))
+    x, y = torch.randn(7, 6, 1), torch.randn(7, 2) * 0.1
+    anchor = torch.linspace(-1.0, 1.0, 7).unsqueeze(-1)
+    result = _validate(module, [(x[:6], y[:6], anchor[:6]), (x[6:], y[6:], anchor[6:])])
+
+    with torch.no_grad():
+        out = module.eval()(x)
+    level = lambda v: torch.exp((v + anchor) * 2.5 + 4.0)  # noqa: E731 - the inverse, by hand
+    expected = ((level(out) - level(y)) ** 2).mean().sqrt().item()
+    assert result["val_rmse"] == pytest.approx(expected, rel=1e-5)
+    # The loss stays the standardised-log MSE the model is trained on.
+    assert result["val_loss"] == pytest.approx(((out - y) ** 2).mean().item(), rel=1e-5)
+    assert expected > 10 * ((out - y) ** 2).mean().sqrt().item() * 2.5  # not the log's RMSE
+
+
+def test_log_forecast_without_its_anchor_is_refused() -> None:
+    problem = dataclasses.replace(FORECAST, target_transform="log")
+    with pytest.raises(ValueError, match="anchor"):
+        problem.to_original(torch.zeros(2, 2), None)
+
+
 def test_training_metrics_are_exact_epoch_values() -> None:
     # A vanishing learning rate keeps the weights fixed, so the epoch's values are known.
     params = LSTMConfig(num_layers=1, hidden_size=8, optimizer="sgd", lr=1e-12)
