@@ -735,7 +735,8 @@ def worker(
         pass  # no schema or no database yet: the worker processes wait for the server
     finally:
         engine.dispose()
-    run_worker_processes(options, plans)
+    if run_worker_processes(options, plans) == len(plans):
+        raise typer.Exit(2)  # every process refused to start; each said why
 
 
 @app.command()

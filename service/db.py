@@ -168,8 +168,9 @@ def _is_unique_violation(error: exc.IntegrityError) -> bool:
 def translate_db_error(error: exc.SQLAlchemyError) -> errors.LstmHpoError | None:
     """The :mod:`service.errors` counterpart of a SQLAlchemy error, or None to re-raise it.
 
-    A unique violation -> ``AlreadyExists``; a missing table -> ``SchemaNotReady``; a lock,
-    deadlock, lost connection or exhausted pool -> ``DatabaseUnavailable`` (retryable).
+    A unique violation -> ``AlreadyExists``; a missing table -> ``SchemaNotReady``; a
+    connection option the driver refuses -> ``DatabaseUnusable``; a lock, deadlock, lost
+    connection or exhausted pool -> ``DatabaseUnavailable`` (retryable).
     """
     if isinstance(error, exc.IntegrityError):
         if not _is_unique_violation(error):
@@ -179,6 +180,10 @@ def translate_db_error(error: exc.SQLAlchemyError) -> errors.LstmHpoError | None
         )
     if isinstance(error, exc.DBAPIError) and _is_missing_table(error):
         return errors.SchemaNotReady()
+    if isinstance(error, exc.ProgrammingError) and error.statement is None:
+        # Raised while connecting, before any statement: the URL's connection options are
+        # wrong (psycopg: an unknown option, connect_timeout=abc); waiting cannot help.
+        return errors.DatabaseUnusable(f"the database URL's connection options: {error.orig}")
     if isinstance(error, exc.OperationalError) or (
         isinstance(error, exc.DBAPIError) and error.connection_invalidated
     ):

@@ -38,6 +38,7 @@ from service.artifacts import CheckpointStore, open_artifact_store
 from service.data_checks import in_user_terms
 from service.db import is_outage, is_sqlite, make_engine, make_session_factory
 from service.errors import (
+    DatabaseUnusable,
     JobCannotRun,
     LeaseLost,
     LstmHpoError,
@@ -1057,7 +1058,7 @@ def worker_main(options: WorkerOptions, watch: TrialWatch | None = None) -> int:
         signal.signal(signum, stop)
     try:
         return worker.run()
-    except SingleHostOnly as err:
+    except (SingleHostOnly, DatabaseUnusable) as err:  # a restart would meet it again
         log.error("%s", err.message)
         raise SystemExit(EXIT_REFUSED) from None
 
@@ -1115,8 +1116,9 @@ def run_worker_processes(
     max_restarts: int = 20,
     install_signals: bool = True,
     stop_event: threading.Event | None = None,
-) -> None:
-    """Run worker processes; restart one that dies abnormally (bounded).
+) -> int:
+    """Run worker processes; restart one that dies abnormally (bounded). Returns how many
+    refused to start (:data:`EXIT_REFUSED`: a configuration a restart would meet again).
 
     ``processes``: a count (each process inherits the environment and uses ``options``), or
     the plans :func:`plan_worker_processes` made (device and threads per process).
@@ -1143,7 +1145,7 @@ def run_worker_processes(
     )
     children: dict[int, mp.process.BaseProcess] = {}
     watches = [TrialWatch(ctx.Array("d", TrialWatch.FIELDS)) for _ in plans]
-    restarts = 0
+    restarts = refused = 0
     stop_requested_at: float | None = None
     escalated = 0  # 1: second SIGTERM sent; 2: SIGKILL sent
 
@@ -1201,6 +1203,7 @@ def run_worker_processes(
                 continue
             if proc.exitcode == EXIT_REFUSED:
                 log.error("worker-%d refused to start (see above); not restarting it", slot)
+                refused += 1
                 continue
             if restarts >= max_restarts:
                 log.error("worker-%d died (exit %s); restart budget spent", slot, proc.exitcode)
@@ -1209,6 +1212,7 @@ def run_worker_processes(
             log.warning("worker-%d died (exit %s); restarting", slot, proc.exitcode)
             time.sleep(min(2.0 * restarts, 30.0))
             start(slot)
+    return refused
 
 
 def _kill_hung_children(

@@ -138,6 +138,14 @@ def test_database_and_port_settings_are_refused_by_name(tmp_path: Path) -> None:
         "worker", "-p", "1", env=env | {"LSTM_HPO_DATABASE_URL": "sqlite:////proc/x/y.db"}
     )
     _refused(result, 2, "cannot create /proc/x for the SQLite database")
+    # A connection option the driver refuses: exit 2 with its words (was a traceback).
+    for query, needle, command in (
+        ("connect_timeout=abc", "bad value for connect_timeout: 'abc'", ("migrate",)),
+        ("bogus_option=1", 'invalid connection option "bogus_option"', ("worker", "-p", "1")),
+    ):
+        url = f"postgresql+psycopg://nobody@127.0.0.1:1/x?{query}"
+        result = _run(*command, env=env | {"LSTM_HPO_DATABASE_URL": url})
+        _refused(result, 2, "the database URL's connection options: " + needle)
     _refused(_run("serve", "--port", "99999", env=env), 2, "65535")  # was OverflowError
 
 
