@@ -1034,6 +1034,8 @@ def _message(e: Any) -> str:
         return f"must be one of {e['ctx']['expected_tags']} (got {e['ctx']['tag']!r})"
     if e["type"] == "bool_type":  # a StrictBool field
         return _not_a_bool(e["input"])
+    if e["type"] == "int_parsing_size":  # pydantic: "unable to parse input string ..."
+        return f"input should be a valid integer, {e['input']!r} is too large"
     msg: str = e["msg"].removeprefix("Value error, ")
     return msg[0].lower() + msg[1:] if msg else msg
 

@@ -587,6 +587,8 @@ def test_one_layer_written_as_text_does_not_search_dropout() -> None:
             {"num_layers": {"type": "categorical", "choices": [2, 2.0]}},
             ("space.num_layers.choices", "must not repeat a choice"),
         ),
+        # Was pydantic's "unable to parse input string as an integer, exceeded maximum size".
+        ({"num_layers": 1e30}, ("space.num_layers", "input should be a valid integer, 1e+30 is")),
     ],
 )
 def test_a_number_that_is_not_the_parameters_type_is_refused(
