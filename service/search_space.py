@@ -326,6 +326,14 @@ TaskSpec: TypeAlias = Annotated[
     CharLMTask | ForecastTask | ClassifyTask | AddingTask | SyntheticTask,
     Field(discriminator="kind"),
 ]
+#: Each task kind's model, by ``kind``.
+TASK_MODELS: Mapping[str, type[BaseModel]] = {
+    "char_lm": CharLMTask,
+    "forecast": ForecastTask,
+    "classify": ClassifyTask,
+    "adding": AddingTask,
+    "synthetic": SyntheticTask,
+}
 
 
 @dataclass(frozen=True)

@@ -22,10 +22,11 @@ from typing import Any
 import numpy as np
 import torch
 from pydantic import ValidationError
+from pydantic_core import to_jsonable_python
 from torch import Tensor, nn
 
 from service.errors import CheckpointMismatch, FieldError, InvalidCheckpoint
-from service.search_space import LSTMConfig
+from service.search_space import TASK_MODELS, LSTMConfig
 from service.training.data.base import Problem
 
 
@@ -217,11 +218,27 @@ def task_differences(saved: SavedModel, task: Mapping[str, Any]) -> list[FieldEr
     scoring on other data); empty when the checkpoint does not record its task."""
     if saved.task is None or saved.task.get("kind") != task.get("kind"):
         return []
+    # A field added since the checkpoint was written is absent from it: its default then.
+    defaults = _task_defaults(str(task.get("kind")))
+    old, new = defaults | dict(saved.task), defaults | dict(task)
     return [
-        FieldError(f"task.{key}", f"checkpoint {saved.task.get(key)}, config {task.get(key)}")
-        for key in sorted(saved.task.keys() | task.keys())
-        if saved.task.get(key) != task.get(key)
+        FieldError(f"task.{key}", f"checkpoint {old.get(key)}, config {new.get(key)}")
+        for key in sorted(old.keys() | new.keys())
+        if old.get(key) != new.get(key)
     ]
+
+
+def _task_defaults(kind: str) -> dict[str, Any]:
+    """The default of every field of task ``kind`` that has one (JSON values), e.g.
+    ``{"transform": "none", ...}`` for forecast; {} for an unknown kind."""
+    model = TASK_MODELS.get(kind)
+    if model is None:
+        return {}
+    return {
+        name: to_jsonable_python(field.default)
+        for name, field in model.model_fields.items()
+        if not field.is_required() and field.default is not None
+    }
 
 
 def load_model_weights(

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from service.errors import CheckpointMismatch, InvalidCheckpoint
-from service.search_space import LSTMConfig
+from service.search_space import ForecastTask, LSTMConfig
 from service.training.checkpoints import (
     SavedModel,
     architecture_differences,
@@ -142,6 +142,20 @@ def test_task_differences_are_other_data_not_errors() -> None:
 
     assert [str(d) for d in diffs] == ["task.seq_len: checkpoint 10, config 20"]
     assert task_differences(saved(ADDING), {"kind": "adding"}) == []
+
+
+def test_a_task_field_newer_than_the_checkpoint_is_its_default_there() -> None:
+    """A checkpoint written before ``task.transform`` existed was trained without it: no
+    note for ``transform: none``, one for ``log``."""
+    old_task = {"kind": "forecast", "dataset": "airline", "lookback": 24, "normalize": "last_value"}
+    ckpt = saved(FORECAST, old_task)
+    config = ForecastTask(kind="forecast", dataset="airline").model_dump(
+        mode="json", exclude_none=True
+    )
+
+    assert task_differences(ckpt, config) == []
+    diffs = task_differences(ckpt, config | {"transform": "log"})
+    assert [str(d) for d in diffs] == ["task.transform: checkpoint none, config log"]
 
 
 def test_weights_load_into_the_same_network_and_mismatches_raise() -> None:
