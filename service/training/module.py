@@ -48,9 +48,23 @@ def _accuracy(problem: Problem) -> Metric:
     return MulticlassAccuracy(problem.output_size, average="micro", validate_args=False)
 
 
+class ScaledRMSE(MeanSquaredError):
+    """RMSE of values given in units of ``unit``, reported in the original units:
+    RMSE(u * a, u * b) = u * RMSE(a, b), so squares stay within float32 for any series."""
+
+    def __init__(self, unit: float) -> None:
+        super().__init__(squared=False)
+        self.unit = unit
+
+    def compute(self) -> Tensor:
+        """The epoch's RMSE in the original units."""
+        value: Tensor = super().compute()
+        return value * self.unit
+
+
 #: Metric name (the problem's metric without ``val_``) -> a fresh epoch accumulator for it.
 _METRICS: Mapping[str, Callable[[Problem], Metric]] = {
-    "rmse": lambda problem: MeanSquaredError(squared=False),
+    "rmse": lambda problem: ScaledRMSE(problem.metric_unit),
     "mse": lambda problem: MeanSquaredError(),
     "acc": _accuracy,
 }
@@ -163,10 +177,10 @@ class LSTMLightningModule(L.LightningModule):
             return None
         metric = cast(Metric, self.metrics[f"{stage}_{self._metric_name}"])
         if self._metric_name == "rmse":
-            # The metric accumulates the epoch's squared errors on the original scale (not
-            # the standardised, perhaps logged one), so the logged value is the exact RMSE.
-            to_original = self.problem.to_original
-            metric.update(to_original(out, anchor), to_original(y, anchor))
+            # The epoch's squared errors on the original scale (not the standardised,
+            # perhaps logged one) in metric units: the logged value is the exact RMSE.
+            in_units = self.problem.in_metric_units
+            metric.update(in_units(out, anchor), in_units(y, anchor))
         elif self._metric_name == "acc":
             metric.update(out.argmax(dim=-1), y)
         else:

@@ -451,6 +451,30 @@ def test_log_forecast_rmse_is_on_the_original_scale_not_the_log() -> None:
     assert expected > 10 * ((out - y) ** 2).mean().sqrt().item() * 2.5  # not the log's RMSE
 
 
+@pytest.mark.parametrize("transform", ["none", "log"])
+def test_rmse_of_a_series_of_1e21_does_not_overflow_float32(transform: str) -> None:
+    """Errors of 1e20 square to 1e40, beyond float32: the RMSE is accumulated in units of
+    the training split's sd (none) or geometric mean (log) and multiplied back once."""
+    torch.manual_seed(0)
+    problem = dataclasses.replace(
+        FORECAST,
+        target_scale=1e21 if transform == "none" else 0.5,
+        target_transform=transform,
+        target_offset=0.0 if transform == "none" else math.log(1e21),
+    )
+    module = LSTMLightningModule.from_config(problem, LSTMConfig(num_layers=1, hidden_size=8))
+    x, y, anchor = torch.randn(7, 6, 1), torch.randn(7, 2), torch.zeros(7, 1)
+    batch = (x, y, anchor) if transform == "log" else (x, y)
+    result = _validate(module, [batch])
+
+    with torch.no_grad():
+        out = module.eval()(x)
+    original = (problem.to_original(t.double(), anchor.double()) for t in (out, y))
+    expected = ((next(original) - next(original)) ** 2).mean().sqrt().item()
+    assert math.isfinite(result["val_rmse"]) and expected > 1e19
+    assert result["val_rmse"] == pytest.approx(expected, rel=1e-4)
+
+
 def test_log_forecast_without_its_anchor_is_refused() -> None:
     problem = dataclasses.replace(FORECAST, target_transform="log")
     with pytest.raises(ValueError, match="anchor"):

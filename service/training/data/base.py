@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -46,11 +47,24 @@ class Problem:
     def to_original(self, y: torch.Tensor, anchor: torch.Tensor | None) -> torch.Tensor:
         """Predictions or targets ``y`` (Float[B, horizon], standardised) on the original
         scale; ``anchor`` (Float[B, 1]) is required with ``target_transform="log"``."""
+        return self.in_metric_units(y, anchor) * self.metric_unit
+
+    @property
+    def metric_unit(self) -> float:
+        """What one of :meth:`in_metric_units` is on the original scale: the training
+        split's sd (none) or geometric mean (log)."""
         if self.target_transform == "none":
-            return y * self.target_scale
+            return self.target_scale
+        return math.exp(self.target_offset)
+
+    def in_metric_units(self, y: torch.Tensor, anchor: torch.Tensor | None) -> torch.Tensor:
+        """``y`` on the original scale divided by :attr:`metric_unit`: errors of a series of
+        1e21 square without overflowing float32 (an RMSE is multiplied back once)."""
+        if self.target_transform == "none":
+            return y
         if anchor is None:
             raise ValueError("a log-transformed forecast needs each window's anchor")
-        return torch.exp((y + anchor) * self.target_scale + self.target_offset)
+        return torch.exp((y + anchor) * self.target_scale)
 
 
 @dataclass(frozen=True)
