@@ -44,6 +44,10 @@ def check_database_url(text: str) -> URL:
             f"driver {url.drivername!r} cannot be loaded ({err}); postgresql+psycopg "
             "comes with lstm-hpo's postgres extra: pip install 'lstm-hpo[postgres]'"
         ) from None
+    try:  # what create_engine would refuse: ?port=abc
+        url.get_dialect()().create_connect_args(url)
+    except exc.ArgumentError as err:
+        raise ValueError(f"its connection options: {err}") from None
     return url
 
 

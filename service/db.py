@@ -7,12 +7,13 @@ and pass a ``sessionmaker`` (or the engine) down.
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeGuard
 
 from optuna.exceptions import StorageInternalError
 from sqlalchemy import Engine, create_engine, event, exc
@@ -65,8 +66,8 @@ def make_engine(url: str | URL, *, pool_size: int = 2, max_overflow: int = 0) ->
         "max_overflow": max_overflow,
         "pool_timeout": PG_POOL_TIMEOUT_S,
     }
-    if sa_url.get_backend_name() == "postgresql":
-        kwargs["connect_args"] = {"connect_timeout": PG_CONNECT_TIMEOUT_S}
+    if sa_url.get_backend_name() == "postgresql" and "connect_timeout" not in sa_url.query:
+        kwargs["connect_args"] = {"connect_timeout": PG_CONNECT_TIMEOUT_S}  # the URL's wins
     engine = create_engine(sa_url, **kwargs)
     ping_after_idle(engine)
     return engine
@@ -165,6 +166,21 @@ def _is_unique_violation(error: exc.IntegrityError) -> bool:
     return sqlstate == "23505" or "UNIQUE constraint failed" in str(error.orig)
 
 
+#: libpq's words for a connection option value it refuses (PQconnectdb, fe-connect.c).
+_REFUSED_OPTION = re.compile(r'invalid (?:\w+ value|integer value "[^"]*" for connection option)')
+
+
+def error_refuses_options(error: exc.SQLAlchemyError) -> TypeGuard[exc.DBAPIError]:
+    """Whether ``error`` was the driver refusing the URL's connection options while
+    connecting (no statement ran): psycopg's ProgrammingError (an unknown option, a bad
+    connect_timeout) or libpq's "invalid sslmode value" and kin."""
+    if not isinstance(error, exc.DBAPIError) or error.statement is not None:
+        return False
+    if isinstance(error, exc.ProgrammingError):
+        return True
+    return isinstance(error, exc.OperationalError) and bool(_REFUSED_OPTION.search(str(error.orig)))
+
+
 def translate_db_error(error: exc.SQLAlchemyError) -> errors.LstmHpoError | None:
     """The :mod:`service.errors` counterpart of a SQLAlchemy error, or None to re-raise it.
 
@@ -180,10 +196,11 @@ def translate_db_error(error: exc.SQLAlchemyError) -> errors.LstmHpoError | None
         )
     if isinstance(error, exc.DBAPIError) and _is_missing_table(error):
         return errors.SchemaNotReady()
-    if isinstance(error, exc.ProgrammingError) and error.statement is None:
+    if error_refuses_options(error):
         # Raised while connecting, before any statement: the URL's connection options are
-        # wrong (psycopg: an unknown option, connect_timeout=abc); waiting cannot help.
-        return errors.DatabaseUnusable(f"the database URL's connection options: {error.orig}")
+        # wrong (an unknown option, connect_timeout=abc, sslmode=wrong); waiting cannot help.
+        refusal = str(error.orig).strip().splitlines()[0].removeprefix("connection is bad: ")
+        return errors.DatabaseUnusable(f"the database URL's connection options: {refusal}")
     if isinstance(error, exc.OperationalError) or (
         isinstance(error, exc.DBAPIError) and error.connection_invalidated
     ):

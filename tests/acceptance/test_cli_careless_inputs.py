@@ -139,13 +139,20 @@ def test_database_and_port_settings_are_refused_by_name(tmp_path: Path) -> None:
     )
     _refused(result, 2, "cannot create /proc/x for the SQLite database")
     # A connection option the driver refuses: exit 2 with its words (was a traceback).
+    # Workers refused to start at once, not waiting for a database that cannot come.
     for query, needle, command in (
         ("connect_timeout=abc", "bad value for connect_timeout: 'abc'", ("migrate",)),
+        ("connect_timeout=abc", "bad value for connect_timeout: 'abc'", ("token", "list")),
         ("bogus_option=1", 'invalid connection option "bogus_option"', ("worker", "-p", "1")),
+        ("sslmode=wrong", 'invalid sslmode value: "wrong"', ("worker", "-p", "1")),
+        ("sslmode=wrong", 'invalid sslmode value: "wrong"', ("token", "list")),
     ):
         url = f"postgresql+psycopg://nobody@127.0.0.1:1/x?{query}"
         result = _run(*command, env=env | {"LSTM_HPO_DATABASE_URL": url})
         _refused(result, 2, "the database URL's connection options: " + needle)
+    url = "postgresql+psycopg://nobody@127.0.0.1:1/x?port=abc"  # SQLAlchemy's own refusal
+    result = _run("migrate", env=env | {"LSTM_HPO_DATABASE_URL": url})
+    _refused(result, 2, "LSTM_HPO_DATABASE_URL: its connection options: Received non-integer port")
     _refused(_run("serve", "--port", "99999", env=env), 2, "65535")  # was OverflowError
 
 

@@ -6,7 +6,7 @@ import dataclasses
 import math
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import pytest
@@ -452,7 +452,9 @@ def test_log_forecast_rmse_is_on_the_original_scale_not_the_log() -> None:
 
 
 @pytest.mark.parametrize("transform", ["none", "log"])
-def test_rmse_of_a_series_of_1e21_does_not_overflow_float32(transform: str) -> None:
+def test_rmse_of_a_series_of_1e21_does_not_overflow_float32(
+    transform: Literal["none", "log"],
+) -> None:
     """Errors of 1e20 square to 1e40, beyond float32: the RMSE is accumulated in units of
     the training split's sd (none) or geometric mean (log) and multiplied back once."""
     torch.manual_seed(0)
