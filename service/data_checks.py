@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from service.corpora import corpus_length_bound
-from service.errors import DataError, FieldError, InvalidConfig, InvalidSpec
+from service.errors import DataError, FieldError, InvalidConfig, InvalidSpec, NotPositive
 from service.search_space import (
     CategoricalDistribution,
     CharLMTask,
@@ -81,9 +81,12 @@ BUNDLED_PACKAGES: Mapping[str, str] = {
 #: Points in each bundled series (monthly airline passengers 1949-1960; yearly sunspots
 #: 1700-2008), so that lookback + horizon is checked at submit without loading them.
 BUNDLED_SERIES_LENGTHS: Mapping[str, int] = {"airline": 144, "sunspots": 309}
-#: The first point (1-based) of each bundled series that is not > 0, which ``transform:
-#: log`` cannot take (sunspots: 1711, a year without any), or None: checked at submit too.
-BUNDLED_SERIES_FIRST_NONPOSITIVE: Mapping[str, int | None] = {"airline": None, "sunspots": 12}
+#: The first point (1-based, and its date) of each bundled series that is not > 0, which
+#: ``transform: log`` cannot take, or None: checked at submit without loading the series.
+BUNDLED_SERIES_FIRST_NONPOSITIVE: Mapping[str, tuple[int, str] | None] = {
+    "airline": None,
+    "sunspots": (12, "the year 1711"),
+}
 
 #: CSV cells that mean "no value" (the row is dropped and counted).
 _MISSING = frozenset({"", "na", "nan", "null", "none", "n/a"})
@@ -354,7 +357,7 @@ def _column_not_found(path: Path, column: str, names: list[str]) -> DataError:
 
 
 def read_csv_column(
-    path: Path, column: str, encoding: str = "utf-8"
+    path: Path, column: str, encoding: str = "utf-8", *, positive: bool = False
 ) -> tuple[np.ndarray, list[int]]:
     """The numbers in ``column`` (a header row is required) and the lines of the rows
     dropped for a missing value.
@@ -367,7 +370,8 @@ def read_csv_column(
     (``1_000`` neither: Python's digit separator is no CSV's), not finite or beyond the
     float32 range (:data:`FLOAT32_MAX`); and naming the file for a missing, empty or
     undecodable file (with the byte offset), a missing column or one whose name two
-    columns of the header share.
+    columns of the header share. ``positive`` (``transform: log``): a value <= 0 raises
+    :class:`NotPositive` naming its line.
     """
     values: list[float] = []
     dropped: list[int] = []
@@ -431,6 +435,8 @@ def read_csv_column(
                         f"{where}: column {column!r} is {_clipped(cell)}, beyond the float32 range "
                         f"(+-{FLOAT32_MAX:.3g}) the model trains in"
                     )
+                if positive and not value > 0:
+                    raise NotPositive(f"{where}: column {column!r} is {_clipped(cell)}: {_NO_LOG}")
                 values.append(value)
         except csv.Error as err:
             raise DataError(
@@ -448,16 +454,14 @@ def log_series(series: np.ndarray, source: str) -> np.ndarray:
     bad = np.flatnonzero(~(series > 0))
     if bad.size:
         first = int(bad[0])
-        raise DataError(_not_positive(source, first + 1, float(series[first])))
+        raise NotPositive(
+            f"{source}: point {first + 1:,} of the series is {series[first]:g}: {_NO_LOG}"
+        )
     logs: np.ndarray = np.log(series)
     return logs
 
 
-def _not_positive(source: str, point: int, value: float) -> str:
-    return (
-        f"{source}: point {point:,} of the series is {value:g}: `transform: log` needs every "
-        "value > 0 (use `transform: none`, or shift the series in the file)"
-    )
+_NO_LOG = "`transform: log` needs every value > 0 (use `transform: none`, or shift the series)"
 
 
 def standardise_series(
@@ -858,7 +862,14 @@ def _file_error(
                 return stream_error
         elif isinstance(task, ForecastTask):
             assert task.column is not None  # the spec guarantees it with a path
-            series, dropped = read_csv_column(path, task.column, task.encoding)
+            try:
+                series, dropped = read_csv_column(
+                    path, task.column, task.encoding, positive=task.transform == "log"
+                )
+            except NotPositive as err:
+                return FieldError(
+                    "task.transform", in_user_terms(err.message, user_path, data_roots)
+                )
             if dropped:
                 notes.append(missing_values_note(user_path, task.column, dropped))
             size_error = test_size_error(task, len(series), f"column {task.column!r}")
@@ -867,10 +878,7 @@ def _file_error(
             bounds = forecast_bounds(task, len(series))
             check_series_fits(bounds, task.lookback, task.horizon)
             if task.transform == "log":
-                try:
-                    series = log_series(series, f"forecast: column {task.column!r}")
-                except DataError as err:
-                    return FieldError("task.transform", err.message)
+                series = np.log(series)  # every value > 0: read_csv_column checked
             standardise_series(series, bounds.val_start, f"forecast: {path}")
         elif isinstance(task, ClassifyTask):
             data = read_jsonl(path, task.encoding)
@@ -969,8 +977,10 @@ def _bundled_error(task: ForecastTask | ClassifyTask) -> FieldError | None:
         except DataError as err:
             message = err.message.replace("the series", f"the {task.dataset} series", 1)
             return FieldError("task.lookback", message)
-        point = BUNDLED_SERIES_FIRST_NONPOSITIVE[task.dataset]
-        if task.transform == "log" and point is not None:
-            message = _not_positive(f"forecast: {task.dataset}", point, 0.0)
-            return FieldError("task.transform", message)
+        zero = BUNDLED_SERIES_FIRST_NONPOSITIVE[task.dataset]
+        if task.transform == "log" and zero is not None:
+            where = (
+                f"forecast: the {task.dataset} series holds 0 (first: point {zero[0]}, {zero[1]})"
+            )
+            return FieldError("task.transform", f"{where}: {_NO_LOG}")
     return None

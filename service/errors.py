@@ -136,6 +136,10 @@ class MissingExtra(DataError):
     """An optional dependency is not installed."""
 
 
+class NotPositive(DataError):
+    """A value of the series that ``task.transform: log`` cannot take (0 or negative)."""
+
+
 class InvalidCheckpoint(LstmHpoError):
     """The file is not a usable lstm-hpo checkpoint."""
 

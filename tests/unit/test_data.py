@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, RandomSampler, SequentialSampler, TensorDataset
 
-from service.errors import DataError, MissingExtra
+from service.errors import DataError, MissingExtra, NotPositive
 from service.search_space import (
     AddingTask,
     CharLMTask,
@@ -298,7 +298,7 @@ def test_forecast_log_of_a_value_that_is_not_positive_names_the_point(
     values = [str(v) for v in range(1, 21)]
     values[14] = value
     path = _write_csv(tmp_path / "z.csv", values)
-    with pytest.raises(DataError, match=r"point 15 of the series is -?[\d.]+: `transform: log`"):
+    with pytest.raises(NotPositive, match=rf"z.csv line 16: column 'y' is '{value}': `transform"):
         build_task_data(_forecast_task(path, transform="log"), PARAMS)
     build_task_data(_forecast_task(path), PARAMS)  # without the transform it is data
 

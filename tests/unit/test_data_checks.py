@@ -626,7 +626,8 @@ def test_bundled_series_lengths_are_the_real_ones() -> None:
         series = load_bundled_series(name)
         assert len(series) == n
         bad = np.flatnonzero(series <= 0)
-        assert BUNDLED_SERIES_FIRST_NONPOSITIVE[name] == (int(bad[0]) + 1 if bad.size else None)
+        first = BUNDLED_SERIES_FIRST_NONPOSITIVE[name]
+        assert (first[0] if first else None) == (int(bad[0]) + 1 if bad.size else None)
 
 
 def test_log_transform_of_a_series_with_zeros_is_refused_at_submit(tmp_path: Path) -> None:
@@ -637,15 +638,23 @@ def test_log_transform_of_a_series_with_zeros_is_refused_at_submit(tmp_path: Pat
     error = refused(tmp_path, {"kind": "forecast", "dataset": "sunspots", "transform": "log"})
     assert error == FieldError(
         "task.transform",
-        "forecast: sunspots: point 12 of the series is 0: `transform: log` needs every value "
-        "> 0 (use `transform: none`, or shift the series in the file)",
+        "forecast: the sunspots series holds 0 (first: point 12, the year 1711): `transform: "
+        "log` needs every value > 0 (use `transform: none`, or shift the series)",
     )
     accepted(tmp_path, {"kind": "forecast", "dataset": "sunspots"})
 
-    _write(tmp_path, "s.csv", "t,y\n" + "".join(f"{i},{i - 2}\n" for i in range(30)))
+    # A CSV: the file and line as an editor counts them, missing rows and all.
+    rows = "".join(f"{i},{'NA' if i == 3 else i - 5}\n" for i in range(30))
+    _write(tmp_path, "s.csv", "t,y\n" + rows)
     error = refused(tmp_path, _csv_task(transform="log"))
-    assert error.loc == "task.transform"
-    assert error.msg.startswith("forecast: column 'y': point 1 of the series is -2: ")
+    assert error == FieldError(
+        "task.transform",
+        "forecast: s.csv line 2: column 'y' is '-5': `transform: log` needs every value > 0 "
+        "(use `transform: none`, or shift the series)",
+    )
+    _write(tmp_path, "s.csv", "t,y\n" + rows.replace(",-", ",", 5))
+    error = refused(tmp_path, _csv_task(transform="log"))
+    assert error.msg.startswith("forecast: s.csv line 7: column 'y' is '0': "), error
     accepted(tmp_path, _csv_task())
     _write(tmp_path, "s.csv", "t,y\n" + "".join(f"{i},{i + 0.5}\n" for i in range(30)))
     accepted(tmp_path, _csv_task(transform="log"))

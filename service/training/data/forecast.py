@@ -133,7 +133,9 @@ def build_forecast(
     else:
         assert task.path is not None and task.column is not None  # the spec guarantees both
         path = resolve_data_path(task.path, data_roots)
-        series, dropped = read_csv_column(path, task.column, task.encoding)
+        series, dropped = read_csv_column(
+            path, task.column, task.encoding, positive=task.transform == "log"
+        )
         source = f"{path.name} column {task.column!r}"
         season = task.season
     lookback, horizon = task.lookback, task.horizon
