@@ -219,7 +219,7 @@ def train(
     saved: SavedModel | None = None
     replacing: _Replacing | None = None
     if checkpoint_path is not None:
-        saved, resolved = _read_checkpoint(checkpoint_path, resolved)
+        saved, resolved = _read_checkpoint(checkpoint_path, resolved, evaluate is not None)
     assert resolved is not None  # a config, or --evaluate's checkpoint's
     data_roots = _train_data_roots(getattr(resolved.task, "path", None))
     configure_torch_threads(threads)
@@ -414,11 +414,18 @@ def _usage_error(message: str) -> typer.Exit:
     raise typer.Exit(2)
 
 
+#: Task fields that decide what a forecast model's outputs mean (levels or changes, logs
+#: or values): a checkpoint scored under other values would report meaningless numbers.
+_OUTPUT_MEANING = frozenset({"task.transform", "task.normalize"})
+
+
 def _read_checkpoint(
-    path: Path, config: ResolvedConfig | None
+    path: Path, config: ResolvedConfig | None, evaluating: bool = False
 ) -> tuple[SavedModel, ResolvedConfig]:
     """The model in ``path`` and the config to use with it: ``config``, or (None) the one
-    the checkpoint was trained with. Exits 2 naming the file when it is not usable."""
+    the checkpoint was trained with. Exits 2 naming the file when it is not usable, or when
+    ``evaluating`` it under a config whose outputs would mean something else
+    (:data:`_OUTPUT_MEANING`); fine-tuning (``--init-from``) such a model is only noted."""
     from service.errors import InvalidCheckpoint
     from service.search_space import parse_config
     from service.training.checkpoints import read_model_checkpoint, task_differences
@@ -430,6 +437,12 @@ def _read_checkpoint(
     if config is not None:
         task = config.task.model_dump(mode="json", exclude_none=True)
         for diff in task_differences(saved, task):
+            if evaluating and diff.loc in _OUTPUT_MEANING:
+                _usage_error(
+                    f"{path} cannot be scored under this config ({diff}): its outputs mean "
+                    f"something else under the config's {diff.loc}; give the checkpoint's own "
+                    "value, or no config (the checkpoint records its task)"
+                )
             err_console.print(f"note: {escape(str(path))} was trained on other data: {diff}")
         return saved, config
     if saved.task is None:

@@ -394,6 +394,32 @@ def test_evaluating_a_checkpoint_of_another_architecture_says_only_why(
     assert "params.hidden_size" in proc.stderr and proc.stdout == ""
 
 
+def test_a_forecast_model_is_scored_only_under_its_own_transform(tmp_path: Path) -> None:
+    """A model of log changes read as raw changes reports numbers that mean nothing (it
+    "beat the baseline"): --evaluate refuses it naming the field; --init-from notes it."""
+    series = tmp_path / "s.csv"
+    series.write_text("t,y\n" + "".join(f"{i},{100 + i + 10 * (i % 12)}\n" for i in range(80)))
+    task = {"kind": "forecast", "path": str(series), "column": "y", "lookback": 6}
+    params = {"num_layers": 1, "hidden_size": 8, "max_epochs": 1}
+    write_config(tmp_path / "log.yaml", {"task": {**task, "transform": "log"}, "params": params})
+    write_config(tmp_path / "none.yaml", {"task": task, "params": params})
+    assert run_cli("train", "log.yaml", "--out", "run", *CPU, cwd=tmp_path).returncode == 0
+    ckpt = tmp_path / "run" / "best.ckpt"
+
+    refused = run_cli("train", "none.yaml", "--evaluate", ckpt, "--json", *CPU, cwd=tmp_path)
+    own = run_cli("train", "log.yaml", "--evaluate", ckpt, "--json", *CPU, cwd=tmp_path)
+    tuned = run_cli("train", "none.yaml", "--init-from", ckpt, "--out", "t", *CPU, cwd=tmp_path)
+
+    assert refused.returncode == 2 and refused.stdout == "", refused.stderr
+    said = " ".join(refused.stderr.split())
+    assert "(task.transform: checkpoint log, config none): its outputs mean" in said, said
+    assert own.returncode == 0, own.stderr
+    assert tuned.returncode == 0, tuned.stderr
+    assert "was trained on other data: task.transform: checkpoint log, config none" in " ".join(
+        tuned.stderr.split()
+    )
+
+
 @pytest.mark.parametrize("option", ["--evaluate", "--init-from"])
 @pytest.mark.parametrize(
     ("content", "says"),
