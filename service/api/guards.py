@@ -55,7 +55,7 @@ class CanonicalPath:
             return
         path: str = _SLASHES.sub("/", scope["path"])
         raw: bytes = _RAW_SLASHES.sub(b"/", scope.get("raw_path") or path.encode())
-        if (path == "/v1/" or path.startswith("/v1/")) and path.endswith("/"):
+        if path.startswith("/v1/") and path.endswith("/"):
             path, raw = path.rstrip("/"), raw.rstrip(b"/")
         first = path.split("/", 2)[1]
         why = None
