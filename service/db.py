@@ -66,11 +66,20 @@ def make_engine(url: str | URL, *, pool_size: int = 2, max_overflow: int = 0) ->
         "max_overflow": max_overflow,
         "pool_timeout": PG_POOL_TIMEOUT_S,
     }
-    if sa_url.get_backend_name() == "postgresql" and "connect_timeout" not in sa_url.query:
-        kwargs["connect_args"] = {"connect_timeout": PG_CONNECT_TIMEOUT_S}  # the URL's wins
+    if sa_url.get_backend_name() == "postgresql":
+        kwargs["connect_args"] = postgres_connect_args(sa_url)
     engine = create_engine(sa_url, **kwargs)
     ping_after_idle(engine)
     return engine
+
+
+def postgres_connect_args(url: str | URL) -> dict[str, Any]:
+    """A PostgreSQL engine's ``connect_args``: our connect timeout
+    (:data:`PG_CONNECT_TIMEOUT_S`: a host that accepts and never answers must not hang a
+    command), unless the URL sets its own ``connect_timeout``, which wins."""
+    if "connect_timeout" in make_url(url).query:
+        return {}
+    return {"connect_timeout": PG_CONNECT_TIMEOUT_S}
 
 
 def ping_after_idle(engine: Engine, idle_s: float = PG_PING_AFTER_IDLE_S) -> None:
@@ -166,8 +175,13 @@ def _is_unique_violation(error: exc.IntegrityError) -> bool:
     return sqlstate == "23505" or "UNIQUE constraint failed" in str(error.orig)
 
 
-#: libpq's words for a connection option value it refuses (PQconnectdb, fe-connect.c).
-_REFUSED_OPTION = re.compile(r'invalid (?:\w+ value|integer value "[^"]*" for connection option)')
+#: libpq's words for a connection option value it refuses (PQconnectdb, fe-connect.c):
+#: ``invalid sslmode value``, ``invalid integer value "x" for connection option "y"``,
+#: ``invalid port number``, ``setsockopt(TCP_KEEPIDLE) failed`` (keepalives_idle=-1).
+_REFUSED_OPTION = re.compile(
+    r'invalid (?:\w+ value|integer value "[^"]*" for connection option|port number)'
+    r"|setsockopt\([A-Z_]+\) failed"
+)
 
 
 def error_refuses_options(error: exc.SQLAlchemyError) -> TypeGuard[exc.DBAPIError]:

@@ -40,6 +40,7 @@ from service.db import (
     make_engine,
     make_session_factory,
     ping_after_idle,
+    postgres_connect_args,
     session_scope,
 )
 from service.errors import (
@@ -140,7 +141,11 @@ def optuna_storage(
         # Same lock patience as our own engine: busy workers must wait, not fail.
         engine_kwargs: dict[str, Any] = {"connect_args": {"timeout": 30}}
     else:
-        engine_kwargs = {"pool_size": pool_size, "max_overflow": 0}
+        engine_kwargs = {
+            "pool_size": pool_size,
+            "max_overflow": 0,
+            "connect_args": postgres_connect_args(database_url),
+        }
     storage = storage_class(
         database_url,
         engine_kwargs=engine_kwargs,

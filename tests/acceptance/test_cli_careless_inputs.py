@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -146,6 +147,7 @@ def test_database_and_port_settings_are_refused_by_name(tmp_path: Path) -> None:
         ("bogus_option=1", 'invalid connection option "bogus_option"', ("worker", "-p", "1")),
         ("sslmode=wrong", 'invalid sslmode value: "wrong"', ("worker", "-p", "1")),
         ("sslmode=wrong", 'invalid sslmode value: "wrong"', ("token", "list")),
+        ("port=99999", 'invalid port number: "99999"', ("migrate",)),
     ):
         url = f"postgresql+psycopg://nobody@127.0.0.1:1/x?{query}"
         result = _run(*command, env=env | {"LSTM_HPO_DATABASE_URL": url})
@@ -187,3 +189,15 @@ def test_a_worker_waiting_for_the_database_says_so_and_stops_at_once(tmp_path: P
         if worker.poll() is None:
             os.killpg(worker.pid, signal.SIGKILL)
             worker.wait()
+
+
+def test_a_database_host_that_never_answers_is_given_up_on(tmp_path: Path) -> None:
+    """A host that accepts and never answers hung `migrate` (Optuna's engine had no connect
+    timeout): it gives up after the connect timeout, the URL's own when it sets one."""
+    env = dict(os.environ) | {"LSTM_HPO_DATA_DIR": str(tmp_path / "data")}
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # listens; never accepts a word
+        url = f"postgresql+psycopg://nobody@127.0.0.1:{silent.getsockname()[1]}/x"
+        result = _run("migrate", "--database-url", url + "?connect_timeout=1", env=env, timeout=60)
+        _refused(result, 1, "The database is unreachable", "timeout")
+        result = _run("migrate", "--database-url", url, env=env, timeout=60)
+        _refused(result, 1, "The database is unreachable", "timeout")
