@@ -436,14 +436,18 @@ def _read_checkpoint(
         raise _fail(err, 2) from None
     if config is not None:
         task = config.task.model_dump(mode="json", exclude_none=True)
-        for diff in task_differences(saved, task):
-            if evaluating and diff.loc in _OUTPUT_MEANING:
-                _usage_error(
-                    f"{path} cannot be scored under this config ({diff}): its outputs mean "
-                    f"something else under the config's {diff.loc}; give the checkpoint's own "
-                    "value, or no config (the checkpoint records its task)"
-                )
-            err_console.print(f"note: {escape(str(path))} was trained on other data: {diff}")
+        diffs = task_differences(saved, task)
+        meaning = [d for d in diffs if d.loc in _OUTPUT_MEANING]
+        if evaluating and meaning:
+            said = "; ".join(str(d) for d in meaning)
+            _usage_error(
+                f"{path} cannot be scored under this config ({said}): its outputs mean "
+                "something else under the config's values; give the checkpoint's own, or no "
+                "config (the checkpoint records its task)"
+            )
+        for diff in diffs:
+            what = "another output scale" if diff in meaning else "other data"
+            err_console.print(f"note: {escape(str(path))} was trained on {what}: {diff}")
         return saved, config
     if saved.task is None:
         _usage_error(

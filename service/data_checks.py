@@ -63,6 +63,7 @@ __all__ = [
     "read_csv_column",
     "read_jsonl",
     "read_text_file",
+    "scale_series",
     "split_bounds",
     "split_classify",
     "split_text",
@@ -462,6 +463,33 @@ def log_series(series: np.ndarray, source: str) -> np.ndarray:
 
 
 _NO_LOG = "`transform: log` needs every value > 0 (use `transform: none`, or shift the series)"
+
+
+#: The smallest scale a forecast series may have (its training sd, or geometric mean with
+#: ``transform: log``): RMSEs are float32 multiples of it, and below ~1e-38 float32 has
+#: only subnormals, then 0 (a series of 1e-46 reported every RMSE as 0.0).
+SERIES_SCALE_MIN = 1e-30
+
+
+def scale_series(
+    series: np.ndarray, val_start: int, source: str, transform: str
+) -> tuple[np.ndarray, float, float]:
+    """What a forecast model sees of ``series``: its log with ``transform: log``
+    (:func:`log_series`), standardised by the training part (:func:`standardise_series`):
+    (float64[n], mean, sd). Raises :class:`DataError` naming ``source`` also when the
+    series' scale is below :data:`SERIES_SCALE_MIN` (rescale the column)."""
+    logged = transform == "log"
+    modelled = log_series(series, source) if logged else series
+    scaled, mean, sd = standardise_series(modelled, val_start, source)
+    unit = math.exp(mean) if logged else sd
+    if unit < SERIES_SCALE_MIN:
+        what = "geometric mean" if logged else "standard deviation"
+        raise DataError(
+            f"{source}: the training split's {what} is {unit:.3g}, below the "
+            f"{SERIES_SCALE_MIN:g} the model's float32 metrics can report: rescale the series "
+            "(e.g. to other units)"
+        )
+    return scaled, mean, sd
 
 
 def standardise_series(
@@ -877,9 +905,7 @@ def _file_error(
                 return size_error
             bounds = forecast_bounds(task, len(series))
             check_series_fits(bounds, task.lookback, task.horizon)
-            if task.transform == "log":
-                series = np.log(series)  # every value > 0: read_csv_column checked
-            standardise_series(series, bounds.val_start, f"forecast: {path}")
+            scale_series(series, bounds.val_start, f"forecast: {path}", task.transform)
         elif isinstance(task, ClassifyTask):
             data = read_jsonl(path, task.encoding)
             splits = split_classify(data, task.val_fraction, task.test_fraction, path.name)

@@ -402,7 +402,8 @@ def test_a_forecast_model_is_scored_only_under_its_own_transform(tmp_path: Path)
     task = {"kind": "forecast", "path": str(series), "column": "y", "lookback": 6}
     params = {"num_layers": 1, "hidden_size": 8, "max_epochs": 1}
     write_config(tmp_path / "log.yaml", {"task": {**task, "transform": "log"}, "params": params})
-    write_config(tmp_path / "none.yaml", {"task": task, "params": params})
+    other = {**task, "normalize": "none"}  # levels, not changes: a second such field
+    write_config(tmp_path / "none.yaml", {"task": other, "params": params})
     assert run_cli("train", "log.yaml", "--out", "run", *CPU, cwd=tmp_path).returncode == 0
     ckpt = tmp_path / "run" / "best.ckpt"
 
@@ -412,12 +413,12 @@ def test_a_forecast_model_is_scored_only_under_its_own_transform(tmp_path: Path)
 
     assert refused.returncode == 2 and refused.stdout == "", refused.stderr
     said = " ".join(refused.stderr.split())
-    assert "(task.transform: checkpoint log, config none): its outputs mean" in said, said
+    both = "task.normalize: checkpoint last_value, config none; task.transform: checkpoint log"
+    assert f"({both}, config none): its outputs mean" in said, said
     assert own.returncode == 0, own.stderr
     assert tuned.returncode == 0, tuned.stderr
-    assert "was trained on other data: task.transform: checkpoint log, config none" in " ".join(
-        tuned.stderr.split()
-    )
+    noted = " ".join(tuned.stderr.split())
+    assert "trained on another output scale: task.transform: checkpoint log, config none" in noted
 
 
 @pytest.mark.parametrize("option", ["--evaluate", "--init-from"])

@@ -630,6 +630,22 @@ def test_bundled_series_lengths_are_the_real_ones() -> None:
         assert (first[0] if first else None) == (int(bad[0]) + 1 if bad.size else None)
 
 
+@pytest.mark.parametrize("transform", ["none", "log"])
+def test_a_series_too_small_for_float32_metrics_is_refused(tmp_path: Path, transform: str) -> None:
+    """A series of 1e-46 trained as zeros and reported every RMSE as 0.0: refused, naming
+    the file; the same series in other units (x 1e40) is accepted."""
+    values = [1e-46 * (2 + math.sin(i)) for i in range(40)]
+    _write(tmp_path, "s.csv", "t,y\n" + "".join(f"{i},{v!r}\n" for i, v in enumerate(values)))
+    error = refused(tmp_path, _csv_task(transform=transform))
+    what = "geometric mean" if transform == "log" else "standard deviation"
+    assert error.loc == "task.path"
+    assert error.msg.startswith(f"forecast: s.csv: the training split's {what} is "), error
+    assert "below the 1e-30 the model's float32 metrics can report: rescale" in error.msg
+    big = "".join(f"{i},{v * 1e40!r}\n" for i, v in enumerate(values))
+    _write(tmp_path, "s.csv", "t,y\n" + big)
+    accepted(tmp_path, _csv_task(transform=transform))
+
+
 def test_log_transform_of_a_series_with_zeros_is_refused_at_submit(tmp_path: Path) -> None:
     """Every trial would fail on log(0): the spec is refused naming task.transform."""
     pytest.importorskip("aeon")

@@ -12,10 +12,9 @@ from service.data_checks import (
     BUNDLED_PACKAGES,
     check_series_fits,
     forecast_bounds,
-    log_series,
     needs_datasets_extra,
     read_csv_column,
-    standardise_series,
+    scale_series,
 )
 from service.errors import DataError, MissingExtra
 from service.search_space import ForecastTask, LSTMConfig, resolve_data_path
@@ -144,8 +143,8 @@ def build_forecast(
     n_train, n_val, n_test = bounds.sizes
 
     logged = task.transform == "log"
-    modelled = log_series(series, f"forecast: {source}") if logged else series
-    scaled, mean, std = standardise_series(modelled, bounds.val_start, f"forecast: {source}")
+    source_name = f"forecast: {source}"
+    scaled, mean, std = scale_series(series, bounds.val_start, source_name, task.transform)
 
     starts = {
         "train": window_starts(lookback, bounds.val_start, horizon),
