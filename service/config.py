@@ -44,6 +44,9 @@ def check_database_url(text: str) -> URL:
             f"driver {url.drivername!r} cannot be loaded ({err}); postgresql+psycopg "
             "comes with lstm-hpo's postgres extra: pip install 'lstm-hpo[postgres]'"
         ) from None
+    repeated = sorted(key for key, value in url.query.items() if isinstance(value, tuple))
+    if repeated:  # the driver would get a tuple (connect_timeout "('2', '3')")
+        raise ValueError(f"its connection option {repeated[0]!r} is given more than once")
     try:  # what create_engine would refuse: ?port=abc
         url.get_dialect()().create_connect_args(url)
     except exc.ArgumentError as err:

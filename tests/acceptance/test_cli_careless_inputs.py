@@ -119,6 +119,8 @@ def test_database_and_port_settings_are_refused_by_name(tmp_path: Path) -> None:
         _refused(result, 2, f"LSTM_HPO_DATABASE_URL: {needle}")
         assert "pw" not in result.stderr  # pydantic's own text showed the input
     _refused(_run("migrate", "--database-url", "garbage", env=env), 2, "--database-url: not a")
+    with pytest.raises(ValueError, match="'connect_timeout' is given more than once"):
+        check_database_url("postgresql+psycopg://u@h/x?connect_timeout=2&connect_timeout=3")
     with pytest.raises(ValueError, match="in-memory"):  # SQLite's URI form of the same
         check_database_url("sqlite:///file:x?mode=memory&uri=true")
     check_database_url(f"sqlite:///file:{tmp_path / 'x.db'}?uri=true")  # a file URI is fine
