@@ -449,7 +449,7 @@ def read_csv_column(
 def log_series(series: np.ndarray, source: str) -> np.ndarray:
     """``log(series)`` for ``task.transform: log`` (float64[n] -> float64[n]).
 
-    Raises :class:`DataError` naming ``source`` and the first point that is not > 0 (the
+    Raises :class:`NotPositive` naming ``source`` and the first point that is not > 0 (the
     logarithm of 0 or of a negative number is no number: every trial would fail on it).
     """
     bad = np.flatnonzero(~(series > 0))
@@ -481,7 +481,7 @@ def scale_series(
     logged = transform == "log"
     modelled = log_series(series, source) if logged else series
     scaled, mean, sd = standardise_series(modelled, val_start, source)
-    unit = math.exp(mean) if logged else sd
+    unit = math.exp(mean) if logged else sd  # Problem.metric_unit, without importing torch
     if unit < SERIES_SCALE_MIN:
         what = "geometric mean" if logged else "standard deviation"
         raise DataError(

@@ -184,7 +184,7 @@ _REFUSED_OPTION = re.compile(
 )
 
 
-def error_refuses_options(error: exc.SQLAlchemyError) -> TypeGuard[exc.DBAPIError]:
+def _refuses_options(error: exc.SQLAlchemyError) -> TypeGuard[exc.DBAPIError]:
     """Whether ``error`` was the driver refusing the URL's connection options while
     connecting (no statement ran): psycopg's ProgrammingError (an unknown option, a bad
     connect_timeout) or libpq's "invalid sslmode value" and kin."""
@@ -210,7 +210,7 @@ def translate_db_error(error: exc.SQLAlchemyError) -> errors.LstmHpoError | None
         )
     if isinstance(error, exc.DBAPIError) and _is_missing_table(error):
         return errors.SchemaNotReady()
-    if error_refuses_options(error):
+    if _refuses_options(error):
         # Raised while connecting, before any statement: the URL's connection options are
         # wrong (an unknown option, connect_timeout=abc, sslmode=wrong); waiting cannot help.
         refusal = str(error.orig).strip().splitlines()[0].removeprefix("connection is bad: ")
